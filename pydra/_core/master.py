@@ -1,0 +1,551 @@
+"""Rank 0's scheduler: hands units to workers, collects replies, never busy-waits.
+
+The :class:`Master` owns every MPI message rank 0 exchanges with workers and
+runs in its own thread (``pydra-master``) around an asyncio loop, so user code
+on rank 0 (an :class:`~pydra.Executor` caller, the tree walker in
+:mod:`pydra._core.evaluate`) submits work without touching MPI.
+
+Work reaches workers from *sources*: a :class:`ChunkStream` cuts an iterable
+of items into chunks (adaptively sized, pulled lazily so a huge generator is
+never materialised), a :class:`CallQueue` holds single calls, and a
+:class:`GangRequest` waits until the ranks it needs are idle and starts them
+together. Each worker may have ``PYDRA_PIPELINE`` messages in flight, so it
+finds its next unit waiting when it finishes one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import pickle
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from mpi4py import MPI
+
+from pydra._core import protocol
+from pydra._core.protocol import Failure
+from pydra._core.runner import UnitRunner
+from pydra.comm import mpi
+from pydra.config import setting
+
+#: called with (ok, value, seconds, rank) when a unit's reply arrives.
+Callback = Callable[[bool, Any, float, int], None]
+
+
+@dataclass
+class WorkerState:
+    """What rank 0 knows about one worker."""
+
+    rank: int
+    host: str
+    #: the unit ids of each message sent and not yet answered, oldest first
+    inflight: deque = field(default_factory=deque)
+    #: ids of the definitions this worker holds
+    known: set = field(default_factory=set)
+    #: held for a gang: no other work may land here
+    reserved: bool = False
+    units_done: int = 0
+    failures: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class PendingUnit:
+    """A unit sent to one or more workers whose replies are awaited."""
+
+    callback: Callback
+    ranks: list
+    replies_due: int
+
+
+class BatchSizer:
+    """Chooses how many items go into the next chunk.
+
+    With a fixed *chunksize* that is the answer. Otherwise chunks start at one
+    item and, once replies say how long an item takes, hold about
+    ``PYDRA_BATCH_SECONDS`` of worker time, but never so many that the last
+    chunks of a sized input leave workers idle.
+    """
+
+    def __init__(self, chunksize: int | None, workers: int, total: int | None) -> None:
+        self.fixed = chunksize
+        self.workers = workers
+        self.remaining = total
+        self.target = setting("BATCH_SECONDS", 0.02)
+        self.largest = setting("MAX_BATCH", 65536)
+        self.seconds_per_item: float | None = None
+
+    def next_size(self) -> int:
+        if self.fixed:
+            size = self.fixed
+        elif self.seconds_per_item is None:
+            size = 1
+        else:
+            size = int(min(self.largest, max(1.0, self.target / max(self.seconds_per_item, 1e-9))))
+            if self.remaining is not None:
+                size = min(size, max(1, math.ceil(self.remaining / (2 * self.workers))))
+        if self.remaining is not None:
+            self.remaining = max(0, self.remaining - size)
+        return size
+
+    def observe(self, items: int, seconds: float) -> None:
+        per_item = seconds / items
+        if self.seconds_per_item is None:
+            self.seconds_per_item = per_item
+        else:
+            self.seconds_per_item = 0.7 * self.seconds_per_item + 0.3 * per_item
+
+
+class Source:
+    """Something that hands out units; the master asks it for one whenever a worker has room."""
+
+    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
+        """A command with id *uid* and the callback for its reply, or None if nothing is ready."""
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        """True once this source will never hand out another unit."""
+        raise NotImplementedError
+
+
+class CallQueue(Source):
+    """Single function calls (``Executor.submit``) waiting for a worker."""
+
+    def __init__(self) -> None:
+        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback]] = deque()
+
+    def add(self, make_command: Callable[[int], tuple | None], callback: Callback) -> None:
+        """Queue a call; *make_command(uid)* may return None to withdraw it (a cancelled future)."""
+        self.waiting.append((make_command, callback))
+
+    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
+        while self.waiting:
+            make_command, callback = self.waiting.popleft()
+            command = make_command(uid)
+            if command is not None:
+                return command, callback
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return False  # lives as long as the master
+
+
+class ChunkStream(Source):
+    """Cuts an iterable of items into chunks, one unit each, and reports results in order.
+
+    *on_chunk(index, value, rank)* sees every successful chunk (in completion
+    order), *on_failure(failure)* the first failure, after which the stream
+    stops, and *on_done()* the end of a stream that did not fail. At most
+    *window* chunks are handed out ahead of ``consumed`` (for consumers that
+    read results as they come).
+    """
+
+    def __init__(
+        self,
+        master: "Master",
+        make_command: Callable[[int, list], tuple],
+        items: Iterable[Any],
+        chunksize: int | None,
+        on_chunk: Callable[[int, Any, int], None],
+        on_failure: Callable[[BaseException], None],
+        on_done: Callable[[], None],
+        window: int | None = None,
+    ) -> None:
+        self.master = master
+        self.make_command = make_command
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        self.items = iter(items)
+        self.sizer = BatchSizer(chunksize, max(1, len(master.workers)), total)
+        self.on_chunk, self.on_failure, self.on_done = on_chunk, on_failure, on_done
+        self.window = window
+        self.handed_out = 0
+        self.consumed = 0
+        self.outstanding: dict[int, int] = {}  # uid -> chunk length
+        self.waiting_for_consumer = False
+        self.exhausted = False
+        self.failed = False
+        self.items_done = 0
+
+    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
+        if self.exhausted or self.failed:
+            return None
+        self.waiting_for_consumer = self.window is not None and self.handed_out - self.consumed >= self.window
+        if self.waiting_for_consumer:
+            return None
+        try:
+            chunk = list(itertools.islice(self.items, self.sizer.next_size()))
+        except Exception as exc:
+            exc.add_note("raised while rank 0 pulled the next items")
+            self._fail(exc)
+            return None
+        if not chunk:
+            self.exhausted = True
+            self._check_done()
+            return None
+        index = self.handed_out
+        self.handed_out += 1
+        self.outstanding[uid] = len(chunk)
+
+        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
+            count = self.outstanding.pop(uid)
+            if self.failed:
+                return
+            if not ok:
+                self._fail(value.to_exception(f"in chunk {index} ({count} items) on rank {rank}"))
+                return
+            self.items_done += count
+            self.sizer.observe(count, seconds)
+            self.on_chunk(index, value, rank)
+            self._check_done()
+
+        return self.make_command(uid, chunk), callback
+
+    @property
+    def finished(self) -> bool:
+        return self.failed or (self.exhausted and not self.outstanding)
+
+    def _check_done(self) -> None:
+        if self.exhausted and not self.outstanding:
+            self.on_done()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.abandon()
+        self.on_failure(exc)
+
+    def abandon(self) -> None:
+        """Hand out nothing more and cancel the chunks still out (the results are not wanted)."""
+        self.failed = True
+        self.master.cancel(list(self.outstanding))
+
+
+@dataclass
+class GangRequest:
+    """A command to start on several workers at once, when all of them are idle.
+
+    Either *members* names the world ranks (a MapReduce shuffle among the
+    ranks holding its pairs) or *count* idle workers are taken, whichever.
+    """
+
+    make_command: Callable[[int, list], tuple]
+    callback: Callable[[list | None, BaseException | None], None]
+    count: int
+    members: list | None = None
+
+
+class Master:
+    """Schedules units onto the worker ranks of *comm*; rank 0 only."""
+
+    def __init__(self, comm: MPI.Intracomm, hosts: list[str]) -> None:
+        self.comm = comm
+        self.started = time.time()
+        if comm.size > 1:
+            self.workers = [WorkerState(rank, hosts[rank]) for rank in range(1, comm.size)]
+            self.local: UnitRunner | None = None
+        else:
+            # No workers: rank 0 runs units itself, through the very same commands.
+            self.workers = [WorkerState(0, hosts[0])]
+            self.local = UnitRunner(0, 1, hosts[0], self._local_group, self._local_progress, self._local_cancelled)
+        self._by_rank = {worker.rank: worker for worker in self.workers}
+        self.depth = max(1, setting("PIPELINE", 2))
+        self.outbox = mpi.Outbox(comm)
+        self.calls = CallQueue()
+        self.sources: list[Source] = [self.calls]
+        self.gangs: deque[GangRequest] = deque()
+        self.pending: dict[int, PendingUnit] = {}
+        self.progress: dict[int, tuple] = {}
+        self._uids = itertools.count(1)
+        self._tids = itertools.count(1)
+        self._tid_of: dict[int, int] = {}  # id(obj) -> tid
+        self._definitions: dict[int, tuple[Any, bytes]] = {}  # tid -> (obj, its pickle)
+        self._cancelled_local: set[int] = set()
+        self._stopping = False
+        self._broken = False  # a gang failed: some of its members may never answer again
+        self.loop = asyncio.new_event_loop()
+        self._wakeup = asyncio.Event()
+        self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
+
+    # -- lifecycle (any thread) --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Send every worker STOP after its queued work and wait until all have answered."""
+        self.call_soon(self._begin_stop)
+        self._thread.join()
+
+    def call_soon(self, function: Callable, *args: Any) -> None:
+        """Run *function(\\*args)* in the scheduler thread."""
+        self.loop.call_soon_threadsafe(self._wake_with, function, args)
+
+    def submit_coroutine(self, coroutine: Any) -> Any:
+        """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    # -- scheduler thread ---------------------------------------------------------------------
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._pump())
+        finally:
+            self.loop.close()
+
+    def _wake_with(self, function: Callable, args: tuple) -> None:
+        function(*args)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Tell the pump there is new work (scheduler thread only)."""
+        self._wakeup.set()
+
+    async def _pump(self) -> None:
+        backoff = mpi.Backoff()
+        while True:
+            progressed = self._receive()
+            progressed = self._dispatch() or progressed
+            self.outbox.collect()
+            if self._stopping and not any(worker.inflight for worker in self.workers):
+                self.outbox.flush()
+                return
+            if progressed:
+                backoff.reset()
+                await asyncio.sleep(0)  # let tree walkers react to what arrived
+            elif any(worker.inflight for worker in self.workers):
+                await self._nap(backoff.next_delay())
+            else:
+                await self._nap(None)
+
+    async def _nap(self, seconds: float | None) -> None:
+        """Sleep until woken, or at most *seconds* when replies are awaited."""
+        if seconds is None:
+            await self._wakeup.wait()
+        else:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        self._wakeup.clear()
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        if self._broken:
+            # A failed gang left members blocked in a collective that will never
+            # complete; MPI offers no way to free them, so end the whole job.
+            _abort_after_grace(self, 2.0)
+        for worker in self.workers:
+            self._send(worker, [(protocol.STOP, next(self._uids))], gang=False)
+
+    # -- definitions: objects shipped once per worker -------------------------------------------
+
+    def define(self, obj: Any) -> int:
+        """Register *obj* (pickled once now) and return its id; workers receive it when first needed."""
+        tid = self._tid_of.get(id(obj))
+        if tid is None or self._definitions[tid][0] is not obj:
+            tid = next(self._tids)
+            self._definitions[tid] = (obj, mpi.dumps(obj))  # keeping obj alive keeps id(obj) unique
+            self._tid_of[id(obj)] = tid
+        return tid
+
+    # -- submitting work (scheduler thread) ----------------------------------------------------
+
+    def add_source(self, source: Source) -> None:
+        self.sources.append(source)
+        self.wake()
+
+    def add_gang(self, request: GangRequest) -> None:
+        available = len(self.workers)
+        if request.count > available:
+            raise ValueError(f"the gang needs {request.count} worker ranks; this job has {available}")
+        self.gangs.append(request)
+        self.wake()
+
+    def cancel(self, uids: list[int]) -> None:
+        """Drop the units *uids*: their replies will be ignored, their tasks see ``cancelled``."""
+        by_rank: dict[int, list[int]] = {}
+        for uid in uids:
+            unit = self.pending.pop(uid, None)
+            if unit is not None:
+                for rank in unit.ranks:
+                    by_rank.setdefault(rank, []).append(uid)
+        for rank, dropped in by_rank.items():
+            if self.local is not None:
+                self._cancelled_local.update(dropped)
+            else:
+                self.outbox.post(mpi.dumps(dropped), rank, mpi.TAG_CANCEL)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _dispatch(self) -> bool:
+        sent = self._start_gangs()
+        self.sources = [s for s in self.sources if not s.finished]
+        for worker in self.workers:
+            while not worker.reserved and len(worker.inflight) < self.depth:
+                unit = self._next_unit()
+                if unit is None:
+                    return sent
+                command, callback = unit
+                self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
+                self._send(worker, [command], gang=False)
+                sent = True
+        return sent
+
+    def _next_unit(self) -> tuple[tuple, Callback] | None:
+        for source in self.sources:
+            if not source.finished:
+                unit = source.next_unit(next(self._uids))
+                if unit is not None:
+                    return unit
+        return None
+
+    def _start_gangs(self) -> bool:
+        started = False
+        while self.gangs:
+            gang = self.gangs[0]
+            if gang.members is not None:
+                team = [self._by_rank[rank] for rank in gang.members]
+            else:
+                team = [w for w in self.workers if not w.reserved and not w.inflight][: gang.count]
+            for worker in team:
+                worker.reserved = True  # hold it: nothing else may start here meanwhile
+            if len(team) < gang.count or any(worker.inflight for worker in team):
+                return started
+            self.gangs.popleft()
+            members = sorted(worker.rank for worker in team)
+            uid = next(self._uids)
+            results: dict[int, Any] = {}
+
+            def callback(ok: bool, value: Any, seconds: float, rank: int, gang=gang, results=results) -> None:
+                if results.get("failed"):
+                    return
+                if not ok:
+                    results["failed"] = True
+                    self._broken = True
+                    gang.callback(None, value.to_exception(f"in a gang on ranks {members}"))
+                    return
+                results[rank] = value
+                if len(results) == len(members):
+                    gang.callback([results[rank] for rank in members], None)
+
+            self.pending[uid] = PendingUnit(callback, members, len(members))
+            command = gang.make_command(uid, members)
+            for worker in team:
+                self._send(worker, [command], gang=True)
+            started = True
+        return started
+
+    def _send(self, worker: WorkerState, commands: list[tuple], gang: bool) -> None:
+        for command in commands:
+            if command[0] in (protocol.MAP, protocol.MR_MAP, protocol.GANG, protocol.MR_REDUCE):
+                tid = command[2]
+                if tid not in worker.known:
+                    worker.known.add(tid)
+                    commands = [(protocol.DEFINE, tid, self._definitions[tid][1])] + commands
+        uids = [command[1] for command in commands if command[0] != protocol.DEFINE]
+        worker.inflight.append((uids, gang))
+        if self.local is not None:
+            replies = [r for r in map(self.local.execute, commands) if r is not None]
+            self._handle_replies(worker, replies)
+            return
+        try:
+            payload = mpi.dumps(commands)
+        except Exception as exc:
+            self._refuse(worker, commands, exc)
+            return
+        self.outbox.post(payload, worker.rank, mpi.TAG_COMMANDS)
+
+    def _refuse(self, worker: WorkerState, commands: list[tuple], exc: Exception) -> None:
+        """A command could not be pickled: fail its unit at once, as if the worker had."""
+        error = TypeError(f"cannot send work to rank {worker.rank}: {exc}")
+        failure = Failure.capture(error, 0, self.comm.size, "rank 0")
+        replies = [(command[1], False, failure, 0.0) for command in commands if command[0] != protocol.DEFINE]
+        self._handle_replies(worker, replies)
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _receive(self) -> bool:
+        if self.local is not None:
+            return False
+        got = False
+        while (message := mpi.try_receive(self.comm)) is not None:
+            got = True
+            if message.tag == mpi.TAG_REPLIES:
+                self._handle_replies(self._by_rank[message.source], pickle.loads(message.payload))
+            elif message.tag == mpi.TAG_PROGRESS:
+                uid, done, total, text = pickle.loads(message.payload)
+                self.progress[uid] = (message.source, done, total, text)
+        return got
+
+    def _handle_replies(self, worker: WorkerState, replies: list[tuple]) -> None:
+        _, gang = worker.inflight.popleft()
+        if gang:
+            worker.reserved = False
+        for uid, ok, value, seconds in replies:
+            worker.busy_seconds += seconds
+            worker.units_done += 1
+            if not ok:
+                worker.failures += 1
+            self.progress.pop(uid, None)
+            unit = self.pending.get(uid)
+            if unit is None:
+                continue  # cancelled, or a STOP acknowledgement
+            unit.replies_due -= 1
+            if unit.replies_due == 0:
+                del self.pending[uid]
+            unit.callback(ok, value, seconds, worker.rank)
+
+    # -- rank 0 running units itself -------------------------------------------------------------
+
+    def _local_group(self, members: list, tag: int) -> MPI.Intracomm:
+        return MPI.COMM_SELF.Dup()
+
+    def _local_progress(self, uid: int, done: int, total: int | None, message: str | None) -> None:
+        self.progress[uid] = (0, done, total, message)
+
+    def _local_cancelled(self, uid: int) -> bool:
+        return uid in self._cancelled_local
+
+    # -- observation -----------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of the workers and the queue, for status displays."""
+        return {
+            "uptime": time.time() - self.started,
+            "workers": [
+                {
+                    "rank": w.rank,
+                    "host": w.host,
+                    "state": "busy" if w.inflight else ("reserved" if w.reserved else "idle"),
+                    "units_done": w.units_done,
+                    "failures": w.failures,
+                    "busy_seconds": w.busy_seconds,
+                }
+                for w in self.workers
+            ],
+            "pending_units": len(self.pending),
+            "waiting_gangs": len(self.gangs),
+        }
+
+
+def _abort_after_grace(master: Master, seconds: float) -> None:
+    """Abort the MPI job if the workers have not all answered STOP within *seconds*."""
+
+    def watchdog() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not any(worker.inflight for worker in master.workers):
+                return
+            time.sleep(0.05)
+        os.write(2, b"pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n")
+        master.comm.Abort(1)
+
+    threading.Thread(target=watchdog, name="pydra-abort-watchdog", daemon=True).start()

@@ -1,0 +1,76 @@
+"""What rank 0 and the workers say to each other over MPI.
+
+Rank 0 sends a worker one ``TAG_COMMANDS`` message at a time, each a list of
+commands; the worker answers every such message with exactly one
+``TAG_REPLIES`` message holding one reply per unit command, in order. That
+one-to-one pairing is how rank 0 counts a worker's messages in flight.
+
+Commands are plain tuples because they sit on the hot path (a frozen
+dataclass costs several times more to pickle); their layouts:
+
+==============================================  =================================================
+``(DEFINE, tid, blob)``                         unpickle *blob* (a task, function or subtree)
+                                                and keep it under id *tid* for later commands
+``(CALL, uid, function, args, kwargs)``         reply ``function(*args, **kwargs)``
+``(MAP, uid, tid, chunk, star)``                reply ``[f(*x) if star else f(x) for x in chunk]``
+                                                where ``f`` is definition *tid* (a Task's work)
+``(MR_MAP, uid, tid, chunk)``                   run MapReduce *tid*'s map (and combine) over
+                                                *chunk*, keep the pairs here, reply their count
+``(GANG, uid, tid, members, args)``             with the other *members* (world ranks), run gang
+                                                task *tid*; gang rank 0 replies its result
+``(MR_REDUCE, uid, tid, members)``              with the other *members*: shuffle MapReduce
+                                                *tid*'s pairs (alltoallv), reduce this rank's
+                                                keys, reply them as a dict
+``(STOP, uid)``                                 reply ``None`` and leave the serve loop
+==============================================  =================================================
+
+A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
+otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
+A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)`` and a
+cancellation (``TAG_CANCEL``) is a list of uids.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass
+
+from pydra.errors import RemoteTraceback
+
+DEFINE = "define"
+CALL = "call"
+MAP = "map"
+MR_MAP = "mr_map"
+GANG = "gang"
+MR_REDUCE = "mr_reduce"
+STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An exception raised by user code on some rank, ready to travel to rank 0."""
+
+    exception: BaseException
+    traceback: str
+    rank: int
+    size: int
+    host: str
+
+    @classmethod
+    def capture(cls, exception: BaseException, rank: int, size: int, host: str) -> "Failure":
+        """Record *exception*, replaced by a RuntimeError with its text if it cannot be pickled."""
+        text = "".join(traceback.format_exception(exception))
+        try:
+            pickle.dumps(exception)
+        except Exception:
+            exception = RuntimeError(f"{type(exception).__name__}: {exception} (unpicklable, sent as text)")
+        return cls(exception, text, rank, size, host)
+
+    def to_exception(self, note: str | None = None) -> BaseException:
+        """The exception to raise on rank 0, with the remote traceback as its cause."""
+        exception = self.exception
+        exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}")
+        if note:
+            exception.add_note(note)
+        return exception

@@ -1,0 +1,119 @@
+"""Executing commands from rank 0: the part of a worker that runs user code.
+
+The same :class:`UnitRunner` serves a worker rank (fed over MPI by
+:mod:`pydra._core.worker`) and rank 0 itself when the job has no workers,
+which is how a one-process run gives the same results as a cluster.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from itertools import starmap
+from typing import Any, Callable
+
+from mpi4py import MPI
+
+from pydra._core import context, protocol
+from pydra._core.protocol import Failure
+from pydra.tasks.base import Task
+from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
+
+#: builds the communicator of a gang from its member world ranks and a tag.
+GroupFactory = Callable[[list, int], MPI.Intracomm]
+
+
+class UnitRunner:
+    """Runs commands on one rank and turns their outcome into replies."""
+
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        host: str,
+        make_group: GroupFactory,
+        report_progress: Callable[[int, int, int | None, str | None], None],
+        is_cancelled: Callable[[int], bool],
+    ) -> None:
+        self.rank, self.size, self.host = rank, size, host
+        self.make_group = make_group
+        self.report_progress = report_progress
+        self.is_cancelled = is_cancelled
+        self.defined: dict[int, Any] = {}
+        self.buffers: dict[int, MapBuffer] = {}
+        self.units_done = 0
+
+    def execute(self, command: tuple) -> tuple | None:
+        """Run one command; return its reply, or None for a command that has none."""
+        op = command[0]
+        if op == protocol.DEFINE:
+            _, tid, blob = command
+            self.defined[tid] = pickle.loads(blob)
+            return None
+        uid = command[1]
+        if self.is_cancelled(uid):
+            return (uid, False, None, 0.0)
+        handler = self._handlers[op]
+        unit = context.UnitContext(
+            uid,
+            report_progress=lambda done, total, message: self.report_progress(uid, done, total, message),
+            is_cancelled=lambda: self.is_cancelled(uid),
+        )
+        started = time.perf_counter()
+        try:
+            with context.running(unit):
+                value = handler(self, *command[1:])
+        except Exception as exc:
+            value, ok = Failure.capture(exc, self.rank, self.size, self.host), False
+        else:
+            ok = True
+        self.units_done += 1
+        return (uid, ok, value, time.perf_counter() - started)
+
+    # One handler per command; each takes the command's fields after the op.
+
+    def _call(self, uid: int, function: Callable, args: tuple, kwargs: dict) -> Any:
+        return function(*args, **kwargs)
+
+    def _map(self, uid: int, tid: int, chunk: list, star: bool) -> list:
+        function = self.defined[tid]
+        if isinstance(function, Task):
+            function = function.work
+        return list(starmap(function, chunk) if star else map(function, chunk))
+
+    def _mr_map(self, uid: int, tid: int, chunk: list) -> int:
+        buffer = self.buffers.get(tid)
+        if buffer is None:
+            buffer = self.buffers[tid] = MapBuffer(self.defined[tid])
+        return buffer.add(chunk)
+
+    def _gang(self, uid: int, tid: int, members: list, args: tuple) -> Any:
+        task = self.defined[tid]
+        comm = self.make_group(members, uid)
+        try:
+            task.comm = comm
+            value = task.work(*args)
+            return value if comm.rank == 0 else None
+        finally:
+            task.comm = None
+            comm.Free()
+
+    def _mr_reduce(self, uid: int, tid: int, members: list) -> dict:
+        buffer = self.buffers.pop(tid, None) or MapBuffer(self.defined[tid])
+        comm = self.make_group(members, uid)
+        try:
+            return shuffle_and_reduce(buffer, comm)
+        finally:
+            comm.Free()
+
+    def _stop(self, uid: int) -> None:
+        return None
+
+    _handlers = {
+        protocol.CALL: _call,
+        protocol.MAP: _map,
+        protocol.MR_MAP: _mr_map,
+        protocol.GANG: _gang,
+        protocol.MR_REDUCE: _mr_reduce,
+        protocol.STOP: _stop,
+    }

@@ -1,0 +1,90 @@
+"""A worker rank's serve loop: receive commands from rank 0, run them, reply.
+
+The worker side of the protocol in :mod:`pydra._core.protocol`; its master
+side is :mod:`pydra._core.master`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+from mpi4py import MPI
+
+from pydra._core import protocol
+from pydra._core.runner import UnitRunner
+from pydra.comm import mpi
+
+# Seconds between two progress reports of one unit, and between two looks for cancellations.
+_PROGRESS_INTERVAL = 0.2
+_CANCEL_POLL_INTERVAL = 0.01
+
+
+class WorkerLoop:
+    """Serves rank 0 until it says stop."""
+
+    def __init__(self, comm: MPI.Intracomm, host: str) -> None:
+        self.comm = comm
+        self.runner = UnitRunner(
+            comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
+        )
+        self.backoff = mpi.Backoff()
+        self.cancelled: set[int] = set()
+        self._last_progress = 0.0
+        self._last_cancel_poll = 0.0
+
+    def serve(self) -> None:
+        """Run commands until a STOP command arrives."""
+        while True:
+            message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
+            commands = pickle.loads(message.payload)
+            self._take_cancellations()
+            replies = [reply for reply in map(self.runner.execute, commands) if reply is not None]
+            mpi.send(self.comm, self._pack(replies), 0, mpi.TAG_REPLIES)
+            if commands[-1][0] == protocol.STOP:
+                return
+
+    def _pack(self, replies: list[tuple]) -> bytes:
+        try:
+            return mpi.dumps(replies)
+        except Exception:
+            return mpi.dumps([self._picklable(reply) for reply in replies])
+
+    def _picklable(self, reply: tuple) -> tuple:
+        """*reply*, or a failure saying why its value could not be sent."""
+        try:
+            mpi.dumps(reply)
+            return reply
+        except Exception as exc:
+            uid, _, value, seconds = reply
+            error = TypeError(f"result of type {type(value).__name__} cannot be pickled: {exc}")
+            return (uid, False, protocol.Failure.capture(error, *self._where()), seconds)
+
+    def _where(self) -> tuple[int, int, str]:
+        return self.runner.rank, self.runner.size, self.runner.host
+
+    def _make_group(self, members: list, tag: int) -> MPI.Intracomm:
+        # Collective only over the members, so other workers carry on undisturbed.
+        group = self.comm.group.Incl(members)
+        try:
+            return self.comm.Create_group(group, tag % 32768)
+        finally:
+            group.Free()
+
+    def _report_progress(self, uid: int, done: int, total: int | None, message: str | None) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < _PROGRESS_INTERVAL and done != total:
+            return
+        self._last_progress = now
+        mpi.send(self.comm, mpi.dumps((uid, done, total, message)), 0, mpi.TAG_PROGRESS)
+
+    def _is_cancelled(self, uid: int) -> bool:
+        now = time.monotonic()
+        if now - self._last_cancel_poll >= _CANCEL_POLL_INTERVAL:
+            self._last_cancel_poll = now
+            self._take_cancellations()
+        return uid in self.cancelled
+
+    def _take_cancellations(self) -> None:
+        while (message := mpi.try_receive(self.comm, 0, mpi.TAG_CANCEL)) is not None:
+            self.cancelled.update(pickle.loads(message.payload))

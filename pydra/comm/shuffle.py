@@ -1,0 +1,48 @@
+"""All-to-all exchange of Python objects between the members of a communicator.
+
+This is the MapReduce shuffle: every member holds one bucket per member and
+receives, from every member, the bucket meant for it. Buckets are pickled
+here and moved with two collectives, ``Alltoall`` for the byte counts and
+``Alltoallv`` for the bytes themselves, so intermediate data flows directly
+between workers and never through rank 0.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+# Alltoallv counts and displacements are C ints.
+_MAX_BYTES = 2**31 - 1
+
+
+def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
+    """Send ``buckets[i]`` to member *i*; return what each member sent here, by member."""
+    if len(buckets) != comm.size:
+        raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
+    payloads = [pickle.dumps(bucket, 5) for bucket in buckets]
+    send_counts = np.array([len(p) for p in payloads], dtype=np.int64)
+    if send_counts.sum() > _MAX_BYTES:
+        raise ValueError(f"shuffle sends {send_counts.sum()} bytes from one rank; the limit is {_MAX_BYTES}")
+    recv_counts = np.empty(comm.size, dtype=np.int64)
+    comm.Alltoall(send_counts, recv_counts)
+    if recv_counts.sum() > _MAX_BYTES:
+        raise ValueError(f"shuffle receives {recv_counts.sum()} bytes on one rank; the limit is {_MAX_BYTES}")
+
+    send_counts32 = send_counts.astype(np.int32)
+    recv_counts32 = recv_counts.astype(np.int32)
+    send_displs = np.concatenate(([0], np.cumsum(send_counts32)[:-1])).astype(np.int32)
+    recv_displs = np.concatenate(([0], np.cumsum(recv_counts32)[:-1])).astype(np.int32)
+    send_buffer = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    recv_buffer = np.empty(int(recv_counts.sum()), dtype=np.uint8)
+    comm.Alltoallv(
+        [send_buffer, (send_counts32, send_displs), MPI.BYTE],
+        [recv_buffer, (recv_counts32, recv_displs), MPI.BYTE],
+    )
+    return [
+        pickle.loads(recv_buffer[start : start + count])
+        for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())
+    ]

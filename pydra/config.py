@@ -1,0 +1,41 @@
+"""Settings read from ``PYDRA_*`` environment variables.
+
+Every environment setting Pydra honours is read through :func:`setting`, so the
+full list lives in one place (see ``SETTINGS`` below and the README).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+#: name (without the PYDRA_ prefix) -> what it does; the README lists the same.
+SETTINGS = {
+    "PIPELINE": "messages in flight per worker (default 2)",
+    "BATCH_SECONDS": "target worker time of one adaptive batch (default 0.02)",
+    "MAX_BATCH": "largest adaptive batch, in items (default 65536)",
+    "IDLE_SLEEP": "longest sleep between polls of an idle rank, in seconds (default 0.002)",
+    "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",
+    "HOME": "Pydra's directory for keys and runs (default ~/.pydra)",
+}
+
+
+def setting(name: str, default: T, parse: Callable[[str], T] | None = None) -> T:
+    """Return ``PYDRA_<name>`` parsed with *parse* (the type of *default* if omitted).
+
+    An unset or empty variable gives *default*; a value that does not parse is
+    the user's mistake and raises ``ValueError`` naming the variable.
+    """
+    if name not in SETTINGS:
+        raise KeyError(f"unknown setting PYDRA_{name}")
+    raw = os.environ.get(f"PYDRA_{name}", "")
+    if not raw:
+        return default
+    parse = parse or type(default)
+    try:
+        return parse(raw)
+    except ValueError:
+        kind = getattr(parse, "__name__", "value")
+        raise ValueError(f"PYDRA_{name}={raw!r}: expected {kind}") from None

@@ -1,0 +1,209 @@
+"""The public entry points: :class:`Executor` and :func:`run`.
+
+Both are collective: every rank of the communicator calls them. Rank 0 gets
+results; the other ranks serve as workers until rank 0 is done, then get None.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+from mpi4py import MPI
+
+from pydra._core import protocol
+from pydra._core.evaluate import evaluate
+from pydra._core.master import ChunkStream, Master
+from pydra._core.session import run_session
+from pydra.tasks.base import as_task
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` over the ranks of an MPI job.
+
+    Use it like mpi4py's ``MPICommExecutor``, on every rank::
+
+        with pydra.Executor() as executor:
+            if executor is not None:          # rank 0
+                print(list(executor.map(math.sqrt, range(100))))
+
+    On rank 0 the block gets the executor; the other ranks serve as workers
+    inside ``__enter__`` until rank 0 leaves its block, then get None.
+    """
+
+    def __init__(self, comm: MPI.Intracomm | None = None) -> None:
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self._master: Master | None = None
+        self._shutdown = False
+        self._futures: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()
+
+    def __enter__(self) -> "Executor | None":  # type: ignore[override]
+        self._master = run_session(self.comm)
+        return self if self._master is not None else None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if self._master is not None:
+            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+    @property
+    def master(self) -> Master:
+        """The scheduler on rank 0 (an error anywhere else, or outside the ``with`` block)."""
+        if self._master is None:
+            raise RuntimeError(
+                f"no Pydra session on rank {self.comm.rank}: use `with pydra.Executor() as ex:` on every rank"
+                " and submit from rank 0 only"
+            )
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new work after shutdown")
+        return self._master
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Schedule ``fn(*args, **kwargs)`` on a worker; return its future."""
+        master = self.master
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        name = getattr(fn, "__qualname__", repr(fn))
+
+        def make_command(uid: int) -> tuple | None:
+            if not future.set_running_or_notify_cancel():
+                return None
+            return (protocol.CALL, uid, fn, args, kwargs)
+
+        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
+
+        master.call_soon(master.calls.add, make_command, callback)
+        self._futures.add(future)
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = 1,
+    ) -> Iterator[Any]:
+        """Like ``map(fn, *iterables)`` computed on the workers, results in order.
+
+        Items are pulled lazily as workers have room, so an endless generator
+        is fine as long as results are consumed. *chunksize* items travel
+        together; ``chunksize=None`` lets Pydra size batches itself (best for
+        tiny tasks). *timeout* counts from this call.
+        """
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer or None, got {chunksize}")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        master = self.master
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = iterables[0] if len(iterables) == 1 else zip(*iterables)
+        star = len(iterables) > 1
+        feed = _OrderedFeed()
+        window = 4 * master.depth * len(master.workers)
+
+        def start() -> None:
+            tid = master.define(fn)
+            make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
+            feed.stream = ChunkStream(
+                master, make_command, items, chunksize, feed.put, feed.fail, feed.finish, window=window
+            )
+            master.add_source(feed.stream)
+
+        master.call_soon(start)
+        return feed.results(master, deadline)
+
+    def submit_task(self, task: Any, *inputs: Any) -> concurrent.futures.Future:
+        """Run a task tree with *inputs* as the root's input; return the future of its result."""
+        master = self.master
+        root = as_task(task)
+        future = master.submit_coroutine(evaluate(master, root, root.root_args(inputs)))
+        self._futures.add(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once the submitted work is done (or cancelled)."""
+        if self._master is None or self._shutdown:
+            return
+        if cancel_futures:
+            for future in list(self._futures):
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(list(self._futures))
+        self._shutdown = True
+        self._master.stop()
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of the workers and the queue."""
+        return self.master.statistics()
+
+
+class _OrderedFeed:
+    """Hands the chunks of an :meth:`Executor.map` from the scheduler thread to the caller, in order."""
+
+    def __init__(self) -> None:
+        self.stream: ChunkStream | None = None
+        self._ready = threading.Condition()
+        self._chunks: dict[int, list] = {}
+        self._failure: BaseException | None = None
+        self._finished = False
+
+    def put(self, index: int, values: list, rank: int) -> None:
+        with self._ready:
+            self._chunks[index] = values
+            self._ready.notify()
+
+    def fail(self, error: BaseException) -> None:
+        with self._ready:
+            self._failure = error
+            self._ready.notify()
+
+    def finish(self) -> None:
+        with self._ready:
+            self._finished = True
+            self._ready.notify()
+
+    def _take(self, index: int, deadline: float | None) -> list | None:
+        with self._ready:
+            while index not in self._chunks:
+                if self._failure is not None:
+                    raise self._failure
+                if self._finished:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError("map() results did not arrive in time")
+                self._ready.wait(remaining)
+            return self._chunks.pop(index)
+
+    def results(self, master: Master, deadline: float | None) -> Iterator[Any]:
+        index = 0
+        try:
+            while (chunk := self._take(index, deadline)) is not None:
+                index += 1
+                stream = self.stream
+                if stream is not None:
+                    stream.consumed = index  # read by the scheduler thread; an int store is atomic
+                    if stream.waiting_for_consumer:
+                        master.call_soon(master.wake)
+                yield from chunk
+        finally:
+            if self._failure is None and not self._finished and self.stream is not None:
+                master.call_soon(self.stream.abandon)
+
+
+def run(task: Any, *inputs: Any, comm: MPI.Intracomm | None = None) -> Any:
+    """Collective: run a task tree over the ranks of *comm* (default: all).
+
+    Returns the root's result on rank 0 and None on the other ranks. A task
+    that raises makes this raise on rank 0, with the worker's traceback.
+    """
+    with Executor(comm) as executor:
+        if executor is None:
+            return None
+        return executor.submit_task(task, *inputs).result()
