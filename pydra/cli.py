@@ -1,0 +1,90 @@
+"""The ``pydra`` command line (also ``python -m pydra``): one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydra import __version__
+
+DESCRIPTION = """\
+Pydra runs Python task trees over the ranks of an MPI job.
+
+  pydra run -n 4 examples/wordcount.py:WordCount examples/data/*.txt
+  mpiexec -n 64 python -m pydra run mypackage.jobs:Nightly --output result.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pydra", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pydra {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run a task tree (under mpiexec, or start mpiexec with -n)",
+        description=(
+            "Run TARGET with INPUTs as its input. Under mpiexec (or a batch system's mpirun) every rank "
+            "runs this command and rank 0 schedules the others; with -n N, pydra starts mpiexec itself "
+            "on this host; alone, the whole tree runs in this one process."
+        ),
+        epilog=(
+            "TARGET is path/to/file.py:Name or package.module:Name, where Name is a Task subclass "
+            "(instantiated with no arguments), a Task instance, or a function returning a Task. "
+            "The INPUTs (strings) are the root's input: the arguments of work() for a Task, the items for "
+            "Parallel and MapReduce, the first child's input for a Sequence. "
+            "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET."
+        ),
+    )
+    run.add_argument("target", metavar="TARGET", help="the task to run, file.py:Name or module:Name")
+    run.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")
+    run.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
+    run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of ranks, got {text!r}")
+    return value
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from pydra import batch
+
+    if args.ranks is not None:
+        return batch.run_locally(args.ranks, _without_ranks(argv[argv.index("run") + 1 :]))
+    return batch.run_job(args.target, args.inputs, args.output)
+
+
+def _without_ranks(argv: list[str]) -> list[str]:
+    """*argv* minus its ``-n N`` / ``--ranks N`` / ``--ranks=N`` option (INPUTs untouched)."""
+    kept: list[str] = []
+    skip = False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("-n", "--ranks"):
+            skip = True
+        elif arg.startswith("--ranks=") or (arg.startswith("-n") and arg[2:].isdigit()):
+            pass
+        elif arg == "--":
+            kept.extend(argv[index:])
+            break
+        else:
+            kept.append(arg)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pydra`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    return args.handler(args, argv)

@@ -1,0 +1,109 @@
+"""Resolving the TARGET of ``pydra run``: ``path/to/file.py:Name`` or ``package.module:Name``.
+
+A file target is read on rank 0 and its source travels to every rank with
+the job, so workers need no shared filesystem; each rank registers it under
+the same module name, which is what lets pickled instances of its classes
+find their way home.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydra.errors import TargetError
+
+USAGE = "TARGET must look like path/to/file.py:Name or package.module:Name"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Everything a rank needs to load a target: where it lives and, for a file, its source."""
+
+    text: str
+    module: str
+    attribute: str
+    path: str | None = None
+    source: str | None = None
+
+
+def read_target(text: str) -> TargetSpec:
+    """Parse *text* and, for a file target, read the file (rank 0)."""
+    where, sep, attribute = text.rpartition(":")
+    if not sep or not where or not attribute.isidentifier():
+        raise TargetError(f"{USAGE}, got {text!r}")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TargetError(f"task file {where} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TargetError(f"cannot read task file {where}: {exc}") from None
+        return TargetSpec(text, _module_name(path), attribute, str(path.resolve()), source)
+    return TargetSpec(text, where, attribute)
+
+
+def load_module(spec: TargetSpec) -> types.ModuleType:
+    """Import the target's module on this rank, from the shipped source for a file target."""
+    if spec.source is None:
+        try:
+            return importlib.import_module(spec.module)
+        except ImportError as exc:
+            raise TargetError(f"cannot import module {spec.module}: {exc}") from None
+    existing = sys.modules.get(spec.module)
+    if existing is not None and getattr(existing, "__file__", None) == spec.path:
+        return existing
+    assert spec.path is not None
+    module = types.ModuleType(spec.module)
+    module.__file__ = spec.path
+    # Like `python file.py`: the file's own directory comes first on the path, when this host has it.
+    directory = str(Path(spec.path).parent)
+    if Path(directory).is_dir() and directory not in sys.path:
+        sys.path.insert(0, directory)
+    sys.modules[spec.module] = module  # before exec: dataclasses and pickle look it up
+    try:
+        exec(compile(spec.source, spec.path, "exec"), module.__dict__)
+    except BaseException as exc:
+        del sys.modules[spec.module]
+        raise TargetError(f"task file {spec.path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:
+    """The root task named by *spec*: a Task subclass (instantiated), instance, or factory's result."""
+    from pydra.tasks import Task
+
+    try:
+        obj = getattr(module, spec.attribute)
+    except AttributeError:
+        raise TargetError(f"{spec.module} has no attribute {spec.attribute!r}") from None
+    if isinstance(obj, type) and issubclass(obj, Task):
+        return _build(spec, obj)
+    if isinstance(obj, Task):
+        return obj
+    if callable(obj):
+        task = _build(spec, obj)
+        if isinstance(task, Task):
+            return task
+        raise TargetError(f"{spec.text}() returned {type(task).__name__}, expected a Task")
+    raise TargetError(f"{spec.text} is a {type(obj).__name__}; expected a Task subclass, instance or factory")
+
+
+def _build(spec: TargetSpec, factory: Any) -> Any:
+    try:
+        return factory()
+    except TypeError as exc:
+        raise TargetError(f"cannot call {spec.text} with no arguments: {exc}") from None
+
+
+def _module_name(path: Path) -> str:
+    """A module name for a task file that does not shadow an importable module."""
+    stem = path.stem if path.stem.isidentifier() else "task"
+    if stem in sys.modules or stem in sys.stdlib_module_names:
+        return f"pydra_target_{stem}"
+    return stem
