@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from pydra._core import protocol
 from pydra._core.evaluate import evaluate
-from pydra._core.master import ChunkStream, Master
+from pydra._core.master import MAX_INFLIGHT, ChunkStream, Master
 from pydra._core.session import run_session
 from pydra.tasks.base import as_task
 
@@ -105,7 +105,7 @@ class Executor(concurrent.futures.Executor):
         items = iterables[0] if len(iterables) == 1 else zip(*iterables)
         star = len(iterables) > 1
         feed = _OrderedFeed()
-        window = 4 * master.depth * len(master.workers)
+        window = 2 * MAX_INFLIGHT * len(master.workers)  # chunks computed ahead of the reader
 
         def start() -> None:
             tid = master.define(fn)
@@ -152,11 +152,13 @@ class _OrderedFeed:
         self._chunks: dict[int, list] = {}
         self._failure: BaseException | None = None
         self._finished = False
+        self._awaited = 0  # the chunk the reader waits for: only its arrival wakes the reader
 
     def put(self, index: int, values: list, rank: int) -> None:
         with self._ready:
             self._chunks[index] = values
-            self._ready.notify()
+            if index == self._awaited:
+                self._ready.notify()
 
     def fail(self, error: BaseException) -> None:
         with self._ready:
@@ -168,30 +170,38 @@ class _OrderedFeed:
             self._finished = True
             self._ready.notify()
 
-    def _take(self, index: int, deadline: float | None) -> list | None:
+    def _take(self, index: int, deadline: float | None) -> list[list]:
+        """The chunks from *index* on that have arrived, at least one; [] at the end."""
         with self._ready:
+            self._awaited = index
             while index not in self._chunks:
                 if self._failure is not None:
                     raise self._failure
                 if self._finished:
-                    return None
+                    return []
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("map() results did not arrive in time")
                 self._ready.wait(remaining)
-            return self._chunks.pop(index)
+            taken = []
+            while index in self._chunks:  # take every consecutive chunk in one go
+                taken.append(self._chunks.pop(index))
+                index += 1
+            self._awaited = index
+            return taken
 
     def results(self, master: Master, deadline: float | None) -> Iterator[Any]:
         index = 0
         try:
-            while (chunk := self._take(index, deadline)) is not None:
-                index += 1
+            while chunks := self._take(index, deadline):
+                index += len(chunks)
                 stream = self.stream
                 if stream is not None:
                     stream.consumed = index  # read by the scheduler thread; an int store is atomic
                     if stream.waiting_for_consumer:
                         master.call_soon(master.wake)
-                yield from chunk
+                for chunk in chunks:
+                    yield from chunk
         finally:
             if self._failure is None and not self._finished and self.stream is not None:
                 master.call_soon(self.stream.abandon)

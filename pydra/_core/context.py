@@ -1,24 +1,21 @@
 """What a running task can ask of the rank executing it: progress reports and cancellation.
 
-A worker (or the master, when it runs units itself) wraps each unit in
-:func:`running`; :class:`pydra.Task` methods reach the current unit through
+A worker (or the master, when it runs units itself) makes each unit current
+with :func:`enter` while it runs; :class:`pydra.Task` methods reach it through
 :func:`current`. Outside any unit both are harmless no-ops.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional, Protocol
 
 
-@dataclass
-class UnitContext:
-    """The unit being executed and the hooks its task may call."""
+class UnitContext(Protocol):
+    """The unit being executed: what its task may ask of the rank running it."""
 
-    uid: int
-    report_progress: Callable[[int, Optional[int], Optional[str]], None]
-    is_cancelled: Callable[[], bool]
+    def report_progress(self, done: int, total: Optional[int], message: Optional[str]) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
 
 
 _current: Optional[UnitContext] = None
@@ -29,12 +26,11 @@ def current() -> Optional[UnitContext]:
     return _current
 
 
-@contextlib.contextmanager
-def running(context: UnitContext) -> Iterator[None]:
-    """Make *context* the current unit for the duration of the block."""
+def enter(unit: Optional[UnitContext]) -> Optional[UnitContext]:
+    """Make *unit* current; return the previous one, to restore with ``enter(previous)``.
+
+    A plain function rather than a context manager: it runs once per unit, on the hot path.
+    """
     global _current
-    previous, _current = _current, context
-    try:
-        yield
-    finally:
-        _current = previous
+    previous, _current = _current, unit
+    return previous

@@ -34,6 +34,9 @@ from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
 from pydra.config import setting
 
+#: most messages in flight to one worker, however tiny its units.
+MAX_INFLIGHT = 64
+
 #: called with (ok, value, seconds, rank) when a unit's reply arrives.
 Callback = Callable[[bool, Any, float, int], None]
 
@@ -255,6 +258,9 @@ class Master:
             self.local = UnitRunner(0, 1, hosts[0], self._local_group, self._local_progress, self._local_cancelled)
         self._by_rank = {worker.rank: worker for worker in self.workers}
         self.depth = max(1, setting("PIPELINE", 2))
+        self.pipeline_seconds = setting("PIPELINE_SECONDS", 0.002)
+        self.inflight_limit = self.depth
+        self._message_seconds: float | None = None  # running mean of worker time per message
         self.outbox = mpi.Outbox(comm)
         self.calls = CallQueue()
         self.sources: list[Source] = [self.calls]
@@ -319,22 +325,14 @@ class Master:
                 return
             if progressed:
                 backoff.reset()
-                await asyncio.sleep(0)  # let tree walkers react to what arrived
             elif any(worker.inflight for worker in self.workers):
-                await self._nap(backoff.next_delay())
+                # Replies are due: poll again soon. time.sleep is precise to microseconds,
+                # where an asyncio timer would round up to the selector's millisecond.
+                backoff.sleep()
             else:
-                await self._nap(None)
-
-    async def _nap(self, seconds: float | None) -> None:
-        """Sleep until woken, or at most *seconds* when replies are awaited."""
-        if seconds is None:
-            await self._wakeup.wait()
-        else:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), seconds)
-            except asyncio.TimeoutError:
-                pass
-        self._wakeup.clear()
+                await self._wakeup.wait()  # nothing in flight: sleep until new work arrives
+                self._wakeup.clear()
+            await asyncio.sleep(0)  # let tree walkers and cross-thread calls run
 
     def _begin_stop(self) -> None:
         self._stopping = True
@@ -387,9 +385,9 @@ class Master:
 
     def _dispatch(self) -> bool:
         sent = self._start_gangs()
-        self.sources = [s for s in self.sources if not s.finished]
+        limit = self.inflight_limit
         for worker in self.workers:
-            while not worker.reserved and len(worker.inflight) < self.depth:
+            while not worker.reserved and len(worker.inflight) < limit:
                 unit = self._next_unit()
                 if unit is None:
                     return sent
@@ -401,10 +399,11 @@ class Master:
 
     def _next_unit(self) -> tuple[tuple, Callback] | None:
         for source in self.sources:
-            if not source.finished:
-                unit = source.next_unit(next(self._uids))
-                if unit is not None:
-                    return unit
+            unit = source.next_unit(next(self._uids))
+            if unit is not None:
+                return unit
+        if any(source.finished for source in self.sources):
+            self.sources = [source for source in self.sources if not source.finished]
         return None
 
     def _start_gangs(self) -> bool:
@@ -489,6 +488,8 @@ class Master:
         _, gang = worker.inflight.popleft()
         if gang:
             worker.reserved = False
+        else:
+            self._adapt_pipeline(sum(reply[3] for reply in replies))
         for uid, ok, value, seconds in replies:
             worker.busy_seconds += seconds
             worker.units_done += 1
@@ -502,6 +503,17 @@ class Master:
             if unit.replies_due == 0:
                 del self.pending[uid]
             unit.callback(ok, value, seconds, worker.rank)
+
+    def _adapt_pipeline(self, seconds: float) -> None:
+        """Keep about ``PYDRA_PIPELINE_SECONDS`` of work queued at each worker.
+
+        Long units need only ``PYDRA_PIPELINE`` messages in flight; tiny ones
+        need many, or the worker finishes before rank 0 can send the next.
+        """
+        mean = self._message_seconds
+        mean = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+        self._message_seconds = mean
+        self.inflight_limit = max(self.depth, min(MAX_INFLIGHT, int(self.pipeline_seconds / max(mean, 1e-6))))
 
     # -- rank 0 running units itself -------------------------------------------------------------
 

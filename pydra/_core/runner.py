@@ -54,19 +54,14 @@ class UnitRunner:
         if self.is_cancelled(uid):
             return (uid, False, None, 0.0)
         handler = self._handlers[op]
-        unit = context.UnitContext(
-            uid,
-            report_progress=lambda done, total, message: self.report_progress(uid, done, total, message),
-            is_cancelled=lambda: self.is_cancelled(uid),
-        )
+        previous = context.enter(_Unit(self, uid))
         started = time.perf_counter()
         try:
-            with context.running(unit):
-                value = handler(self, *command[1:])
+            value, ok = handler(self, *command[1:]), True
         except Exception as exc:
             value, ok = Failure.capture(exc, self.rank, self.size, self.host), False
-        else:
-            ok = True
+        finally:
+            context.enter(previous)
         self.units_done += 1
         return (uid, ok, value, time.perf_counter() - started)
 
@@ -117,3 +112,18 @@ class UnitRunner:
         protocol.MR_REDUCE: _mr_reduce,
         protocol.STOP: _stop,
     }
+
+
+class _Unit:
+    """The context of one running unit, as :mod:`pydra._core.context` describes it."""
+
+    __slots__ = ("runner", "uid")
+
+    def __init__(self, runner: UnitRunner, uid: int) -> None:
+        self.runner, self.uid = runner, uid
+
+    def report_progress(self, done: int, total: int | None, message: str | None) -> None:
+        self.runner.report_progress(self.uid, done, total, message)
+
+    def is_cancelled(self) -> bool:
+        return self.runner.is_cancelled(self.uid)

@@ -1,0 +1,132 @@
+"""No-op task throughput: Pydra against a raw mpi4py loop and mpi4py.futures, side by side.
+
+    python benchmarks/throughput.py                 # all variants, 3 ranks (2 workers)
+    python benchmarks/throughput.py --scale 0.2     # fewer tasks, quicker
+
+Every variant runs as its own ``mpiexec -n 3`` job of this same file and
+times only its task loop (not MPI start-up); the driver prints tasks/s and
+the ratios the project tracks:
+
+* raw mpi4py: rank 0 sends one task per message to each worker and waits for
+  the answer before sending that worker the next one (the hand-written limit);
+* Pydra ``Executor.map(chunksize=1)``: one task per message, pipelined;
+* Pydra ``Executor.map(chunksize=None)``: adaptive batching;
+* ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+RANKS = 3
+TASKS = {"raw": 200_000, "pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "mpi4py-futures": 20_000}
+
+
+def noop(x: int) -> int:
+    """The benchmarked task: as close to nothing as a Python call gets."""
+    return x
+
+
+def measure(variant: str, tasks: int) -> float:
+    """Run *tasks* no-op tasks with *variant* inside this MPI job; seconds on rank 0 (else -1)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if variant == "raw":
+        return _raw_loop(comm, tasks)
+    if variant == "mpi4py-futures":
+        from mpi4py.futures import MPIPoolExecutor
+
+        with MPIPoolExecutor() as executor:
+            started = time.perf_counter()
+            assert sum(executor.map(noop, range(tasks), chunksize=1)) == tasks * (tasks - 1) // 2
+            return time.perf_counter() - started
+    import pydra
+
+    chunksize = 1 if variant == "pydra-chunksize-1" else None
+    with pydra.Executor() as executor:
+        if executor is None:
+            return -1.0
+        started = time.perf_counter()
+        assert sum(executor.map(noop, range(tasks), chunksize=chunksize)) == tasks * (tasks - 1) // 2
+        return time.perf_counter() - started
+
+
+def _raw_loop(comm, tasks: int) -> float:
+    """The classic master/worker loop: one task per message, one message in flight per worker."""
+    from mpi4py import MPI
+
+    if comm.rank != 0:
+        while True:
+            task = comm.recv(source=0)
+            if task is None:
+                return -1.0
+            comm.send(noop(task), dest=0)
+    started = time.perf_counter()
+    next_task, total, status = 0, 0, MPI.Status()
+    for worker in range(1, comm.size):
+        comm.send(next_task, dest=worker)
+        next_task += 1
+    for _ in range(tasks):
+        total += comm.recv(source=MPI.ANY_SOURCE, status=status)
+        if next_task < tasks:
+            comm.send(next_task, dest=status.Get_source())
+            next_task += 1
+    elapsed = time.perf_counter() - started
+    for worker in range(1, comm.size):
+        comm.send(None, dest=worker)
+    assert total == tasks * (tasks - 1) // 2
+    return elapsed
+
+
+def drive(scale: float) -> None:
+    """Run every variant as its own MPI job and print the comparison."""
+    from pydra.launcher.mpiexec import find_mpiexec
+
+    mpiexec = find_mpiexec()
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    rates: dict[str, float] = {}
+    for variant, tasks in TASKS.items():
+        tasks = max(1000, int(tasks * scale))
+        program = [sys.executable]
+        if variant == "mpi4py-futures":
+            program += ["-m", "mpi4py.futures"]
+        program += [str(HERE), "--variant", variant, "--tasks", str(tasks)]
+        done = subprocess.run(
+            mpiexec.command(RANKS, program), capture_output=True, text=True, env=env, timeout=600
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            sys.exit(f"{variant} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        seconds = json.loads(lines[-1])["seconds"]
+        rates[variant] = tasks / seconds
+        print(f"{variant:>20}: {tasks:>9,} tasks in {seconds:7.3f} s = {rates[variant]:>12,.0f} tasks/s")
+    print(f"\n{mpiexec.implementation}, {RANKS} ranks (2 workers) on {os.cpu_count()} cores")
+    print(f"pydra chunksize=1 / raw mpi4py loop  = {rates['pydra-chunksize-1'] / rates['raw']:6.2f}x  (target >= 0.5)")
+    print(f"pydra chunksize=1 / mpi4py.futures   = {rates['pydra-chunksize-1'] / rates['mpi4py-futures']:6.2f}x  (target >= 10)")
+    print(f"pydra auto batching                  = {rates['pydra-auto']:,.0f} tasks/s  (target >= 1,000,000)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every task count by this")
+    parser.add_argument("--variant", choices=sorted(TASKS), help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant is None:
+        drive(args.scale)
+        return
+    seconds = measure(args.variant, args.tasks)
+    if seconds >= 0:
+        print(json.dumps({"variant": args.variant, "seconds": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
