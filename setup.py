@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pydra=pydra.cli:main",
+            "pydra-keygen=pydra.launcher.keys:keygen_main",
         ],
     },
     classifiers=[

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
     run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
     run.set_defaults(handler=_run)
+
+    keygen = commands.add_parser(
+        "keygen",
+        add_help=False,
+        help="make or inspect an Ed25519 identity key (like ssh-keygen; see pydra keygen --help)",
+    )
+    keygen.set_defaults(handler=_keygen)
     return parser
 
 
@@ -62,6 +69,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.ranks is not None:
         return batch.run_locally(args.ranks, _without_ranks(argv[argv.index("run") + 1 :]))
     return batch.run_job(args.target, args.inputs, args.output)
+
+
+def _keygen(args: argparse.Namespace, argv: list[str]) -> int:
+    from pydra.launcher.keys import keygen_main
+
+    return keygen_main(argv[1:])
 
 
 def _without_ranks(argv: list[str]) -> list[str]:
@@ -86,5 +99,7 @@ def _without_ranks(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pydra`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:  # keygen parses its own ssh-keygen style options
+        return _keygen(argparse.Namespace(), argv)
     args = build_parser().parse_args(argv)
     return args.handler(args, argv)
