@@ -15,8 +15,10 @@ A node agent (the responder) serves channels::
         request = await channel.recv_json()
         ...
 
-    server = await serve_channel("0.0.0.0", 7120, handle, identity=host_key, purpose="launch",
-                                 authorize_client=lambda key, address: authorize(key, address, "launch"))
+    server = await serve_channel(
+        "0.0.0.0", DEFAULT_AGENT_PORT, handle, identity=host_key, purpose="launch",
+        authorize_client=lambda key, address: authorize(key, address, role="launch"),
+    )
     async with server:
         await server.serve_forever()
 """
@@ -24,8 +26,10 @@ A node agent (the responder) serves channels::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -55,7 +59,9 @@ class ChannelClosed(ChannelError):
     """The peer closed the channel cleanly; `reason` is what it said."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(f"peer closed the channel: {reason}" if reason else "peer closed the channel")
+        super().__init__(
+            f"peer closed the channel: {reason}" if reason else "peer closed the channel"
+        )
         self.reason = reason
 
 
@@ -271,7 +277,5 @@ async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
 
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
-    try:
+    with contextlib.suppress(ConnectionError):  # the peer went first: closed either way
         await writer.wait_closed()
-    except ConnectionError:
-        pass  # the peer went first; closed either way

@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -219,9 +220,10 @@ class Connection:
         self._identity = identity
         self._check_peer = check_peer
         self._handshake = HandshakeState("NN", role is Role.INITIATOR, prologue(purpose))
-        # The transport ciphers exist once the Noise handshake is done.
-        self._send_cipher: CipherState | None = None
-        self._receive_cipher: CipherState | None = None
+        # The transport ciphers are set when the Noise handshake completes; until then using
+        # them is a bug, and an AttributeError says so loudly.
+        self._send_cipher: CipherState
+        self._receive_cipher: CipherState
         self._peer_key = b""
         self._authorization: object = None
         self._received = bytearray()
@@ -378,6 +380,7 @@ class Connection:
             return Established(self._peer_key, self._authorization)
         if kind is _FrameType.DATA:
             return Data(body)
+        # What is left is CLOSE.
         reason = _decode_reason(body)
         if self.state is State.AWAITING_ACCEPT:
             raise AuthenticationError(f"responder refused the channel: {reason}")
@@ -386,9 +389,10 @@ class Connection:
 
     def _on_auth(self, body: bytes) -> Established | None:
         peer = self.role.peer.value
-        if len(body) != _KEY_LENGTH + _SIGNATURE_LENGTH:
+        expected_length = _KEY_LENGTH + _SIGNATURE_LENGTH
+        if len(body) != expected_length:
             raise AuthenticationError(
-                f"{peer} auth frame has {len(body)} bytes, expected {_KEY_LENGTH + _SIGNATURE_LENGTH}"
+                f"{peer} auth frame has {len(body)} bytes, expected {expected_length}"
             )
         key, signature = body[:_KEY_LENGTH], body[_KEY_LENGTH:]
         signed = _AUTH_LABELS[self.role.peer] + self._handshake.handshake_hash
@@ -426,7 +430,9 @@ class Connection:
             raise UsageError(f"frame length {length} exceeds limit {self.max_frame_length}")
         header = length.to_bytes(_HEADER_LENGTH, "big")
         try:
-            self._outgoing += header + self._send_cipher.encrypt_with_ad(header, bytes([kind]) + body)
+            self._outgoing += header + self._send_cipher.encrypt_with_ad(
+                header, bytes([kind]) + body
+            )
         except NoiseError as error:
             raise ProtocolError(f"cannot send: {error}") from None
 

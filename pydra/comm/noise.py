@@ -139,7 +139,7 @@ class CipherState:
         return ciphertext
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
-        """Decrypt and authenticate `ciphertext`; on failure raise `DecryptError`, nonce unchanged."""
+        """Decrypt and authenticate `ciphertext`; raise `DecryptError` and keep the nonce if not."""
         if self._aead is None:
             return ciphertext
         try:
@@ -269,7 +269,7 @@ def _parse_messages(text: str) -> tuple[_Message, ...]:
     messages = []
     for part in filter(None, (part.strip() for part in text.split("|"))):
         arrow, _, tokens = part.partition(" ")
-        messages.append(_Message(arrow == "->", tuple(token.strip() for token in tokens.split(","))))
+        messages.append(_Message(arrow == "->", tuple(t.strip() for t in tokens.split(","))))
     return tuple(messages)
 
 
@@ -330,11 +330,16 @@ class HandshakeState:
         # The table lists the initiator's pre-message first, the order the spec hashes them in.
         for message in self._pattern.pre_messages:
             ours = message.from_initiator == initiator
-            self._symmetric.mix_hash(_public_bytes(self._s) if ours else self._rs)
+            self._symmetric.mix_hash(
+                _public_bytes(self._local_key("s")) if ours else self._remote_key("s")
+            )
 
     def _check_keys(self, pattern: str) -> None:
-        ours = [m for m in self._pattern.pre_messages + self._pattern.messages
-                if m.from_initiator == self.initiator]
+        ours = [
+            m
+            for m in self._pattern.pre_messages + self._pattern.messages
+            if m.from_initiator == self.initiator
+        ]
         if self._s is None and any("s" in m.tokens for m in ours):
             raise ValueError(f"pattern {pattern} needs this side's static key s")
         theirs = [m for m in self._pattern.pre_messages if m.from_initiator != self.initiator]
@@ -367,7 +372,7 @@ class HandshakeState:
                 message += public
                 self._symmetric.mix_hash(public)
             elif token == "s":
-                message += self._symmetric.encrypt_and_hash(_public_bytes(self._s))
+                message += self._symmetric.encrypt_and_hash(_public_bytes(self._local_key("s")))
             else:
                 self._symmetric.mix_key(self._dh(token))
         message += self._symmetric.encrypt_and_hash(payload)
@@ -418,11 +423,18 @@ class HandshakeState:
     def _dh(self, token: str) -> bytes:
         # A DH token names the initiator's key first: "es" is the initiator's ephemeral with
         # the responder's static, so the responder computes it as DH(s, re).
-        initiator_key, responder_key = token
-        local, remote = (initiator_key, responder_key) if self.initiator else (responder_key, initiator_key)
-        private = self._e if local == "e" else self._s
-        public = self._re if remote == "e" else self._rs
-        return _dh(private, public)
+        local, remote = (token[0], token[1]) if self.initiator else (token[1], token[0])
+        return _dh(self._local_key(local), self._remote_key(remote))
+
+    def _local_key(self, token: str) -> X25519PrivateKey:
+        key = self._e if token == "e" else self._s
+        assert key is not None, "the pattern uses keys only once they exist (see _check_keys)"
+        return key
+
+    def _remote_key(self, token: str) -> bytes:
+        key = self._re if token == "e" else self._rs
+        assert key is not None, "the pattern uses keys only once they exist (see _check_keys)"
+        return key
 
 
 def _take(data: bytes, length: int) -> tuple[bytes, bytes]:

@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from pydra.config import setting
+
 __all__ = [
     "HOST_KEY_NAME",
     "IDENTITY_NAME",
@@ -97,7 +99,7 @@ class UnsupportedKeyTypeError(ValueError):
 
 def pydra_home() -> Path:
     """Return Pydra's configuration directory: ``$PYDRA_HOME``, or ``~/.pydra``."""
-    return Path(os.environ.get("PYDRA_HOME") or "~/.pydra").expanduser()
+    return Path(setting("HOME", "~/.pydra")).expanduser()
 
 
 def identity_path() -> Path:
