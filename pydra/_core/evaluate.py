@@ -52,11 +52,12 @@ def run_chunks(master: Master, tid: int, items: Iterable[Any], chunksize: int | 
 async def map_reduce(master: Master, job: MapReduce, items: Iterable[Any]) -> dict:
     """Map *items* in chunks on the workers, then shuffle and reduce among the ranks holding pairs."""
     tid = master.define(job)
-    holders = await _stream(master, lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk), items, None, _ranks_used)
+    run = master.new_run_id()  # the same job may be running several times at once
+    holders = await _stream(master, lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run), items, None, _ranks_used)
     if not holders:
         return {}
     members = sorted(holders)
-    parts = await run_gang(master, lambda uid, ranks: (protocol.MR_REDUCE, uid, tid, ranks), len(members), members)
+    parts = await run_gang(master, lambda uid, ranks: (protocol.MR_REDUCE, uid, tid, ranks, run), len(members), members)
     merged: dict = {}
     for part in parts:
         merged.update(part)

@@ -22,6 +22,7 @@ import os
 import pickle
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -241,6 +242,8 @@ class GangRequest:
     callback: Callable[[list | None, BaseException | None], None]
     count: int
     members: list | None = None
+    #: workers held for this gang while it waits for the rest
+    held: list = field(default_factory=list)
 
 
 class Master:
@@ -273,7 +276,7 @@ class Master:
         self._definitions: dict[int, tuple[Any, bytes]] = {}  # tid -> (obj, its pickle)
         self._cancelled_local: set[int] = set()
         self._stopping = False
-        self._broken = False  # a gang failed: some of its members may never answer again
+        self._broken: str | None = None  # why a gang failed: some members may never answer again
         self.loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
@@ -354,6 +357,10 @@ class Master:
             self._tid_of[id(obj)] = tid
         return tid
 
+    def new_run_id(self) -> int:
+        """A fresh id for state that workers keep per run (a MapReduce's buffered pairs)."""
+        return next(self._tids)
+
     # -- submitting work (scheduler thread) ----------------------------------------------------
 
     def add_source(self, source: Source) -> None:
@@ -413,7 +420,10 @@ class Master:
             if gang.members is not None:
                 team = [self._by_rank[rank] for rank in gang.members]
             else:
-                team = [w for w in self.workers if not w.reserved and not w.inflight][: gang.count]
+                for worker in self.workers:
+                    if len(gang.held) < gang.count and worker not in gang.held and not worker.reserved and not worker.inflight:
+                        gang.held.append(worker)
+                team = gang.held
             for worker in team:
                 worker.reserved = True  # hold it: nothing else may start here meanwhile
             if len(team) < gang.count or any(worker.inflight for worker in team):
@@ -428,8 +438,9 @@ class Master:
                     return
                 if not ok:
                     results["failed"] = True
-                    self._broken = True
-                    gang.callback(None, value.to_exception(f"in a gang on ranks {members}"))
+                    error = value.to_exception(f"in a gang on ranks {members}")
+                    self._broken = "".join(traceback.format_exception(error))
+                    gang.callback(None, error)
                     return
                 results[rank] = value
                 if len(results) == len(members):
@@ -557,7 +568,7 @@ def _abort_after_grace(master: Master, seconds: float) -> None:
             if not any(worker.inflight for worker in master.workers):
                 return
             time.sleep(0.05)
-        os.write(2, b"pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n")
+        os.write(2, f"{master._broken}pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n".encode())
         master.comm.Abort(1)
 
     threading.Thread(target=watchdog, name="pydra-abort-watchdog", daemon=True).start()

@@ -14,13 +14,14 @@ dataclass costs several times more to pickle); their layouts:
 ``(CALL, uid, function, args, kwargs)``         reply ``function(*args, **kwargs)``
 ``(MAP, uid, tid, chunk, star)``                reply ``[f(*x) if star else f(x) for x in chunk]``
                                                 where ``f`` is definition *tid* (a Task's work)
-``(MR_MAP, uid, tid, chunk)``                   run MapReduce *tid*'s map (and combine) over
-                                                *chunk*, keep the pairs here, reply their count
+``(MR_MAP, uid, tid, chunk, run)``              run MapReduce *tid*'s map (and combine) over
+                                                *chunk*, keep the pairs here under *run* (one
+                                                run of the job), reply their count
 ``(GANG, uid, tid, members, args)``             with the other *members* (world ranks), run gang
                                                 task *tid*; gang rank 0 replies its result
-``(MR_REDUCE, uid, tid, members)``              with the other *members*: shuffle MapReduce
-                                                *tid*'s pairs (alltoallv), reduce this rank's
-                                                keys, reply them as a dict
+``(MR_REDUCE, uid, tid, members, run)``         with the other *members*: shuffle the pairs of
+                                                *run* (alltoallv), reduce this rank's keys,
+                                                reply them as a dict
 ``(STOP, uid)``                                 reply ``None`` and leave the serve loop
 ==============================================  =================================================
 

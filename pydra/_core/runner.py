@@ -76,10 +76,10 @@ class UnitRunner:
             function = function.work
         return list(starmap(function, chunk) if star else map(function, chunk))
 
-    def _mr_map(self, uid: int, tid: int, chunk: list) -> int:
-        buffer = self.buffers.get(tid)
+    def _mr_map(self, uid: int, tid: int, chunk: list, run: int) -> int:
+        buffer = self.buffers.get(run)
         if buffer is None:
-            buffer = self.buffers[tid] = MapBuffer(self.defined[tid])
+            buffer = self.buffers[run] = MapBuffer(self.defined[tid])
         return buffer.add(chunk)
 
     def _gang(self, uid: int, tid: int, members: list, args: tuple) -> Any:
@@ -93,8 +93,8 @@ class UnitRunner:
             task.comm = None
             comm.Free()
 
-    def _mr_reduce(self, uid: int, tid: int, members: list) -> dict:
-        buffer = self.buffers.pop(tid, None) or MapBuffer(self.defined[tid])
+    def _mr_reduce(self, uid: int, tid: int, members: list, run: int) -> dict:
+        buffer = self.buffers.pop(run, None) or MapBuffer(self.defined[tid])
         comm = self.make_group(members, uid)
         try:
             return shuffle_and_reduce(buffer, comm)

@@ -20,8 +20,10 @@ class OverItems(Task):
     items: Iterable[Any] | None = None
 
     def root_args(self, inputs: tuple) -> tuple:
-        # At the root, the run's inputs are the items themselves.
-        return (inputs,) if inputs else ()
+        # At the root, the run's inputs are the items themselves (maybe none at all).
+        if self.items is not None and not inputs:
+            return ()
+        return (inputs,)
 
     def items_for(self, args: tuple) -> Iterable[Any]:
         """The items to process when this node is called with *args*."""

@@ -7,7 +7,9 @@ exchange among those workers (:mod:`pydra.comm.shuffle`).
 
 from __future__ import annotations
 
+import numbers
 import pickle
+import struct
 import zlib
 from typing import Any, Hashable, Iterable, Iterator
 
@@ -68,10 +70,13 @@ def stable_hash(key: Hashable) -> int:
         return zlib.crc32(key.encode("utf-8", "surrogatepass"))
     if isinstance(key, bytes):
         return zlib.crc32(key)
-    if isinstance(key, int):  # bool included: True == 1 must land with 1
-        return key & 0xFFFFFFFF
-    if isinstance(key, float) and key.is_integer():
+    if isinstance(key, numbers.Integral):  # bool and numpy integers too: True == 1 == np.int64(1)
         return int(key) & 0xFFFFFFFF
+    if isinstance(key, numbers.Real):
+        value = float(key)
+        if value.is_integer():  # 2.0 == 2 must land with 2
+            return int(value) & 0xFFFFFFFF
+        return zlib.crc32(struct.pack("<d", value))
     if isinstance(key, tuple):
         combined = 0x345678
         for element in key:

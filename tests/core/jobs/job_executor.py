@@ -1,0 +1,202 @@
+"""pydra.Executor as a concurrent.futures.Executor; see tests/core/test_executor.py.
+
+    mpiexec -n 3 python tests/core/jobs/job_executor.py [CASE...]
+
+Each case opens its own ``with pydra.Executor() as ex`` on every rank; rank 0
+does the work and the case returns what rank 0 observed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import time
+from typing import Any, Callable
+
+from mpi4py import MPI
+
+import core_jobkit
+import core_workloads as w
+import pydra
+
+COMM = MPI.COMM_WORLD
+
+
+def session(body: Callable[[pydra.Executor], Any]) -> Any:
+    """Run *body(ex)* on rank 0 inside a session; None on the other ranks."""
+    with pydra.Executor() as ex:
+        if ex is not None:
+            return body(ex)
+    return None
+
+
+def fails_on_13(x):
+    if x == 13:
+        raise ValueError(f"item {x} is unlucky")
+    return x
+
+
+def rank_of(_=None):
+    return MPI.COMM_WORLD.rank
+
+
+def describe(exc: BaseException) -> dict:
+    return core_jobkit.describe(exc)
+
+
+def submit_result(ex):
+    futures = [ex.submit(pow, i, 2) for i in range(20)]
+    keyword = ex.submit(int, "ff", base=16)
+    return {"pow": [f.result(timeout=30) for f in futures], "keyword": keyword.result(timeout=30)}
+
+
+def futures_api(ex):
+    futures = {ex.submit(w.square, i): i for i in range(10)}
+    done = {futures[f]: f.result() for f in concurrent.futures.as_completed(futures, timeout=30)}
+    waited = concurrent.futures.wait(list(futures), timeout=30)
+    return {"done": done, "all_done": len(waited.done), "not_done": len(waited.not_done)}
+
+
+def workers_get_none():
+    with pydra.Executor() as ex:
+        mine = "executor" if isinstance(ex, pydra.Executor) else repr(ex)
+        if ex is not None:
+            ex.submit(abs, -1).result()
+    return COMM.gather(mine, root=0)
+
+
+def map_timeout(ex):
+    started = time.monotonic()
+    results = ex.map(time.sleep, [1.0], timeout=0.2)
+    try:
+        next(results)
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        outcome = type(exc).__name__
+    else:
+        outcome = "no exception"
+    return {"raised": outcome, "seconds": round(time.monotonic() - started, 2), "after": list(ex.map(w.inc, range(5)))}
+
+
+def submit_exception(ex):
+    future = ex.submit(fails_on_13, 13)
+    try:
+        future.result(timeout=30)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": describe(exc), "after": ex.submit(w.square, 12).result(timeout=30)}
+    return {"error": None}
+
+
+def map_exception(ex):
+    seen = []
+    try:
+        for value in ex.map(fails_on_13, range(30)):
+            seen.append(value)
+    except Exception as exc:  # noqa: BLE001
+        return {"seen": seen, "error": describe(exc), "after": list(ex.map(w.square, range(5)))}
+    return {"seen": seen, "error": None}
+
+
+class Counted:
+    """An endless generator that counts how many items were pulled from it."""
+
+    def __init__(self) -> None:
+        self.pulled = 0
+
+    def __iter__(self):
+        for i in itertools.count():
+            self.pulled = i + 1
+            yield i
+
+
+def endless(ex, chunksize):
+    source = Counted()
+    taken = []
+    for value in ex.map(w.square, source, chunksize=chunksize):
+        taken.append(value)
+        if len(taken) == 1000:
+            break
+    pulled_at_break = source.pulled
+    after = {
+        "map": list(ex.map(w.inc, range(100), chunksize=chunksize)),
+        "submit": ex.submit(w.double, 21).result(timeout=30),
+        "task": ex.submit_task(pydra.Parallel(w.square), *range(10)).result(timeout=30),
+    }
+    return {"taken_ok": taken == [i * i for i in range(1000)], "pulled": pulled_at_break, "after": after}
+
+
+def slow_consumer(ex):
+    """Take 10 results, then hold the iterator without reading for a while: how far did the input run ahead?"""
+    source = Counted()
+    results = ex.map(w.square, source, chunksize=None)
+    first = [next(results) for _ in range(10)]
+    time.sleep(1.0)
+    pulled = source.pulled
+    results.close()
+    return {"first": first, "pulled": pulled}
+
+
+def unpicklable_map(ex):
+    try:
+        value = list(ex.map(lambda x: x + 1, [1, 2], timeout=3))
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": type(exc).__name__, "message": str(exc)[:200], "after": ex.submit(abs, -3).result(timeout=30)}
+    return {"raised": None, "value": value}
+
+
+def submit_task(ex):
+    parallel = ex.submit_task(pydra.Parallel(w.square), *w.ITEMS)
+    sequence = ex.submit_task(pydra.Sequence(w.numbers, w.total), 10)
+    return {"parallel": parallel.result(timeout=30), "sequence": sequence.result(timeout=30)}
+
+
+def shutdown(ex):
+    first = ex.submit(w.square, 4)
+    ex.shutdown(wait=True)
+    try:
+        ex.submit(w.square, 5)
+    except RuntimeError as exc:
+        refused = str(exc)
+    else:
+        refused = None
+    return {"first": first.result(timeout=1), "done": first.done(), "refused": refused}
+
+
+def spread(ex):
+    """Two slow calls on two idle workers: do they run side by side on different ranks?"""
+
+    futures = [ex.submit(sleep_then_rank, 0.5) for _ in range(2)]
+    return sorted(f.result(timeout=30) for f in futures)
+
+
+def sleep_then_rank(seconds):
+    time.sleep(seconds)
+    return MPI.COMM_WORLD.rank
+
+
+CASES = {
+    "submit_result": lambda: session(submit_result),
+    "futures_api": lambda: session(futures_api),
+    "workers_get_none": workers_get_none,
+    "map_chunksize_1": lambda: session(lambda ex: list(ex.map(w.square, w.ITEMS))),
+    "map_chunksize_none": lambda: session(lambda ex: list(ex.map(w.square, range(5000), chunksize=None))),
+    "map_chunksize_7": lambda: session(lambda ex: list(ex.map(w.square, range(100), chunksize=7))),
+    "map_multiple_iterables": lambda: session(lambda ex: list(ex.map(pow, range(30), [2] * 25))),
+    "map_multiple_iterables_none": lambda: session(
+        lambda ex: list(ex.map(w.add_mul, range(3000), range(3, 4000), chunksize=None))
+    ),
+    "map_generator": lambda: session(lambda ex: list(ex.map(w.inc, (x for x in range(300))))),
+    "map_empty": lambda: session(lambda ex: list(ex.map(w.inc, []))),
+    "map_timeout": lambda: session(map_timeout),
+    "submit_exception": lambda: session(submit_exception),
+    "map_exception": lambda: session(map_exception),
+    "endless_chunksize_1": lambda: session(lambda ex: endless(ex, 1)),
+    "endless_chunksize_none": lambda: session(lambda ex: endless(ex, None)),
+    "slow_consumer": lambda: session(slow_consumer),
+    "submit_task": lambda: session(submit_task),
+    "shutdown": lambda: session(shutdown),
+    "unpicklable_map": lambda: session(unpicklable_map),
+    "spread": lambda: session(spread),
+}
+
+if __name__ == "__main__":
+    core_jobkit.main(CASES)

@@ -1,0 +1,177 @@
+"""pydra.Executor behaves as a concurrent.futures.Executor over the ranks, and no rank can hang the job.
+
+tests/core/jobs/job_executor.py runs every case in one job per rank count
+(in-process, 2 and 3 ranks): submit/result (with keyword arguments),
+as_completed/wait, map with chunksize 1, 7 and None and with several
+iterables (equal to builtin map, which stops at the shortest), map over a
+generator and over nothing, the map timeout, a worker's exception re-raised
+with its "Worker r of n on host" traceback as __cause__, workers getting None
+from ``with``, an endless generator consumed partially then abandoned with
+the session still usable, submit_task, shutdown, an unpicklable function, and
+two slow calls spreading over two idle workers.
+
+tests/core/jobs/job_abort.py: an uncaught exception on one rank, outside
+Pydra's own error handling, makes the job exit non-zero promptly instead of
+hanging.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mpijobs import IN_PROCESS, CaseCache, Finished, run_script, workers_of  # first: sys.path
+
+import core_workloads as w  # noqa: E402  (isort: skip)
+
+EXPECTED = {
+    "submit_result": {"pow": [i**2 for i in range(20)], "keyword": 255},
+    "map_chunksize_1": list(map(w.square, w.ITEMS)),
+    "map_chunksize_none": list(map(w.square, range(5000))),
+    "map_chunksize_7": list(map(w.square, range(100))),
+    "map_multiple_iterables": list(map(pow, range(30), [2] * 25)),
+    "map_multiple_iterables_none": list(map(w.add_mul, range(3000), range(3, 4000))),
+    "map_generator": list(map(w.inc, range(300))),
+    "map_empty": [],
+    "submit_task": {"parallel": [w.square(x) for x in w.ITEMS], "sequence": 55},
+    "shutdown": {"first": 16, "done": True, "refused": "cannot schedule new work after shutdown"},
+}
+
+CASES = [
+    *EXPECTED,
+    "futures_api",
+    "workers_get_none",
+    "map_timeout",
+    "submit_exception",
+    "map_exception",
+    "endless_chunksize_1",
+    "endless_chunksize_none",
+    "slow_consumer",
+    "unpicklable_map",
+    "spread",
+]
+executor_jobs = CaseCache("job_executor.py", CASES)
+
+RANKS = [
+    pytest.param(IN_PROCESS, id="in-process"),
+    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
+    pytest.param(3, id="3-ranks"),
+]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_results_equal_serial(case: str, ranks: int) -> None:
+    assert executor_jobs(ranks).ok(case) == EXPECTED[case]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_futures_work_with_concurrent_futures_helpers(ranks: int) -> None:
+    got = executor_jobs(ranks).ok("futures_api")
+    assert got == {"done": {i: i * i for i in range(10)}, "all_done": 10, "not_done": 0}
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_workers_get_none_from_with(ranks: int) -> None:
+    got = executor_jobs(ranks).ok("workers_get_none")
+    assert got == ["executor"] + ["None"] * (max(1, ranks) - 1)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_map_timeout_raises_timeout_error(ranks: int) -> None:
+    got = executor_jobs(ranks).ok("map_timeout")
+    assert got["raised"] == "TimeoutError"
+    assert got["after"] == [1, 2, 3, 4, 5]  # the session still works
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_submit_exception_has_worker_traceback(ranks: int) -> None:
+    got = executor_jobs(ranks).ok("submit_exception")
+    error = got["error"]
+    assert error is not None, "the future's result() did not raise"
+    assert (error["type"], error["message"]) == ("ValueError", "item 13 is unlucky")
+    assert error["cause_type"] == "RemoteTraceback"
+    size = max(1, ranks)
+    worker = 0 if ranks <= 1 else 1
+    assert error["cause"].lstrip("\n").startswith(f"Worker {worker} of {size} on ")
+    assert "fails_on_13" in error["cause"] and 'raise ValueError(f"item {x} is unlucky")' in error["cause"]
+    assert got["after"] == 144
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_map_exception_after_the_good_results(ranks: int) -> None:
+    got = executor_jobs(ranks).ok("map_exception")
+    assert got["seen"] == list(range(13))
+    assert got["error"]["type"] == "ValueError" and got["error"]["message"] == "item 13 is unlucky"
+    assert f" of {max(1, ranks)} on " in got["error"]["cause"]
+    assert got["after"] == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("chunksize", ["1", "none"])
+@pytest.mark.parametrize("ranks", RANKS)
+def test_endless_generator_abandoned_then_more_work(ranks: int, chunksize: str) -> None:
+    got = executor_jobs(ranks).ok(f"endless_chunksize_{chunksize}")
+    assert got["taken_ok"]
+    assert 1000 <= got["pulled"] < 5_000_000  # lazily pulled: never run away to the end of time
+    assert got["after"] == {
+        "map": [i + 1 for i in range(100)],
+        "submit": 42,
+        "task": [i * i for i in range(10)],
+    }
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_paused_reader_bounds_read_ahead(ranks: int) -> None:
+    """A reader that takes 10 results and pauses 1 s: rank 0 must not keep pulling (and buffering
+    the results of) millions of items it has no one to hand to."""
+    got = executor_jobs(ranks).ok("slow_consumer")
+    assert got["first"] == [i * i for i in range(10)]
+    assert got["pulled"] < 1_000_000, f"{got['pulled']} items pulled for 10 results read"
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_unpicklable_function_raises_instead_of_hanging(ranks: int) -> None:
+    """map(lambda ...) cannot ship the lambda: the caller must get that error, not wait forever
+    (the case uses timeout=3, so a hang shows up as TimeoutError)."""
+    got = executor_jobs(ranks).ok("unpicklable_map")
+    assert got["raised"] is not None and got["raised"] != "TimeoutError", got
+    assert "pickle" in got["message"].lower()
+    assert got["after"] == 3
+
+
+@pytest.mark.parametrize("ranks", [pytest.param(3, id="3-ranks")])
+def test_two_slow_calls_use_two_idle_workers(ranks: int) -> None:
+    """submit() twice with two idle workers: the calls run side by side, one per worker."""
+    assert executor_jobs(ranks).ok("spread") == list(range(1, workers_of(ranks) + 1))
+
+
+# -- an uncaught exception anywhere ends the job -------------------------------------------------
+
+ABORT_MODES = {
+    "after_block": "raised after the executor block",
+    "between_sessions": "raised between two sessions",
+    "worker_after_session": "raised in its own code after serving",
+    "rank0_inside_block": "rank 0 raised inside its with block",
+    "task_keyboard_interrupt": "interrupted in a task on item 1",
+    "task_thread_raises": "a task's thread crashed on item 1",
+    "task_sys_exit": "a task called sys.exit on item 1",
+}
+
+
+def _abort_job(mode: str) -> Finished:
+    return run_script(3, "job_abort.py", [mode], timeout=30)
+
+
+@pytest.mark.parametrize("mode", list(ABORT_MODES))
+def test_uncaught_exception_on_one_rank_ends_the_job(mode: str) -> None:
+    finished = _abort_job(mode)
+    assert "finished normally" not in finished.stdout
+    assert finished.returncode != 0, finished.stderr[-2000:]
+    assert ABORT_MODES[mode] in finished.stderr, finished.stderr[-2000:]
+
+
+@pytest.mark.smoke
+def test_uncaught_exception_after_block_ends_the_job_smoke() -> None:
+    finished = _abort_job("after_block")
+    assert "SESSION DONE" in finished.stdout  # the session itself completed
+    assert finished.returncode != 0
+    assert "rank 2 raised after the executor block" in finished.stderr

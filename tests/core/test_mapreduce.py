@@ -1,0 +1,226 @@
+"""MapReduce gives collections.Counter's answer on any number of ranks, and its parts are sound.
+
+Jobs (tests/core/jobs/job_mapreduce.py, one per rank count): word count over
+5,000 seeded random lines with and without a combiner, keys of mixed types
+(ints, str, tuples, frozensets, None), a combiner that returns partial
+(sum, count) pairs, enough pairs per rank to trigger the periodic combine,
+reduce seeing every value of its key exactly once, and equal keys of different
+types (1, 1.0, True; numpy scalars) reducing together.
+
+Unit tests, no MPI job: ``stable_hash`` is equal for equal keys and the same
+in processes with different PYTHONHASHSEED; ``MapBuffer`` maps, combines and
+partitions as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from typing import Any, Hashable
+
+import mpi4py
+import pytest
+
+from mpijobs import IN_PROCESS, CaseCache, run_process  # first: puts tests/core/jobs on sys.path
+
+import core_workloads as w  # noqa: E402  (isort: skip)
+
+# The pytest process is no MPI job: importing pydra.tasks must not initialise MPI here.
+mpi4py.rc.initialize = False
+mpi4py.rc.finalize = False
+
+from pydra.tasks import mapreduce  # noqa: E402
+from pydra.tasks.mapreduce import MapBuffer, MapReduce, stable_hash  # noqa: E402
+
+SEED, LINES = 20240611, 5000  # the same as in job_mapreduce.py
+
+EXPECTED = {
+    "wordcount_combine": lambda: w.word_count(w.text_lines(SEED, LINES)),
+    "wordcount_plain": lambda: w.word_count(w.text_lines(SEED, LINES)),
+    "wordcount_in_sequence": lambda: w.word_count(w.text_lines(SEED, LINES)),
+    "mixed_keys": lambda: w.mixed_reference(range(300)),
+    "mean_combiner": lambda: w.mean_reference(range(1000)),
+    "periodic_combine": lambda: {k: sum(1 for _ in range(8) for i in range(30000) if i % 97 == k) for k in range(97)},
+    "all_values_once": lambda: {k: [n for n in range(500) if n % 11 == k] for k in range(11)},
+    "equal_keys": lambda: {0: 300, 1: 300},
+    "numpy_keys": lambda: {k + half: 30 for k in range(20) for half in (0, 0.5)},
+}
+
+mapreduce_jobs = CaseCache("job_mapreduce.py", list(EXPECTED))
+
+RANKS = [
+    pytest.param(IN_PROCESS, id="in-process"),
+    pytest.param(1, id="1-rank"),
+    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
+    pytest.param(3, id="3-ranks"),
+    pytest.param(4, id="4-ranks"),
+]
+
+
+def test_generated_text_is_big_enough() -> None:
+    """The word count really is over several thousand lines with many distinct and repeated words."""
+    lines = w.text_lines(SEED, LINES)
+    counts = w.word_count(lines)
+    assert len(lines) == LINES
+    assert len(counts) > 500 and sum(counts.values()) > 40_000
+    assert max(counts.values()) > 1000
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_mapreduce_equals_serial(case: str, ranks: int) -> None:
+    got = mapreduce_jobs(ranks).ok(case)
+    expected = EXPECTED[case]()
+    if got != expected:
+        wrong = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+        extra = set(got) - set(expected)
+        pytest.fail(f"{case} on {ranks or 'in-process'} ranks: {len(wrong)} keys wrong {dict(list(wrong.items())[:8])}, extra keys {extra}")
+
+
+# -- stable_hash ---------------------------------------------------------------------------------
+
+KEYS: list[Hashable] = [
+    "",
+    "word",
+    "naïve ünïcödé ✓",
+    b"bytes\x00\xff",
+    0,
+    1,
+    -1,
+    2**70,
+    -(2**70) + 3,
+    2.5,
+    -0.125,
+    None,
+    ("a", 1, (2.0, "b")),
+    (),
+    frozenset({"x", "y", "z", "w"}),
+    frozenset({("t", 1), "s"}),
+    ("tuple", frozenset({"p", "q"})),
+]
+
+
+def test_stable_hash_equal_numbers_collide() -> None:
+    assert stable_hash(1) == stable_hash(1.0) == stable_hash(True)
+    assert stable_hash(0) == stable_hash(0.0) == stable_hash(-0.0) == stable_hash(False)
+    assert stable_hash(-3) == stable_hash(-3.0)
+    assert stable_hash(10**20) == stable_hash(1e20)
+    assert stable_hash((1, "a")) == stable_hash((1.0, "a")) == stable_hash((True, "a"))
+    assert stable_hash(frozenset({1, "a"})) == stable_hash(frozenset({1.0, "a"}))
+
+
+def test_stable_hash_distinguishes_and_is_an_unsigned_32_bit_int() -> None:
+    hashes = [stable_hash(key) for key in KEYS]
+    assert all(isinstance(h, int) and 0 <= h < 2**32 for h in hashes)
+    words = w.vocabulary(99, 2000)
+    assert len({stable_hash(word) for word in words}) >= len(set(words)) - 1  # crc32: collisions are rare
+    assert stable_hash(("a", "b")) != stable_hash(("b", "a"))
+    assert stable_hash(("a",)) != stable_hash("a")
+
+
+def test_stable_hash_ignores_frozenset_order() -> None:
+    items = [f"item{i}" for i in range(50)]
+    assert stable_hash(frozenset(items)) == stable_hash(frozenset(reversed(items)))
+
+
+_HASH_SCRIPT = """
+import json, sys
+import mpi4py
+mpi4py.rc.initialize = False
+mpi4py.rc.finalize = False
+from pydra.tasks.mapreduce import stable_hash
+print(json.dumps([stable_hash(key) for key in eval(sys.argv[1])]))
+"""
+
+
+@pytest.mark.parametrize("seed", ["0", "12345", "random"])
+def test_stable_hash_same_in_other_processes(seed: str) -> None:
+    """Python salts hash(str) per process; stable_hash must not vary with PYTHONHASHSEED."""
+    env = dict(os.environ, PYTHONHASHSEED=seed)
+    finished = run_process([sys.executable, "-c", _HASH_SCRIPT, repr(KEYS)], timeout=60, env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout) == [stable_hash(key) for key in KEYS]
+
+
+def test_stable_hash_numpy_scalars_like_python_numbers() -> None:
+    """numpy scalars are equal (and hash equal) to Python numbers, so they are the same dict key:
+    they must land in the same partition, or MapReduce splits one key across ranks."""
+    np = pytest.importorskip("numpy")
+    assert np.int64(7) == 7 and hash(np.int64(7)) == hash(7)
+    assert stable_hash(np.int64(7)) == stable_hash(7)
+    assert stable_hash(np.float64(2.5)) == stable_hash(2.5)
+    assert stable_hash(np.float64(3.0)) == stable_hash(3)
+
+
+# -- MapBuffer -----------------------------------------------------------------------------------
+
+
+class _Count(MapReduce):
+    def map(self, line: str):
+        for word in line.split():
+            yield word, 1
+
+    def combine(self, key: Any, values: list) -> int:
+        return sum(values)
+
+    def reduce(self, key: Any, values: list) -> int:
+        return sum(values)
+
+
+class _NoCombine(_Count):
+    combine = MapReduce.combine  # type: ignore[assignment]
+
+
+LINES_SMALL = ["a b a", "c a", "b b b d", "", "a"]
+
+
+def test_mapbuffer_add_counts_pairs_and_combine_folds() -> None:
+    job = _Count()
+    assert job.has_combine
+    buffer = MapBuffer(job)
+    assert buffer.add(LINES_SMALL) == 10
+    assert buffer.values == {"a": [1, 1, 1, 1], "b": [1, 1, 1, 1], "c": [1], "d": [1]}
+    buffer.combine()
+    assert buffer.values == {"a": [4], "b": [4], "c": [1], "d": [1]}
+    assert buffer.add(["a c"]) == 2
+    buffer.combine()
+    assert buffer.values == {"a": [5], "b": [4], "c": [2], "d": [1]}
+
+
+def test_mapbuffer_without_combine_keeps_every_value() -> None:
+    job = _NoCombine()
+    assert not job.has_combine
+    buffer = MapBuffer(job)
+    buffer.add(LINES_SMALL)
+    buffer.combine()
+    assert buffer.values["a"] == [1, 1, 1, 1] and buffer.values["b"] == [1, 1, 1, 1]
+
+
+def test_mapbuffer_combines_periodically(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank holding many pairs folds them as it goes, before the shuffle."""
+    monkeypatch.setattr(mapreduce, "_COMBINE_EVERY", 5)
+    buffer = MapBuffer(_Count())
+    buffer.add(["x x x"])
+    assert buffer.values == {"x": [1, 1, 1]}  # 3 pairs: below the threshold
+    buffer.add(["x x y"])  # 6 pairs since the last combine: fold
+    assert buffer.values == {"x": [5], "y": [1]}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_mapbuffer_partitions_split_by_stable_hash(count: int) -> None:
+    buffer = MapBuffer(_Count())
+    lines = w.text_lines(3, 200)
+    buffer.add(lines)
+    buffer.combine()
+    parts = buffer.partitions(count)
+    assert len(parts) == count
+    seen: dict = {}
+    for index, part in enumerate(parts):
+        for key, values in part.items():
+            assert stable_hash(key) % count == index
+            assert key not in seen
+            seen[key] = values
+    assert seen == buffer.values
+    assert {k: v[0] for k, v in seen.items()} == dict(Counter(word for line in lines for word in line.split()))
