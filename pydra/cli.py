@@ -31,12 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
             "on this host; alone, the whole tree runs in this one process."
         ),
         epilog=(
-            "TARGET is path/to/file.py:Name or package.module:Name, where Name is a Task subclass "
-            "(instantiated with no arguments), a Task instance, or a function returning a Task. "
-            "The INPUTs (strings) are the root's input: the arguments of work() for a Task, the items for "
-            "Parallel and MapReduce, the first child's input for a Sequence. "
+            "TARGET is path/to/file.py:Name or package.module:Name, where Name is a\n"
+            "Task subclass (instantiated with no arguments), a Task instance, or a\n"
+            "function returning a Task.\n\n"
+            "The INPUTs (strings) are the root's input: the arguments of work() for a\n"
+            "Task, the items for Parallel and MapReduce, the first child's input for a\n"
+            "Sequence.\n\n"
             "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("target", metavar="TARGET", help="the task to run, file.py:Name or module:Name")
     run.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")

@@ -18,6 +18,7 @@ from pydra._core import protocol
 from pydra._core.evaluate import evaluate
 from pydra._core.master import MAX_INFLIGHT, ChunkStream, Master
 from pydra._core.session import run_session
+from pydra.config import setting
 from pydra.tasks.base import as_task
 
 
@@ -105,10 +106,16 @@ class Executor(concurrent.futures.Executor):
         items = iterables[0] if len(iterables) == 1 else zip(*iterables)
         star = len(iterables) > 1
         feed = _OrderedFeed()
-        window = 2 * MAX_INFLIGHT * len(master.workers)  # chunks computed ahead of the reader
+        # Items computed ahead of the reader: enough to keep every worker's pipeline full.
+        window = max(4 * setting("MAX_BATCH", 65536), 2 * MAX_INFLIGHT * len(master.workers))
 
         def start() -> None:
-            tid = master.define(fn)
+            try:
+                tid = master.define(fn)
+            except Exception as exc:  # fn cannot be pickled: the caller hears it at the first next()
+                feed.fail(TypeError(f"cannot send {fn!r} to the workers: {exc}"))
+                feed.finish()
+                return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
             feed.stream = ChunkStream(
                 master, make_command, items, chunksize, feed.put, feed.fail, feed.finish, window=window
@@ -197,7 +204,8 @@ class _OrderedFeed:
                 index += len(chunks)
                 stream = self.stream
                 if stream is not None:
-                    stream.consumed = index  # read by the scheduler thread; an int store is atomic
+                    # Only this thread writes it; the scheduler thread reads it.
+                    stream.consumed += sum(map(len, chunks))
                     if stream.waiting_for_consumer:
                         master.call_soon(master.wake)
                 for chunk in chunks:

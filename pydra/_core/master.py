@@ -148,7 +148,7 @@ class ChunkStream(Source):
     *on_chunk(index, value, rank)* sees every successful chunk (in completion
     order), *on_failure(failure)* the first failure, after which the stream
     stops, and *on_done()* the end of a stream that did not fail. At most
-    *window* chunks are handed out ahead of ``consumed`` (for consumers that
+    *window* items are handed out ahead of ``consumed`` (for consumers that
     read results as they come).
     """
 
@@ -170,8 +170,9 @@ class ChunkStream(Source):
         self.sizer = BatchSizer(chunksize, max(1, len(master.workers)), total)
         self.on_chunk, self.on_failure, self.on_done = on_chunk, on_failure, on_done
         self.window = window
-        self.handed_out = 0
-        self.consumed = 0
+        self.handed_out = 0  # chunks
+        self.items_handed_out = 0
+        self.consumed = 0  # items, counted by the consumer
         self.outstanding: dict[int, int] = {}  # uid -> chunk length
         self.waiting_for_consumer = False
         self.exhausted = False
@@ -181,7 +182,7 @@ class ChunkStream(Source):
     def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
         if self.exhausted or self.failed:
             return None
-        self.waiting_for_consumer = self.window is not None and self.handed_out - self.consumed >= self.window
+        self.waiting_for_consumer = self.window is not None and self.items_handed_out - self.consumed >= self.window
         if self.waiting_for_consumer:
             return None
         try:
@@ -196,6 +197,7 @@ class ChunkStream(Source):
             return None
         index = self.handed_out
         self.handed_out += 1
+        self.items_handed_out += len(chunk)
         self.outstanding[uid] = len(chunk)
 
         def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
@@ -393,8 +395,10 @@ class Master:
     def _dispatch(self) -> bool:
         sent = self._start_gangs()
         limit = self.inflight_limit
-        for worker in self.workers:
-            while not worker.reserved and len(worker.inflight) < limit:
+        # Deal units one per worker per round, so idle workers are served before queues grow.
+        ready = [w for w in self.workers if not w.reserved and len(w.inflight) < limit]
+        while ready:
+            for worker in ready:
                 unit = self._next_unit()
                 if unit is None:
                     return sent
@@ -402,6 +406,7 @@ class Master:
                 self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
                 self._send(worker, [command], gang=False)
                 sent = True
+            ready = [w for w in ready if not w.reserved and len(w.inflight) < limit]
         return sent
 
     def _next_unit(self) -> tuple[tuple, Callback] | None:

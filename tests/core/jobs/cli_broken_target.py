@@ -1,0 +1,1 @@
+raise RuntimeError("this task file is broken")
