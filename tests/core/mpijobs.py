@@ -24,6 +24,8 @@ ROOT = HERE.parent.parent
 if str(JOBS) not in sys.path:  # the tests compute serial answers with core_workloads
     sys.path.insert(0, str(JOBS))
 
+import core_workloads as workloads  # noqa: E402, F401  (re-exported: the jobs' functions, for serial answers)
+
 
 def _load_root_conftest() -> Any:
     name = "_pydra_tests_root_conftest"

@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from mpijobs import JOBS, ROOT, Finished, mpi_environment, run_process, run_pydra
 
 EXAMPLES = ROOT / "examples"
@@ -127,7 +126,6 @@ def test_inputs_reach_the_root_as_strings(mode: str, tmp_path: Path) -> None:
     assert got == {"inputs": ["a", "b c", "", "3"], "count": 4}
 
 
-@pytest.mark.xfail(reason="known bug, see issue 2 note: INPUTs after -- and factories that raise are not handled yet", strict=False)
 @pytest.mark.parametrize("mode", MODES)
 def test_option_like_inputs_after_double_dash(mode: str, tmp_path: Path) -> None:
     """INPUTs after ``--`` are INPUTs even if they look like options (``-n 5`` is not a rank count)."""
@@ -165,20 +163,45 @@ BAD_TARGETS = {
 }
 
 
+def launcher_noise(line: str) -> bool:
+    """A line Open MPI's launcher (prterun/PMIx) adds when a rank exits non-zero: not Pydra's output."""
+    return (
+        line.startswith(("[", "--------", "prterun ", "   Process name:", "   Exit code:"))
+        or "PMIX" in line
+        or line.strip() in ("thus causing the job to be terminated. The first process to do so was:",)
+    )
+
+
+def pydra_stderr(finished: Finished) -> list[str]:
+    """The non-empty stderr lines, less what an MPI launcher adds around a non-zero exit."""
+    return [line for line in finished.stderr.splitlines() if line.strip() and not launcher_noise(line)]
+
+
 def assert_one_error_line(finished: Finished, fragment: str) -> None:
     lines = [line for line in finished.stderr.splitlines() if line.strip()]
     assert finished.returncode == 2, f"exit {finished.returncode}\n{finished.stderr[-2000:]}"
-    assert len(lines) == 1, finished.stderr[-2000:]
-    assert lines[0].startswith("pydra: error: "), lines[0]
+    assert lines and lines[0].startswith("pydra: error: "), finished.stderr[-2000:]
     assert fragment in lines[0], lines[0]
+    assert len(pydra_stderr(finished)) == 1, finished.stderr[-2000:]
+    assert "Traceback" not in finished.stderr
 
 
-@pytest.mark.xfail(reason="known bug, see issue 2 note: INPUTs after -- and factories that raise are not handled yet", strict=False)
+#: bad TARGETs not yet handled (issue 2 note): a factory raising anything but TypeError escapes
+#: as a traceback (exit 1), and under mpiexec the other ranks then wait forever in bcast.
+KNOWN_BAD_TARGET_BUGS = {
+    "factory-raises": pytest.mark.xfail(
+        strict=True, reason="known bug, see issue 2 note: a TARGET factory that raises is not reported as a TARGET error"
+    ),
+}
+
+
 @pytest.mark.parametrize("mode", ["in-process", "mpiexec-3"])
-@pytest.mark.parametrize("name", list(BAD_TARGETS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=KNOWN_BAD_TARGET_BUGS.get(name, ())) for name in BAD_TARGETS]
+)
 def test_bad_target_exits_2_with_one_line(name: str, mode: str) -> None:
     target, fragment = BAD_TARGETS[name]
-    finished = pydra_run(mode, [target, "in"], timeout=20)
+    finished = pydra_run(mode, [target, "in"], timeout=12)
     assert_one_error_line(finished, fragment)
     assert finished.stdout == ""
 
@@ -211,10 +234,10 @@ def test_failing_task_exits_1_with_worker_traceback(mode: str) -> None:
     assert finished.returncode == 1, finished.stderr[-2000:]
     err = finished.stderr
     assert "Worker " in err and f" of {size} on " in err
-    assert re.search(rf"^Worker \d+ of {size} on \S+$", err, re.M), err
+    assert re.search(rf"^Worker \d+ of {size} on \S+$", err, re.MULTILINE), err
     assert "ZeroDivisionError: user boom text for 'bad'" in err
     assert "cli_targets.py" in err and "Traceback" in err  # the remote traceback, with the user's frame
-    last = err.strip().splitlines()[-1]
+    last = pydra_stderr(finished)[-1]
     assert last.startswith(f"pydra: {TARGETS}:boom failed: ZeroDivisionError: user boom text for 'bad'"), last
     assert finished.stdout == ""
 

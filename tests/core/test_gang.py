@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from mpijobs import CaseCache, run_pydra
 
 CASES = [
@@ -26,9 +25,10 @@ CASES = [
     "after_too_many_ranks",
     "all_members_fail",
     "gang_ranks_2_in_parallel",
+    "solo_gangs_in_parallel",
 ]
 gang_jobs = CaseCache("job_gang.py", CASES)
-one_worker_jobs = CaseCache("job_gang.py", ["collectives_all_workers", "too_many_ranks"])
+one_worker_jobs = CaseCache("job_gang.py", ["collectives_all_workers", "too_many_ranks", "solo_gangs_in_parallel"])
 
 
 def expected_record(r: int, s: int, tag: int) -> dict[str, Any]:
@@ -99,6 +99,17 @@ def test_gang_ranks_2_inside_parallel(ranks: int) -> None:
     ]
     for gang in got:
         assert len(set(gang["members"])) == 2 and all(1 <= m < ranks for m in gang["members"])
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_gangs_of_one_inside_parallel(ranks: int) -> None:
+    """Several one-rank gangs start in the same scheduling pass; each gets its own result back."""
+    run = gang_jobs(ranks) if ranks > 2 else one_worker_jobs(ranks)
+    got = run.ok("solo_gangs_in_parallel")
+    assert [{k: v for k, v in g.items() if k != "world"} for g in got] == [
+        {"x": x, "size": 1, "sum": x} for x in [1, 2, 3, 4, 5, 6]
+    ]
+    assert all(1 <= g["world"] < ranks for g in got)
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])

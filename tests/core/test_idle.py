@@ -10,7 +10,6 @@ without sleeps would use ~5 s. The measured numbers are printed (-s).
 from __future__ import annotations
 
 import pytest
-
 from mpijobs import result_line, run_script
 
 IDLE_SECONDS = 5.0

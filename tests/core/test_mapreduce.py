@@ -18,21 +18,20 @@ import json
 import os
 import sys
 from collections import Counter
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import mpi4py
 import pytest
-
-from mpijobs import IN_PROCESS, CaseCache, run_process  # first: puts tests/core/jobs on sys.path
-
-import core_workloads as w  # noqa: E402  (isort: skip)
+from mpijobs import IN_PROCESS, CaseCache, run_process
+from mpijobs import workloads as w
 
 # The pytest process is no MPI job: importing pydra.tasks must not initialise MPI here.
 mpi4py.rc.initialize = False
 mpi4py.rc.finalize = False
 
-from pydra.tasks import mapreduce  # noqa: E402
-from pydra.tasks.mapreduce import MapBuffer, MapReduce, stable_hash  # noqa: E402
+from pydra.tasks import mapreduce
+from pydra.tasks.mapreduce import MapBuffer, MapReduce, stable_hash
 
 SEED, LINES = 20240611, 5000  # the same as in job_mapreduce.py
 

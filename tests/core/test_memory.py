@@ -12,10 +12,8 @@ results must be right. The measured numbers and times are printed (-s).
 from __future__ import annotations
 
 import pytest
-
-from mpijobs import result_line, run_script  # first: puts tests/core/jobs on sys.path
-
-import core_workloads as w  # noqa: E402  (isort: skip)
+from mpijobs import result_line, run_script
+from mpijobs import workloads as w
 
 COUNT = 10_000_000
 TIMEOUT = 300

@@ -12,7 +12,6 @@ loops see ``cancelled`` and return, so the whole run ends well under the cap.
 from __future__ import annotations
 
 import pytest
-
 from mpijobs import IN_PROCESS, CaseCache
 
 PROGRESS = ["progress_parallel", "progress_root_task", "progress_in_sequence", "progress_outside_a_run",

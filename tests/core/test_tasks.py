@@ -14,13 +14,12 @@ without breaking the runs after it.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
-from mpijobs import IN_PROCESS, CaseCache, workers_of  # first: puts tests/core/jobs on sys.path
-
-import core_workloads as w  # noqa: E402  (isort: skip)
+from mpijobs import IN_PROCESS, CaseCache, workers_of
+from mpijobs import workloads as w
 
 
 def _letter_counts(words: list[str]) -> dict[str, int]:
@@ -30,6 +29,20 @@ def _letter_counts(words: list[str]) -> dict[str, int]:
 def _gang(x: int, ranks: int) -> dict[str, Any]:
     size = workers_of(ranks)
     return {"x": x, "size": size, "sum": x * size * (size + 1) // 2}
+
+
+def _blob_digest(mib: int) -> list:
+    """What job_tasks.digest says about job_tasks.blob(mib): length, first and last byte."""
+    byte = f"{mib % 251:02x}"
+    return [mib << 20, byte, byte]
+
+
+def _split_sessions(ranks: int) -> list[tuple]:
+    """Sessions on the even and odd halves of COMM_WORLD: (color, size, squares of 10 or 20)."""
+    size = max(1, ranks)
+    if size == 1:
+        return [(0, 1, [w.square(x) for x in range(10)])]
+    return [(0, (size + 1) // 2, [w.square(x) for x in range(10)]), (1, size // 2, [w.square(x) for x in range(20)])]
 
 
 #: case name -> the serial answer, as a function of the number of ranks
@@ -64,6 +77,9 @@ EXPECTED: dict[str, Callable[[int], Any]] = {
     "empty_root_parallel": lambda r: [],
     "empty_root_mapreduce": lambda r: {},
     "after_failure": lambda r: [w.square(x) for x in w.ITEMS],
+    "large_results": lambda r: [_blob_digest(n) for n in (9, 17, 3, 12)],
+    "large_items": lambda r: [_blob_digest(n) for n in (11, 2, 15)],
+    "split_comm": lambda r: _split_sessions(r),
 }
 
 CASES = [*EXPECTED, "failure_in_parallel"]

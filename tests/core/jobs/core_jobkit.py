@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mpi4py import MPI
 
@@ -53,14 +54,14 @@ class Watchdog:
         self.name, self.seconds = name, seconds
         self.timer: threading.Timer | None = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         if COMM.rank == 0:
             self.timer = threading.Timer(self.seconds, self._fire)
             self.timer.daemon = True
             self.timer.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.timer is not None:
             self.timer.cancel()
 

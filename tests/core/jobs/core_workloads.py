@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from typing import Any, Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
 
 #: items for the Parallel cases: negatives, zero, enough to fill several chunks
 ITEMS: list[int] = list(range(-7, 33))

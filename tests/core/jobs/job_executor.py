@@ -11,12 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import time
-from typing import Any, Callable
-
-from mpi4py import MPI
+from collections.abc import Callable
+from typing import Any
 
 import core_jobkit
 import core_workloads as w
+from mpi4py import MPI
+
 import pydra
 
 COMM = MPI.COMM_WORLD
@@ -34,6 +35,13 @@ def fails_on_13(x):
     if x == 13:
         raise ValueError(f"item {x} is unlucky")
     return x
+
+
+def fails_on_13_slow_12(x):
+    """Item 12 takes a while, item 13 fails at once: on two workers 13's failure comes back first."""
+    if x == 12:
+        time.sleep(0.3)
+    return fails_on_13(x)
 
 
 def rank_of(_=None):
@@ -89,7 +97,7 @@ def submit_exception(ex):
 def map_exception(ex):
     seen = []
     try:
-        for value in ex.map(fails_on_13, range(30)):
+        for value in ex.map(fails_on_13_slow_12, range(30)):
             seen.append(value)
     except Exception as exc:  # noqa: BLE001
         return {"seen": seen, "error": describe(exc), "after": list(ex.map(w.square, range(5)))}
@@ -173,6 +181,78 @@ def sleep_then_rank(seconds):
     return MPI.COMM_WORLD.rank
 
 
+class TwoArgumentError(Exception):
+    """A common pattern that pickles but does not unpickle: __init__ needs two arguments."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"code {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+def raise_two_argument_error(x):
+    raise TwoArgumentError(x, "two-argument exception")
+
+
+def _refuse_to_load():
+    raise RuntimeError("this object cannot be unpickled")
+
+
+class Unloadable:
+    """Pickles fine, fails when unpickled (on rank 0)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def make_unloadable(_x):
+    return Unloadable()
+
+
+def make_generator(_x):
+    return (i for i in range(3))
+
+
+def outcome_of(future) -> dict:
+    try:
+        value = future.result(timeout=30)
+    except Exception as exc:  # noqa: BLE001
+        return {"raised": type(exc).__name__, "message": str(exc)[:300],
+                "cause": str(exc.__cause__)[:300] if exc.__cause__ is not None else ""}
+    return {"raised": None, "value_type": type(value).__name__}
+
+
+def unpicklable_exception(ex):
+    """A task raising an exception that cannot be rebuilt on rank 0: the caller still gets an error."""
+    return {"outcome": outcome_of(ex.submit(raise_two_argument_error, 7)), "after": ex.submit(w.square, 9).result(timeout=30)}
+
+
+def unloadable_result(ex):
+    return {"outcome": outcome_of(ex.submit(make_unloadable, 1)), "after": ex.submit(w.square, 8).result(timeout=30)}
+
+
+def unpicklable_result(ex):
+    return {"outcome": outcome_of(ex.submit(make_generator, 1)), "after": ex.submit(w.square, 7).result(timeout=30)}
+
+
+def submit_from_threads(ex):
+    """Executors are thread-safe: four threads submit and map at once."""
+    import threading
+
+    results: dict = {}
+
+    def client(k):
+        futures = [ex.submit(w.add_mul, k, i) for i in range(50)]
+        mapped = list(ex.map(w.add_mul, [k] * 50, range(50)))
+        results[k] = [f.result(timeout=60) for f in futures] == mapped == [w.add_mul(k, i) for i in range(50)]
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
 CASES = {
     "submit_result": lambda: session(submit_result),
     "futures_api": lambda: session(futures_api),
@@ -196,6 +276,10 @@ CASES = {
     "shutdown": lambda: session(shutdown),
     "unpicklable_map": lambda: session(unpicklable_map),
     "spread": lambda: session(spread),
+    "submit_from_threads": lambda: session(submit_from_threads),
+    "unpicklable_result": lambda: session(unpicklable_result),
+    "unpicklable_exception": lambda: session(unpicklable_exception),
+    "unloadable_result": lambda: session(unloadable_result),
 }
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ every member against a serial computation.
 
 from __future__ import annotations
 
+import core_jobkit
 import numpy as np
 from mpi4py import MPI
 
-import core_jobkit
 import pydra
 
 
@@ -76,6 +76,15 @@ class Pair(pydra.GangTask):
         return {"x": x, "size": comm.size, "members": comm.allgather(MPI.COMM_WORLD.rank), "sum": comm.allreduce(x)}
 
 
+class Solo(pydra.GangTask):
+    """Gangs of one: several start in the same scheduling pass."""
+
+    ranks = 1
+
+    def work(self, x):
+        return {"x": x, "size": self.comm.size, "world": MPI.COMM_WORLD.rank, "sum": self.comm.allreduce(x)}
+
+
 class TooBig(pydra.GangTask):
     ranks = MPI.COMM_WORLD.size + 1  # more than any job's workers
 
@@ -93,6 +102,7 @@ CASES = {
     "collectives_ranks_2": lambda: pydra.run(PairCollectives(), 8),
     "gang_ranks_2_root": lambda: pydra.run(Pair(), 5),
     "gang_ranks_2_in_parallel": lambda: pydra.run(pydra.Parallel(Pair(), [1, 2, 3, 4, 5])),
+    "solo_gangs_in_parallel": lambda: pydra.run(pydra.Parallel(Solo(), [1, 2, 3, 4, 5, 6])),
     "too_many_ranks": lambda: pydra.run(TooBig()),
     "after_too_many_ranks": lambda: pydra.run(Collectives(), 9),
     "all_members_fail": lambda: pydra.run(AllFail(), "x"),

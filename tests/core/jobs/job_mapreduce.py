@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import core_jobkit
 import core_workloads as w
+import numpy as np
+
 import pydra
 
 SEED, LINES = 20240611, 5000

@@ -15,9 +15,9 @@ import resource
 import sys
 import time
 
+import core_workloads as w
 from mpi4py import MPI
 
-import core_workloads as w
 import pydra
 
 

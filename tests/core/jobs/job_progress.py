@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
+import core_jobkit
 from mpi4py import MPI
 
-import core_jobkit
 import pydra
 
 #: a looping task gives up after this long even if never cancelled

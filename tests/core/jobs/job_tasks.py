@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from mpi4py import MPI
-
 import core_jobkit
 import core_workloads as w
+from mpi4py import MPI
+
 import pydra
 
 
@@ -112,6 +112,45 @@ def run(task, *inputs):
     return pydra.run(task, *inputs)
 
 
+MIB = 1 << 20
+
+
+def blob(mib):
+    """A big result: *mib* MiB of bytes whose content depends on the size."""
+    return bytes([mib % 251]) * (mib * MIB)
+
+
+def digest(data):
+    return [len(data), data[:1].hex(), data[-1:].hex()]
+
+
+def large_results():
+    """Multi-MiB results from the workers (a worker's big send must not block rank 0 or it)."""
+    results = run(pydra.Parallel(blob, [9, 17, 3, 12]))
+    return None if results is None else [digest(r) for r in results]
+
+
+def large_items():
+    """Multi-MiB items to the workers."""
+    return run(pydra.Parallel(digest, [blob(n) for n in (11, 2, 15)]))
+
+
+def split_comm():
+    """Two sessions side by side on the two halves of COMM_WORLD (pydra.run's comm argument)."""
+    world = MPI.COMM_WORLD
+    color = world.rank % 2 if world.size > 1 else 0
+    sub = world.Split(color, world.rank)
+    try:
+        result = pydra.run(pydra.Parallel(w.square, range(10 * (color + 1))), comm=sub)
+    finally:
+        size = sub.size
+        sub.Free()
+    reports = world.gather((color, size, result) if result is not None else None, root=0)
+    if world.rank == 0:
+        return sorted(r for r in reports if r is not None)
+    return None
+
+
 CASES = {
     "task_root": lambda: run(AddMul(), 6, 7),
     "task_class_root": lambda: run(pydra.Parallel(Square), *w.ITEMS),
@@ -154,6 +193,9 @@ CASES = {
     "empty_root_mapreduce": lambda: run(LetterCount()),
     "failure_in_parallel": lambda: run(pydra.Parallel(FailsOn(13), w.ITEMS)),
     "after_failure": lambda: run(pydra.Parallel(w.square, w.ITEMS)),
+    "large_results": large_results,
+    "large_items": large_items,
+    "split_comm": split_comm,
 }
 
 if __name__ == "__main__":
