@@ -45,9 +45,11 @@ def run_job(target: str, inputs: list[str], output: str | None) -> int:
     from mpi4py import MPI
 
     from pydra import target as targets
+    from pydra._core.session import abort_on_uncaught_exceptions
     from pydra.executor import run
 
     comm = MPI.COMM_WORLD
+    abort_on_uncaught_exceptions(comm)  # from here on, no rank may leave the others waiting
     root = None
     spec = None
     if comm.rank == 0:

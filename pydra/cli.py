@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from pydra import batch
 
     if args.ranks is not None:
-        return batch.run_locally(args.ranks, _without_ranks(argv[argv.index("run") + 1 :]))
+        return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
     return batch.run_job(args.target, args.inputs, args.output)
 
 
@@ -104,5 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keygen"]:  # keygen parses its own ssh-keygen style options
         return _keygen(argparse.Namespace(), argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    command = _subparsers(parser).get(argv[0]) if argv else None
+    if command is None:  # --help, --version, or a mistake argparse explains
+        args = parser.parse_args(argv)
+    else:
+        # Options may come anywhere among the positionals: `run TARGET --output X IN1 IN2`.
+        args = command.parse_intermixed_args(argv[1:])
     return args.handler(args, argv)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}

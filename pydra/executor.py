@@ -113,8 +113,7 @@ class Executor(concurrent.futures.Executor):
             try:
                 tid = master.define(fn)
             except Exception as exc:  # fn cannot be pickled: the caller hears it at the first next()
-                feed.fail(TypeError(f"cannot send {fn!r} to the workers: {exc}"))
-                feed.finish()
+                feed.fail(TypeError(f"cannot send {fn!r} to the workers: {exc}"), 0)
                 return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
             feed.stream = ChunkStream(
@@ -159,6 +158,7 @@ class _OrderedFeed:
         self._chunks: dict[int, list] = {}
         self._failure: BaseException | None = None
         self._finished = False
+        self._failed_at = 0  # index of the failed chunk: the reader gets every chunk before it
         self._awaited = 0  # the chunk the reader waits for: only its arrival wakes the reader
 
     def put(self, index: int, values: list, rank: int) -> None:
@@ -167,9 +167,10 @@ class _OrderedFeed:
             if index == self._awaited:
                 self._ready.notify()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, index: int) -> None:
         with self._ready:
-            self._failure = error
+            if self._failure is None or index < self._failed_at:
+                self._failure, self._failed_at = error, index
             self._ready.notify()
 
     def finish(self) -> None:
@@ -182,7 +183,7 @@ class _OrderedFeed:
         with self._ready:
             self._awaited = index
             while index not in self._chunks:
-                if self._failure is not None:
+                if self._failure is not None and index >= self._failed_at:
                     raise self._failure
                 if self._finished:
                     return []

@@ -9,6 +9,7 @@ find their way home.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from dataclasses import dataclass
@@ -96,9 +97,15 @@ def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:
 
 def _build(spec: TargetSpec, factory: Any) -> Any:
     try:
-        return factory()
+        inspect.signature(factory).bind()
     except TypeError as exc:
         raise TargetError(f"cannot call {spec.text} with no arguments: {exc}") from None
+    except ValueError:  # no signature to inspect (some builtins): just try
+        pass
+    try:
+        return factory()
+    except Exception as exc:
+        raise TargetError(f"{spec.text}() raised {type(exc).__name__}: {exc}") from exc
 
 
 def _module_name(path: Path) -> str:

@@ -141,7 +141,8 @@ def _stream(master: Master, make_command: Callable, items: Iterable[Any], chunks
     future = master.loop.create_future()
     on_chunk, finish = collector()
 
-    def on_failure(error: BaseException) -> None:
+    def on_failure(error: BaseException, index: int) -> None:
+        stream.abandon()  # a tree node fails whole: the chunks before the failure are not wanted either
         if not future.done():
             future.set_exception(error)
 
@@ -149,5 +150,6 @@ def _stream(master: Master, make_command: Callable, items: Iterable[Any], chunks
         if not future.done():
             future.set_result(finish())
 
-    master.add_source(ChunkStream(master, make_command, items, chunksize, on_chunk, on_failure, on_done))
+    stream = ChunkStream(master, make_command, items, chunksize, on_chunk, on_failure, on_done)
+    master.add_source(stream)
     return future

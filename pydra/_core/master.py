@@ -146,8 +146,11 @@ class ChunkStream(Source):
     """Cuts an iterable of items into chunks, one unit each, and reports results in order.
 
     *on_chunk(index, value, rank)* sees every successful chunk (in completion
-    order), *on_failure(failure)* the first failure, after which the stream
-    stops, and *on_done()* the end of a stream that did not fail. At most
+    order) and *on_done()* the end of a stream that did not fail.
+    *on_failure(error, index)* hears of a failed chunk: the stream hands out
+    nothing more and cancels the chunks after it, but the chunks before it
+    still report, so a reader gets every result up to the failure (a chunk
+    failing earlier than one already reported is reported too). At most
     *window* items are handed out ahead of ``consumed`` (for consumers that
     read results as they come).
     """
@@ -159,7 +162,7 @@ class ChunkStream(Source):
         items: Iterable[Any],
         chunksize: int | None,
         on_chunk: Callable[[int, Any, int], None],
-        on_failure: Callable[[BaseException], None],
+        on_failure: Callable[[BaseException, int], None],
         on_done: Callable[[], None],
         window: int | None = None,
     ) -> None:
@@ -173,14 +176,15 @@ class ChunkStream(Source):
         self.handed_out = 0  # chunks
         self.items_handed_out = 0
         self.consumed = 0  # items, counted by the consumer
-        self.outstanding: dict[int, int] = {}  # uid -> chunk length
+        self.outstanding: dict[int, int] = {}  # uid -> chunk index
         self.waiting_for_consumer = False
         self.exhausted = False
-        self.failed = False
+        self.failed_at: int | None = None  # index of the earliest failed chunk
+        self.abandoned = False
         self.items_done = 0
 
     def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
-        if self.exhausted or self.failed:
+        if self.finished:
             return None
         self.waiting_for_consumer = self.window is not None and self.items_handed_out - self.consumed >= self.window
         if self.waiting_for_consumer:
@@ -189,7 +193,7 @@ class ChunkStream(Source):
             chunk = list(itertools.islice(self.items, self.sizer.next_size()))
         except Exception as exc:
             exc.add_note("raised while rank 0 pulled the next items")
-            self._fail(exc)
+            self._fail(exc, self.handed_out)
             return None
         if not chunk:
             self.exhausted = True
@@ -198,14 +202,15 @@ class ChunkStream(Source):
         index = self.handed_out
         self.handed_out += 1
         self.items_handed_out += len(chunk)
-        self.outstanding[uid] = len(chunk)
+        self.outstanding[uid] = index
+        count = len(chunk)
 
         def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
-            count = self.outstanding.pop(uid)
-            if self.failed:
+            del self.outstanding[uid]
+            if self.abandoned or (self.failed_at is not None and index > self.failed_at):
                 return
             if not ok:
-                self._fail(value.to_exception(f"in chunk {index} ({count} items) on rank {rank}"))
+                self._fail(value.to_exception(f"in chunk {index} ({count} items) on rank {rank}"), index)
                 return
             self.items_done += count
             self.sizer.observe(count, seconds)
@@ -216,19 +221,22 @@ class ChunkStream(Source):
 
     @property
     def finished(self) -> bool:
-        return self.failed or (self.exhausted and not self.outstanding)
+        return self.abandoned or self.failed_at is not None or (self.exhausted and not self.outstanding)
 
     def _check_done(self) -> None:
-        if self.exhausted and not self.outstanding:
+        if self.exhausted and not self.outstanding and self.failed_at is None:
             self.on_done()
 
-    def _fail(self, exc: BaseException) -> None:
-        self.abandon()
-        self.on_failure(exc)
+    def _fail(self, error: BaseException, index: int) -> None:
+        if self.failed_at is not None and index > self.failed_at:
+            return
+        self.failed_at = index
+        self.master.cancel([uid for uid, later in self.outstanding.items() if later > index])
+        self.on_failure(error, index)
 
     def abandon(self) -> None:
         """Hand out nothing more and cancel the chunks still out (the results are not wanted)."""
-        self.failed = True
+        self.abandoned = True
         self.master.cancel(list(self.outstanding))
 
 
@@ -436,27 +444,33 @@ class Master:
             self.gangs.popleft()
             members = sorted(worker.rank for worker in team)
             uid = next(self._uids)
-            results: dict[int, Any] = {}
-
-            def callback(ok: bool, value: Any, seconds: float, rank: int, gang=gang, results=results) -> None:
-                if results.get("failed"):
-                    return
-                if not ok:
-                    results["failed"] = True
-                    error = value.to_exception(f"in a gang on ranks {members}")
-                    self._broken = "".join(traceback.format_exception(error))
-                    gang.callback(None, error)
-                    return
-                results[rank] = value
-                if len(results) == len(members):
-                    gang.callback([results[rank] for rank in members], None)
-
-            self.pending[uid] = PendingUnit(callback, members, len(members))
+            self.pending[uid] = PendingUnit(self._gang_callback(gang, members), members, len(members))
             command = gang.make_command(uid, members)
             for worker in team:
                 self._send(worker, [command], gang=True)
             started = True
         return started
+
+    def _gang_callback(self, gang: GangRequest, members: list) -> Callback:
+        """Collects the members' replies; the gang's result is them all, in member order."""
+        results: dict[int, Any] = {}
+        failed = False
+
+        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
+            nonlocal failed
+            if failed:
+                return
+            if not ok:
+                failed = True
+                error = value.to_exception(f"in a gang on ranks {members}")
+                self._broken = "".join(traceback.format_exception(error))
+                gang.callback(None, error)
+                return
+            results[rank] = value
+            if len(results) == len(members):
+                gang.callback([results[rank] for rank in members], None)
+
+        return callback
 
     def _send(self, worker: WorkerState, commands: list[tuple], gang: bool) -> None:
         for command in commands:
@@ -494,11 +508,21 @@ class Master:
         while (message := mpi.try_receive(self.comm)) is not None:
             got = True
             if message.tag == mpi.TAG_REPLIES:
-                self._handle_replies(self._by_rank[message.source], pickle.loads(message.payload))
+                worker = self._by_rank[message.source]
+                replies = [self._unpack(worker, *reply) for reply in pickle.loads(message.payload)]
+                self._handle_replies(worker, replies)
             elif message.tag == mpi.TAG_PROGRESS:
                 uid, done, total, text = pickle.loads(message.payload)
                 self.progress[uid] = (message.source, done, total, text)
         return got
+
+    def _unpack(self, worker: WorkerState, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
+        """A reply with its value unpickled, or a failure saying why that is impossible here."""
+        try:
+            return (uid, ok, pickle.loads(blob), seconds)
+        except Exception as exc:
+            error = TypeError(f"a result from rank {worker.rank} cannot be unpickled on rank 0: {exc!r}")
+            return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds)
 
     def _handle_replies(self, worker: WorkerState, replies: list[tuple]) -> None:
         _, gang = worker.inflight.popleft()

@@ -60,12 +60,20 @@ class Failure:
 
     @classmethod
     def capture(cls, exception: BaseException, rank: int, size: int, host: str) -> "Failure":
-        """Record *exception*, replaced by a RuntimeError with its text if it cannot be pickled."""
+        """Record *exception* for rank 0.
+
+        It is replaced by a RuntimeError carrying its text when it would not
+        survive the trip (many exception classes pickle but cannot be rebuilt
+        from their args), and when it is not an ``Exception`` at all: a task's
+        ``sys.exit()`` must fail that task, not end rank 0.
+        """
         text = "".join(traceback.format_exception(exception))
+        if not isinstance(exception, Exception):
+            exception = RuntimeError(f"the task raised {type(exception).__name__}({exception})")
         try:
-            pickle.dumps(exception)
+            pickle.loads(pickle.dumps(exception))
         except Exception:
-            exception = RuntimeError(f"{type(exception).__name__}: {exception} (unpicklable, sent as text)")
+            exception = RuntimeError(f"{type(exception).__name__}: {exception} (cannot be rebuilt here, sent as text)")
         return cls(exception, text, rank, size, host)
 
     def to_exception(self, note: str | None = None) -> BaseException:

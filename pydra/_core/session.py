@@ -30,7 +30,7 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     """Collective: on rank 0 start and return the master; elsewhere serve it, then return None."""
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
-    _abort_on_uncaught_exceptions(comm)
+    abort_on_uncaught_exceptions(comm)
     hosts = comm.gather(host_name(), root=0)
     if comm.rank != 0:
         WorkerLoop(comm, host_name()).serve()
@@ -43,7 +43,7 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
 _installed = False
 
 
-def _abort_on_uncaught_exceptions(comm: MPI.Intracomm) -> None:
+def abort_on_uncaught_exceptions(comm: MPI.Intracomm) -> None:
     """Make an uncaught exception on any thread of this rank abort the MPI job."""
     global _installed
     if _installed or comm.size == 1:

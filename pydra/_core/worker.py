@@ -45,20 +45,15 @@ class WorkerLoop:
                 return
 
     def _pack(self, replies: list[tuple]) -> bytes:
-        try:
-            return mpi.dumps(replies)
-        except Exception:
-            return mpi.dumps([self._picklable(reply) for reply in replies])
+        """The TAG_REPLIES payload: each value pickled on its own, so one bad value spoils one reply."""
+        return mpi.dumps([self._pack_reply(*reply) for reply in replies])
 
-    def _picklable(self, reply: tuple) -> tuple:
-        """*reply*, or a failure saying why its value could not be sent."""
+    def _pack_reply(self, uid: int, ok: bool, value: object, seconds: float) -> tuple:
         try:
-            mpi.dumps(reply)
-            return reply
+            return (uid, ok, mpi.dumps(value), seconds)
         except Exception as exc:
-            uid, _, value, seconds = reply
             error = TypeError(f"result of type {type(value).__name__} cannot be pickled: {exc}")
-            return (uid, False, protocol.Failure.capture(error, *self._where()), seconds)
+            return (uid, False, mpi.dumps(protocol.Failure.capture(error, *self._where())), seconds)
 
     def _where(self) -> tuple[int, int, str]:
         return self.runner.rank, self.runner.size, self.runner.host

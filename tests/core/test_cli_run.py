@@ -186,18 +186,9 @@ def assert_one_error_line(finished: Finished, fragment: str) -> None:
     assert "Traceback" not in finished.stderr
 
 
-#: bad TARGETs not yet handled (issue 2 note): a factory raising anything but TypeError escapes
-#: as a traceback (exit 1), and under mpiexec the other ranks then wait forever in bcast.
-KNOWN_BAD_TARGET_BUGS = {
-    "factory-raises": pytest.mark.xfail(
-        strict=True, reason="known bug, see issue 2 note: a TARGET factory that raises is not reported as a TARGET error"
-    ),
-}
-
-
 @pytest.mark.parametrize("mode", ["in-process", "mpiexec-3"])
 @pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=KNOWN_BAD_TARGET_BUGS.get(name, ())) for name in BAD_TARGETS]
+    "name", list(BAD_TARGETS)
 )
 def test_bad_target_exits_2_with_one_line(name: str, mode: str) -> None:
     target, fragment = BAD_TARGETS[name]

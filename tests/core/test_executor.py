@@ -201,16 +201,7 @@ def _abort_job(mode: str) -> Finished:
     return run_script(3, "job_abort.py", [mode], timeout=15)
 
 
-KNOWN_ABORT_BUGS = {
-    # sys.exit() in a task comes back to rank 0 as SystemExit, which ends rank 0 quietly
-    # (no MPI_Abort: sys.excepthook never sees SystemExit) while the others wait for it.
-    "task_sys_exit": pytest.mark.xfail(
-        strict=True, reason="known bug, see issue 2 note: a task calling sys.exit on a worker hangs the job"
-    ),
-}
-
-
-@pytest.mark.parametrize("mode", [pytest.param(mode, marks=KNOWN_ABORT_BUGS.get(mode, ())) for mode in ABORT_MODES])
+@pytest.mark.parametrize("mode", list(ABORT_MODES))
 def test_uncaught_exception_on_one_rank_ends_the_job(mode: str) -> None:
     finished = _abort_job(mode)
     assert "finished normally" not in finished.stdout
