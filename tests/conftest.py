@@ -55,14 +55,30 @@ def run_process(argv: list[str], timeout: float = 60, cwd: Path | None = None, e
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process)
         stdout, stderr = process.communicate()
         pytest.fail(f"{' '.join(argv)} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            stop_group(process)
             process.wait()
     return Finished(process.returncode, stdout, stderr)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop *process*'s process group: SIGTERM first, so mpiexec can stop ranks it put in
+    sessions of their own (Open MPI does), then SIGKILL whatever is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def mpiexec_argv(ranks: int, program: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from conftest import stop_group
 from mpijobs import JOBS, mpi_environment, mpiexec_argv
 
 TARGETS = str(JOBS / "cli_targets.py")
@@ -60,7 +61,7 @@ def descendants_of(root: int) -> set[int]:
 
 
 def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = None) -> Tracked:
-    """Like conftest.run_process (own session, killpg on timeout), but report the pgid instead of failing."""
+    """Like conftest.run_process (own session, group stopped on timeout), but report the pgid instead of failing."""
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_environment(),
         start_new_session=True,
@@ -77,12 +78,12 @@ def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = 
             stdout, stderr = process.communicate(timeout=timeout)
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process)
         stdout, stderr = process.communicate()
         code = None
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            stop_group(process)
             process.wait()
     return Tracked(code, stdout, stderr, process.pid, seen)
 
