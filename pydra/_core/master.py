@@ -35,7 +35,7 @@ from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
 from pydra.config import setting
 
-#: most messages in flight to one worker, however tiny its units.
+#: most units in flight to one worker, however tiny they are.
 MAX_INFLIGHT = 64
 
 #: called with (ok, value, seconds, rank) when a unit's reply arrives.
@@ -48,8 +48,10 @@ class WorkerState:
 
     rank: int
     host: str
-    #: the unit ids of each message sent and not yet answered, oldest first
-    inflight: deque = field(default_factory=deque)
+    #: units sent and not yet answered
+    units_inflight: int = 0
+    #: the gang unit this worker runs, if any (it is reserved until that reply)
+    gang_uid: int | None = None
     #: ids of the definitions this worker holds
     known: set = field(default_factory=set)
     #: held for a gang: no other work may land here
@@ -87,8 +89,8 @@ class BatchSizer:
 
     def next_size(self) -> int:
         if self.fixed:
-            size = self.fixed
-        elif self.seconds_per_item is None:
+            return self.fixed
+        if self.seconds_per_item is None:
             size = 1
         else:
             size = int(min(self.largest, max(1.0, self.target / max(self.seconds_per_item, 1e-9))))
@@ -273,7 +275,7 @@ class Master:
         self.depth = max(1, setting("PIPELINE", 2))
         self.pipeline_seconds = setting("PIPELINE_SECONDS", 0.002)
         self.inflight_limit = self.depth
-        self._message_seconds: float | None = None  # running mean of worker time per message
+        self._unit_seconds: float | None = None  # running mean of worker time per unit
         self.outbox = mpi.Outbox(comm)
         self.calls = CallQueue()
         self.sources: list[Source] = [self.calls]
@@ -333,12 +335,12 @@ class Master:
             progressed = self._receive()
             progressed = self._dispatch() or progressed
             self.outbox.collect()
-            if self._stopping and not any(worker.inflight for worker in self.workers):
+            if self._stopping and not any(worker.units_inflight for worker in self.workers):
                 self.outbox.flush()
                 return
             if progressed:
                 backoff.reset()
-            elif any(worker.inflight for worker in self.workers):
+            elif any(worker.units_inflight for worker in self.workers):
                 # Replies are due: poll again soon. time.sleep is precise to microseconds,
                 # where an asyncio timer would round up to the selector's millisecond.
                 backoff.sleep()
@@ -403,19 +405,25 @@ class Master:
     def _dispatch(self) -> bool:
         sent = self._start_gangs()
         limit = self.inflight_limit
-        # Deal units one per worker per round, so idle workers are served before queues grow.
-        ready = [w for w in self.workers if not w.reserved and len(w.inflight) < limit]
+        # Deal units one per worker per round, so idle workers are served before queues
+        # grow; then send each worker its share as one message.
+        shares: dict[int, list[tuple]] = {}
+        room = {w.rank: limit - w.units_inflight for w in self.workers if not w.reserved}
+        ready = [w for w in self.workers if room.get(w.rank, 0) > 0]
         while ready:
             for worker in ready:
                 unit = self._next_unit()
                 if unit is None:
-                    return sent
+                    ready = []
+                    break
                 command, callback = unit
                 self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
-                self._send(worker, [command], gang=False)
-                sent = True
-            ready = [w for w in ready if not w.reserved and len(w.inflight) < limit]
-        return sent
+                shares.setdefault(worker.rank, []).append(command)
+                room[worker.rank] -= 1
+            ready = [w for w in ready if room[w.rank] > 0]
+        for rank, commands in shares.items():
+            self._send(self._by_rank[rank], commands, gang=False)
+        return sent or bool(shares)
 
     def _next_unit(self) -> tuple[tuple, Callback] | None:
         for source in self.sources:
@@ -434,12 +442,12 @@ class Master:
                 team = [self._by_rank[rank] for rank in gang.members]
             else:
                 for worker in self.workers:
-                    if len(gang.held) < gang.count and worker not in gang.held and not worker.reserved and not worker.inflight:
+                    if len(gang.held) < gang.count and worker not in gang.held and not worker.reserved and not worker.units_inflight:
                         gang.held.append(worker)
                 team = gang.held
             for worker in team:
                 worker.reserved = True  # hold it: nothing else may start here meanwhile
-            if len(team) < gang.count or any(worker.inflight for worker in team):
+            if len(team) < gang.count or any(worker.units_inflight for worker in team):
                 return started
             self.gangs.popleft()
             members = sorted(worker.rank for worker in team)
@@ -479,11 +487,16 @@ class Master:
                 if tid not in worker.known:
                     worker.known.add(tid)
                     commands = [(protocol.DEFINE, tid, self._definitions[tid][1])] + commands
-        uids = [command[1] for command in commands if command[0] != protocol.DEFINE]
-        worker.inflight.append((uids, gang))
+        units = [command for command in commands if command[0] != protocol.DEFINE]
+        worker.units_inflight += len(units)
+        if gang:
+            worker.gang_uid = units[0][1]
         if self.local is not None:
-            replies = [r for r in map(self.local.execute, commands) if r is not None]
-            self._handle_replies(worker, replies)
+            # One at a time, so a failure is handled (and later units cancelled) before they run.
+            for command in commands:
+                reply = self.local.execute(command)
+                if reply is not None:
+                    self._handle_replies(worker, [reply])
             return
         try:
             payload = mpi.dumps(commands)
@@ -525,11 +538,11 @@ class Master:
             return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds)
 
     def _handle_replies(self, worker: WorkerState, replies: list[tuple]) -> None:
-        _, gang = worker.inflight.popleft()
-        if gang:
-            worker.reserved = False
+        worker.units_inflight -= len(replies)
+        if worker.gang_uid is not None and any(reply[0] == worker.gang_uid for reply in replies):
+            worker.reserved, worker.gang_uid = False, None
         else:
-            self._adapt_pipeline(sum(reply[3] for reply in replies))
+            self._adapt_pipeline(sum(reply[3] for reply in replies) / len(replies))
         for uid, ok, value, seconds in replies:
             worker.busy_seconds += seconds
             worker.units_done += 1
@@ -547,12 +560,13 @@ class Master:
     def _adapt_pipeline(self, seconds: float) -> None:
         """Keep about ``PYDRA_PIPELINE_SECONDS`` of work queued at each worker.
 
-        Long units need only ``PYDRA_PIPELINE`` messages in flight; tiny ones
-        need many, or the worker finishes before rank 0 can send the next.
+        *seconds* is the worker time of one unit. Long units need only
+        ``PYDRA_PIPELINE`` units in flight; tiny ones need many, or the worker
+        finishes before rank 0 can send the next.
         """
-        mean = self._message_seconds
+        mean = self._unit_seconds
         mean = seconds if mean is None else 0.8 * mean + 0.2 * seconds
-        self._message_seconds = mean
+        self._unit_seconds = mean
         self.inflight_limit = max(self.depth, min(MAX_INFLIGHT, int(self.pipeline_seconds / max(mean, 1e-6))))
 
     # -- rank 0 running units itself -------------------------------------------------------------
@@ -576,7 +590,7 @@ class Master:
                 {
                     "rank": w.rank,
                     "host": w.host,
-                    "state": "busy" if w.inflight else ("reserved" if w.reserved else "idle"),
+                    "state": "busy" if w.units_inflight else ("reserved" if w.reserved else "idle"),
                     "units_done": w.units_done,
                     "failures": w.failures,
                     "busy_seconds": w.busy_seconds,
@@ -594,7 +608,7 @@ def _abort_after_grace(master: Master, seconds: float) -> None:
     def watchdog() -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if not any(worker.inflight for worker in master.workers):
+            if not any(worker.units_inflight for worker in master.workers):
                 return
             time.sleep(0.05)
         os.write(2, f"{master._broken}pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n".encode())

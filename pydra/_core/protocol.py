@@ -1,9 +1,11 @@
 """What rank 0 and the workers say to each other over MPI.
 
-Rank 0 sends a worker one ``TAG_COMMANDS`` message at a time, each a list of
-commands; the worker answers every such message with exactly one
-``TAG_REPLIES`` message holding one reply per unit command, in order. That
-one-to-one pairing is how rank 0 counts a worker's messages in flight.
+Rank 0 sends a worker ``TAG_COMMANDS`` messages, each a list of commands
+(its share of a dispatch pass: several tiny units travel together). Every
+unit command gets exactly one reply; the worker sends replies in
+``TAG_REPLIES`` messages of one or more, as soon as one fails or has waited
+``_HOLD_REPLIES_SECONDS``, else when the message's last unit is done. Rank 0
+counts each worker's units in flight from those replies.
 
 Commands are plain tuples because they sit on the hot path (a frozen
 dataclass costs several times more to pickle); their layouts:
@@ -27,6 +29,8 @@ dataclass costs several times more to pickle); their layouts:
 
 A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
 otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
+On the wire *value* is pickled on its own, so a value that cannot be
+unpickled on rank 0 fails its one unit.
 A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)`` and a
 cancellation (``TAG_CANCEL``) is a list of uids.
 """

@@ -18,6 +18,8 @@ from pydra.comm import mpi
 # Seconds between two progress reports of one unit, and between two looks for cancellations.
 _PROGRESS_INTERVAL = 0.2
 _CANCEL_POLL_INTERVAL = 0.01
+# Longest a finished unit's reply waits for the rest of its message before it is sent alone.
+_HOLD_REPLIES_SECONDS = 0.005
 
 
 class WorkerLoop:
@@ -39,10 +41,26 @@ class WorkerLoop:
             message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
             commands = pickle.loads(message.payload)
             self._take_cancellations()
-            replies = [reply for reply in map(self.runner.execute, commands) if reply is not None]
-            mpi.send(self.comm, self._pack(replies), 0, mpi.TAG_REPLIES)
+            replies: list[tuple] = []
+            held_since = time.perf_counter()
+            for command in commands:
+                reply = self.runner.execute(command)
+                if reply is None:
+                    continue
+                replies.append(reply)
+                # Send early what rank 0 should know now: a failure (it may cancel the
+                # rest of this message) or results that have already waited a while.
+                now = time.perf_counter()
+                if not reply[1] or now - held_since > _HOLD_REPLIES_SECONDS:
+                    self._reply(replies)
+                    replies, held_since = [], now
+            if replies:
+                self._reply(replies)
             if commands[-1][0] == protocol.STOP:
                 return
+
+    def _reply(self, replies: list[tuple]) -> None:
+        mpi.send(self.comm, self._pack(replies), 0, mpi.TAG_REPLIES)
 
     def _pack(self, replies: list[tuple]) -> bytes:
         """The TAG_REPLIES payload: each value pickled on its own, so one bad value spoils one reply."""
