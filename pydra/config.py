@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 #: name (without the PYDRA_ prefix) -> what it does; the README lists the same.
 SETTINGS = {
-    "PIPELINE": "fewest messages in flight per worker (default 2)",
+    "PIPELINE": "fewest units in flight per worker (default 2)",
     "PIPELINE_SECONDS": "worker time to keep queued at each worker, for tiny units (default 0.002)",
     "BATCH_SECONDS": "target worker time of one adaptive batch (default 0.02)",
     "MAX_BATCH": "largest adaptive batch, in items (default 65536)",

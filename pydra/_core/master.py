@@ -9,7 +9,7 @@ Work reaches workers from *sources*: a :class:`ChunkStream` cuts an iterable
 of items into chunks (adaptively sized, pulled lazily so a huge generator is
 never materialised), a :class:`CallQueue` holds single calls, and a
 :class:`GangRequest` waits until the ranks it needs are idle and starts them
-together. Each worker may have ``PYDRA_PIPELINE`` messages in flight, so it
+together. Each worker may have ``PYDRA_PIPELINE`` units (more for tiny ones) in flight, so it
 finds its next unit waiting when it finishes one.
 """
 
