@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,11 +34,17 @@ def run_locally(ranks: int, forwarded: list[str]) -> int:
         return EXIT_FAILED
     command = mpiexec.command(ranks, [sys.executable, "-m", "pydra", "run", *forwarded])
     process = subprocess.Popen(command)
+    # A SIGTERM for us goes to mpiexec, and we wait while it stops its ranks: dying at once
+    # would leave whoever stops us free to SIGKILL mpiexec halfway through that cleanup.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        # mpiexec got the same Ctrl-C and is stopping its ranks; wait for it to finish.
-        return process.wait()
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                continue  # mpiexec got the same Ctrl-C and is stopping its ranks
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(target: str, inputs: list[str], output: str | None) -> int:
