@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
 import pickle
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from mpi4py import MPI
 
@@ -611,7 +610,6 @@ def _abort_after_grace(master: Master, seconds: float) -> None:
             if not any(worker.units_inflight for worker in master.workers):
                 return
             time.sleep(0.05)
-        os.write(2, f"{master._broken}pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n".encode())
-        master.comm.Abort(1)
+        mpi.abort(master.comm, f"{master._broken}pydra: a gang task failed and left ranks blocked in MPI; aborting the job\n")
 
     threading.Thread(target=watchdog, name="pydra-abort-watchdog", daemon=True).start()

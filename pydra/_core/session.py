@@ -9,7 +9,6 @@ that is gone.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading
@@ -19,6 +18,7 @@ from mpi4py import MPI
 
 from pydra._core.master import Master
 from pydra._core.worker import WorkerLoop
+from pydra.comm import mpi
 
 
 def host_name() -> str:
@@ -52,8 +52,7 @@ def abort_on_uncaught_exceptions(comm: MPI.Intracomm) -> None:
     where = f"rank {comm.rank} of {comm.size} on {host_name()}"
 
     def abort(kind: str, text: str) -> None:
-        os.write(2, f"pydra: uncaught {kind} on {where}; aborting the MPI job\n{text}".encode())
-        comm.Abort(1)
+        mpi.abort(comm, f"pydra: uncaught {kind} on {where}; aborting the MPI job\n{text}")
 
     def excepthook(exc_type, exc, tb) -> None:
         abort("exception", "".join(traceback.format_exception(exc_type, exc, tb)))

@@ -52,7 +52,7 @@ class Backoff:
     FIRST_SLEEP = 5e-5
 
     def __init__(self, longest: float | None = None) -> None:
-        self.longest = setting("IDLE_SLEEP", 0.002) if longest is None else longest
+        self.longest = setting("IDLE_SLEEP", 0.005) if longest is None else longest
         self.spin = setting("SPIN_SECONDS", 0.0005)
         self.delay = 0.0
         self.quiet_since: float | None = None
@@ -141,3 +141,12 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def abort(comm: MPI.Comm, message: str) -> None:
+    """Print *message* to stderr and abort the whole MPI job (never returns)."""
+    os.write(2, message.encode())
+    # The launcher forwards stderr asynchronously and stops once the job is aborted:
+    # give it a moment, or the one message saying why would be lost.
+    time.sleep(0.5)
+    comm.Abort(1)

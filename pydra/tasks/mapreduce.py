@@ -11,7 +11,7 @@ import numbers
 import pickle
 import struct
 import zlib
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Hashable, Iterable
 
 from mpi4py import MPI
 
