@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 JOBS = HERE / "jobs"
 ROOT = HERE.parent.parent
@@ -49,6 +51,15 @@ mpiexec_argv = _conftest.mpiexec_argv
 
 #: ``ranks`` value meaning "no mpiexec at all: the whole tree runs in the one pytest-started process"
 IN_PROCESS = 0
+
+
+def rank_params(*counts: int) -> list:
+    """pytest params for these rank counts (IN_PROCESS = no mpiexec); 2 ranks is the smoke case."""
+    names = {IN_PROCESS: "in-process", 1: "1-rank"}
+    return [
+        pytest.param(n, id=names.get(n, f"{n}-ranks"), marks=pytest.mark.smoke if n == 2 else ())
+        for n in counts
+    ]
 
 
 def run_script(ranks: int, script: str, args: list[str] | None = None, timeout: float = 60, **kwargs: Any) -> Any:

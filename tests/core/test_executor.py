@@ -18,7 +18,7 @@ hanging.
 from __future__ import annotations
 
 import pytest
-from mpijobs import IN_PROCESS, CaseCache, Finished, run_script, workers_of
+from mpijobs import IN_PROCESS, CaseCache, Finished, run_script, workers_of, rank_params
 from mpijobs import workloads as w
 
 EXPECTED = {
@@ -53,11 +53,7 @@ CASES = [
 ]
 executor_jobs = CaseCache("job_executor.py", CASES)
 
-RANKS = [
-    pytest.param(IN_PROCESS, id="in-process"),
-    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
-    pytest.param(3, id="3-ranks"),
-]
+RANKS = rank_params(IN_PROCESS, 2, 3)
 
 
 @pytest.mark.parametrize("ranks", RANKS)

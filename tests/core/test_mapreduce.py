@@ -23,7 +23,7 @@ from typing import Any
 
 import mpi4py
 import pytest
-from mpijobs import IN_PROCESS, CaseCache, run_process
+from mpijobs import IN_PROCESS, CaseCache, run_process, rank_params
 from mpijobs import workloads as w
 
 # The pytest process is no MPI job: importing pydra.tasks must not initialise MPI here.
@@ -49,13 +49,7 @@ EXPECTED = {
 
 mapreduce_jobs = CaseCache("job_mapreduce.py", list(EXPECTED))
 
-RANKS = [
-    pytest.param(IN_PROCESS, id="in-process"),
-    pytest.param(1, id="1-rank"),
-    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
-    pytest.param(3, id="3-ranks"),
-    pytest.param(4, id="4-ranks"),
-]
+RANKS = rank_params(IN_PROCESS, 1, 2, 3, 4)
 
 
 def test_generated_text_is_big_enough() -> None:

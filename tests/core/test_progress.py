@@ -12,7 +12,7 @@ loops see ``cancelled`` and return, so the whole run ends well under the cap.
 from __future__ import annotations
 
 import pytest
-from mpijobs import IN_PROCESS, CaseCache
+from mpijobs import IN_PROCESS, CaseCache, rank_params
 
 PROGRESS = ["progress_parallel", "progress_root_task", "progress_in_sequence", "progress_outside_a_run",
             "progress_seen_by_rank_0", "cancel_raise_first", "after_cancel"]
@@ -24,12 +24,7 @@ jobs = {
     4: CaseCache("job_progress.py", ["cancel_loop_first", "cancel_loops_then_raise", "after_cancel"]),
 }
 
-RANKS = [
-    pytest.param(IN_PROCESS, id="in-process"),
-    pytest.param(1, id="1-rank"),
-    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
-    pytest.param(3, id="3-ranks"),
-]
+RANKS = rank_params(IN_PROCESS, 1, 2, 3)
 
 #: "well under" the 20 s safety cap of the looping items
 FAIL_FAST_SECONDS = 8.0

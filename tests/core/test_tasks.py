@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from mpijobs import IN_PROCESS, CaseCache, workers_of
+from mpijobs import IN_PROCESS, CaseCache, workers_of, rank_params
 from mpijobs import workloads as w
 
 
@@ -89,13 +89,7 @@ CASES.append("after_failure")
 
 tree_jobs = CaseCache("job_tasks.py", CASES)
 
-RANKS = [
-    pytest.param(IN_PROCESS, id="in-process"),
-    pytest.param(1, id="1-rank"),
-    pytest.param(2, id="2-ranks", marks=pytest.mark.smoke),
-    pytest.param(3, id="3-ranks"),
-    pytest.param(4, id="4-ranks"),
-]
+RANKS = rank_params(IN_PROCESS, 1, 2, 3, 4)
 
 
 def _strip_gang_members(value: Any) -> Any:
