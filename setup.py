@@ -27,6 +27,9 @@ setup(
         "console_scripts": [
             "pydra=pydra.cli:main",
             "pydra-keygen=pydra.launcher.keys:keygen_main",
+            "pydra-node=pydra.launcher.node:node_main",
+            "pydra-launch=pydra.launcher.launch:launch_main",
+            "pydra-remote-exec=pydra.launcher.launch:remote_exec_main",
         ],
     },
     classifiers=[

@@ -33,7 +33,11 @@ def run_locally(ranks: int, forwarded: list[str]) -> int:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     command = mpiexec.command(ranks, [sys.executable, "-m", "pydra", "run", *forwarded])
-    process = subprocess.Popen(command)
+    return wait_for(subprocess.Popen(command))
+
+
+def wait_for(process: subprocess.Popen) -> int:
+    """Wait for a launched mpiexec and return its status, passing SIGTERM and Ctrl-C on to it."""
     # A SIGTERM for us goes to mpiexec, and we wait while it stops its ranks: dying at once
     # would leave whoever stops us free to SIGKILL mpiexec halfway through that cleanup.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="make or inspect an Ed25519 identity key (like ssh-keygen; see pydra keygen --help)",
     )
     keygen.set_defaults(handler=_keygen)
+    for name, text in [
+        ("node", "run the agent that starts processes for authorized launchers (see pydra node --help)"),
+        ("launch", "authenticate the hosts' agents and run a job through them (see pydra launch --help)"),
+    ]:
+        commands.add_parser(name, add_help=False, help=text)
     return parser
 
 
@@ -102,8 +107,16 @@ def _without_ranks(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pydra`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["keygen"]:  # keygen parses its own ssh-keygen style options
+    if argv[:1] == ["keygen"]:  # these parse their own options
         return _keygen(argparse.Namespace(), argv)
+    if argv[:1] == ["node"]:
+        from pydra.launcher.node import node_main
+
+        return node_main(argv[1:])
+    if argv[:1] == ["launch"]:
+        from pydra.launcher.launch import launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     command = _subparsers(parser).get(argv[0]) if argv else None
     if command is None:  # --help, --version, or a mistake argparse explains

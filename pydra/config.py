@@ -21,6 +21,9 @@ SETTINGS = {
     "SPIN_SECONDS": "how long a rank polls without sleeping after activity (default 0.0005)",
     "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",
     "HOME": "Pydra's directory for keys and runs (default ~/.pydra)",
+    "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {host: agent port}",
+    "IDENTITY": "set by pydra launch for pydra-remote-exec: the launcher's private key",
+    "KNOWN_HOSTS": "set by pydra launch for pydra-remote-exec: the pinned host keys",
 }
 
 

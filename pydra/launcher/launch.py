@@ -1,0 +1,187 @@
+"""``pydra launch``: authenticate every host's agent, then run the MPI job through them.
+
+Every remote process of the job is started through an authenticated agent:
+MPICH's ``mpiexec`` is told to use ``pydra-remote-exec`` instead of ssh
+(``-launcher ssh -launcher-exec``), and Open MPI's ``prterun`` the same
+through ``plm_rsh_agent``. That helper reads where the agents are, and which
+identity and known_hosts to use, from ``PYDRA_AGENTS``, ``PYDRA_IDENTITY``
+and ``PYDRA_KNOWN_HOSTS``, which ``pydra launch`` sets for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydra.comm.aio import Channel, open_channel
+from pydra.comm.channel import ChannelError
+from pydra.config import setting
+from pydra.launcher import authorized, keys
+from pydra.launcher.hostfile import Host, HostfileError, hosts_from_environment, read_hostfile
+from pydra.launcher.mpiexec import MPICH, MPIExecError, find_mpiexec
+from pydra.launcher.node import PURPOSE
+from pydra.launcher.remote import client_exec
+
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    """The outcome of authenticating one host's agent."""
+
+    host: Host
+    fingerprint: str
+    rtt: float | None
+    problem: str | None
+
+
+async def connect(host: str, port: int, identity, known_hosts: Path, accept_new: bool) -> Channel:
+    """An authenticated channel to the agent at *host*:*port*, its key checked against known_hosts."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+    return await open_channel(
+        reader, writer, identity=identity, purpose=PURPOSE,
+        verify_server=lambda key: authorized.check_host(host, port, key, accept_new, path=known_hosts),
+    )
+
+
+async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) -> HostCheck:
+    """Authenticate *host*'s agent and time a ping over the channel."""
+    try:
+        channel = await connect(host.name, host.port, identity, known_hosts, accept_new)
+        async with channel:
+            started = time.perf_counter()
+            await channel.send_json({"type": "ping"})
+            reply = await channel.recv_json()
+            rtt = time.perf_counter() - started
+            if reply.get("type") != "pong":
+                raise ChannelError(f"expected pong, got {reply.get('type')!r}")
+            return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+        return HostCheck(host, "-", None, str(exc) or type(exc).__name__)
+
+
+def print_table(checks: list[HostCheck]) -> None:
+    """The host table printed before the job starts."""
+    rows = [("HOST", "AGENT", "HOST KEY", "SLOTS", "RTT", "STATUS")]
+    for c in checks:
+        rtt = f"{c.rtt * 1000:.1f} ms" if c.rtt is not None else "-"
+        rows.append((c.host.name, f"{c.host.name}:{c.host.port}", c.fingerprint, str(c.host.slots), rtt,
+                     "ok" if c.problem is None else f"FAILED: {c.problem}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1], file=sys.stderr)
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pydra launch`` and ``pydra-launch``."""
+    parser = argparse.ArgumentParser(
+        prog="pydra launch",
+        description="Authenticate every host's Pydra agent, then run TARGET as an MPI job through them.",
+        epilog="TARGET, INPUT and --output are as in `pydra run`. Without a hostfile (and outside a Slurm or "
+               "PBS allocation) the job runs on this host alone, like `pydra run -n N`.",
+    )
+    parser.add_argument("-f", "--hostfile", type=Path, metavar="HOSTFILE", help="hosts to run on")
+    parser.add_argument("-n", "--ranks", type=int, required=True, metavar="N", help="number of MPI ranks")
+    parser.add_argument("-i", "--identity", type=Path, default=keys.identity_path(), metavar="PATH",
+                        help="your private key (default ~/.pydra/id_ed25519)")
+    parser.add_argument("--known-hosts", type=Path, default=authorized.known_hosts_path(), metavar="PATH",
+                        help="pinned host keys (default ~/.pydra/known_hosts)")
+    parser.add_argument("--accept-new", action="store_true",
+                        help="trust and record the key of a host seen for the first time (a changed key is always refused)")
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("inputs", metavar="INPUT", nargs="*")
+    parser.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
+    args = parser.parse_intermixed_args(argv)
+    forwarded = [args.target, *args.inputs] + (["--output", args.output] if args.output else [])
+
+    try:
+        hosts = read_hostfile(args.hostfile) if args.hostfile else hosts_from_environment()
+    except (HostfileError, OSError) as exc:
+        print(f"pydra launch: error: {exc}", file=sys.stderr)
+        return 2
+    if not hosts:
+        from pydra.batch import run_locally
+
+        return run_locally(args.ranks, forwarded)
+    try:
+        identity = keys.load_private_key(args.identity)
+    except (keys.KeyFileError, OSError) as exc:
+        print(f"pydra launch: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def check_all() -> list[HostCheck]:
+        return await asyncio.gather(*(check_host(h, identity, args.known_hosts, args.accept_new) for h in hosts))
+
+    checks = asyncio.run(check_all())
+    print_table(checks)
+    if any(c.problem for c in checks):
+        print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
+        return 1
+    return run_through_agents(hosts, args.ranks, forwarded, args.identity, args.known_hosts)
+
+
+def run_through_agents(hosts: list[Host], ranks: int, forwarded: list[str], identity: Path, known_hosts: Path) -> int:
+    """Run ``python -m pydra run ...`` on *hosts* with every remote process started by an agent."""
+    from pydra.batch import wait_for
+
+    try:
+        mpiexec = find_mpiexec()
+    except MPIExecError as exc:
+        print(f"pydra launch: error: {exc}", file=sys.stderr)
+        return 1
+    helper = str(Path(sys.executable).parent / "pydra-remote-exec")
+    env = dict(os.environ)
+    env.update(
+        PYDRA_AGENTS=json.dumps({h.name: h.port for h in hosts}),
+        PYDRA_IDENTITY=str(identity),
+        PYDRA_KNOWN_HOSTS=str(known_hosts),
+    )
+    with tempfile.NamedTemporaryFile("w", prefix="pydra-hosts-", suffix=".txt") as machinefile:
+        machinefile.write("".join(f"{h.name}:{h.slots}\n" for h in hosts))
+        machinefile.flush()
+        if mpiexec.implementation == MPICH:
+            via_agents = ["-launcher", "ssh", "-launcher-exec", helper, "-f", machinefile.name]
+        else:
+            lines = "".join(f"{h.name} slots={h.slots}\n" for h in hosts)
+            Path(machinefile.name).write_text(lines)
+            via_agents = ["--mca", "plm_rsh_agent", helper, "--hostfile", machinefile.name]
+        command = mpiexec.command(ranks, [sys.executable, "-m", "pydra", "run", *forwarded])
+        command[1:1] = via_agents
+        return wait_for(subprocess.Popen(command, env=env))
+
+
+def remote_exec_main(argv: list[str] | None = None) -> int:
+    """``pydra-remote-exec [-x] HOST COMMAND...``: what mpiexec calls instead of ssh."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    while words and words[0].startswith("-"):  # ssh-style flags mpiexec adds (-x: no X11)
+        words.pop(0)
+    if len(words) < 2:
+        print("pydra-remote-exec: usage: pydra-remote-exec [-x] HOST COMMAND...", file=sys.stderr)
+        return 2
+    host, command = words[0], " ".join(words[1:])
+    agents = json.loads(setting("AGENTS", "{}"))
+    port = agents.get(host)
+    if port is None:
+        print(f"pydra-remote-exec: no agent known for host {host!r} (PYDRA_AGENTS)", file=sys.stderr)
+        return 255
+    identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
+    known_hosts = Path(setting("KNOWN_HOSTS", str(authorized.known_hosts_path())))
+
+    async def run() -> int:
+        channel = await connect(host, int(port), identity, known_hosts, accept_new=False)
+        async with channel:
+            return await client_exec(channel, command)
+
+    try:
+        return asyncio.run(run())
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+        print(f"pydra-remote-exec: {host}: {exc}", file=sys.stderr)
+        return 255

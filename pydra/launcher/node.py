@@ -1,0 +1,96 @@
+"""``pydra node``: the agent that runs on every host and starts processes for authorized launchers.
+
+It listens for channels with purpose ``launch`` (see docs/PROTOCOL.md),
+checks each client key against ``authorized_keys`` (role ``launch``,
+``from=``, ``expiry-time=``), logs every accepted and refused connection with
+the key's fingerprint, and serves one exec or ping request per connection
+(:func:`pydra.launcher.remote.server_exec`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydra.comm.aio import serve_channel
+from pydra.launcher import authorized, keys
+from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
+from pydra.launcher.remote import server_exec
+
+log = logging.getLogger("pydra.node")
+
+PURPOSE = "launch"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``ADDR:PORT``, ``ADDR`` (default port) or ``:PORT`` (loopback)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, DEFAULT_AGENT_PORT
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}") from None
+    return host.strip("[]") or "127.0.0.1", number
+
+
+async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) -> None:
+    """Run the agent until cancelled."""
+    identity = keys.load_private_key(host_key)
+    fingerprint = keys.sha256_fingerprint(identity.public_key())
+
+    def authorize_client(public_key: bytes, address: str) -> object:
+        who = keys.sha256_fingerprint(public_key)
+        try:
+            line = authorized.authorize(public_key, address, "launch", path=authorized_keys)
+        except authorized.AuthorizationError as refusal:
+            log.warning("refused %s from %s: %s", who, address, refusal)
+            raise
+        log.info("accepted %s from %s (%s)", who, address, line.location)
+        return line
+
+    server = await serve_channel(
+        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client
+    )
+    log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
+    async with server:
+        await server.serve_forever()
+
+
+def node_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pydra node`` and ``pydra-node``."""
+    parser = argparse.ArgumentParser(
+        prog="pydra node",
+        description="Run the Pydra agent: start processes on this host for launchers whose keys are authorized.",
+    )
+    parser.add_argument(
+        "--listen", type=parse_address, default=("127.0.0.1", DEFAULT_AGENT_PORT), metavar="ADDR:PORT",
+        help=f"address to listen on (default 127.0.0.1:{DEFAULT_AGENT_PORT}; only loopback unless you say otherwise)",
+    )
+    parser.add_argument("--host-key", type=Path, default=keys.host_key_path(), metavar="PATH",
+                        help="this host's Ed25519 key (default ~/.pydra/host_ed25519)")
+    parser.add_argument("--authorized-keys", type=Path, default=authorized.authorized_keys_path(), metavar="PATH",
+                        help="who may launch here (default ~/.pydra/authorized_keys)")
+    parser.add_argument("--log", type=Path, metavar="PATH", help="append the log here instead of stderr")
+    parser.add_argument("--pid-file", type=Path, metavar="PATH", help="write the agent's pid here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        filename=args.log, level=logging.INFO, format="%(asctime)s pydra-node %(levelname)s %(message)s"
+    )
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        asyncio.run(serve(args.listen, args.host_key, args.authorized_keys))
+    except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
+        print(f"pydra node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if args.pid_file:
+            args.pid_file.unlink(missing_ok=True)
+    return 0
