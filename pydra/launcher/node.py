@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
         listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client
     )
     log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
+    # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     async with server:
         await server.serve_forever()
 
@@ -77,7 +80,16 @@ def node_main(argv: list[str] | None = None) -> int:
                         help="who may launch here (default ~/.pydra/authorized_keys)")
     parser.add_argument("--log", type=Path, metavar="PATH", help="append the log here instead of stderr")
     parser.add_argument("--pid-file", type=Path, metavar="PATH", help="write the agent's pid here")
+    parser.add_argument("--daemon", action="store_true", help="detach and run in the background (needs --log)")
     args = parser.parse_args(argv)
+    if args.daemon:
+        if args.log is None:
+            parser.error("--daemon needs --log PATH: a daemon has no terminal to log to")
+        args.log, args.host_key, args.authorized_keys = (p.resolve() for p in (args.log, args.host_key, args.authorized_keys))
+        if args.pid_file:
+            args.pid_file = args.pid_file.resolve()
+        if _detach():
+            return 0  # the launching process; the daemon carries on
     logging.basicConfig(
         filename=args.log, level=logging.INFO, format="%(asctime)s pydra-node %(levelname)s %(message)s"
     )
@@ -88,9 +100,24 @@ def node_main(argv: list[str] | None = None) -> int:
     except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
         print(f"pydra node: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.info("pydra node stopped")
         return 0
     finally:
         if args.pid_file:
             args.pid_file.unlink(missing_ok=True)
     return 0
+
+
+def _detach() -> bool:
+    """Become a daemon (fork, new session, fork); True in the process that should exit."""
+    if os.fork():
+        return True
+    os.setsid()  # no controlling terminal: a closed shell does not stop the agent
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1, 2):
+        os.dup2(null, stream)
+    return False

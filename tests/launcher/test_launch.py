@@ -151,3 +151,117 @@ def test_unauthorized_key_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     for host in HOSTS:
         assert "refused SHA256:" in cluster.log(host)
         assert "accepted" not in cluster.log(host)
+
+
+class RecordingRelay:
+    """A TCP relay on 127.0.0.5 in front of one agent that keeps every byte it passes."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import threading
+
+        self.recorded = bytearray()
+        self.listener = socket.create_server(("127.0.0.5", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = (target_host, target_port)
+        self.threads: list = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.recorded += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_recorded_launch_holds_no_key_material_and_no_command(cluster: Cluster, tmp_path: Path) -> None:
+    from pydra.launcher import keys
+
+    relay = RecordingRelay(HOSTS[0], cluster.ports[HOSTS[0]])
+    try:
+        cluster.hostfile.write_text(f"127.0.0.5 slots=2 port={relay.port}\n")
+        output = tmp_path / "r.json"
+        done = cluster.launch("-n", "2", "--accept-new", "examples/pipeline.py:pipeline", "3", "4", "--output", str(output))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(output.read_text()) == 2 * (14 + 30)
+    finally:
+        relay.close()
+    recorded = bytes(relay.recorded)
+    assert len(recorded) > 1000  # the proxy's whole session went through the relay
+    user = keys.load_private_key(cluster.identity)
+    host = keys.load_private_key(tmp_path / f"host-{HOSTS[0]}")
+    from cryptography.hazmat.primitives import serialization
+
+    secrets = [
+        k.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        for k in (user, host)
+    ]
+    publics = [keys.public_key_bytes(k) for k in (user, host)]
+    for material in secrets + publics:
+        assert material not in recorded
+    for word in (b"hydra_pmi_proxy", b"pipeline", b"pydra run", b"python"):
+        assert word not in recorded
+
+
+def test_agent_survives_garbage_and_logs_it(cluster: Cluster) -> None:
+    host, port = HOSTS[0], cluster.ports[HOSTS[0]]
+    for junk in (b"GET / HTTP/1.0\r\n\r\n", b"\xff" * 5000, b""):
+        with socket.create_connection((host, port)) as s:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(15)
+            while s.recv(4096):
+                pass
+    done = cluster.launch("-n", "2", "--accept-new", "examples/pipeline.py:pipeline", "3")
+    assert done.returncode == 0, done.stderr
+    assert "refused" in cluster.log(host)
+
+
+def test_agent_runs_as_a_daemon_with_a_pid_file(cluster: Cluster, tmp_path: Path) -> None:
+    key = tmp_path / f"host-{HOSTS[0]}"
+    pid_file, log = tmp_path / "daemon.pid", tmp_path / "daemon.log"
+    port = free_port("127.0.0.6")
+    done = run_process(pydra("node", "--daemon", "--listen", f"127.0.0.6:{port}", "--host-key", str(key),
+                             "--authorized-keys", str(cluster.authorized), "--log", str(log),
+                             "--pid-file", str(pid_file)), timeout=30, env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and log.exists() and "listening" in log.read_text()):
+        assert time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    try:
+        cluster.hostfile.write_text(f"127.0.0.6 slots=2 port={port}\n")
+        assert cluster.launch("-n", "2", "--accept-new", "examples/pipeline.py:pipeline", "3").returncode == 0
+        assert "accepted SHA256:" in log.read_text()
+    finally:
+        os.kill(pid, signal.SIGTERM)  # the daemon's own pid, from its pid file
+    deadline = time.monotonic() + 10
+    while pid_file.exists():
+        assert time.monotonic() < deadline, "the daemon did not remove its pid file"
+        time.sleep(0.05)
