@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import sys
 from pydra.comm.aio import Channel, ChannelClosed
 from pydra.comm.channel import ChannelError
+from pydra.launcher import keys
+
+log = logging.getLogger("pydra.node")
 
 READ_SIZE = 64 * 1024
 
@@ -48,6 +52,7 @@ async def server_exec(channel: Channel) -> None:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env, start_new_session=True,  # its own process group, so it can be stopped whole
     )
+    log.info("started pid %d (its own process group) for %s", process.pid, keys.sha256_fingerprint(channel.peer_key))
     await channel.send_json({"type": "started", "pid": process.pid})
     pumps = [
         asyncio.ensure_future(_pump_out(process.stdout, "stdout", channel)),

@@ -265,3 +265,44 @@ def test_agent_runs_as_a_daemon_with_a_pid_file(cluster: Cluster, tmp_path: Path
     while pid_file.exists():
         assert time.monotonic() < deadline, "the daemon did not remove its pid file"
         time.sleep(0.05)
+
+
+def processes_with(marker: str) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "pid,args", "-ww"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if marker in line and "ps -eo" not in line]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "dead-host"])
+def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how: str) -> None:
+    import uuid
+
+    marker = f"pydra-launch-{uuid.uuid4().hex[:12]}"
+    target = str(ROOT / "tests" / "core" / "jobs" / "cli_targets.py") + ":Sleepy"
+    launcher = subprocess.Popen(
+        pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", target, "60", marker),
+        env=cluster.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len([p for p in processes_with(marker) if "pydra run" in p]) < 4:
+            assert time.monotonic() < deadline, f"the job did not start: {processes_with(marker)}"
+            time.sleep(0.1)
+        if how == "ctrl-c":
+            os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        else:
+            # The host vanishes: its agent and everything the agent started die at once.
+            dead = cluster.agents.pop(1)
+            started = [int(pid) for pid in re.findall(r"started pid (\d+)", cluster.log(HOSTS[1]))]
+            for group in [dead.pid, *started]:
+                os.killpg(group, signal.SIGKILL)
+            dead.wait()
+        launcher.wait(timeout=30)
+        assert launcher.returncode != 0
+        deadline = time.monotonic() + 15
+        while processes_with(marker):
+            assert time.monotonic() < deadline, "\n".join(processes_with(marker))
+            time.sleep(0.1)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
