@@ -102,6 +102,7 @@ def cluster(tmp_path: Path):
     cluster.stop()
 
 
+@pytest.mark.smoke
 def test_mapreduce_runs_across_three_hosts_through_the_agents(cluster: Cluster, tmp_path: Path) -> None:
     files = sorted(str(p) for p in (ROOT / "examples" / "data").glob("*.txt"))
     output = tmp_path / "counts.json"
