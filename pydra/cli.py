@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pydra import __version__
@@ -13,6 +14,14 @@ Pydra runs Python task trees over the ranks of an MPI job.
   pydra run -n 4 examples/wordcount.py:WordCount examples/data/*.txt
   mpiexec -n 64 python -m pydra run mypackage.jobs:Nightly --output result.json
 """
+
+
+#: subcommands that parse their own options: name -> "module:function(argv) -> status"
+SELF_PARSING = {
+    "keygen": "pydra.launcher.keys:keygen_main",
+    "node": "pydra.launcher.node:node_main",
+    "launch": "pydra.launcher.launch:launch_main",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,17 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
     run.set_defaults(handler=_run)
 
-    keygen = commands.add_parser(
-        "keygen",
-        add_help=False,
-        help="make or inspect an Ed25519 identity key (like ssh-keygen; see pydra keygen --help)",
-    )
-    keygen.set_defaults(handler=_keygen)
     for name, text in [
+        ("keygen", "make or inspect an Ed25519 identity key (like ssh-keygen; see pydra keygen --help)"),
         ("node", "run the agent that starts processes for authorized launchers (see pydra node --help)"),
         ("launch", "authenticate the hosts' agents and run a job through them (see pydra launch --help)"),
     ]:
-        commands.add_parser(name, add_help=False, help=text)
+        commands.add_parser(name, add_help=False, help=text)  # listed here, parsed by SELF_PARSING
     return parser
 
 
@@ -77,12 +81,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.ranks is not None:
         return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
     return batch.run_job(args.target, args.inputs, args.output)
-
-
-def _keygen(args: argparse.Namespace, argv: list[str]) -> int:
-    from pydra.launcher.keys import keygen_main
-
-    return keygen_main(argv[1:])
 
 
 def _without_ranks(argv: list[str]) -> list[str]:
@@ -107,16 +105,9 @@ def _without_ranks(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pydra`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["keygen"]:  # these parse their own options
-        return _keygen(argparse.Namespace(), argv)
-    if argv[:1] == ["node"]:
-        from pydra.launcher.node import node_main
-
-        return node_main(argv[1:])
-    if argv[:1] == ["launch"]:
-        from pydra.launcher.launch import launch_main
-
-        return launch_main(argv[1:])
+    if argv and argv[0] in SELF_PARSING:  # these parse their own (ssh-style) options
+        module, function = SELF_PARSING[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     parser = build_parser()
     command = _subparsers(parser).get(argv[0]) if argv else None
     if command is None:  # --help, --version, or a mistake argparse explains
