@@ -16,7 +16,7 @@ SETTINGS = {
     "PIPELINE": "fewest units in flight per worker (default 2)",
     "PIPELINE_SECONDS": "worker time to keep queued at each worker, for tiny units (default 0.002)",
     "BATCH_SECONDS": "target worker time of one adaptive batch (default 0.02)",
-    "MAX_BATCH": "largest adaptive batch, in items (default 65536)",
+    "MAX_BATCH": "largest adaptive batch, in items (default 16384)",
     "IDLE_SLEEP": "longest sleep between polls of an idle rank, in seconds (default 0.005)",
     "SPIN_SECONDS": "how long a rank polls without sleeping after activity (default 0.0005)",
     "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",

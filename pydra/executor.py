@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from pydra._core import protocol
 from pydra._core.evaluate import evaluate
-from pydra._core.master import MAX_INFLIGHT, ChunkStream, Master
+from pydra._core.master import MAX_BATCH, MAX_INFLIGHT, ChunkStream, Master
 from pydra._core.session import run_session
 from pydra.config import setting
 from pydra.tasks.base import as_task
@@ -107,7 +107,8 @@ class Executor(concurrent.futures.Executor):
         star = len(iterables) > 1
         feed = _OrderedFeed()
         # Items computed ahead of the reader: enough to keep every worker's pipeline full.
-        window = max(4 * setting("MAX_BATCH", 65536), 2 * MAX_INFLIGHT * len(master.workers))
+        workers = len(master.workers)
+        window = max(setting("MAX_BATCH", MAX_BATCH) * (2 * workers + 2), 2 * MAX_INFLIGHT * workers)
 
         def start() -> None:
             try:

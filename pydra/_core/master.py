@@ -34,6 +34,9 @@ from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
 from pydra.config import setting
 
+#: default largest adaptive chunk: per-message costs are already negligible at this size.
+MAX_BATCH = 16384
+
 #: most units in flight to one worker, however tiny they are.
 MAX_INFLIGHT = 64
 
@@ -83,7 +86,7 @@ class BatchSizer:
         self.workers = workers
         self.remaining = total
         self.target = setting("BATCH_SECONDS", 0.02)
-        self.largest = setting("MAX_BATCH", 65536)
+        self.largest = setting("MAX_BATCH", MAX_BATCH)
         self.seconds_per_item: float | None = None
 
     def next_size(self) -> int:
