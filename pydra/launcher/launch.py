@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -172,6 +173,10 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     if port is None:
         print(f"pydra-remote-exec: no agent known for host {host!r} (PYDRA_AGENTS)", file=sys.stderr)
         return 255
+    # Interrupted (mpiexec stopping the job, or Ctrl-C): leave at once. The kernel closes our
+    # connection and the agent, seeing it end early, kills everything the command started.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda signum, frame: os._exit(128 + signum))
     identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
     known_hosts = Path(setting("KNOWN_HOSTS", str(authorized.known_hosts_path())))
 
