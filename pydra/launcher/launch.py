@@ -188,5 +188,8 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run())
     except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
-        print(f"pydra-remote-exec: {host}: {exc}", file=sys.stderr)
+        # The host or its agent is gone: MPI may take minutes to notice a silent peer, so we
+        # stop the job now by telling mpiexec (our parent) to shut it down everywhere.
+        print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
+        os.kill(os.getppid(), signal.SIGTERM)
         return 255
