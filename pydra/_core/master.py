@@ -600,6 +600,10 @@ class Master:
                 for w in self.workers
             ],
             "pending_units": len(self.pending),
+            "progress": [
+                {"unit": uid, "rank": rank, "done": done, "total": total, "message": message}
+                for uid, (rank, done, total, message) in list(self.progress.items())
+            ],
             "waiting_gangs": len(self.gangs),
         }
 
