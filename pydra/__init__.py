@@ -26,6 +26,9 @@ _HOMES = {
     "GangTask": "pydra.tasks",
     "Executor": "pydra.executor",
     "run": "pydra.executor",
+    "ItemFailed": "pydra.errors",
+    "WorkerLost": "pydra.errors",
+    "UnitTimeout": "pydra.errors",
 }
 
 __all__ = list(_HOMES)

@@ -25,3 +25,29 @@ class RemoteTraceback(Exception):
     def __str__(self) -> str:
         return self.text
 
+
+
+class WorkerLost(PydraError):
+    """A worker rank died, or stopped answering, while it ran a unit (not the task's fault).
+
+    Rank 0 reschedules the unit on another worker.
+    """
+
+
+class UnitTimeout(TimeoutError):
+    """A unit ran past its task's ``timeout`` and was stopped; it counts as a failed try."""
+
+
+class ItemFailed(PydraError):
+    """Stands in a result list for an item that failed for good within ``allow_failures``.
+
+    It is returned, not raised: *index* is the item's position in the input
+    and *error* the text of its last failure.
+    """
+
+    def __init__(self, index: int, error: str) -> None:
+        super().__init__(f"item {index} failed: {error}")
+        self.index, self.error = index, error
+
+    def __reduce__(self) -> tuple:
+        return (ItemFailed, (self.index, self.error))

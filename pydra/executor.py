@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterable, Iterator
 from mpi4py import MPI
 
 from pydra._core import protocol
-from pydra._core.evaluate import evaluate
-from pydra._core.master import MAX_BATCH, MAX_INFLIGHT, ChunkStream, Master
+from pydra._core.evaluate import Walk
+from pydra._core.master import MAX_INFLIGHT, Master
+from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
 from pydra._core.session import run_session
 from pydra.config import setting
 from pydra.tasks.base import as_task
@@ -73,7 +74,7 @@ class Executor(concurrent.futures.Executor):
                 return None
             return (protocol.CALL, uid, fn, args, kwargs)
 
-        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
+        def callback(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
             if ok:
                 future.set_result(value)
             else:
@@ -117,9 +118,7 @@ class Executor(concurrent.futures.Executor):
                 feed.fail(TypeError(f"cannot send {fn!r} to the workers: {exc}"), 0)
                 return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
-            feed.stream = ChunkStream(
-                master, make_command, items, chunksize, feed.put, feed.fail, feed.finish, window=window
-            )
+            feed.stream = ChunkStream(master, make_command, items, chunksize, feed, window=window)
             master.add_source(feed.stream)
 
         master.call_soon(start)
@@ -129,7 +128,7 @@ class Executor(concurrent.futures.Executor):
         """Run a task tree with *inputs* as the root's input; return the future of its result."""
         master = self.master
         root = as_task(task)
-        future = master.submit_coroutine(evaluate(master, root, root.root_args(inputs)))
+        future = master.submit_coroutine(Walk(master).evaluate(root, root.root_args(inputs)))
         self._futures.add(future)
         return future
 
@@ -151,7 +150,11 @@ class Executor(concurrent.futures.Executor):
 
 
 class _OrderedFeed:
-    """Hands the chunks of an :meth:`Executor.map` from the scheduler thread to the caller, in order."""
+    """Hands the chunks of an :meth:`Executor.map` from the scheduler thread to the caller, in order.
+
+    It is the stream's sink (:class:`~pydra._core.sources.Sink`); chunks are
+    keyed by the position of their first item.
+    """
 
     def __init__(self) -> None:
         self.stream: ChunkStream | None = None
@@ -159,32 +162,35 @@ class _OrderedFeed:
         self._chunks: dict[int, list] = {}
         self._failure: BaseException | None = None
         self._finished = False
-        self._failed_at = 0  # index of the failed chunk: the reader gets every chunk before it
-        self._awaited = 0  # the chunk the reader waits for: only its arrival wakes the reader
+        self._failed_at = 0  # item where the stream failed: the reader gets every item before it
+        self._awaited = 0  # the item the reader waits for: only its chunk's arrival wakes the reader
 
-    def put(self, index: int, values: list, rank: int) -> None:
+    def chunk(self, chunk: Chunk, values: list, rank: int) -> None:
         with self._ready:
-            self._chunks[index] = values
-            if index == self._awaited:
+            self._chunks[chunk.start] = values
+            if chunk.start == self._awaited:
                 self._ready.notify()
 
-    def fail(self, error: BaseException, index: int) -> None:
+    def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
+        self.fail(error, chunk.start)  # map() allows no failures
+
+    def fail(self, error: BaseException, start: int) -> None:
         with self._ready:
-            if self._failure is None or index < self._failed_at:
-                self._failure, self._failed_at = error, index
+            if self._failure is None or start < self._failed_at:
+                self._failure, self._failed_at = error, start
             self._ready.notify()
 
-    def finish(self) -> None:
+    def done(self) -> None:
         with self._ready:
             self._finished = True
             self._ready.notify()
 
-    def _take(self, index: int, deadline: float | None) -> list[list]:
-        """The chunks from *index* on that have arrived, at least one; [] at the end."""
+    def _take(self, position: int, deadline: float | None) -> list[list]:
+        """The chunks from item *position* on that have arrived, at least one; [] at the end."""
         with self._ready:
-            self._awaited = index
-            while index not in self._chunks:
-                if self._failure is not None and index >= self._failed_at:
+            self._awaited = position
+            while position not in self._chunks:
+                if self._failure is not None and position >= self._failed_at:
                     raise self._failure
                 if self._finished:
                     return []
@@ -193,17 +199,18 @@ class _OrderedFeed:
                     raise TimeoutError("map() results did not arrive in time")
                 self._ready.wait(remaining)
             taken = []
-            while index in self._chunks:  # take every consecutive chunk in one go
-                taken.append(self._chunks.pop(index))
-                index += 1
-            self._awaited = index
+            while position in self._chunks:  # take every consecutive chunk in one go
+                values = self._chunks.pop(position)
+                taken.append(values)
+                position += len(values)
+            self._awaited = position
             return taken
 
     def results(self, master: Master, deadline: float | None) -> Iterator[Any]:
-        index = 0
+        position = 0
         try:
-            while chunks := self._take(index, deadline):
-                index += len(chunks)
+            while chunks := self._take(position, deadline):
+                position += sum(map(len, chunks))
                 stream = self.stream
                 if stream is not None:
                     # Only this thread writes it; the scheduler thread reads it.

@@ -7,57 +7,147 @@ Parallel over a serial task becomes one :class:`ChunkStream` whose chunks
 spread over the workers; a Parallel over a parallel subtree walks that subtree
 for several items at once; a MapReduce maps in chunks then shuffles among the
 workers holding its pairs; a gang task waits for enough idle workers.
+
+Every node has a *path* (``r``, ``r.1``, ``r.1[3]``...), the same in every
+run of the same tree, under which a :class:`UnitLog` (the run's journal)
+records finished units; a resumed run skips what its log already holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Iterable
+import pickle
+import sys
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from pydra._core import protocol
-from pydra._core.master import ChunkStream, GangRequest, Master
+from pydra._core.master import Master
+from pydra._core.sources import Chunk, ChunkStream, GangRequest, RetryPolicy
+from pydra.comm import mpi
+from pydra.errors import ItemFailed, WorkerLost
 from pydra.tasks import GangTask, MapReduce, Parallel, Sequence, Task
 
+#: how often a gang (or a MapReduce's reduce) starts again after losing a member.
+GANG_LOSSES = 3
 
-async def evaluate(master: Master, node: Task, args: tuple) -> Any:
-    """The result of *node* called with *args*, computed on the workers of *master*."""
-    if node.is_serial:
-        (value,) = await run_chunks(master, master.define(node), [args], chunksize=1, star=True)
+
+class UnitLog(Protocol):
+    """Durable record of finished units, by node path (see :mod:`pydra.journal`)."""
+
+    def done(self, node: str) -> dict[int, tuple[int, bytes]]:
+        """The units of *node* already recorded: start -> (count, pickled list of values)."""
+
+    def record(self, node: str, start: int, count: int, blob: bytes, rank: int, seconds: float) -> None:
+        """Record that items start .. start+count-1 of *node* gave the pickled values *blob*."""
+
+
+class Walk:
+    """One evaluation of a task tree on *master*, journaled in *log* if given."""
+
+    def __init__(self, master: Master, log: UnitLog | None = None) -> None:
+        self.master = master
+        self.log = log
+
+    async def evaluate(self, node: Task, args: tuple, path: str = "r") -> Any:
+        """The result of *node* called with *args*, computed on the workers."""
+        master = self.master
+        if node.is_serial:
+            (value,) = await self.run_chunks(path, master.define(node), [args], 1, RetryPolicy.for_task(node), True)
+            return value
+        if isinstance(node, Sequence):
+            value = await self.evaluate(node.children[0], args, f"{path}.0")
+            for index, child in enumerate(node.children[1:], 1):
+                value = await self.evaluate(child, (value,), f"{path}.{index}")
+            return value
+        if isinstance(node, Parallel):
+            items = node.items_for(args)
+            if node.task.is_serial:
+                policy = RetryPolicy.for_task(node.task, node.allow_failures)
+                return await self.run_chunks(path, master.define(node.task), items, node.chunksize, policy)
+            walk_item = lambda index, item: self.evaluate(node.task, (item,), f"{path}[{index}]")  # noqa: E731
+            return await gather_in_order(walk_item, items, limit=4 * len(master.workers))
+        if isinstance(node, MapReduce):
+            return await self._once(path, lambda: self.map_reduce(node, node.items_for(args)))
+        if isinstance(node, GangTask):
+            return await self._once(path, lambda: self.run_gang_task(node, args))
+        raise TypeError(f"cannot run {type(node).__name__}: not a serial Task and not a Pydra container")
+
+    async def _once(self, path: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+        """*compute()*, or its result from the log of an earlier run; a new result is logged."""
+        recorded = self.log.done(path) if self.log else {}
+        if 0 in recorded:
+            return pickle.loads(recorded[0][1])[0]
+        value = await compute()
+        if self.log:
+            self.log.record(path, 0, 1, mpi.dumps([value]), 0, 0.0)
         return value
-    if isinstance(node, Sequence):
-        value = await evaluate(master, node.children[0], args)
-        for child in node.children[1:]:
-            value = await evaluate(master, child, (value,))
-        return value
-    if isinstance(node, Parallel):
-        items = node.items_for(args)
-        if node.task.is_serial:
-            return await run_chunks(master, master.define(node.task), items, node.chunksize)
-        return await gather_in_order(lambda item: evaluate(master, node.task, (item,)), items, limit=4 * len(master.workers))
-    if isinstance(node, MapReduce):
-        return await map_reduce(master, node, node.items_for(args))
-    if isinstance(node, GangTask):
-        count = node.ranks or len(master.workers)
-        tid = master.define(node)
-        (value, *_) = await run_gang(master, lambda uid, members: (protocol.GANG, uid, tid, members, args), count)
-        return value
-    raise TypeError(f"cannot run {type(node).__name__}: not a serial Task and not a Pydra container")
+
+    def run_chunks(
+        self, path: str, tid: int, items: Iterable[Any], chunksize: int | None, policy: RetryPolicy, star: bool = False
+    ) -> Awaitable[list]:
+        """Apply definition *tid* to every item on the workers; the list of results in order."""
+        recorded = self.log.done(path) if self.log else {}
+        sink = OrderedResults(self.master, {start: pickle.loads(blob) for start, (_, blob) in recorded.items()})
+        record = None
+        if self.log:
+            log = self.log
+            record = lambda start, count, blob, rank, seconds: log.record(path, start, count, blob, rank, seconds)  # noqa: E731
+        make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
+        skip = {start: count for start, (count, _) in recorded.items()}
+        sink.stream = ChunkStream(
+            self.master, make_command, items, chunksize, sink, policy=policy, skip=skip, record=record
+        )
+        self.master.add_source(sink.stream)
+        return sink.future
+
+    async def map_reduce(self, job: MapReduce, items: Iterable[Any]) -> dict:
+        """Map *items* in chunks on the workers, then shuffle and reduce among the ranks holding pairs.
+
+        If a rank holding pairs is lost, before or during the reduce, the
+        items it mapped are mapped again on the survivors and the reduce runs
+        again among the ranks that hold pairs now.
+        """
+        master = self.master
+        tid = master.define(job)
+        run = master.new_run_id()  # the same job may be running several times at once
+        policy = RetryPolicy.for_task(job, job.allow_failures)
+        make_map = lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run)  # noqa: E731
+        holders = MapHolders(master)
+        try:
+            await holders.run(make_map, items, policy)
+            for _ in range(GANG_LOSSES + 1):
+                lost = [chunk for rank in holders.lost() for chunk in holders.by_rank.pop(rank)]
+                if lost:
+                    await holders.run(make_map, [item for chunk in lost for item in chunk.items], policy)
+                    continue
+                if not holders.by_rank:
+                    return {}
+                members = sorted(holders.by_rank)
+                make_reduce = lambda uid, ranks: (protocol.MR_REDUCE, uid, tid, ranks, run)  # noqa: E731
+                try:
+                    parts = await run_gang(master, make_reduce, len(members), members)
+                except WorkerLost:
+                    continue
+                return _merged(parts)
+            raise WorkerLost(f"the reduce lost a member {GANG_LOSSES + 1} times")
+        finally:
+            master.forget_run(run, holders.ranks_used)
+
+    async def run_gang_task(self, task: GangTask, args: tuple) -> Any:
+        """Run a gang task; if a member is lost, run it again on other ranks."""
+        master = self.master
+        tid = master.define(task)
+        make_command = lambda uid, members: (protocol.GANG, uid, tid, members, args)  # noqa: E731
+        for attempt in range(GANG_LOSSES + 1):
+            try:
+                (value, *_) = await run_gang(master, make_command, task.ranks or master.alive_workers())
+                return value
+            except WorkerLost:
+                if attempt == GANG_LOSSES:
+                    raise
 
 
-def run_chunks(master: Master, tid: int, items: Iterable[Any], chunksize: int | None, star: bool = False) -> Awaitable[list]:
-    """Apply definition *tid* to every item on the workers; the list of results in order."""
-    return _stream(master, lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star), items, chunksize, _ordered_results)
-
-
-async def map_reduce(master: Master, job: MapReduce, items: Iterable[Any]) -> dict:
-    """Map *items* in chunks on the workers, then shuffle and reduce among the ranks holding pairs."""
-    tid = master.define(job)
-    run = master.new_run_id()  # the same job may be running several times at once
-    holders = await _stream(master, lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run), items, None, _ranks_used)
-    if not holders:
-        return {}
-    members = sorted(holders)
-    parts = await run_gang(master, lambda uid, ranks: (protocol.MR_REDUCE, uid, tid, ranks, run), len(members), members)
+def _merged(parts: list[dict]) -> dict:
     merged: dict = {}
     for part in parts:
         merged.update(part)
@@ -82,8 +172,8 @@ def run_gang(master: Master, make_command: Callable, count: int, members: list |
     return future
 
 
-async def gather_in_order(walk: Callable[[Any], Awaitable[Any]], items: Iterable[Any], limit: int) -> list:
-    """``[await walk(item) for item in items]`` with up to *limit* walks at once, items pulled lazily."""
+async def gather_in_order(walk: Callable[[int, Any], Awaitable[Any]], items: Iterable[Any], limit: int) -> list:
+    """``[await walk(i, item) for i, item in enumerate(items)]``, up to *limit* at once, items pulled lazily."""
     results: dict[int, Any] = {}
     running: set[asyncio.Task] = set()
     index_of: dict[asyncio.Task, int] = {}
@@ -97,7 +187,7 @@ async def gather_in_order(walk: Callable[[Any], Awaitable[Any]], items: Iterable
                 except StopIteration:
                     exhausted = True
                     break
-                task = asyncio.ensure_future(walk(item))
+                task = asyncio.ensure_future(walk(index, item))
                 running.add(task)
                 index_of[task] = index
             if not running:
@@ -110,46 +200,78 @@ async def gather_in_order(walk: Callable[[Any], Awaitable[Any]], items: Iterable
             task.cancel()
 
 
-# How a stream's successful chunks are collected: a pair (on_chunk, finish).
+# Sinks: how a stream's outcome becomes the awaited result (see sources.Sink).
 
 
-def _ordered_results() -> tuple[Callable, Callable]:
-    chunks: dict[int, list] = {}
+class _StreamResult:
+    """A sink that settles a future: the stream's result, or its first fatal error."""
 
-    def on_chunk(index: int, values: list, rank: int) -> None:
-        chunks[index] = values
+    def __init__(self, master: Master) -> None:
+        self.future = master.loop.create_future()
+        self.stream: ChunkStream | None = None
 
-    def finish() -> list:
-        ordered: list = []
-        for index in range(len(chunks)):
-            ordered.extend(chunks.pop(index))
-        return ordered
+    def fail(self, error: BaseException, start: int) -> None:
+        if self.stream is not None:
+            self.stream.abandon()  # a tree node fails whole: the chunks before the failure are not wanted either
+        if not self.future.done():
+            self.future.set_exception(error)
 
-    return on_chunk, finish
-
-
-def _ranks_used() -> tuple[Callable, Callable]:
-    ranks: set[int] = set()
-
-    def on_chunk(index: int, count: int, rank: int) -> None:
-        ranks.add(rank)
-
-    return on_chunk, lambda: ranks
+    def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
+        line = str(error).splitlines()[0] if str(error) else ""
+        print(f"pydra: {chunk.describe()} failed for good, allowed: {type(error).__name__}: {line}", file=sys.stderr)
 
 
-def _stream(master: Master, make_command: Callable, items: Iterable[Any], chunksize: int | None, collector: Callable) -> Awaitable:
-    future = master.loop.create_future()
-    on_chunk, finish = collector()
+class OrderedResults(_StreamResult):
+    """Collects values by item position; *parts* holds those known already (a resumed run)."""
 
-    def on_failure(error: BaseException, index: int) -> None:
-        stream.abandon()  # a tree node fails whole: the chunks before the failure are not wanted either
-        if not future.done():
-            future.set_exception(error)
+    def __init__(self, master: Master, parts: dict[int, list]) -> None:
+        super().__init__(master)
+        self.parts = parts
 
-    def on_done() -> None:
-        if not future.done():
-            future.set_result(finish())
+    def chunk(self, chunk: Chunk, values: list, rank: int) -> None:
+        self.parts[chunk.start] = values
 
-    stream = ChunkStream(master, make_command, items, chunksize, on_chunk, on_failure, on_done)
-    master.add_source(stream)
-    return future
+    def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
+        super().unit_failed(chunk, error)
+        text = f"{type(error).__name__}: {error}"
+        self.parts[chunk.start] = [ItemFailed(chunk.start + offset, text) for offset in range(len(chunk.items))]
+
+    def done(self) -> None:
+        if not self.future.done():
+            ordered: list = []
+            for start in sorted(self.parts):
+                ordered.extend(self.parts.pop(start))
+            self.future.set_result(ordered)
+
+
+class MapHolders:
+    """Which ranks hold the pairs of which map chunks, across the map streams of one MapReduce."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.by_rank: dict[int, list[Chunk]] = {}
+        self.ranks_used: set[int] = set()
+
+    async def run(self, make_command: Callable, items: Iterable[Any], policy: RetryPolicy) -> None:
+        """Map *items*; return once all are held (or failed within the policy's allowance)."""
+        sink = _MapSink(self)
+        sink.stream = ChunkStream(self.master, make_command, items, None, sink, policy=policy)
+        self.master.add_source(sink.stream)
+        await sink.future
+
+    def lost(self) -> list[int]:
+        return [rank for rank in self.by_rank if rank in self.master.lost_ranks]
+
+
+class _MapSink(_StreamResult):
+    def __init__(self, holders: MapHolders) -> None:
+        super().__init__(holders.master)
+        self.holders = holders
+
+    def chunk(self, chunk: Chunk, count: int, rank: int) -> None:
+        self.holders.by_rank.setdefault(rank, []).append(chunk)
+        self.holders.ranks_used.add(rank)
+
+    def done(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)

@@ -5,20 +5,23 @@ runs in its own thread (``pydra-master``) around an asyncio loop, so user code
 on rank 0 (an :class:`~pydra.Executor` caller, the tree walker in
 :mod:`pydra._core.evaluate`) submits work without touching MPI.
 
-Work reaches workers from *sources*: a :class:`ChunkStream` cuts an iterable
-of items into chunks (adaptively sized, pulled lazily so a huge generator is
-never materialised), a :class:`CallQueue` holds single calls, and a
-:class:`GangRequest` waits until the ranks it needs are idle and starts them
-together. Each worker may have ``PYDRA_PIPELINE`` units (more for tiny ones) in flight, so it
-finds its next unit waiting when it finishes one.
+Work reaches workers from *sources* (:mod:`pydra._core.sources`): chunked
+streams of items, single calls, and gangs that wait until the ranks they
+need are idle. Each worker may have ``PYDRA_PIPELINE`` units (more for tiny
+ones) in flight, so it finds its next unit waiting when it finishes one.
+
+A worker that stops sending heartbeats for ``PYDRA_HEARTBEAT_TIMEOUT``
+seconds is declared lost: it gets no more work, whatever it still says is
+ignored, and every unit it held fails with :class:`~pydra.errors.WorkerLost`
+so its source can reschedule it on the survivors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import pickle
+import sys
 import threading
 import time
 import traceback
@@ -31,17 +34,13 @@ from mpi4py import MPI
 from pydra._core import protocol
 from pydra._core.protocol import Failure
 from pydra._core.runner import UnitRunner
+from pydra._core.sources import Callback, CallQueue, GangRequest, Source
 from pydra.comm import mpi
 from pydra.config import setting
-
-#: default largest adaptive chunk: per-message costs are already negligible at this size.
-MAX_BATCH = 16384
+from pydra.errors import WorkerLost
 
 #: most units in flight to one worker, however tiny they are.
 MAX_INFLIGHT = 64
-
-#: called with (ok, value, seconds, rank) when a unit's reply arrives.
-Callback = Callable[[bool, Any, float, int], None]
 
 
 @dataclass
@@ -61,6 +60,10 @@ class WorkerState:
     units_done: int = 0
     failures: int = 0
     busy_seconds: float = 0.0
+    #: False once declared lost: it gets no work and its messages are ignored
+    alive: bool = True
+    #: time.monotonic() of its last message (any message counts as a heartbeat)
+    last_heard: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -72,200 +75,15 @@ class PendingUnit:
     replies_due: int
 
 
-class BatchSizer:
-    """Chooses how many items go into the next chunk.
-
-    With a fixed *chunksize* that is the answer. Otherwise chunks start at one
-    item and, once replies say how long an item takes, hold about
-    ``PYDRA_BATCH_SECONDS`` of worker time, but never so many that the last
-    chunks of a sized input leave workers idle.
-    """
-
-    def __init__(self, chunksize: int | None, workers: int, total: int | None) -> None:
-        self.fixed = chunksize
-        self.workers = workers
-        self.remaining = total
-        self.target = setting("BATCH_SECONDS", 0.02)
-        self.largest = setting("MAX_BATCH", MAX_BATCH)
-        self.seconds_per_item: float | None = None
-
-    def next_size(self) -> int:
-        if self.fixed:
-            return self.fixed
-        if self.seconds_per_item is None:
-            size = 1
-        else:
-            size = int(min(self.largest, max(1.0, self.target / max(self.seconds_per_item, 1e-9))))
-            if self.remaining is not None:
-                size = min(size, max(1, math.ceil(self.remaining / (2 * self.workers))))
-        if self.remaining is not None:
-            self.remaining = max(0, self.remaining - size)
-        return size
-
-    def observe(self, items: int, seconds: float) -> None:
-        per_item = seconds / items
-        if self.seconds_per_item is None:
-            self.seconds_per_item = per_item
-        else:
-            self.seconds_per_item = 0.7 * self.seconds_per_item + 0.3 * per_item
-
-
-class Source:
-    """Something that hands out units; the master asks it for one whenever a worker has room."""
-
-    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
-        """A command with id *uid* and the callback for its reply, or None if nothing is ready."""
-        raise NotImplementedError
-
-    @property
-    def finished(self) -> bool:
-        """True once this source will never hand out another unit."""
-        raise NotImplementedError
-
-
-class CallQueue(Source):
-    """Single function calls (``Executor.submit``) waiting for a worker."""
-
-    def __init__(self) -> None:
-        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback]] = deque()
-
-    def add(self, make_command: Callable[[int], tuple | None], callback: Callback) -> None:
-        """Queue a call; *make_command(uid)* may return None to withdraw it (a cancelled future)."""
-        self.waiting.append((make_command, callback))
-
-    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
-        while self.waiting:
-            make_command, callback = self.waiting.popleft()
-            command = make_command(uid)
-            if command is not None:
-                return command, callback
-        return None
-
-    @property
-    def finished(self) -> bool:
-        return False  # lives as long as the master
-
-
-class ChunkStream(Source):
-    """Cuts an iterable of items into chunks, one unit each, and reports results in order.
-
-    *on_chunk(index, value, rank)* sees every successful chunk (in completion
-    order) and *on_done()* the end of a stream that did not fail.
-    *on_failure(error, index)* hears of a failed chunk: the stream hands out
-    nothing more and cancels the chunks after it, but the chunks before it
-    still report, so a reader gets every result up to the failure (a chunk
-    failing earlier than one already reported is reported too). At most
-    *window* items are handed out ahead of ``consumed`` (for consumers that
-    read results as they come).
-    """
-
-    def __init__(
-        self,
-        master: "Master",
-        make_command: Callable[[int, list], tuple],
-        items: Iterable[Any],
-        chunksize: int | None,
-        on_chunk: Callable[[int, Any, int], None],
-        on_failure: Callable[[BaseException, int], None],
-        on_done: Callable[[], None],
-        window: int | None = None,
-    ) -> None:
-        self.master = master
-        self.make_command = make_command
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-        self.items = iter(items)
-        self.sizer = BatchSizer(chunksize, max(1, len(master.workers)), total)
-        self.on_chunk, self.on_failure, self.on_done = on_chunk, on_failure, on_done
-        self.window = window
-        self.handed_out = 0  # chunks
-        self.items_handed_out = 0
-        self.consumed = 0  # items, counted by the consumer
-        self.outstanding: dict[int, int] = {}  # uid -> chunk index
-        self.waiting_for_consumer = False
-        self.exhausted = False
-        self.failed_at: int | None = None  # index of the earliest failed chunk
-        self.abandoned = False
-        self.items_done = 0
-
-    def next_unit(self, uid: int) -> tuple[tuple, Callback] | None:
-        if self.finished:
-            return None
-        self.waiting_for_consumer = self.window is not None and self.items_handed_out - self.consumed >= self.window
-        if self.waiting_for_consumer:
-            return None
-        try:
-            chunk = list(itertools.islice(self.items, self.sizer.next_size()))
-        except Exception as exc:
-            exc.add_note("raised while rank 0 pulled the next items")
-            self._fail(exc, self.handed_out)
-            return None
-        if not chunk:
-            self.exhausted = True
-            self._check_done()
-            return None
-        index = self.handed_out
-        self.handed_out += 1
-        self.items_handed_out += len(chunk)
-        self.outstanding[uid] = index
-        count = len(chunk)
-
-        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
-            del self.outstanding[uid]
-            if self.abandoned or (self.failed_at is not None and index > self.failed_at):
-                return
-            if not ok:
-                self._fail(value.to_exception(f"in chunk {index} ({count} items) on rank {rank}"), index)
-                return
-            self.items_done += count
-            self.sizer.observe(count, seconds)
-            self.on_chunk(index, value, rank)
-            self._check_done()
-
-        return self.make_command(uid, chunk), callback
-
-    @property
-    def finished(self) -> bool:
-        return self.abandoned or self.failed_at is not None or (self.exhausted and not self.outstanding)
-
-    def _check_done(self) -> None:
-        if self.exhausted and not self.outstanding and self.failed_at is None:
-            self.on_done()
-
-    def _fail(self, error: BaseException, index: int) -> None:
-        if self.failed_at is not None and index > self.failed_at:
-            return
-        self.failed_at = index
-        self.master.cancel([uid for uid, later in self.outstanding.items() if later > index])
-        self.on_failure(error, index)
-
-    def abandon(self) -> None:
-        """Hand out nothing more and cancel the chunks still out (the results are not wanted)."""
-        self.abandoned = True
-        self.master.cancel(list(self.outstanding))
-
-
-@dataclass
-class GangRequest:
-    """A command to start on several workers at once, when all of them are idle.
-
-    Either *members* names the world ranks (a MapReduce shuffle among the
-    ranks holding its pairs) or *count* idle workers are taken, whichever.
-    """
-
-    make_command: Callable[[int, list], tuple]
-    callback: Callable[[list | None, BaseException | None], None]
-    count: int
-    members: list | None = None
-    #: workers held for this gang while it waits for the rest
-    held: list = field(default_factory=list)
-
-
 class Master:
     """Schedules units onto the worker ranks of *comm*; rank 0 only."""
 
-    def __init__(self, comm: MPI.Intracomm, hosts: list[str]) -> None:
+    def __init__(self, comm: MPI.Intracomm, hosts: list[str], heartbeats: bool = False) -> None:
         self.comm = comm
         self.started = time.time()
+        # Without heartbeats (an MPI without MPI_THREAD_MULTIPLE) a silent worker is only busy.
+        self.heartbeat_timeout = setting("HEARTBEAT_TIMEOUT", 10.0) if heartbeats and comm.size > 1 else None
+        self._next_heartbeat_check = 0.0
         if comm.size > 1:
             self.workers = [WorkerState(rank, hosts[rank]) for rank in range(1, comm.size)]
             self.local: UnitRunner | None = None
@@ -335,6 +153,7 @@ class Master:
         backoff = mpi.Backoff()
         while True:
             progressed = self._receive()
+            self._check_heartbeats()
             progressed = self._dispatch() or progressed
             self.outbox.collect()
             if self._stopping and not any(worker.units_inflight for worker in self.workers):
@@ -347,7 +166,12 @@ class Master:
                 # where an asyncio timer would round up to the selector's millisecond.
                 backoff.sleep()
             else:
-                await self._wakeup.wait()  # nothing in flight: sleep until new work arrives
+                # Nothing in flight: sleep until new work arrives (waking now and then
+                # to drain the workers' heartbeats).
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
                 self._wakeup.clear()
             await asyncio.sleep(0)  # let tree walkers and cross-thread calls run
 
@@ -358,7 +182,17 @@ class Master:
             # complete; MPI offers no way to free them, so end the whole job.
             _abort_after_grace(self, 2.0)
         for worker in self.workers:
-            self._send(worker, [(protocol.STOP, next(self._uids))], gang=False)
+            if worker.alive:
+                self._send(worker, [(protocol.STOP, next(self._uids))], gang=False)
+
+    @property
+    def lost_ranks(self) -> list[int]:
+        """The workers declared lost so far."""
+        return [worker.rank for worker in self.workers if not worker.alive]
+
+    def alive_workers(self) -> int:
+        """How many workers can still take work."""
+        return sum(worker.alive for worker in self.workers)
 
     # -- definitions: objects shipped once per worker -------------------------------------------
 
@@ -375,6 +209,13 @@ class Master:
         """A fresh id for state that workers keep per run (a MapReduce's buffered pairs)."""
         return next(self._tids)
 
+    def forget_run(self, run: int, ranks: Iterable[int]) -> None:
+        """Tell *ranks* to drop what they keep for *run* (scheduler thread only)."""
+        for rank in ranks:
+            worker = self._by_rank[rank]
+            if worker.alive:
+                self._send(worker, [(protocol.FORGET, run)], gang=False)
+
     # -- submitting work (scheduler thread) ----------------------------------------------------
 
     def add_source(self, source: Source) -> None:
@@ -382,7 +223,7 @@ class Master:
         self.wake()
 
     def add_gang(self, request: GangRequest) -> None:
-        available = len(self.workers)
+        available = self.alive_workers()
         if request.count > available:
             raise ValueError(f"the gang needs {request.count} worker ranks; this job has {available}")
         self.gangs.append(request)
@@ -410,11 +251,11 @@ class Master:
         # Deal units one per worker per round, so idle workers are served before queues
         # grow; then send each worker its share as one message.
         shares: dict[int, list[tuple]] = {}
-        room = {w.rank: limit - w.units_inflight for w in self.workers if not w.reserved}
+        room = {w.rank: limit - w.units_inflight for w in self.workers if w.alive and not w.reserved}
         ready = [w for w in self.workers if room.get(w.rank, 0) > 0]
         while ready:
             for worker in ready:
-                unit = self._next_unit()
+                unit = self._next_unit(worker.rank)
                 if unit is None:
                     ready = []
                     break
@@ -427,9 +268,9 @@ class Master:
             self._send(self._by_rank[rank], commands, gang=False)
         return sent or bool(shares)
 
-    def _next_unit(self) -> tuple[tuple, Callback] | None:
+    def _next_unit(self, rank: int) -> tuple[tuple, Callback] | None:
         for source in self.sources:
-            unit = source.next_unit(next(self._uids))
+            unit = source.next_unit(next(self._uids), rank)
             if unit is not None:
                 return unit
         if any(source.finished for source in self.sources):
@@ -440,11 +281,17 @@ class Master:
         started = False
         while self.gangs:
             gang = self.gangs[0]
+            lost = [rank for rank in gang.members or () if not self._by_rank[rank].alive]
+            if lost or gang.count > self.alive_workers():
+                self.gangs.popleft()
+                gang.callback(None, WorkerLost(f"the gang needs ranks that were lost ({lost or self.lost_ranks})"))
+                continue
             if gang.members is not None:
                 team = [self._by_rank[rank] for rank in gang.members]
             else:
                 for worker in self.workers:
-                    if len(gang.held) < gang.count and worker not in gang.held and not worker.reserved and not worker.units_inflight:
+                    free = worker.alive and not worker.reserved and not worker.units_inflight
+                    if free and len(gang.held) < gang.count and worker not in gang.held:
                         gang.held.append(worker)
                 team = gang.held
             for worker in team:
@@ -466,14 +313,16 @@ class Master:
         results: dict[int, Any] = {}
         failed = False
 
-        def callback(ok: bool, value: Any, seconds: float, rank: int) -> None:
+        def callback(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
             nonlocal failed
             if failed:
                 return
             if not ok:
                 failed = True
                 error = value.to_exception(f"in a gang on ranks {members}")
-                self._broken = "".join(traceback.format_exception(error))
+                if not isinstance(value.exception, WorkerLost):
+                    # The other members may be blocked in a collective with the failed one.
+                    self._broken = "".join(traceback.format_exception(error))
                 gang.callback(None, error)
                 return
             results[rank] = value
@@ -489,7 +338,7 @@ class Master:
                 if tid not in worker.known:
                     worker.known.add(tid)
                     commands = [(protocol.DEFINE, tid, self._definitions[tid][1])] + commands
-        units = [command for command in commands if command[0] != protocol.DEFINE]
+        units = [command for command in commands if command[0] not in protocol.NO_REPLY]
         worker.units_inflight += len(units)
         if gang:
             worker.gang_uid = units[0][1]
@@ -498,7 +347,7 @@ class Master:
             for command in commands:
                 reply = self.local.execute(command)
                 if reply is not None:
-                    self._handle_replies(worker, [reply])
+                    self._handle_replies(worker, [(*reply, None)])
             return
         try:
             payload = mpi.dumps(commands)
@@ -511,7 +360,7 @@ class Master:
         """A command could not be pickled: fail its unit at once, as if the worker had."""
         error = TypeError(f"cannot send work to rank {worker.rank}: {exc}")
         failure = Failure.capture(error, 0, self.comm.size, "rank 0")
-        replies = [(command[1], False, failure, 0.0) for command in commands if command[0] != protocol.DEFINE]
+        replies = [(command[1], False, failure, 0.0, None) for command in commands if command[0] not in protocol.NO_REPLY]
         self._handle_replies(worker, replies)
 
     # -- replies ---------------------------------------------------------------------------------
@@ -522,8 +371,11 @@ class Master:
         got = False
         while (message := mpi.try_receive(self.comm)) is not None:
             got = True
+            worker = self._by_rank[message.source]
+            if not worker.alive:
+                continue  # declared lost: its units are rescheduled, its word no longer counts
+            worker.last_heard = time.monotonic()
             if message.tag == mpi.TAG_REPLIES:
-                worker = self._by_rank[message.source]
                 replies = [self._unpack(worker, *reply) for reply in pickle.loads(message.payload)]
                 self._handle_replies(worker, replies)
             elif message.tag == mpi.TAG_PROGRESS:
@@ -534,10 +386,10 @@ class Master:
     def _unpack(self, worker: WorkerState, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
         """A reply with its value unpickled, or a failure saying why that is impossible here."""
         try:
-            return (uid, ok, pickle.loads(blob), seconds)
+            return (uid, ok, pickle.loads(blob), seconds, blob if ok else None)
         except Exception as exc:
             error = TypeError(f"a result from rank {worker.rank} cannot be unpickled on rank 0: {exc!r}")
-            return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds)
+            return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds, None)
 
     def _handle_replies(self, worker: WorkerState, replies: list[tuple]) -> None:
         worker.units_inflight -= len(replies)
@@ -545,7 +397,7 @@ class Master:
             worker.reserved, worker.gang_uid = False, None
         else:
             self._adapt_pipeline(sum(reply[3] for reply in replies) / len(replies))
-        for uid, ok, value, seconds in replies:
+        for uid, ok, value, seconds, blob in replies:
             worker.busy_seconds += seconds
             worker.units_done += 1
             if not ok:
@@ -557,7 +409,41 @@ class Master:
             unit.replies_due -= 1
             if unit.replies_due == 0:
                 del self.pending[uid]
-            unit.callback(ok, value, seconds, worker.rank)
+            unit.callback(ok, value, seconds, worker.rank, blob)
+
+    # -- lost workers ----------------------------------------------------------------------------
+
+    def _check_heartbeats(self) -> None:
+        if self.heartbeat_timeout is None:
+            return
+        now = time.monotonic()
+        if now < self._next_heartbeat_check:
+            return
+        self._next_heartbeat_check = now + min(1.0, self.heartbeat_timeout / 10)
+        for worker in self.workers:
+            silence = now - worker.last_heard
+            if worker.alive and silence > self.heartbeat_timeout:
+                self.lose_worker(worker.rank, f"no heartbeat for {silence:.1f} s")
+
+    def lose_worker(self, rank: int, reason: str) -> None:
+        """Declare worker *rank* lost: no more work for it, its units fail with WorkerLost."""
+        worker = self._by_rank[rank]
+        if not worker.alive:
+            return
+        worker.alive, worker.reserved, worker.gang_uid, worker.units_inflight = False, False, None, 0
+        self.outbox.forget(rank)
+        print(f"pydra: lost worker rank {rank} on {worker.host} ({reason}); rescheduling its work", file=sys.stderr)
+        lost = WorkerLost(f"rank {rank} on {worker.host} was lost: {reason}")
+        failure = Failure.capture(lost, rank, self.comm.size, worker.host)
+        for uid, unit in list(self.pending.items()):
+            if rank in unit.ranks:
+                del self.pending[uid]
+                self.progress.pop(uid, None)
+                unit.callback(False, failure, 0.0, rank, None)
+        for gang in self.gangs:
+            if worker in gang.held:
+                gang.held.remove(worker)
+        self.wake()
 
     def _adapt_pipeline(self, seconds: float) -> None:
         """Keep about ``PYDRA_PIPELINE_SECONDS`` of work queued at each worker.

@@ -24,6 +24,7 @@ dataclass costs several times more to pickle); their layouts:
 ``(MR_REDUCE, uid, tid, members, run)``         with the other *members*: shuffle the pairs of
                                                 *run* (alltoallv), reduce this rank's keys,
                                                 reply them as a dict
+``(FORGET, run)``                               drop the pairs kept for MapReduce *run* (no reply)
 ``(STOP, uid)``                                 reply ``None`` and leave the serve loop
 ==============================================  =================================================
 
@@ -31,8 +32,9 @@ A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
 otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
 On the wire *value* is pickled on its own, so a value that cannot be
 unpickled on rank 0 fails its one unit.
-A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)`` and a
-cancellation (``TAG_CANCEL``) is a list of uids.
+A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)``, a
+cancellation (``TAG_CANCEL``) is a list of uids, and a heartbeat
+(``TAG_HEARTBEAT``, sent by a worker thread while the rank lives) is empty.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ MAP = "map"
 MR_MAP = "mr_map"
 GANG = "gang"
 MR_REDUCE = "mr_reduce"
+FORGET = "forget"
 STOP = "stop"
+
+#: commands that get no reply (every other command gets exactly one)
+NO_REPLY = frozenset({DEFINE, FORGET})
 
 
 @dataclass(frozen=True)

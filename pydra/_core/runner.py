@@ -8,6 +8,8 @@ which is how a one-process run gives the same results as a cluster.
 from __future__ import annotations
 
 import pickle
+import signal
+import threading
 import time
 from itertools import starmap
 from typing import Any, Callable
@@ -16,6 +18,7 @@ from mpi4py import MPI
 
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
+from pydra.errors import UnitTimeout
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
 
@@ -42,6 +45,8 @@ class UnitRunner:
         self.defined: dict[int, Any] = {}
         self.buffers: dict[int, MapBuffer] = {}
         self.units_done = 0
+        # Timeouts use SIGALRM, which only the main thread receives (not rank 0's scheduler).
+        self.can_time_out = threading.current_thread() is threading.main_thread()
 
     def execute(self, command: tuple) -> tuple | None:
         """Run one command; return its reply, or None for a command that has none."""
@@ -49,6 +54,9 @@ class UnitRunner:
         if op == protocol.DEFINE:
             _, tid, blob = command
             self.defined[tid] = pickle.loads(blob)
+            return None
+        if op == protocol.FORGET:
+            self.buffers.pop(command[1], None)
             return None
         uid = command[1]
         if self.is_cancelled(uid):
@@ -72,8 +80,12 @@ class UnitRunner:
 
     def _map(self, uid: int, tid: int, chunk: list, star: bool) -> list:
         function = self.defined[tid]
+        timeout = None
         if isinstance(function, Task):
-            function = function.work
+            function, timeout = function.work, function.timeout
+        if timeout and self.can_time_out:
+            call = (lambda item: function(*item)) if star else function
+            return [limited(timeout, call, item) for item in chunk]
         return list(starmap(function, chunk) if star else map(function, chunk))
 
     def _mr_map(self, uid: int, tid: int, chunk: list, run: int) -> int:
@@ -94,7 +106,9 @@ class UnitRunner:
             comm.Free()
 
     def _mr_reduce(self, uid: int, tid: int, members: list, run: int) -> dict:
-        buffer = self.buffers.pop(run, None) or MapBuffer(self.defined[tid])
+        # The pairs stay until rank 0 says FORGET: if a member is lost, the reduce runs
+        # again among the survivors, with the lost member's items mapped anew.
+        buffer = self.buffers.get(run) or MapBuffer(self.defined[tid])
         comm = self.make_group(members, uid)
         try:
             return shuffle_and_reduce(buffer, comm)
@@ -112,6 +126,25 @@ class UnitRunner:
         protocol.MR_REDUCE: _mr_reduce,
         protocol.STOP: _stop,
     }
+
+
+def limited(seconds: float, function: Callable, argument: Any) -> Any:
+    """``function(argument)``, stopped with :class:`UnitTimeout` after *seconds* (main thread only).
+
+    Python code, and C code that checks for signals (``time.sleep``, most
+    I/O), is interrupted; a hang inside C code that holds the GIL is not.
+    """
+
+    def expire(signum: int, frame: Any) -> None:
+        raise UnitTimeout(f"ran past its timeout of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return function(argument)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _Unit:

@@ -31,6 +31,8 @@ TAG_REPLIES = 12
 TAG_PROGRESS = 13
 #: master -> worker: unit ids whose results are no longer wanted
 TAG_CANCEL = 14
+#: worker -> master: an empty message now and then, saying the rank is alive
+TAG_HEARTBEAT = 15
 
 PICKLE_PROTOCOL = 5
 
@@ -119,13 +121,23 @@ class Outbox:
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
-        self._pending: deque[tuple[MPI.Request, bytes]] = deque()
+        self._abandoned: list = []
+        self._pending: deque[tuple[MPI.Request, bytes, int]] = deque()
 
     def post(self, payload: bytes, dest: int, tag: int) -> None:
         """Start sending *payload* to *dest*."""
         request = self.comm.Isend([payload, MPI.BYTE], dest, tag)
         if not request.Test():  # small messages usually complete at once
-            self._pending.append((request, payload))
+            self._pending.append((request, payload, dest))
+
+    def forget(self, dest: int) -> None:
+        """Stop waiting for the sends to *dest*, a rank that is gone: they may never complete.
+
+        Their buffers are kept alive for good, since MPI may still read them.
+        """
+        gone = [entry for entry in self._pending if entry[2] == dest]
+        self._abandoned.extend(gone)
+        self._pending = deque(entry for entry in self._pending if entry[2] != dest)
 
     def collect(self) -> None:
         """Forget the sends that have completed, oldest first."""
@@ -134,9 +146,9 @@ class Outbox:
             pending.popleft()
 
     def flush(self) -> None:
-        """Wait for every send to complete."""
+        """Wait for every send to complete (sends to forgotten ranks excepted)."""
         if self._pending:
-            MPI.Request.Waitall([r for r, _ in self._pending])
+            MPI.Request.Waitall([entry[0] for entry in self._pending])
             self._pending.clear()
 
     def __len__(self) -> int:

@@ -23,6 +23,12 @@ class Task:
 
     #: a serial task runs start to finish on the one rank it lands on.
     is_serial = True
+    #: how many times a call that raised is tried again (on another worker when one is free).
+    retries: int = 0
+    #: seconds before the first retry; each further retry waits twice as long (at most 30 s).
+    retry_delay: float = 0.1
+    #: seconds one call may run before it is stopped and counts as a failed try (None: no limit).
+    timeout: float | None = None
 
     def work(self, *args: Any, **kwargs: Any) -> Any:
         """Do the work and return the result. Override this."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 from pydra.tasks.base import Task, as_task
@@ -18,6 +19,9 @@ class OverItems(Task):
 
     is_serial = False
     items: Iterable[Any] | None = None
+    #: how many items may fail for good (after their retries) before the whole node fails;
+    #: a failed item's result is an :class:`~pydra.errors.ItemFailed` instead of a value.
+    allow_failures: int = 0
 
     def root_args(self, inputs: tuple) -> tuple:
         # At the root, the run's inputs are the items themselves (maybe none at all).
@@ -76,14 +80,41 @@ class Parallel(OverItems):
     *items* may be any iterable, including a generator too large to hold in
     memory: rank 0 pulls items only as workers have room for them. Tiny items
     are batched automatically; pass *chunksize* to fix the batch size.
+
+    *retries* and *timeout* override the task's own (see :class:`Task`) for
+    this node; with *allow_failures* = N, up to N items may fail for good and
+    the node still succeeds, with an :class:`~pydra.errors.ItemFailed` in
+    their place.
     """
 
-    def __init__(self, task: Any, items: Iterable[Any] | None = None, *, chunksize: int | None = None) -> None:
+    def __init__(
+        self,
+        task: Any,
+        items: Iterable[Any] | None = None,
+        *,
+        chunksize: int | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        allow_failures: int = 0,
+    ) -> None:
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be a positive integer, got {chunksize}")
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        if allow_failures < 0:
+            raise ValueError(f"allow_failures must be 0 or more, got {allow_failures}")
         self.task = as_task(task)
+        if retries is not None or timeout is not None:
+            self.task = copy.copy(self.task)  # the caller's task keeps its own settings
+            if retries is not None:
+                self.task.retries = retries
+            if timeout is not None:
+                self.task.timeout = timeout
         self.items = items
         self.chunksize = chunksize
+        self.allow_failures = allow_failures
 
     def __repr__(self) -> str:
         return f"Parallel({self.task!r})"

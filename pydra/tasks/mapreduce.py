@@ -99,17 +99,20 @@ class MapBuffer:
         self._since_combine = 0
 
     def add(self, items: Iterable[Any]) -> int:
-        """Map *items* into the buffer; return how many pairs they produced."""
-        values, job = self.values, self.job
-        produced = 0
-        for item in items:
-            for key, value in job.map(item):
-                bucket = values.get(key)
-                if bucket is None:
-                    values[key] = [value]
-                else:
-                    bucket.append(value)
-                produced += 1
+        """Map *items* into the buffer; return how many pairs they produced.
+
+        All or nothing: if the map raises, the buffer is as it was, so the
+        items can be tried again without counting any pair twice.
+        """
+        pairs = [pair for item in items for pair in self.job.map(item)]
+        values = self.values
+        for key, value in pairs:
+            bucket = values.get(key)
+            if bucket is None:
+                values[key] = [value]
+            else:
+                bucket.append(value)
+        produced = len(pairs)
         self._since_combine += produced
         if self._since_combine >= _COMBINE_EVERY:
             self.combine()
