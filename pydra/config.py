@@ -47,3 +47,12 @@ def setting(name: str, default: T, parse: Callable[[str], T] | None = None) -> T
     except ValueError:
         kind = getattr(parse, "__name__", "value")
         raise ValueError(f"PYDRA_{name}={raw!r}: expected {kind}") from None
+
+
+def flag(text: str) -> bool:
+    """Parse an on/off setting: 1/yes/true/on or 0/no/false/off."""
+    if text.lower() in ("1", "yes", "true", "on"):
+        return True
+    if text.lower() in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(text)

@@ -51,3 +51,10 @@ class ItemFailed(PydraError):
 
     def __reduce__(self) -> tuple:
         return (ItemFailed, (self.index, self.error))
+
+
+class TaskProcessDied(PydraError):
+    """An isolated worker's child process died while running a task (segfault, os._exit, kill).
+
+    The rank survives and starts a new child; the unit counts as a failed try.
+    """

@@ -257,8 +257,8 @@ class Master:
             for worker in ready:
                 unit = self._next_unit(worker.rank)
                 if unit is None:
-                    ready = []
-                    break
+                    room[worker.rank] = 0  # nothing for this one (a retry may be waiting for another)
+                    continue
                 command, callback = unit
                 self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
                 shares.setdefault(worker.rank, []).append(command)

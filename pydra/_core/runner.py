@@ -45,8 +45,6 @@ class UnitRunner:
         self.defined: dict[int, Any] = {}
         self.buffers: dict[int, MapBuffer] = {}
         self.units_done = 0
-        # Timeouts use SIGALRM, which only the main thread receives (not rank 0's scheduler).
-        self.can_time_out = threading.current_thread() is threading.main_thread()
 
     def execute(self, command: tuple) -> tuple | None:
         """Run one command; return its reply, or None for a command that has none."""
@@ -83,7 +81,9 @@ class UnitRunner:
         timeout = None
         if isinstance(function, Task):
             function, timeout = function.work, function.timeout
-        if timeout and self.can_time_out:
+        # Timeouts use SIGALRM, which only the main thread receives: not rank 0's scheduler
+        # thread, when rank 0 runs units itself.
+        if timeout and threading.current_thread() is threading.main_thread():
             call = (lambda item: function(*item)) if star else function
             return [limited(timeout, call, item) for item in chunk]
         return list(starmap(function, chunk) if star else map(function, chunk))

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from pydra._core.master import Master
 from pydra._core.worker import WorkerLoop
 from pydra.comm import mpi
+from pydra.config import flag, setting
 
 
 def host_name() -> str:
@@ -32,10 +33,12 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
     abort_on_uncaught_exceptions(comm)
     hosts = comm.gather(host_name(), root=0)
+    # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).
+    heartbeat = setting("HEARTBEAT", 0.5) if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
     if comm.rank != 0:
-        WorkerLoop(comm, host_name()).serve()
+        WorkerLoop(comm, host_name(), heartbeat, isolate=setting("ISOLATE", False, flag)).serve()
         return None
-    master = Master(comm, hosts)
+    master = Master(comm, hosts, heartbeats=heartbeat is not None)
     master.start()
     return master
 

@@ -7,11 +7,13 @@ side is :mod:`pydra._core.master`.
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 
 from mpi4py import MPI
 
 from pydra._core import protocol
+from pydra._core.isolation import IsolatedRunner
 from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
 
@@ -25,11 +27,14 @@ _HOLD_REPLIES_SECONDS = 0.005
 class WorkerLoop:
     """Serves rank 0 until it says stop."""
 
-    def __init__(self, comm: MPI.Intracomm, host: str) -> None:
+    def __init__(self, comm: MPI.Intracomm, host: str, heartbeat: float | None = None, isolate: bool = False) -> None:
         self.comm = comm
+        self.heartbeat = heartbeat  # seconds between heartbeats, None for none
         self.runner = UnitRunner(
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )
+        if isolate:
+            self.runner = IsolatedRunner(self.runner)
         self.backoff = mpi.Backoff()
         self.cancelled: set[int] = set()
         self._last_progress = 0.0
@@ -37,6 +42,21 @@ class WorkerLoop:
 
     def serve(self) -> None:
         """Run commands until a STOP command arrives."""
+        stopped = threading.Event()
+        if self.heartbeat:
+            beat = threading.Thread(target=self._beat, args=(stopped,), name="pydra-heartbeat", daemon=True)
+            beat.start()
+        try:
+            self._serve()
+        finally:
+            stopped.set()
+
+    def _beat(self, stopped: threading.Event) -> None:
+        """Tell rank 0 this rank lives, even while user code runs (needs MPI_THREAD_MULTIPLE)."""
+        while not stopped.wait(self.heartbeat):
+            mpi.send(self.comm, b"", 0, mpi.TAG_HEARTBEAT)
+
+    def _serve(self) -> None:
         while True:
             message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
             commands = pickle.loads(message.payload)

@@ -118,6 +118,18 @@ class MapBuffer:
             self.combine()
         return produced
 
+    def merge(self, values: dict[Hashable, list[Any]]) -> None:
+        """Take in pairs mapped elsewhere (by an isolated worker's child process)."""
+        for key, more in values.items():
+            bucket = self.values.get(key)
+            if bucket is None:
+                self.values[key] = more
+            else:
+                bucket.extend(more)
+            self._since_combine += len(more)
+        if self._since_combine >= _COMBINE_EVERY:
+            self.combine()
+
     def combine(self) -> None:
         """Fold each key's values with the job's combiner, if it has one."""
         self._since_combine = 0

@@ -1,0 +1,263 @@
+"""Executor isolation: a worker rank runs task code in a child process it supervises.
+
+With ``PYDRA_ISOLATE=1`` a worker rank keeps one child process
+(``python -m pydra._core.child``) and hands it every unit that runs plain
+task code (``CALL``, ``MAP``, ``MR_MAP``). A segfault, ``os._exit``, an
+out-of-memory kill or a hang past the task's timeout then costs one try of
+one unit, not the rank: :class:`IsolatedRunner` (the rank's side) sees the
+child die or kills it, replies a failure, and starts a fresh child for the
+next unit. Gang units and the MapReduce shuffle use MPI and stay in the rank.
+
+The two sides talk over a pair of pipes in length-prefixed pickles
+(:class:`Pipe`): the rank sends ``("define", tid, blob)`` and ``("run",
+command)``; the child answers ``("progress", uid, done, total, message)``
+any number of times, then ``("reply", reply, pairs)`` where *pairs* are the
+(key, values) a ``MR_MAP`` produced, for the rank to keep until the shuffle.
+The child never initialises MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from pydra._core import protocol
+from pydra._core.protocol import Failure
+from pydra._core.runner import UnitRunner
+from pydra.errors import TaskProcessDied, UnitTimeout
+from pydra.tasks.base import Task
+from pydra.tasks.mapreduce import MapBuffer
+
+_HEADER = struct.Struct("<Q")
+# Extra seconds the child gets past a unit's timeout to stop it itself, before it is killed.
+_KILL_GRACE = 2.0
+# How often the rank, waiting for its child, looks for cancellations.
+_POLL_SECONDS = 0.05
+# Environment variables by which a process would join the MPI job: the child must not.
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "MPIR_", "OMPI_COMM_", "OMPI_MCA_", "PRTE_", "MPI_LOCAL")
+
+
+class Pipe:
+    """Length-prefixed pickles over a pair of file descriptors."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self._buffer = bytearray()
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=5)
+        view = memoryview(_HEADER.pack(len(data)) + data)
+        while view:
+            view = view[os.write(self.write_fd, view) :]
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next message; raises TimeoutError after *timeout* seconds, EOFError if the other side is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if len(self._buffer) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(self._buffer)
+                if len(self._buffer) >= _HEADER.size + size:
+                    data = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
+                    del self._buffer[: _HEADER.size + size]
+                    return pickle.loads(data)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.read_fd], [], [], remaining)[0]:
+                raise TimeoutError
+            chunk = os.read(self.read_fd, 1 << 20)
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Child:
+    """One running child process and the pipe to it."""
+
+    def __init__(self, rank: int, size: int, host: str) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+        argv = [sys.executable, "-m", "pydra._core.child", str(to_child_r), str(from_child_w), str(rank), str(size), host]
+        self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=environment)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.pipe = Pipe(from_child_r, to_child_w)
+        self.known: set[int] = set()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.pipe.close()
+
+    def close(self) -> None:
+        """Let the child end on its own (it exits when its pipe closes)."""
+        self.pipe.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class IsolatedRunner:
+    """A worker rank's :class:`UnitRunner` whose task code runs in a child process.
+
+    It answers ``execute`` like the runner it wraps, which still runs
+    definitions, gangs, shuffles and STOP in the rank itself.
+    """
+
+    ISOLATED = (protocol.CALL, protocol.MAP, protocol.MR_MAP)
+
+    def __init__(self, runner: UnitRunner) -> None:
+        self.runner = runner
+        self.rank, self.size, self.host = runner.rank, runner.size, runner.host
+        self.blobs: dict[int, bytes] = {}
+        self.child: _Child | None = None
+        self.children_started = 0
+
+    def execute(self, command: tuple) -> tuple | None:
+        op = command[0]
+        if op == protocol.DEFINE:
+            self.blobs[command[1]] = command[2]
+        elif op == protocol.STOP and self.child is not None:
+            self.child.close()
+            self.child = None
+        if op in self.ISOLATED:
+            return self._in_child(command)
+        return self.runner.execute(command)
+
+    def _in_child(self, command: tuple) -> tuple:
+        uid = command[1]
+        if self.runner.is_cancelled(uid):
+            return (uid, False, None, 0.0)
+        started = time.perf_counter()
+        child = self._ready_child(command)
+        child.pipe.send(("run", command))
+        limit = self._time_limit(command)
+        deadline = None if limit is None else time.monotonic() + limit + _KILL_GRACE
+        while True:
+            try:
+                message = child.pipe.receive(_POLL_SECONDS)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() > deadline:
+                    self._discard_child()
+                    return self._failed(uid, UnitTimeout(f"ran past its timeout of {limit:g} s; its process was killed"), started)
+                if self.runner.is_cancelled(uid):
+                    self._discard_child()  # the result is not wanted: stop computing it
+                    return (uid, False, None, time.perf_counter() - started)
+                continue
+            except EOFError:
+                status = child.process.wait()
+                self._discard_child()
+                return self._failed(uid, TaskProcessDied(f"the task's process (pid {child.process.pid}) {_describe(status)}"), started)
+            if message[0] == "progress":
+                self.runner.report_progress(*message[1:])
+                continue
+            _, reply, pairs = message
+            if pairs is not None:
+                run = command[4]
+                buffer = self.runner.buffers.get(run)
+                if buffer is None:
+                    buffer = self.runner.buffers[run] = MapBuffer(self.runner.defined[command[2]])
+                buffer.merge(pairs)
+            return reply
+
+    def _ready_child(self, command: tuple) -> _Child:
+        if self.child is None:
+            self.child = _Child(self.rank, self.size, self.host)
+            self.children_started += 1
+        if command[0] != protocol.CALL:
+            tid = command[2]
+            if tid not in self.child.known:
+                self.child.pipe.send(("define", tid, self.blobs[tid]))
+                self.child.known.add(tid)
+        return self.child
+
+    def _time_limit(self, command: tuple) -> float | None:
+        """Longest the child may take for *command*: its task's timeout per item."""
+        if command[0] == protocol.CALL:
+            return None
+        task = self.runner.defined.get(command[2])
+        timeout = task.timeout if isinstance(task, Task) else None
+        return None if not timeout else timeout * len(command[3])
+
+    def _discard_child(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+            self.child = None
+
+    def _failed(self, uid: int, error: Exception, started: float) -> tuple:
+        return (uid, False, Failure.capture(error, self.rank, self.size, self.host), time.perf_counter() - started)
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+# -- the child's side ----------------------------------------------------------------------------
+
+
+def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) -> None:
+    """The child's loop: run what the rank sends until the pipe closes."""
+    pipe = Pipe(read_fd, write_fd)
+    _exit_with_parent()
+
+    def report_progress(uid: int, done: int, total: int | None, message: str | None) -> None:
+        pipe.send(("progress", uid, done, total, message))
+
+    runner = UnitRunner(rank, size, host, _no_groups, report_progress, lambda uid: False)
+    while True:
+        try:
+            message = pipe.receive()
+        except EOFError:
+            return
+        if message[0] == "define":
+            runner.execute((protocol.DEFINE, message[1], message[2]))
+            continue
+        command = message[1]
+        reply = runner.execute(command)
+        pairs = None
+        if command[0] == protocol.MR_MAP:
+            buffer = runner.buffers.pop(command[4], None)
+            pairs = buffer.values if buffer is not None else {}
+        try:
+            pipe.send(("reply", reply, pairs))
+        except Exception as exc:  # the result (or a pair) cannot be pickled
+            error = TypeError(f"a result cannot be pickled: {exc}")
+            failed = (reply[0], False, Failure.capture(error, rank, size, host), reply[3])
+            pipe.send(("reply", failed, None))
+
+
+def _no_groups(members: list, tag: int) -> Any:
+    raise RuntimeError("an isolated child cannot join MPI communicators")
+
+
+def _exit_with_parent() -> None:
+    """End this child as soon as its rank is gone, even in the middle of a task."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pydra-parent-watch", daemon=True).start()
