@@ -7,6 +7,7 @@ prints or writes the result. ``pydra run -n N`` starts that mpiexec itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +53,39 @@ def wait_for(process: subprocess.Popen) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_job(target: str, inputs: list[str], output: str | None) -> int:
-    """Collective over MPI.COMM_WORLD: run *target* on *inputs*; the exit status for this rank."""
+@dataclass
+class JobRequest:
+    """What ``pydra run`` was asked to do (rank 0 fills it in from a journal on ``--resume``)."""
+
+    target: str | None
+    inputs: list[str]
+    output: str | None = None
+    run_dir: str | None = None
+    resume: str | None = None
+    journal: bool = True
+
+
+def run_job(request: JobRequest) -> int:
+    """Collective over MPI.COMM_WORLD: run the requested job; the exit status for this rank."""
     from mpi4py import MPI
 
     from pydra import target as targets
     from pydra._core.session import abort_on_uncaught_exceptions
-    from pydra.executor import run
+    from pydra.journal import JournalError
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exceptions(comm)  # from here on, no rank may leave the others waiting
-    root = None
-    spec = None
+    root = spec = record = None
     if comm.rank == 0:
         try:
-            spec = targets.read_target(target)
+            record = open_record(request)
+            spec = record.spec if record is not None else targets.read_target(request.target or "")
             root = targets.resolve(spec, targets.load_module(spec))
-        except TargetError as exc:
+        except (TargetError, JournalError) as exc:
             spec = exc  # tells the other ranks to stop too
             print(f"pydra: error: {exc}", file=sys.stderr)
-    spec = comm.bcast(spec, root=0)
-    if isinstance(spec, TargetError):
+    spec, inputs = comm.bcast((spec, request.inputs if record is None else record.inputs), root=0)
+    if isinstance(spec, Exception):
         return EXIT_USAGE
     problem = None
     if comm.rank != 0:
@@ -86,15 +100,30 @@ def run_job(target: str, inputs: list[str], output: str | None) -> int:
             for rank, text in failed:
                 print(f"pydra: error: on rank {rank}: {text}", file=sys.stderr)
         return EXIT_USAGE
+    return _run_root(comm, spec.text, root, inputs, record, request.output if record is None else record.output)
+
+
+def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "JobRecord | None", output: str | None) -> int:
+    """Collective: run *root* on *inputs*, journaled in *record*; report the result on rank 0."""
+    from pydra.executor import Executor
 
     started = time.monotonic()
-    try:
-        result = run(root, *inputs)
-    except Exception as exc:
-        report_failure(target, exc)
-        return EXIT_FAILED
-    if comm.rank != 0:
-        return EXIT_OK
+    with Executor(comm) as executor:
+        if executor is None:
+            return EXIT_OK  # a worker: rank 0 reports
+        master = executor.master
+        try:
+            result = executor.submit_task(root, *inputs, log=record).result()
+            if record is not None:
+                record.finish(output)
+        except Exception as exc:
+            report_failure(target, exc)
+            if record is not None:
+                record.fail(exc)
+            return EXIT_FAILED
+        finally:
+            if master.lost_ranks:
+                print(f"pydra: the job lost worker ranks {master.lost_ranks}; the others finished its work", file=sys.stderr)
     elapsed = time.monotonic() - started
     if output is None:
         print(f"pydra: {target} finished in {elapsed:.2f} s on {comm.size} ranks: {summarise(result)}")
@@ -106,6 +135,83 @@ def run_job(target: str, inputs: list[str], output: str | None) -> int:
         return EXIT_FAILED
     print(f"pydra: {target} finished in {elapsed:.2f} s on {comm.size} ranks; result written to {output}")
     return EXIT_OK
+
+
+class JobRecord:
+    """A batch job's entry in the journal of its run directory (rank 0).
+
+    It is the :class:`~pydra._core.evaluate.UnitLog` of the job's tree walk:
+    finished units go to the journal as they arrive, and a resumed job finds
+    the units of the earlier run here.
+    """
+
+    def __init__(self, journal: Any, job: int, spec: Any, inputs: list[str], output: str | None, resumed: bool) -> None:
+        self.journal, self.job, self.spec, self.inputs, self.output = journal, job, spec, inputs, output
+        self._earlier: dict[str, dict[int, tuple[int, bytes]]] = {}
+        if resumed:  # read the earlier run's units once, not once per tree node
+            for node in {node for node, _, _ in journal.unit_rows(job)}:
+                self._earlier[node] = journal.units(job, node)
+
+    def units_recorded(self) -> int:
+        return sum(len(units) for units in self._earlier.values())
+
+    def done(self, node: str) -> dict[int, tuple[int, bytes]]:
+        return self._earlier.get(node, {})
+
+    def record(self, node: str, start: int, count: int, blob: bytes, rank: int, seconds: float) -> None:
+        from pydra.journal import JournalError
+
+        try:
+            self.journal.record_unit(self.job, node, start, count, blob, rank, seconds)
+        except JournalError as exc:
+            raise JournalError(f"job {self.job}: items {start}..{start + count - 1} of node {node} from rank {rank} not journaled: {exc}") from exc
+
+    def finish(self, output: str | None) -> None:
+        self.journal.set_state(self.job, "done", result_path=output)
+        self.journal.close()
+
+    def fail(self, error: BaseException) -> None:
+        """Record the job as failed, if the journal can still be written."""
+        from pydra.journal import JournalError
+
+        try:
+            self.journal.set_state(self.job, "failed", error=f"{type(error).__name__}: {error}")
+            self.journal.close()
+        except JournalError as exc:
+            print(f"pydra: error: {exc}", file=sys.stderr)
+
+
+def open_record(request: JobRequest) -> JobRecord | None:
+    """The journal entry of the job: a new run directory, the one to ``--resume``, or None (``--no-journal``)."""
+    import dataclasses
+
+    from pydra import journal as journals
+    from pydra import target as targets
+
+    if request.resume:
+        run_dir = Path(request.resume)
+        journal = journals.Journal.open(run_dir, create=False)
+        jobs = journal.jobs()
+        if not jobs:
+            raise journals.JournalError(f"the journal in {run_dir} holds no job to resume")
+        job = jobs[-1]  # a batch run directory holds one job
+        spec = targets.TargetSpec(**job["options"]["spec"])
+        journal.set_state(job["id"], "running")
+        record = JobRecord(journal, job["id"], spec, job["inputs"], job["options"]["output"], resumed=True)
+        print(f"pydra: resuming {spec.text} from {run_dir} ({record.units_recorded()} units journaled)", file=sys.stderr)
+        return record
+    if not request.journal:
+        return None
+    spec = targets.read_target(request.target or "")
+    run_dir = Path(request.run_dir) if request.run_dir else journals.new_run_dir(spec.text)
+    journal = journals.Journal.open(run_dir, create=True)
+    output = str(Path(request.output).resolve()) if request.output else None
+    digest = hashlib.sha256(spec.source.encode()).hexdigest() if spec.source is not None else None
+    options = {"spec": dataclasses.asdict(spec), "output": output, "cwd": os.getcwd()}
+    job = journal.add_job(spec.text, request.inputs, options, digest)
+    journal.set_state(job, "running")
+    print(f"pydra: run directory {run_dir} (resume with: pydra run --resume {run_dir})", file=sys.stderr)
+    return JobRecord(journal, job, spec, request.inputs, output, resumed=False)
 
 
 def report_failure(target: str, exc: BaseException) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pydra import __version__
@@ -50,10 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("target", metavar="TARGET", help="the task to run, file.py:Name or module:Name")
+    run.add_argument("target", metavar="TARGET", nargs="?", help="the task to run, file.py:Name or module:Name")
     run.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")
     run.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
     run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    run.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="keep the job's journal in DIR (default: a new directory under ~/.pydra/runs, printed at start)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="finish the job journaled in run directory DIR, recomputing only what it lacks (no TARGET)",
+    )
+    run.add_argument("--no-journal", action="store_true", help="keep no journal (the job cannot be resumed)")
+    run.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run task code in a child process of each worker, so a crash costs one try (PYDRA_ISOLATE=1)",
+    )
     run.set_defaults(handler=_run)
 
     for name, text in [
@@ -78,9 +95,18 @@ def _positive(text: str) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from pydra import batch
 
+    if args.resume and (args.target or args.inputs or args.run_dir):
+        print("pydra run: error: --resume DIR takes no TARGET, INPUT or --run-dir: the journal has them", file=sys.stderr)
+        return batch.EXIT_USAGE
+    if not args.resume and not args.target:
+        print("pydra run: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
+        return batch.EXIT_USAGE
+    if args.isolate:
+        os.environ["PYDRA_ISOLATE"] = "1"  # read by the worker ranks (and passed on by -n's mpiexec)
     if args.ranks is not None:
         return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
-    return batch.run_job(args.target, args.inputs, args.output)
+    request = batch.JobRequest(args.target, args.inputs, args.output, args.run_dir, args.resume, not args.no_journal)
+    return batch.run_job(request)
 
 
 def _without_ranks(argv: list[str]) -> list[str]:

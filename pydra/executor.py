@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from mpi4py import MPI
 
 from pydra._core import protocol
-from pydra._core.evaluate import Walk
+from pydra._core.evaluate import UnitLog, Walk
 from pydra._core.master import MAX_INFLIGHT, Master
 from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
 from pydra._core.session import run_session
@@ -124,11 +124,15 @@ class Executor(concurrent.futures.Executor):
         master.call_soon(start)
         return feed.results(master, deadline)
 
-    def submit_task(self, task: Any, *inputs: Any) -> concurrent.futures.Future:
-        """Run a task tree with *inputs* as the root's input; return the future of its result."""
+    def submit_task(self, task: Any, *inputs: Any, log: UnitLog | None = None) -> concurrent.futures.Future:
+        """Run a task tree with *inputs* as the root's input; return the future of its result.
+
+        With a *log* (a run's journal), finished units are recorded there and
+        units it already holds are not run again.
+        """
         master = self.master
         root = as_task(task)
-        future = master.submit_coroutine(Walk(master).evaluate(root, root.root_args(inputs)))
+        future = master.submit_coroutine(Walk(master, log).evaluate(root, root.root_args(inputs)))
         self._futures.add(future)
         return future
 

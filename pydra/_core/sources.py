@@ -327,7 +327,11 @@ class ChunkStream(Source):
         self.items_done += count
         self.sizer.observe(count, seconds)
         if self.record is not None:
-            self.record(chunk.start, count, mpi.dumps(value) if blob is None else blob, rank, seconds)
+            try:
+                self.record(chunk.start, count, mpi.dumps(value) if blob is None else blob, rank, seconds)
+            except Exception as exc:  # the journal cannot be written: nothing may go unrecorded
+                self._fail(exc, chunk.start)
+                return
         self.sink.chunk(chunk, value, rank)
         self._check_done()
 
