@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydra.errors import RemoteTraceback, TargetError
+from pydra.errors import ItemFailed, RemoteTraceback, TargetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -247,6 +247,8 @@ def write_json(result: Any, path: Path) -> None:
 
 def _json_default(value: Any) -> Any:
     # numpy scalars and arrays are common results; anything else is the task's to convert.
+    if isinstance(value, ItemFailed):
+        return {"item_failed": value.index, "error": value.error}
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, frozenset)):

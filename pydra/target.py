@@ -20,6 +20,9 @@ from pydra.errors import TargetError
 
 USAGE = "TARGET must look like path/to/file.py:Name or package.module:Name"
 
+#: the file targets loaded in this process, for an isolated worker to load in its child too
+LOADED: list["TargetSpec"] = []
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -72,6 +75,7 @@ def load_module(spec: TargetSpec) -> types.ModuleType:
     except BaseException as exc:
         del sys.modules[spec.module]
         raise TargetError(f"task file {spec.path} failed to import: {type(exc).__name__}: {exc}") from exc
+    LOADED.append(spec)
     return module
 
 

@@ -28,6 +28,12 @@ class Finished:
     stderr: str
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_pydra_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the suite's keys and run directories out of the real ~/.pydra."""
+    os.environ["PYDRA_HOME"] = str(tmp_path_factory.mktemp("pydra-home"))
+
+
 def mpi_environment() -> dict[str, str]:
     """The environment for test jobs: Open MPI allowed to run as root and oversubscribe."""
     env = dict(os.environ)

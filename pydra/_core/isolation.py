@@ -9,8 +9,8 @@ child die or kills it, replies a failure, and starts a fresh child for the
 next unit. Gang units and the MapReduce shuffle use MPI and stay in the rank.
 
 The two sides talk over a pair of pipes in length-prefixed pickles
-(:class:`Pipe`): the rank sends ``("define", tid, blob)`` and ``("run",
-command)``; the child answers ``("progress", uid, done, total, message)``
+(:class:`Pipe`): the rank sends ``("load", specs)`` (the task files it
+loaded) once, then ``("define", tid, blob)`` and ``("run", command)``; the child answers ``("progress", uid, done, total, message)``
 any number of times, then ``("reply", reply, pairs)`` where *pairs* are the
 (key, values) a ``MR_MAP`` produced, for the rank to keep until the shuffle.
 The child never initialises MPI.
@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+from pydra import target as targets
 from pydra._core import protocol
 from pydra._core.protocol import Failure
 from pydra._core.runner import UnitRunner
@@ -180,6 +181,7 @@ class IsolatedRunner:
         if self.child is None:
             self.child = _Child(self.rank, self.size, self.host)
             self.children_started += 1
+            self.child.pipe.send(("load", list(targets.LOADED)))
         if command[0] != protocol.CALL:
             tid = command[2]
             if tid not in self.child.known:
@@ -230,6 +232,10 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
             message = pipe.receive()
         except EOFError:
             return
+        if message[0] == "load":  # the task files this rank loaded: definitions refer to them
+            for spec in message[1]:
+                targets.load_module(spec)
+            continue
         if message[0] == "define":
             runner.execute((protocol.DEFINE, message[1], message[2]))
             continue

@@ -1,0 +1,127 @@
+"""Targets for tests/core/test_faults.py: tasks that fail, hang or crash on purpose.
+
+``FAULT_DIR`` (an environment variable) names a directory where a task marks
+each item it has tried, so "fail on the first try only" holds across ranks
+and processes: the first call for an item creates its marker and misbehaves,
+later calls find the marker and compute.
+"""
+
+import ctypes
+import os
+import time
+
+import pydra
+
+
+def first_try(tag: str, item: object) -> bool:
+    """True exactly once per (tag, item) across the whole job."""
+    path = os.path.join(os.environ["FAULT_DIR"], f"{tag}-{item}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def square(x: str) -> int:
+    return int(x) ** 2
+
+
+class RaisesOnce(pydra.Task):
+    """Every third item raises on its first try."""
+
+    retries = 2
+    retry_delay = 0.01
+
+    def work(self, x: str) -> int:
+        if int(x) % 3 == 0 and first_try("raise", x):
+            raise ValueError(f"first try of {x}")
+        return square(x)
+
+
+class AlwaysBadSevens(pydra.Task):
+    """Items ending in 7 always raise."""
+
+    def work(self, x: str) -> int:
+        if x.endswith("7"):
+            raise ValueError(f"{x} is unlucky")
+        return square(x)
+
+
+class HangsOnce(pydra.Task):
+    """Item 5 hangs on its first try (sleeps far past the timeout)."""
+
+    timeout = 1.0
+    retries = 1
+    retry_delay = 0.01
+
+    def work(self, x: str) -> int:
+        if x == "5" and first_try("hang", x):
+            time.sleep(60)
+        return square(x)
+
+
+class CrashesOnce(pydra.Task):
+    """Item 4 segfaults on its first try, item 6 calls os._exit."""
+
+    retries = 1
+    retry_delay = 0.01
+
+    def work(self, x: str) -> int:
+        if x == "4" and first_try("segv", x):
+            ctypes.string_at(0)
+        if x == "6" and first_try("exit", x):
+            os._exit(3)
+        return square(x)
+
+
+class WordsOnce(pydra.MapReduce):
+    """Counts characters; the map of item "c" raises on its first try after emitting some pairs."""
+
+    retries = 1
+    retry_delay = 0.01
+
+    def map(self, item: str):
+        for position, char in enumerate(item):
+            if item.startswith("c") and position == 2 and first_try("map", item):
+                raise ValueError("half-way through the map")
+            yield char, 1
+
+    def reduce(self, key: str, values: list) -> int:
+        return sum(values)
+
+
+def raises_once() -> pydra.Task:
+    return pydra.Parallel(RaisesOnce())
+
+
+def raises_once_no_retry() -> pydra.Task:
+    return pydra.Parallel(RaisesOnce(), retries=0)
+
+
+def bad_sevens_allowed() -> pydra.Task:
+    return pydra.Parallel(AlwaysBadSevens(), allow_failures=3)
+
+
+def bad_sevens_too_many() -> pydra.Task:
+    return pydra.Parallel(AlwaysBadSevens(), allow_failures=1)
+
+
+def hangs_once() -> pydra.Task:
+    return pydra.Parallel(HangsOnce(), chunksize=1)
+
+
+def hangs_no_retry() -> pydra.Task:
+    return pydra.Parallel(HangsOnce(), chunksize=1, retries=0)
+
+
+def crashes_once() -> pydra.Task:
+    return pydra.Parallel(CrashesOnce(), chunksize=1)
+
+
+def crashes_no_retry() -> pydra.Task:
+    return pydra.Parallel(CrashesOnce(), chunksize=1, retries=0)
+
+
+def words_once() -> pydra.Task:
+    return WordsOnce()

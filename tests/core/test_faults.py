@@ -1,0 +1,116 @@
+"""Failing tasks: retries with backoff, allow_failures, timeouts, isolation, atomic maps.
+
+Each test runs a target of tests/core/jobs/fault_tasks.py with ``pydra run``
+(real mpiexec for 2 and 3 ranks, one process for 1) and checks the result
+against the serial answer, or the one-line error naming the item and rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mpijobs import JOBS, mpi_environment, rank_params, run_pydra
+
+TARGETS = JOBS / "fault_tasks.py"
+ITEMS = [str(x) for x in range(30)]
+SQUARES = [x * x for x in range(30)]
+
+
+def run_target(tmp_path: Path, ranks: int, name: str, items: list[str], *flags: str, timeout: float = 90):
+    """``pydra run fault_tasks.py:NAME ITEMS -o result.json``; (finished, result or None)."""
+    faults = tmp_path / "faults"
+    faults.mkdir(exist_ok=True)
+    env = mpi_environment()
+    env["FAULT_DIR"] = str(faults)
+    output = tmp_path / "result.json"
+    args = ["run", f"{TARGETS}:{name}", *items, "-o", str(output), "--no-journal", *flags]
+    finished = run_pydra(ranks, args, timeout=timeout, env=env)
+    result = json.loads(output.read_text()) if output.exists() else None
+    return finished, result
+
+
+def tried(tmp_path: Path, tag: str) -> list[str]:
+    return sorted(path.name for path in (tmp_path / "faults").glob(f"{tag}-*"))
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 2, 3))
+def test_a_raising_item_is_retried_and_the_result_is_exact(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "raises_once", ITEMS)
+    assert finished.returncode == 0, finished.stderr
+    assert result == SQUARES
+    assert len(tried(tmp_path, "raise")) == 10  # every third item failed once
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+def test_without_retries_the_first_failure_fails_the_job_naming_item_and_rank(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "raises_once_no_retry", ITEMS)
+    assert finished.returncode == 1 and result is None
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.startswith("pydra: ") and "ValueError: first try of" in last
+    assert "on its only try" in last and "on rank" in last and "item" in last
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+def test_allowed_failures_leave_markers_in_the_result(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "bad_sevens_allowed", ITEMS)
+    assert finished.returncode == 0, finished.stderr
+    failed = {index for index, value in enumerate(result) if isinstance(value, dict)}
+    assert failed == {7, 17, 27}
+    assert all(result[i] == i * i for i in range(30) if i not in failed)
+    assert result[17] == {"item_failed": 17, "error": "ValueError: 17 is unlucky"}
+    assert finished.stderr.count("failed for good, allowed") == 3
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+def test_more_failures_than_allowed_fail_the_job(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "bad_sevens_too_many", ITEMS)
+    assert finished.returncode == 1 and result is None
+    assert "is unlucky" in finished.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("ranks", rank_params(2, 3))
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-rank", "isolated"])
+def test_a_hang_past_the_timeout_is_stopped_and_retried(tmp_path, ranks, isolate):
+    flags = ["--isolate"] if isolate else []
+    finished, result = run_target(tmp_path, ranks, "hangs_once", ITEMS[:10], *flags)
+    assert finished.returncode == 0, finished.stderr
+    assert result == SQUARES[:10]
+    assert tried(tmp_path, "hang") == ["hang-5"]
+
+
+@pytest.mark.parametrize("ranks", rank_params(3))
+def test_a_hang_without_retries_fails_with_a_timeout(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "hangs_no_retry", ITEMS[:10])
+    assert finished.returncode == 1
+    last = finished.stderr.strip().splitlines()[-1]
+    assert "UnitTimeout: ran past its timeout of 1 s" in last and "item 5" in last
+
+
+@pytest.mark.parametrize("ranks", rank_params(2, 3))
+def test_isolated_crashes_cost_one_try_not_the_rank(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "crashes_once", ITEMS[:10], "--isolate")
+    assert finished.returncode == 0, finished.stderr
+    assert result == SQUARES[:10]
+    assert tried(tmp_path, "segv") == ["segv-4"] and tried(tmp_path, "exit") == ["exit-6"]
+
+
+@pytest.mark.parametrize("ranks", rank_params(3))
+def test_an_isolated_crash_without_retries_names_the_signal(tmp_path, ranks):
+    finished, result = run_target(tmp_path, ranks, "crashes_no_retry", ITEMS[:10], "--isolate")
+    assert finished.returncode == 1
+    assert "TaskProcessDied: the task's process" in finished.stderr
+    assert "was killed by SIGSEGV" in finished.stderr or "exited with status 3" in finished.stderr
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-rank", "isolated"])
+def test_a_map_that_fails_half_way_is_retried_without_counting_pairs_twice(tmp_path, ranks, isolate):
+    words = ["apple", "cherry", "banana", "cabbage", "date"] * 3
+    flags = ["--isolate"] if isolate else []
+    finished, result = run_target(tmp_path, ranks, "words_once", words, *flags)
+    assert finished.returncode == 0, finished.stderr
+    assert result == dict(sorted(Counter("".join(words)).items()))
+    assert tried(tmp_path, "map") == ["map-cabbage", "map-cherry"]
