@@ -78,9 +78,11 @@ def run_job(request: JobRequest) -> int:
     root = spec = record = None
     if comm.rank == 0:
         try:
-            record = open_record(request)
+            record = resume_record(Path(request.resume)) if request.resume else None
             spec = record.spec if record is not None else targets.read_target(request.target or "")
             root = targets.resolve(spec, targets.load_module(spec))
+            if record is None and request.journal:  # only for a target that loads
+                record = new_record(spec, request)
         except (TargetError, JournalError) as exc:
             spec = exc  # tells the other ranks to stop too
             print(f"pydra: error: {exc}", file=sys.stderr)
@@ -105,6 +107,7 @@ def run_job(request: JobRequest) -> int:
 
 def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "JobRecord | None", output: str | None) -> int:
     """Collective: run *root* on *inputs*, journaled in *record*; report the result on rank 0."""
+    from pydra.comm import mpi
     from pydra.executor import Executor
 
     started = time.monotonic()
@@ -116,24 +119,29 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
             result = executor.submit_task(root, *inputs, log=record).result()
             if record is not None:
                 record.finish(output)
+            status = _report(target, result, output, time.monotonic() - started, comm.size)
         except Exception as exc:
             report_failure(target, exc)
             if record is not None:
                 record.fail(exc)
-            return EXIT_FAILED
-        finally:
-            if master.lost_ranks:
-                print(f"pydra: the job lost worker ranks {master.lost_ranks}; the others finished its work", file=sys.stderr)
-    elapsed = time.monotonic() - started
+            status = EXIT_FAILED
+    if master.lost_ranks:
+        print(f"pydra: worker ranks {master.lost_ranks} were lost during the job", file=sys.stderr)
+        mpi.exit_without_finalize(status)  # MPI_Finalize would wait for the lost ranks
+    return status
+
+
+def _report(target: str, result: Any, output: str | None, elapsed: float, size: int) -> int:
+    """Print the result, or write it to *output*; the exit status."""
     if output is None:
-        print(f"pydra: {target} finished in {elapsed:.2f} s on {comm.size} ranks: {summarise(result)}")
+        print(f"pydra: {target} finished in {elapsed:.2f} s on {size} ranks: {summarise(result)}")
         return EXIT_OK
     try:
         write_json(result, Path(output))
     except (TypeError, ValueError, OSError) as exc:
         print(f"pydra: error: cannot write the result to {output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"pydra: {target} finished in {elapsed:.2f} s on {comm.size} ranks; result written to {output}")
+    print(f"pydra: {target} finished in {elapsed:.2f} s on {size} ranks; result written to {output}")
     return EXIT_OK
 
 
@@ -181,16 +189,13 @@ class JobRecord:
             print(f"pydra: error: {exc}", file=sys.stderr)
 
 
-def open_record(request: JobRequest) -> JobRecord | None:
-    """The journal entry of the job: a new run directory, the one to ``--resume``, or None (``--no-journal``)."""
-    import dataclasses
-
+def resume_record(run_dir: Path) -> JobRecord:
+    """The journal entry of the job to finish in *run_dir* (``--resume``)."""
     from pydra import journal as journals
     from pydra import target as targets
 
-    if request.resume:
-        run_dir = Path(request.resume)
-        journal = journals.Journal.open(run_dir, create=False)
+    journal = journals.Journal.open(run_dir, create=False)
+    try:
         jobs = journal.jobs()
         if not jobs:
             raise journals.JournalError(f"the journal in {run_dir} holds no job to resume")
@@ -198,11 +203,19 @@ def open_record(request: JobRequest) -> JobRecord | None:
         spec = targets.TargetSpec(**job["options"]["spec"])
         journal.set_state(job["id"], "running")
         record = JobRecord(journal, job["id"], spec, job["inputs"], job["options"]["output"], resumed=True)
-        print(f"pydra: resuming {spec.text} from {run_dir} ({record.units_recorded()} units journaled)", file=sys.stderr)
-        return record
-    if not request.journal:
-        return None
-    spec = targets.read_target(request.target or "")
+    except BaseException:
+        journal.close()
+        raise
+    print(f"pydra: resuming {spec.text} from {run_dir} ({record.units_recorded()} units journaled)", file=sys.stderr)
+    return record
+
+
+def new_record(spec: Any, request: JobRequest) -> JobRecord:
+    """A new run directory (``--run-dir`` or the default) whose journal records the job of *spec*."""
+    import dataclasses
+
+    from pydra import journal as journals
+
     run_dir = Path(request.run_dir) if request.run_dir else journals.new_run_dir(spec.text)
     journal = journals.Journal.open(run_dir, create=True)
     output = str(Path(request.output).resolve()) if request.output else None

@@ -6,6 +6,7 @@ results; the other ranks serve as workers until rank 0 is done, then get None.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import threading
 import time
@@ -19,6 +20,7 @@ from pydra._core.evaluate import UnitLog, Walk
 from pydra._core.master import MAX_INFLIGHT, Master
 from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
 from pydra._core.session import run_session
+from pydra.comm import mpi
 from pydra.config import setting
 from pydra.tasks.base import as_task
 
@@ -147,6 +149,9 @@ class Executor(concurrent.futures.Executor):
             concurrent.futures.wait(list(self._futures))
         self._shutdown = True
         self._master.stop()
+        if self._master.lost_ranks:
+            # MPI_Finalize at exit would wait for the lost ranks forever: leave without it.
+            atexit.register(mpi.exit_without_finalize, 0)
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of the workers and the queue."""

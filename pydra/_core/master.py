@@ -80,10 +80,13 @@ class Master:
 
     def __init__(self, comm: MPI.Intracomm, hosts: list[str], heartbeats: bool = False) -> None:
         self.comm = comm
+        self.host = hosts[0]
         self.started = time.time()
         # Without heartbeats (an MPI without MPI_THREAD_MULTIPLE) a silent worker is only busy.
         self.heartbeat_timeout = setting("HEARTBEAT_TIMEOUT", 10.0) if heartbeats and comm.size > 1 else None
+        self.heartbeat = setting("HEARTBEAT", 0.5)
         self._next_heartbeat_check = 0.0
+        self._next_beat = 0.0
         if comm.size > 1:
             self.workers = [WorkerState(rank, hosts[rank]) for rank in range(1, comm.size)]
             self.local: UnitRunner | None = None
@@ -154,6 +157,7 @@ class Master:
         while True:
             progressed = self._receive()
             self._check_heartbeats()
+            self._beat()
             progressed = self._dispatch() or progressed
             self.outbox.collect()
             if self._stopping and not any(worker.units_inflight for worker in self.workers):
@@ -169,7 +173,7 @@ class Master:
                 # Nothing in flight: sleep until new work arrives (waking now and then
                 # to drain the workers' heartbeats).
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                    await asyncio.wait_for(self._wakeup.wait(), self.heartbeat)
                 except asyncio.TimeoutError:
                     pass
                 self._wakeup.clear()
@@ -181,13 +185,25 @@ class Master:
             # A failed gang left members blocked in a collective that will never
             # complete; MPI offers no way to free them, so end the whole job.
             _abort_after_grace(self, 2.0)
+        # After a loss, MPI_Finalize would wait for the lost ranks forever: the workers
+        # must end their processes instead (and so must rank 0, see Master.lost_ranks).
+        exit_process = bool(self.lost_ranks)
         for worker in self.workers:
+            stop = (protocol.STOP, next(self._uids), exit_process)
             if worker.alive:
-                self._send(worker, [(protocol.STOP, next(self._uids))], gang=False)
+                self._send(worker, [stop], gang=False)
+            elif worker.rank != 0:  # it may be alive after all (stuck, or slow): tell it too
+                self.outbox.post(mpi.dumps([stop]), worker.rank, mpi.TAG_COMMANDS)
+                self.outbox.forget(worker.rank)
 
     @property
     def lost_ranks(self) -> list[int]:
-        """The workers declared lost so far."""
+        """The workers declared lost so far.
+
+        If there are any once the master has stopped, this process must end
+        with :func:`pydra.comm.mpi.exit_without_finalize`:
+        MPI_Finalize would wait for them forever.
+        """
         return [worker.rank for worker in self.workers if not worker.alive]
 
     def alive_workers(self) -> int:
@@ -319,11 +335,18 @@ class Master:
                 return
             if not ok:
                 failed = True
+                lost = isinstance(value.exception, WorkerLost)
                 error = value.to_exception(f"in a gang on ranks {members}")
-                if not isinstance(value.exception, WorkerLost):
+                if not lost:
                     # The other members may be blocked in a collective with the failed one.
                     self._broken = "".join(traceback.format_exception(error))
                 gang.callback(None, error)
+                if lost:
+                    # Those still in the gang's collectives wait for the lost rank forever, and
+                    # MPI cannot free them: they are lost too. (The gang runs again elsewhere.)
+                    for member in members:
+                        if member != rank and member not in results:
+                            self.lose_worker(member, f"was in a collective with lost rank {rank}")
                 return
             results[rank] = value
             if len(results) == len(members):
@@ -413,8 +436,19 @@ class Master:
 
     # -- lost workers ----------------------------------------------------------------------------
 
+    def _beat(self) -> None:
+        """Tell the workers rank 0 lives: one whose master falls silent ends itself."""
+        if self.heartbeat_timeout is None or self.local is not None or self._stopping:
+            return  # (after STOP, a worker may be in MPI_Finalize: send it nothing more)
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + self.heartbeat
+            for worker in self.workers:
+                if worker.alive:
+                    self.outbox.post(b"", worker.rank, mpi.TAG_HEARTBEAT)
+
     def _check_heartbeats(self) -> None:
-        if self.heartbeat_timeout is None:
+        if self.heartbeat_timeout is None or self.local is not None:
             return
         now = time.monotonic()
         if now < self._next_heartbeat_check:
@@ -435,15 +469,25 @@ class Master:
         print(f"pydra: lost worker rank {rank} on {worker.host} ({reason}); rescheduling its work", file=sys.stderr)
         lost = WorkerLost(f"rank {rank} on {worker.host} was lost: {reason}")
         failure = Failure.capture(lost, rank, self.comm.size, worker.host)
-        for uid, unit in list(self.pending.items()):
-            if rank in unit.ranks:
-                del self.pending[uid]
+        for uid in [uid for uid, unit in self.pending.items() if rank in unit.ranks]:
+            unit = self.pending.pop(uid, None)  # a callback may have dropped it meanwhile
+            if unit is not None:
                 self.progress.pop(uid, None)
                 unit.callback(False, failure, 0.0, rank, None)
         for gang in self.gangs:
             if worker in gang.held:
                 gang.held.remove(worker)
+        if not self.alive_workers():
+            self._take_over()
         self.wake()
+
+    def _take_over(self) -> None:
+        """Every worker is lost: rank 0 runs the rest of the work itself, as a one-process job does."""
+        print("pydra: no worker rank is left; rank 0 runs the remaining work itself", file=sys.stderr)
+        itself = WorkerState(0, self.host)
+        self.workers.append(itself)
+        self._by_rank[0] = itself
+        self.local = UnitRunner(0, 1, self.host, self._local_group, self._local_progress, self._local_cancelled)
 
     def _adapt_pipeline(self, seconds: float) -> None:
         """Keep about ``PYDRA_PIPELINE_SECONDS`` of work queued at each worker.

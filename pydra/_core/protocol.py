@@ -25,7 +25,9 @@ dataclass costs several times more to pickle); their layouts:
                                                 *run* (alltoallv), reduce this rank's keys,
                                                 reply them as a dict
 ``(FORGET, run)``                               drop the pairs kept for MapReduce *run* (no reply)
-``(STOP, uid)``                                 reply ``None`` and leave the serve loop
+``(STOP, uid, exit_process)``                   reply ``None`` and leave the serve loop; with
+                                                *exit_process*, end the process at once (ranks
+                                                were lost: MPI_Finalize would wait for them)
 ==============================================  =================================================
 
 A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,

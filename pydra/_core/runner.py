@@ -115,7 +115,7 @@ class UnitRunner:
         finally:
             comm.Free()
 
-    def _stop(self, uid: int) -> None:
+    def _stop(self, uid: int, exit_process: bool) -> None:
         return None
 
     _handlers = {

@@ -6,6 +6,7 @@ side is :mod:`pydra._core.master`.
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
@@ -16,6 +17,7 @@ from pydra._core import protocol
 from pydra._core.isolation import IsolatedRunner
 from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
+from pydra.config import setting
 
 # Seconds between two progress reports of one unit, and between two looks for cancellations.
 _PROGRESS_INTERVAL = 0.2
@@ -30,6 +32,7 @@ class WorkerLoop:
     def __init__(self, comm: MPI.Intracomm, host: str, heartbeat: float | None = None, isolate: bool = False) -> None:
         self.comm = comm
         self.heartbeat = heartbeat  # seconds between heartbeats, None for none
+        self.master_timeout = setting("HEARTBEAT_TIMEOUT", 10.0)
         self.runner = UnitRunner(
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )
@@ -50,11 +53,29 @@ class WorkerLoop:
             self._serve()
         finally:
             stopped.set()
+            if self.heartbeat:
+                beat.join()
+                # Leave no message unreceived for MPI_Finalize.
+                while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT) is not None:
+                    pass
 
     def _beat(self, stopped: threading.Event) -> None:
-        """Tell rank 0 this rank lives, even while user code runs (needs MPI_THREAD_MULTIPLE)."""
+        """Tell rank 0 this rank lives, even while user code runs (needs MPI_THREAD_MULTIPLE).
+
+        Rank 0 beats back. If it falls silent it is gone, and this rank ends
+        itself: a launcher told to let ranks die alone will not stop it.
+        """
+        status = MPI.Status()  # this thread's own: the main thread polls with the module's
+        heard = time.monotonic()
         while not stopped.wait(self.heartbeat):
             mpi.send(self.comm, b"", 0, mpi.TAG_HEARTBEAT)
+            while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT, status) is not None:
+                heard = time.monotonic()
+            silence = time.monotonic() - heard
+            if silence > self.master_timeout and not stopped.is_set():
+                rank = self.comm.rank
+                os.write(2, f"pydra: rank 0 has been silent for {silence:.0f} s; rank {rank} stops\n".encode())
+                mpi.exit_without_finalize(0)  # 0: rank 0's own exit status tells whether the job failed
 
     def _serve(self) -> None:
         while True:
@@ -77,6 +98,8 @@ class WorkerLoop:
             if replies:
                 self._reply(replies)
             if commands[-1][0] == protocol.STOP:
+                if commands[-1][2]:
+                    mpi.exit_without_finalize(0)
                 return
 
     def _reply(self, replies: list[tuple]) -> None:

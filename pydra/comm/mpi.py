@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -87,12 +88,17 @@ class Received(NamedTuple):
 _status = MPI.Status()  # reused: each process polls from one thread
 
 
-def try_receive(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> Received | None:
-    """Receive one pending message matching *source* and *tag*, or return None at once."""
-    if not comm.Iprobe(source, tag, _status):
+def try_receive(
+    comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, status: MPI.Status = _status
+) -> Received | None:
+    """Receive one pending message matching *source* and *tag*, or return None at once.
+
+    A second thread that polls must bring its own *status*.
+    """
+    if not comm.Iprobe(source, tag, status):
         return None
-    source, tag = _status.Get_source(), _status.Get_tag()
-    buffer = bytearray(_status.Get_count(MPI.BYTE))
+    source, tag = status.Get_source(), status.Get_tag()
+    buffer = bytearray(status.Get_count(MPI.BYTE))
     comm.Recv([buffer, MPI.BYTE], source, tag)
     return Received(source, tag, buffer)
 
@@ -162,3 +168,17 @@ def abort(comm: MPI.Comm, message: str) -> None:
     # give it a moment, or the one message saying why would be lost.
     time.sleep(0.5)
     comm.Abort(1)
+
+
+def exit_without_finalize(status: int) -> None:
+    """End this process now, skipping MPI_Finalize (never returns).
+
+    Once a rank of the job has died, MPI_Finalize would wait for it forever;
+    the survivors flush what they printed and leave without it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

@@ -34,8 +34,16 @@ class MPIExec:
     implementation: str
 
     def command(self, ranks: int, program: list[str]) -> list[str]:
-        """The argv that starts *program* on *ranks* local ranks."""
+        """The argv that starts *program* on *ranks* local ranks.
+
+        Under MPICH each rank runs under :mod:`pydra.launcher.supervise` with
+        ``-disable-auto-cleanup``, so the job survives the death of a worker
+        rank (Hydra otherwise kills every rank when one dies by a signal).
+        """
         flags: list[str] = []
+        if self.implementation == MPICH:
+            flags.append("-disable-auto-cleanup")
+            program = [sys.executable, "-m", "pydra.launcher.supervise", *program]
         if self.implementation == OPEN_MPI:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 flags.append("--allow-run-as-root")

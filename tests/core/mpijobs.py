@@ -44,6 +44,7 @@ def _load_root_conftest() -> Any:
 _conftest = _load_root_conftest()
 Finished = _conftest.Finished
 run_process = _conftest.run_process
+stop_group = _conftest.stop_group
 run_mpi = _conftest.run_mpi
 run_pydra = _conftest.run_pydra
 mpi_environment = _conftest.mpi_environment
