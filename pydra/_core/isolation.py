@@ -146,8 +146,10 @@ class IsolatedRunner:
         if self.runner.is_cancelled(uid):
             return (uid, False, None, 0.0)
         started = time.perf_counter()
-        child = self._ready_child(command)
-        child.pipe.send(("run", command))
+        try:
+            child = self._hand_over(command)
+        except OSError as exc:
+            return self._failed(uid, TaskProcessDied(f"cannot start the task's process: {exc}"), started)
         limit = self._time_limit(command)
         deadline = None if limit is None else time.monotonic() + limit + _KILL_GRACE
         while True:
@@ -176,6 +178,18 @@ class IsolatedRunner:
                     buffer = self.runner.buffers[run] = MapBuffer(self.runner.defined[command[2]])
                 buffer.merge(pairs)
             return reply
+
+    def _hand_over(self, command: tuple) -> _Child:
+        """Send *command* to the child, starting a new one if it died since its last unit."""
+        try:
+            child = self._ready_child(command)
+            child.pipe.send(("run", command))
+            return child
+        except OSError:  # it died while idle (killed from outside): not this unit's fault
+            self._discard_child()
+        child = self._ready_child(command)
+        child.pipe.send(("run", command))
+        return child
 
     def _ready_child(self, command: tuple) -> _Child:
         if self.child is None:
