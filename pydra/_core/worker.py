@@ -33,6 +33,7 @@ class WorkerLoop:
         self.comm = comm
         self.heartbeat = heartbeat  # seconds between heartbeats, None for none
         self.master_timeout = setting("HEARTBEAT_TIMEOUT", 10.0)
+        self.max_result = setting("MAX_RESULT_BYTES", 1 << 30)
         self.runner = UnitRunner(
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )
@@ -111,10 +112,14 @@ class WorkerLoop:
 
     def _pack_reply(self, uid: int, ok: bool, value: object, seconds: float) -> tuple:
         try:
-            return (uid, ok, mpi.dumps(value), seconds)
+            blob = mpi.dumps(value)
         except Exception as exc:
-            error = TypeError(f"result of type {type(value).__name__} cannot be pickled: {exc}")
-            return (uid, False, mpi.dumps(protocol.Failure.capture(error, *self._where())), seconds)
+            error: Exception = TypeError(f"result of type {type(value).__name__} cannot be pickled: {exc}")
+        else:
+            if len(blob) <= self.max_result:
+                return (uid, ok, blob, seconds)
+            error = ValueError(f"a result of {len(blob)} bytes is larger than PYDRA_MAX_RESULT_BYTES={self.max_result}")
+        return (uid, False, mpi.dumps(protocol.Failure.capture(error, *self._where())), seconds)
 
     def _where(self) -> tuple[int, int, str]:
         return self.runner.rank, self.runner.size, self.runner.host

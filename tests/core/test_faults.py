@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pydra
 import pytest
 from mpijobs import JOBS, mpi_environment, rank_params, run_pydra
 
@@ -114,3 +115,21 @@ def test_a_map_that_fails_half_way_is_retried_without_counting_pairs_twice(tmp_p
     assert finished.returncode == 0, finished.stderr
     assert result == dict(sorted(Counter("".join(words)).items()))
     assert tried(tmp_path, "map") == ["map-cabbage", "map-cherry"]
+
+
+@pytest.mark.parametrize("ranks", rank_params(3))
+def test_a_result_over_the_size_limit_fails_with_one_line(tmp_path, ranks, monkeypatch):
+    monkeypatch.setenv("PYDRA_MAX_RESULT_BYTES", "1000")
+    finished, result = run_target(tmp_path, ranks, "big_results", ["a", "b"])
+    assert finished.returncode == 1 and result is None
+    last = finished.stderr.strip().splitlines()[-1]
+    assert "is larger than PYDRA_MAX_RESULT_BYTES=1000" in last and "item 0" in last and "on rank" in last
+
+
+def test_bad_retry_settings_are_refused():
+    with pytest.raises(ValueError, match="retries must be 0 or more"):
+        pydra.Parallel(abs, retries=-1)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        pydra.Parallel(abs, timeout=0)
+    with pytest.raises(ValueError, match="allow_failures must be 0 or more"):
+        pydra.Parallel(abs, allow_failures=-2)

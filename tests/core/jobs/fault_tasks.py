@@ -125,3 +125,12 @@ def crashes_no_retry() -> pydra.Task:
 
 def words_once() -> pydra.Task:
     return WordsOnce()
+
+
+def big(x: str) -> str:
+    """A result of about 10 kB."""
+    return x * 10_000
+
+
+def big_results() -> pydra.Task:
+    return pydra.Parallel(big, chunksize=1)
