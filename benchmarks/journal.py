@@ -22,7 +22,7 @@ from pathlib import Path
 import pydra
 
 HERE = Path(__file__).resolve()
-ITEMS = {"one-per-unit": 100_000, "auto-batched": 2_000_000}
+ITEMS = {"one-per-unit": 100_000, "auto-batched": 5_000_000}
 
 
 def inc(x: int) -> int:

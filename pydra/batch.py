@@ -167,11 +167,11 @@ class JobRecord:
         return self._earlier.get(node, {})
 
     def record(self, node: str, start: int, count: int, blob: bytes, rank: int, seconds: float) -> None:
-        from pydra.journal import JournalError
-
         try:
             self.journal.record_unit(self.job, node, start, count, blob, rank, seconds)
-        except JournalError as exc:
+        except Exception as exc:  # the disk is full, or failing
+            from pydra.journal import JournalError
+
             raise JournalError(f"job {self.job}: items {start}..{start + count - 1} of node {node} from rank {rank} not journaled: {exc}") from exc
 
     def finish(self, output: str | None) -> None:

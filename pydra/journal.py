@@ -191,8 +191,12 @@ class Journal:
         self._reader = reader
         self._read_lock = threading.Lock()
         self._writer = writer
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # Guards _failed, _closed and _submitted: a message is queued only while the
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # requests (writes callers wait for)
+        # Unit rows wait in a plain list: handing each row to a queue would wake the writer
+        # thread once per row, and those GIL hand-offs would slow the scheduler that records them.
+        self._rows: list[tuple] = []
+        self._wake = threading.Event()
+        # Guards _rows, _failed, _closed and _submitted: a request is queued only while the
         # writer has not failed, so the writer's final drain answers every request.
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
@@ -261,6 +265,7 @@ class Journal:
             request = _Request(None, stop=True)
             if self._failed is None:
                 self._queue.put(request)
+                self._wake.set()
         self._thread.join()
         with self._read_lock:
             self._reader.close()
@@ -361,7 +366,9 @@ class Journal:
         with self._lock:
             self._check_writable()
             self._submitted += 1
-            self._queue.put(row)
+            self._rows.append(row)
+            if len(self._rows) == BATCH_ROWS:
+                self._wake.set()
 
     def flush(self) -> None:
         """Block until every row recorded so far is committed."""
@@ -420,6 +427,7 @@ class Journal:
         with self._lock:
             self._check_writable()
             self._queue.put(request)
+            self._wake.set()
         request.done.wait()
         if request.error is not None:
             if request.error is self._failed:
@@ -445,38 +453,35 @@ class Journal:
 
     def _write_loop(self) -> None:
         db = self._writer
-        batch: list[tuple] = []
-        deadline = 0.0
         message: Any = None
         try:
             while True:
-                if batch:
+                # Wake every flush_interval, or at once for BATCH_ROWS rows or a request.
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                self._commit_waiting_rows(db)
+                while True:
                     try:
-                        message = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                        message = self._queue.get_nowait()
                     except queue.Empty:
-                        self._commit_rows(db, batch)
-                        continue
-                else:
-                    message = self._queue.get()
-                if type(message) is tuple:
-                    if not batch:
-                        deadline = time.monotonic() + self.flush_interval
-                    batch.append(message)
-                    if len(batch) >= BATCH_ROWS or time.monotonic() >= deadline:
-                        self._commit_rows(db, batch)
-                    continue
-                # A request: the rows queued before it go first.
-                if batch:
-                    self._commit_rows(db, batch)
-                if message.work is not None:
-                    self._run(db, message)
-                message.done.set()
-                if message.stop:
-                    return
+                        break
+                    self._commit_waiting_rows(db)  # the rows recorded before the request go first
+                    if message.work is not None:
+                        self._run(db, message)
+                    message.done.set()
+                    if message.stop:
+                        return
+                message = None
         except BaseException as exc:  # noqa: BLE001 - any failure ends writing, and is reported
             self._fail(exc, message)
         finally:
             db.close()
+
+    def _commit_waiting_rows(self, db: sqlite3.Connection) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if rows:
+            self._commit_rows(db, rows)
 
     def _commit_rows(self, db: sqlite3.Connection, batch: list[tuple]) -> None:
         began = time.perf_counter()
@@ -522,9 +527,8 @@ class Journal:
                 message = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if type(message) is not tuple:
-                message.error = exc
-                message.done.set()
+            message.error = exc
+            message.done.set()
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -318,17 +318,19 @@ def test_batching_commits_many_rows_at_once(run_dir):
         assert all(pickle.loads(blob) == start for start, (_, blob) in units.items())
 
 
-def test_batches_are_bounded_in_size(run_dir):
+def test_a_full_batch_is_committed_without_waiting_for_the_interval(run_dir):
     with Journal.open(run_dir, create=True, flush_interval=60) as journal_:
         job = journal_.add_job("t.py:T", [], {}, None)
-        for start in range(journal.BATCH_ROWS * 2 + 10):
+        for start in range(journal.BATCH_ROWS - 1):
             journal_.record_unit(job, "0", start, 1, b"r", 1, 0.0)
-        # Without any flush (and a 60 s interval) two full batches get committed.
+        time.sleep(0.2)
+        assert journal_.statistics()["rows_committed"] == 0  # not yet a batch, and 60 s to go
+        journal_.record_unit(job, "0", journal.BATCH_ROWS, 1, b"r", 1, 0.0)
+        # Without any flush (and a 60 s interval) the full batch gets committed.
         deadline = time.monotonic() + 5
-        while journal_.statistics()["rows_committed"] < journal.BATCH_ROWS * 2:
+        while journal_.statistics()["rows_committed"] < journal.BATCH_ROWS:
             assert time.monotonic() < deadline, journal_.statistics()
             time.sleep(0.005)
-        assert journal_.statistics()["rows_committed"] == journal.BATCH_ROWS * 2
 
 
 def test_flushed_units_survive_kill_9(run_dir):

@@ -234,7 +234,7 @@ class ChunkStream(Source):
         self.window = window
         self.policy = policy
         self.skip = deque(sorted((skip or {}).items()))
-        self.record = record
+        self.record = None if record is None else Coalescer(master, record)
         self.position = 0  # items pulled from the iterable so far
         self.items_handed_out = 0
         self.consumed = 0  # items, counted by the consumer
@@ -328,7 +328,7 @@ class ChunkStream(Source):
         self.sizer.observe(count, seconds)
         if self.record is not None:
             try:
-                self.record(chunk.start, count, mpi.dumps(value) if blob is None else blob, rank, seconds)
+                self.record.add(chunk.start, value, blob, rank, seconds)
             except Exception as exc:  # the journal cannot be written: nothing may go unrecorded
                 self._fail(exc, chunk.start)
                 return
@@ -375,6 +375,12 @@ class ChunkStream(Source):
 
     def _check_done(self) -> None:
         if self.exhausted and not (self.outstanding or self.retry or self.delayed) and self.failed_at is None:
+            if self.record is not None:
+                try:
+                    self.record.flush()
+                except Exception as exc:
+                    self._fail(exc, self.position)
+                    return
             self.sink.done()
 
     def _fail(self, error: BaseException, start: int) -> None:
@@ -384,6 +390,66 @@ class ChunkStream(Source):
         self.retry.clear()
         self.master.cancel([uid for uid, later in self.outstanding.items() if later.start > start])
         self.sink.fail(error, start)
+
+
+class Coalescer:
+    """Joins the results of small consecutive chunks into fewer, larger journal records.
+
+    Chunks of one item (``chunksize=1``) would each cost a journal row; here
+    they wait up to ``COALESCE_SECONDS`` (or ``COALESCE_ITEMS`` items), then
+    each run of consecutive chunks becomes one record. A chunk of
+    ``COALESCE_ITEMS`` items or more is recorded at once, with the values as
+    the worker pickled them.
+    """
+
+    COALESCE_SECONDS = 0.02
+    COALESCE_ITEMS = 1024
+
+    def __init__(self, master: "Master", record: Recorder) -> None:
+        self.master = master
+        self.record = record
+        self.waiting: dict[int, tuple[list, int, float]] = {}  # start -> (values, rank, seconds)
+        self.items_waiting = 0
+        self.timer: Any = None
+
+    def add(self, start: int, values: list, blob: bytes | None, rank: int, seconds: float) -> None:
+        if len(values) >= self.COALESCE_ITEMS:
+            self.record(start, len(values), mpi.dumps(values) if blob is None else blob, rank, seconds)
+            return
+        self.waiting[start] = (values, rank, seconds)
+        self.items_waiting += len(values)
+        if self.items_waiting >= self.COALESCE_ITEMS:
+            self.flush()
+        elif self.timer is None:
+            self.timer = self.master.loop.call_later(self.COALESCE_SECONDS, self._flush_on_time)
+
+    def _flush_on_time(self) -> None:
+        self.timer = None
+        try:
+            self.flush()
+        except Exception:
+            pass  # the journal failed: the stream's next record raises it where it can be handled
+
+    def flush(self) -> None:
+        """Record every waiting chunk, one record per run of consecutive ones."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        waiting, self.waiting, self.items_waiting = self.waiting, {}, 0
+        run: list = []
+        first = end = rank = 0
+        seconds = 0.0
+        for start in sorted(waiting):
+            values, by, took = waiting[start]
+            if run and start != end:
+                self.record(first, len(run), mpi.dumps(run), rank, seconds)
+                run = []
+            if not run:
+                first, seconds = start, 0.0
+            run.extend(values)
+            end, rank, seconds = start + len(values), by, seconds + took
+        if run:
+            self.record(first, len(run), mpi.dumps(run), rank, seconds)
 
 
 @dataclass

@@ -7,7 +7,9 @@ against the serial answer, or the one-line error naming the item and rank.
 
 from __future__ import annotations
 
+import itertools
 import json
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -20,14 +22,14 @@ ITEMS = [str(x) for x in range(30)]
 SQUARES = [x * x for x in range(30)]
 
 
-def run_target(tmp_path: Path, ranks: int, name: str, items: list[str], *flags: str, timeout: float = 90):
-    """``pydra run fault_tasks.py:NAME ITEMS -o result.json``; (finished, result or None)."""
+def run_target(tmp_path: Path, ranks: int, name: str, items: list[str], *flags: str, timeout: float = 90, journal: bool = False):
+    """``pydra run fault_tasks.py:NAME ITEMS -o result.json [--no-journal]``; (finished, result or None)."""
     faults = tmp_path / "faults"
     faults.mkdir(exist_ok=True)
     env = mpi_environment()
     env["FAULT_DIR"] = str(faults)
     output = tmp_path / "result.json"
-    args = ["run", f"{TARGETS}:{name}", *items, "-o", str(output), "--no-journal", *flags]
+    args = ["run", f"{TARGETS}:{name}", *items, "-o", str(output), *([] if journal else ["--no-journal"]), *flags]
     finished = run_pydra(ranks, args, timeout=timeout, env=env)
     result = json.loads(output.read_text()) if output.exists() else None
     return finished, result
@@ -133,3 +135,38 @@ def test_bad_retry_settings_are_refused():
         pydra.Parallel(abs, timeout=0)
     with pytest.raises(ValueError, match="allow_failures must be 0 or more"):
         pydra.Parallel(abs, allow_failures=-2)
+
+
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+def test_a_journaled_run_records_each_item_once_and_resumes_without_recomputing(tmp_path, ranks):
+    items = [str(x) for x in range(300)]
+    run_dir = tmp_path / "run"
+    finished, result = run_target(tmp_path, ranks, "raises_once", items, "--run-dir", str(run_dir), journal=True)
+    assert finished.returncode == 0, finished.stderr
+    assert result == [x * x for x in range(300)]
+    assert f"run directory {run_dir}" in finished.stderr
+    with sqlite3.connect(run_dir / "journal.sqlite") as db:
+        units = db.execute("SELECT start, count FROM units WHERE node = 'r' ORDER BY start").fetchall()
+        states = [state for (state,) in db.execute("SELECT state FROM transitions ORDER BY rowid")]
+    assert [start for start, _ in units] == list(itertools.accumulate([0] + [count for _, count in units[:-1]]))
+    assert sum(count for _, count in units) == 300
+    assert states == ["queued", "running", "done"]
+
+    # Resuming a finished run recomputes nothing: no task runs (no new marker), same result.
+    (tmp_path / "result.json").unlink()
+    markers = tried(tmp_path, "raise")
+    resumed = run_pydra(ranks, ["run", "--resume", str(run_dir)], env=mpi_environment() | {"FAULT_DIR": str(tmp_path / "faults")})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({len(units)} units journaled)" in resumed.stderr
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert tried(tmp_path, "raise") == markers
+
+
+def test_resume_needs_a_journal(tmp_path):
+    finished = run_pydra(1, ["run", "--resume", str(tmp_path)])
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines()[-1] == (
+        f"pydra: error: no journal in {tmp_path}: expected {tmp_path}/journal.sqlite (was it made with --run-dir?)"
+    )
+    finished = run_pydra(1, ["run", "--resume", str(tmp_path), "x.py:T"])
+    assert finished.returncode == 2 and "--resume DIR takes no TARGET" in finished.stderr
