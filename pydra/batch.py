@@ -126,8 +126,8 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
                 record.fail(exc)
             status = EXIT_FAILED
     if master.lost_ranks:
-        print(f"pydra: worker ranks {master.lost_ranks} were lost during the job", file=sys.stderr)
-        mpi.exit_without_finalize(status)  # MPI_Finalize would wait for the lost ranks
+        print(f"pydra: worker ranks {master.lost_ranks} were lost during the job; ending it with MPI_Abort({status})", file=sys.stderr)
+        mpi.end_job_after_loss(comm, status)
     return status
 
 

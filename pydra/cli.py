@@ -47,30 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
             "The INPUTs (strings) are the root's input: the arguments of work() for a\n"
             "Task, the items for Parallel and MapReduce, the first child's input for a\n"
             "Sequence.\n\n"
+            "Every run keeps a journal in a run directory (printed at start); after a\n"
+            "crash, --resume DIR computes only what the journal lacks. Under `pydra launch`\n"
+            "the run directory is on the host of rank 0.\n\n"
             "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("target", metavar="TARGET", nargs="?", help="the task to run, file.py:Name or module:Name")
-    run.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")
-    run.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
+    add_job_arguments(run)
     run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
-    run.add_argument(
-        "--run-dir",
-        metavar="DIR",
-        help="keep the job's journal in DIR (default: a new directory under ~/.pydra/runs, printed at start)",
-    )
-    run.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="finish the job journaled in run directory DIR, recomputing only what it lacks (no TARGET)",
-    )
-    run.add_argument("--no-journal", action="store_true", help="keep no journal (the job cannot be resumed)")
-    run.add_argument(
-        "--isolate",
-        action="store_true",
-        help="run task code in a child process of each worker, so a crash costs one try (PYDRA_ISOLATE=1)",
-    )
     run.set_defaults(handler=_run)
 
     for name, text in [
@@ -92,17 +77,56 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say which job to run and how: shared by ``pydra run`` and ``pydra launch``."""
+    parser.add_argument("target", metavar="TARGET", nargs="?", help="the task to run, file.py:Name or module:Name")
+    parser.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")
+    parser.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
+    parser.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="keep the job's journal in DIR (default: a new directory under ~/.pydra/runs, printed at start)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="finish the job journaled in run directory DIR, recomputing only what it lacks (no TARGET)",
+    )
+    parser.add_argument("--no-journal", action="store_true", help="keep no journal (the job cannot be resumed)")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run task code in a child process of each worker, so a crash costs one try (PYDRA_ISOLATE=1)",
+    )
+
+
+def check_job_arguments(args: argparse.Namespace, prog: str) -> bool:
+    """Whether the job arguments make sense; if not, say why on stderr. Applies ``--isolate``."""
+    if args.resume and (args.target or args.inputs or args.run_dir):
+        print(f"{prog}: error: --resume DIR takes no TARGET, INPUT or --run-dir: the journal has them", file=sys.stderr)
+        return False
+    if not args.resume and not args.target:
+        print(f"{prog}: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
+        return False
+    if args.isolate:
+        os.environ["PYDRA_ISOLATE"] = "1"  # read by the worker ranks (mpiexec passes it on)
+    return True
+
+
+def job_arguments(args: argparse.Namespace) -> list[str]:
+    """The job arguments again, as ``pydra run`` on every rank must get them."""
+    words = [args.target, *args.inputs] if args.target else []
+    for flag, value in (("--output", args.output), ("--run-dir", args.run_dir), ("--resume", args.resume)):
+        if value:
+            words += [flag, value]
+    return words + (["--no-journal"] if args.no_journal else []) + (["--isolate"] if args.isolate else [])
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from pydra import batch
 
-    if args.resume and (args.target or args.inputs or args.run_dir):
-        print("pydra run: error: --resume DIR takes no TARGET, INPUT or --run-dir: the journal has them", file=sys.stderr)
+    if not check_job_arguments(args, "pydra run"):
         return batch.EXIT_USAGE
-    if not args.resume and not args.target:
-        print("pydra run: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
-        return batch.EXIT_USAGE
-    if args.isolate:
-        os.environ["PYDRA_ISOLATE"] = "1"  # read by the worker ranks (and passed on by -n's mpiexec)
     if args.ranks is not None:
         return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
     request = batch.JobRequest(args.target, args.inputs, args.output, args.run_dir, args.resume, not args.no_journal)

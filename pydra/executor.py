@@ -150,8 +150,8 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = True
         self._master.stop()
         if self._master.lost_ranks:
-            # MPI_Finalize at exit would wait for the lost ranks forever: leave without it.
-            atexit.register(mpi.exit_without_finalize, 0)
+            # MPI_Finalize at exit would wait for the lost ranks forever: end the job instead.
+            atexit.register(mpi.end_job_after_loss, self.comm, 0)
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of the workers and the queue."""

@@ -200,9 +200,9 @@ class Master:
     def lost_ranks(self) -> list[int]:
         """The workers declared lost so far.
 
-        If there are any once the master has stopped, this process must end
-        with :func:`pydra.comm.mpi.exit_without_finalize`:
-        MPI_Finalize would wait for them forever.
+        If there are any once the master has stopped, rank 0 must end the job
+        with :func:`pydra.comm.mpi.end_job_after_loss`: MPI_Finalize would wait
+        for them forever, and one stuck in a collective never exits by itself.
         """
         return [worker.rank for worker in self.workers if not worker.alive]
 

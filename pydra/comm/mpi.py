@@ -170,6 +170,22 @@ def abort(comm: MPI.Comm, message: str) -> None:
     comm.Abort(1)
 
 
+def end_job_after_loss(comm: MPI.Comm, status: int) -> None:
+    """Rank 0, after ranks were lost: end the whole MPI job with *status* (never returns).
+
+    MPI_Finalize would wait for the lost ranks forever, and a rank declared
+    lost may still be running, stuck in a collective with a dead one; only
+    MPI_Abort stops it. The healthy workers have been told to exit first.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    time.sleep(0.3)  # let the healthy workers' exits (and their last output) through
+    comm.Abort(status)
+
+
 def exit_without_finalize(status: int) -> None:
     """End this process now, skipping MPI_Finalize (never returns).
 

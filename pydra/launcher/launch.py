@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydra.cli import add_job_arguments, check_job_arguments, job_arguments
 from pydra.comm.aio import Channel, open_channel
 from pydra.comm.channel import ChannelError
 from pydra.config import setting
@@ -86,8 +87,8 @@ def launch_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pydra launch",
         description="Authenticate every host's Pydra agent, then run TARGET as an MPI job through them.",
-        epilog="TARGET, INPUT and --output are as in `pydra run`. Without a hostfile (and outside a Slurm or "
-               "PBS allocation) the job runs on this host alone, like `pydra run -n N`.",
+        epilog="TARGET, INPUT and the job options are as in `pydra run`. Without a hostfile (and outside a "
+               "Slurm or PBS allocation) the job runs on this host alone, like `pydra run -n N`.",
     )
     parser.add_argument("-f", "--hostfile", type=Path, metavar="HOSTFILE", help="hosts to run on")
     parser.add_argument("-n", "--ranks", type=int, required=True, metavar="N", help="number of MPI ranks")
@@ -97,11 +98,11 @@ def launch_main(argv: list[str] | None = None) -> int:
                         help="pinned host keys (default ~/.pydra/known_hosts)")
     parser.add_argument("--accept-new", action="store_true",
                         help="trust and record the key of a host seen for the first time (a changed key is always refused)")
-    parser.add_argument("target", metavar="TARGET")
-    parser.add_argument("inputs", metavar="INPUT", nargs="*")
-    parser.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH")
+    add_job_arguments(parser)
     args = parser.parse_intermixed_args(argv)
-    forwarded = [args.target, *args.inputs] + (["--output", args.output] if args.output else [])
+    if not check_job_arguments(args, "pydra launch"):
+        return 2
+    forwarded = job_arguments(args)
 
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else hosts_from_environment()

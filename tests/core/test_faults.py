@@ -17,6 +17,8 @@ import pydra
 import pytest
 from mpijobs import JOBS, mpi_environment, rank_params, run_pydra
 
+from pydra.launcher.mpiexec import MPICH, library_implementation
+
 TARGETS = JOBS / "fault_tasks.py"
 ITEMS = [str(x) for x in range(30)]
 SQUARES = [x * x for x in range(30)]
@@ -170,3 +172,32 @@ def test_resume_needs_a_journal(tmp_path):
     )
     finished = run_pydra(1, ["run", "--resume", str(tmp_path), "x.py:T"])
     assert finished.returncode == 2 and "--resume DIR takes no TARGET" in finished.stderr
+
+
+needs_mpich = pytest.mark.skipif(
+    library_implementation() != MPICH, reason="surviving a lost worker rank needs MPICH (docs/FAULT-TOLERANCE.md)"
+)
+
+
+@needs_mpich
+@pytest.mark.parametrize("ranks", rank_params(4))
+def test_a_mapreduce_survives_losing_a_rank_that_held_pairs(tmp_path, ranks, monkeypatch):
+    monkeypatch.setenv("PYDRA_HEARTBEAT_TIMEOUT", "2")
+    words = ["apple", "cherry", "banana", "date", "fig", "grape"] * 4 + ["kill"] + ["lemon", "mango"] * 4
+    finished, result = run_target(tmp_path, ranks, "map_kills_its_rank", words)
+    assert finished.returncode == 0, finished.stderr
+    assert result == dict(sorted(Counter("".join(words)).items()))
+    assert "pydra: lost worker rank" in finished.stderr and "was killed by SIGKILL" in finished.stderr
+
+
+@needs_mpich
+@pytest.mark.parametrize("ranks", rank_params(4))
+def test_a_gang_that_loses_a_member_runs_again_on_what_is_left(tmp_path, ranks, monkeypatch):
+    monkeypatch.setenv("PYDRA_HEARTBEAT_TIMEOUT", "2")
+    finished, result = run_target(tmp_path, ranks, "gang_loses_a_member", ["5"])
+    assert finished.returncode == 0, finished.stderr
+    # Rank 1 of the gang died; the other two were stuck in its allreduce and are lost too,
+    # so rank 0 runs the gang again by itself.
+    assert result == {"sum": 5, "size": 1}
+    assert "was in a collective with lost rank" in finished.stderr
+    assert "no worker rank is left; rank 0 runs the remaining work itself" in finished.stderr

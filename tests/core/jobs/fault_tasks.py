@@ -8,6 +8,7 @@ later calls find the marker and compute.
 
 import ctypes
 import os
+import signal
 import time
 
 import pydra
@@ -134,3 +135,33 @@ def big(x: str) -> str:
 
 def big_results() -> pydra.Task:
     return pydra.Parallel(big, chunksize=1)
+
+
+class MapKillsItsRank(pydra.MapReduce):
+    """Counts characters; the rank that maps "kill" first SIGKILLs itself (pairs it held are lost)."""
+
+    def map(self, item: str):
+        if item == "kill" and first_try("kill", item):
+            os.kill(os.getpid(), signal.SIGKILL)
+        for char in item:
+            yield char, 1
+
+    def reduce(self, key: str, values: list) -> int:
+        return sum(values)
+
+
+class GangLosesAMember(pydra.GangTask):
+    """Sums x over the gang (every worker); gang rank 1 SIGKILLs itself on the first run."""
+
+    def work(self, x: str) -> dict:
+        if self.comm.rank == 1 and first_try("gang", x):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"sum": self.comm.allreduce(int(x)), "size": self.comm.size}
+
+
+def map_kills_its_rank() -> pydra.Task:
+    return MapKillsItsRank()
+
+
+def gang_loses_a_member() -> pydra.Task:
+    return GangLosesAMember()
