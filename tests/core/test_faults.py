@@ -127,7 +127,8 @@ def test_a_result_over_the_size_limit_fails_with_one_line(tmp_path, ranks, monke
     finished, result = run_target(tmp_path, ranks, "big_results", ["a", "b"])
     assert finished.returncode == 1 and result is None
     last = finished.stderr.strip().splitlines()[-1]
-    assert "is larger than PYDRA_MAX_RESULT_BYTES=1000" in last and "item 0" in last and "on rank" in last
+    assert "is larger than PYDRA_MAX_RESULT_BYTES=1000" in last and "on rank" in last
+    assert "in item 0," in last or "in item 1," in last  # whichever worker answered first
 
 
 def test_bad_retry_settings_are_refused():
