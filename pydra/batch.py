@@ -25,8 +25,8 @@ from pydra.errors import ItemFailed, RemoteTraceback, TargetError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def run_locally(ranks: int, forwarded: list[str]) -> int:
-    """Start ``mpiexec -n ranks python -m pydra run ...`` on this host and return its status."""
+def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
+    """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host and return its status."""
     from pydra.launcher.mpiexec import MPIExecError, find_mpiexec
 
     try:
@@ -34,8 +34,7 @@ def run_locally(ranks: int, forwarded: list[str]) -> int:
     except MPIExecError as exc:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    command = mpiexec.command(ranks, [sys.executable, "-m", "pydra", "run", *forwarded])
-    return wait_for(subprocess.Popen(command))
+    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded])))
 
 
 def wait_for(process: subprocess.Popen) -> int:
@@ -116,7 +115,7 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
             return EXIT_OK  # a worker: rank 0 reports
         master = executor.master
         try:
-            result = executor.submit_task(root, *inputs, log=record).result()
+            result = executor.submit_task(root, *inputs, log=record.log if record else None).result()
             if record is not None:
                 record.finish(output)
             status = _report(target, result, output, time.monotonic() - started, comm.size)
@@ -148,31 +147,16 @@ def _report(target: str, result: Any, output: str | None, elapsed: float, size: 
 class JobRecord:
     """A batch job's entry in the journal of its run directory (rank 0).
 
-    It is the :class:`~pydra._core.evaluate.UnitLog` of the job's tree walk:
-    finished units go to the journal as they arrive, and a resumed job finds
-    the units of the earlier run here.
+    Its ``log`` is the job's :class:`~pydra.journal.UnitRecorder`: finished
+    units go to the journal as they arrive, and a resumed job finds the units
+    of the earlier run there.
     """
 
     def __init__(self, journal: Any, job: int, spec: Any, inputs: list[str], output: str | None, resumed: bool) -> None:
+        from pydra.journal import UnitRecorder
+
         self.journal, self.job, self.spec, self.inputs, self.output = journal, job, spec, inputs, output
-        self._earlier: dict[str, dict[int, tuple[int, bytes]]] = {}
-        if resumed:  # read the earlier run's units once, not once per tree node
-            for node in {node for node, _, _ in journal.unit_rows(job)}:
-                self._earlier[node] = journal.units(job, node)
-
-    def units_recorded(self) -> int:
-        return sum(len(units) for units in self._earlier.values())
-
-    def done(self, node: str) -> dict[int, tuple[int, bytes]]:
-        return self._earlier.get(node, {})
-
-    def record(self, node: str, start: int, count: int, blob: bytes, rank: int, seconds: float) -> None:
-        try:
-            self.journal.record_unit(self.job, node, start, count, blob, rank, seconds)
-        except Exception as exc:  # the disk is full, or failing
-            from pydra.journal import JournalError
-
-            raise JournalError(f"job {self.job}: items {start}..{start + count - 1} of node {node} from rank {rank} not journaled: {exc}") from exc
+        self.log = UnitRecorder(journal, job, resumed)
 
     def finish(self, output: str | None) -> None:
         self.journal.set_state(self.job, "done", result_path=output)
@@ -206,7 +190,7 @@ def resume_record(run_dir: Path) -> JobRecord:
     except BaseException:
         journal.close()
         raise
-    print(f"pydra: resuming {spec.text} from {run_dir} ({record.units_recorded()} units journaled)", file=sys.stderr)
+    print(f"pydra: resuming {spec.text} from {run_dir} ({record.log.units_recorded()} units journaled)", file=sys.stderr)
     return record
 
 

@@ -22,6 +22,7 @@ SELF_PARSING = {
     "keygen": "pydra.launcher.keys:keygen_main",
     "node": "pydra.launcher.node:node_main",
     "launch": "pydra.launcher.launch:launch_main",
+    "shell": "pydra.shell.app:shell_main",
 }
 
 
@@ -56,12 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_job_arguments(run)
     run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    run.add_argument("--serve", action="store_true", help="stay up as a service cluster (see pydra serve); TARGET, if any, is its first job")
+    add_service_arguments(run)
     run.set_defaults(handler=_run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="keep a cluster up and run jobs submitted with pydra shell",
+        description=(
+            "Start a service cluster: every rank stays up, rank 0 runs jobs from a queue (higher "
+            "priority first, then oldest) on the shared workers, and serves the admin shell on an "
+            "authenticated endpoint. Run it under mpiexec, or with -n N to start mpiexec here."
+        ),
+        epilog=(
+            "Attach with `pydra shell` (the newest local cluster) or `pydra shell --connect FILE`;\n"
+            "admins need a key with pydra-role=\"admin\" in ~/.pydra/authorized_keys.\n"
+            "Job records stay in the run directory's journal.sqlite after the cluster stops."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    serve.add_argument("--run-dir", metavar="DIR", help="the service's run directory (default: new, under ~/.pydra/runs)")
+    serve.add_argument(
+        "--no-isolate", action="store_true",
+        help="run task code in the worker ranks themselves (by default a service isolates it in child processes)",
+    )
+    add_service_arguments(serve)
+    serve.set_defaults(handler=_serve)
 
     for name, text in [
         ("keygen", "make or inspect an Ed25519 identity key (like ssh-keygen; see pydra keygen --help)"),
         ("node", "run the agent that starts processes for authorized launchers (see pydra node --help)"),
         ("launch", "authenticate the hosts' agents and run a job through them (see pydra launch --help)"),
+        ("shell", "the admin shell of a service cluster (see pydra shell --help)"),
     ]:
         commands.add_parser(name, add_help=False, help=text)  # listed here, parsed by SELF_PARSING
     return parser
@@ -122,9 +150,49 @@ def job_arguments(args: argparse.Namespace) -> list[str]:
     return words + (["--no-journal"] if args.no_journal else []) + (["--isolate"] if args.isolate else [])
 
 
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a service cluster (``pydra serve``, ``pydra run --serve``, ``pydra launch --serve``)."""
+    parser.add_argument(
+        "--listen", type=_address, default=("127.0.0.1", 0), metavar="ADDR:PORT",
+        help="where rank 0 serves the admin shell (default 127.0.0.1 and a free port; loopback unless you say so)",
+    )
+    parser.add_argument("--max-jobs", type=_positive, default=4, metavar="N", help="jobs that run at once (default 4)")
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT (port 0 for any free one), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from pydra import batch
+
+    if not args.no_isolate:
+        os.environ["PYDRA_ISOLATE"] = "1"  # a service runs anyone's code for a long time: isolate by default
+    if args.ranks is not None:
+        return batch.run_locally(args.ranks, _without_ranks(argv[1:]), command="serve")
+    from pydra.service import run_service
+
+    return run_service(args.run_dir, args.listen, args.max_jobs, None)
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from pydra import batch
 
+    if args.serve:
+        if args.resume or args.no_journal or args.output:
+            print("pydra run: error: --serve takes no --resume, --no-journal or --output", file=sys.stderr)
+            return batch.EXIT_USAGE
+        if not args.isolate:
+            os.environ["PYDRA_ISOLATE"] = "1"
+        if args.ranks is not None:
+            return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
+        from pydra.service import run_service
+
+        first = [args.target, *args.inputs] if args.target else None
+        return run_service(args.run_dir, args.listen, args.max_jobs, first)
     if not check_job_arguments(args, "pydra run"):
         return batch.EXIT_USAGE
     if args.ranks is not None:

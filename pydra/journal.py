@@ -334,6 +334,15 @@ class Journal:
 
         self._call(update)
 
+    def set_priority(self, job: int, priority: int) -> None:
+        """Change the priority of *job* (the queue runs higher priorities first)."""
+
+        def update(db: sqlite3.Connection) -> None:
+            if db.execute("UPDATE jobs SET priority = ? WHERE id = ?", (priority, job)).rowcount == 0:
+                raise KeyError(f"no job {job} in {self.path}")
+
+        self._call(update)
+
     def job(self, job_id: int) -> dict | None:
         """Return job *job_id* as a dict of its columns (inputs and options decoded), or None."""
         rows = self._read(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
@@ -587,3 +596,33 @@ def _job_dict(row: tuple) -> dict:
     job["inputs"] = json.loads(job["inputs"])
     job["options"] = json.loads(job["options"])
     return job
+
+
+class UnitRecorder:
+    """One job's record of finished units, as the tree walk uses it (a ``UnitLog``).
+
+    Finished units go to *journal* as they arrive; a *resumed* job first reads
+    the units of its earlier run, once, not once per tree node.
+    """
+
+    def __init__(self, journal: Journal, job: int, resumed: bool) -> None:
+        self.journal, self.job = journal, job
+        self._earlier: dict[str, dict[int, tuple[int, bytes]]] = {}
+        if resumed:
+            for node in {node for node, _, _ in journal.unit_rows(job)}:
+                self._earlier[node] = journal.units(job, node)
+
+    def units_recorded(self) -> int:
+        """How many units the earlier run left."""
+        return sum(len(units) for units in self._earlier.values())
+
+    def done(self, node: str) -> dict[int, tuple[int, bytes]]:
+        return self._earlier.get(node, {})
+
+    def record(self, node: str, start: int, count: int, blob: bytes, rank: int, seconds: float) -> None:
+        try:
+            self.journal.record_unit(self.job, node, start, count, blob, rank, seconds)
+        except JournalError as exc:  # the disk is full, or failing
+            raise JournalError(
+                f"job {self.job}: items {start}..{start + count - 1} of node {node} from rank {rank} not journaled: {exc}"
+            ) from exc

@@ -47,6 +47,19 @@ class Walk:
     def __init__(self, master: Master, log: UnitLog | None = None) -> None:
         self.master = master
         self.log = log
+        self.streams: list[ChunkStream] = []  # every stream this walk started, for progress and cancel
+
+    def progress(self) -> tuple[int, int | None]:
+        """Items done so far, and the total if every input so far has a length (any thread)."""
+        streams = list(self.streams)
+        done = sum(stream.items_done + stream.items_failed for stream in streams)
+        totals = [stream.total for stream in streams]
+        return done, (None if not totals or None in totals else sum(totals))  # type: ignore[arg-type]
+
+    def cancel(self) -> None:
+        """Stop handing out this walk's units and cancel those running (scheduler thread)."""
+        for stream in self.streams:
+            stream.abandon()
 
     async def evaluate(self, node: Task, args: tuple, path: str = "r") -> Any:
         """The result of *node* called with *args*, computed on the workers."""
@@ -97,6 +110,8 @@ class Walk:
         sink.stream = ChunkStream(
             self.master, make_command, items, chunksize, sink, policy=policy, skip=skip, record=record
         )
+        sink.stream.items_done = sum(count for count in skip.values())  # done by an earlier run
+        self.streams.append(sink.stream)
         self.master.add_source(sink.stream)
         return sink.future
 
@@ -112,7 +127,7 @@ class Walk:
         run = master.new_run_id()  # the same job may be running several times at once
         policy = RetryPolicy.for_task(job, job.allow_failures)
         make_map = lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run)  # noqa: E731
-        holders = MapHolders(master)
+        holders = MapHolders(master, self.streams)
         try:
             await holders.run(make_map, items, policy)
             for _ in range(GANG_LOSSES + 1):
@@ -247,8 +262,9 @@ class OrderedResults(_StreamResult):
 class MapHolders:
     """Which ranks hold the pairs of which map chunks, across the map streams of one MapReduce."""
 
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Master, streams: list[ChunkStream]) -> None:
         self.master = master
+        self.streams = streams
         self.by_rank: dict[int, list[Chunk]] = {}
         self.ranks_used: set[int] = set()
 
@@ -256,6 +272,7 @@ class MapHolders:
         """Map *items*; return once all are held (or failed within the policy's allowance)."""
         sink = _MapSink(self)
         sink.stream = ChunkStream(self.master, make_command, items, None, sink, policy=policy)
+        self.streams.append(sink.stream)
         self.master.add_source(sink.stream)
         await sink.future
 

@@ -97,7 +97,8 @@ class _Child:
         os.close(to_child_r)
         os.close(from_child_w)
         self.pipe = Pipe(from_child_r, to_child_w)
-        self.known: set[int] = set()
+        self.known: set[int] = set()  # definitions sent
+        self.loaded = 0  # task files sent, counted in pydra.target.LOADED
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -134,7 +135,7 @@ class IsolatedRunner:
         op = command[0]
         if op == protocol.DEFINE:
             self.blobs[command[1]] = command[2]
-        elif op == protocol.STOP and self.child is not None:
+        elif op in (protocol.STOP, protocol.RESTART) and self.child is not None:
             self.child.close()
             self.child = None
         if op in self.ISOLATED:
@@ -195,7 +196,9 @@ class IsolatedRunner:
         if self.child is None:
             self.child = _Child(self.rank, self.size, self.host)
             self.children_started += 1
-            self.child.pipe.send(("load", list(targets.LOADED)))
+        if self.child.loaded < len(targets.LOADED):  # task files loaded since (a service's new jobs)
+            self.child.pipe.send(("load", targets.LOADED[self.child.loaded :]))
+            self.child.loaded = len(targets.LOADED)
         if command[0] != protocol.CALL:
             tid = command[2]
             if tid not in self.child.known:

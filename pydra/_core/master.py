@@ -64,6 +64,11 @@ class WorkerState:
     alive: bool = True
     #: time.monotonic() of its last message (any message counts as a heartbeat)
     last_heard: float = field(default_factory=time.monotonic)
+    #: told to finish its work and take no more (``drain``)
+    draining: bool = False
+    #: (CPU seconds, resident bytes, when) from its last heartbeat, and the CPU share since the one before
+    usage: tuple = (0.0, 0, 0.0)
+    cpu_percent: float | None = None
 
 
 @dataclass
@@ -96,6 +101,7 @@ class Master:
             self.local = UnitRunner(0, 1, hosts[0], self._local_group, self._local_progress, self._local_cancelled)
         self._by_rank = {worker.rank: worker for worker in self.workers}
         self.depth = max(1, setting("PIPELINE", 2))
+        self.batch_seconds = setting("BATCH_SECONDS", 0.02)
         self.pipeline_seconds = setting("PIPELINE_SECONDS", 0.002)
         self.inflight_limit = self.depth
         self._unit_seconds: float | None = None  # running mean of worker time per unit
@@ -208,7 +214,24 @@ class Master:
 
     def alive_workers(self) -> int:
         """How many workers can still take work."""
-        return sum(worker.alive for worker in self.workers)
+        return sum(worker.alive and not worker.draining for worker in self.workers)
+
+    def drain(self, rank: int) -> None:
+        """Let worker *rank* finish its units and give it no more (scheduler thread)."""
+        self._by_rank[rank].draining = True
+
+    def restart(self, rank: int) -> None:
+        """Have an isolated worker start a new child process for its next unit (scheduler thread)."""
+        worker = self._by_rank[rank]
+        if worker.alive and worker.rank != 0:
+            self._send(worker, [(protocol.RESTART,)], gang=False)
+
+    def _note_usage(self, worker: WorkerState, usage: tuple) -> None:
+        cpu, rss, when = usage  # *when* is the worker's clock: heartbeats may arrive bunched
+        previous_cpu, _, previous_time = worker.usage
+        if previous_time and when > previous_time:
+            worker.cpu_percent = 100.0 * (cpu - previous_cpu) / (when - previous_time)
+        worker.usage = (cpu, rss, when)
 
     # -- definitions: objects shipped once per worker -------------------------------------------
 
@@ -224,6 +247,12 @@ class Master:
     def new_run_id(self) -> int:
         """A fresh id for state that workers keep per run (a MapReduce's buffered pairs)."""
         return next(self._tids)
+
+    def load_target(self, spec: Any) -> None:
+        """Have every worker load a task file (a job submitted to a running service)."""
+        for worker in self.workers:
+            if worker.alive and worker.rank != 0:
+                self._send(worker, [(protocol.LOAD, spec)], gang=False)
 
     def forget_run(self, run: int, ranks: Iterable[int]) -> None:
         """Tell *ranks* to drop what they keep for *run* (scheduler thread only)."""
@@ -267,7 +296,7 @@ class Master:
         # Deal units one per worker per round, so idle workers are served before queues
         # grow; then send each worker its share as one message.
         shares: dict[int, list[tuple]] = {}
-        room = {w.rank: limit - w.units_inflight for w in self.workers if w.alive and not w.reserved}
+        room = {w.rank: limit - w.units_inflight for w in self.workers if w.alive and not w.reserved and not w.draining}
         ready = [w for w in self.workers if room.get(w.rank, 0) > 0]
         while ready:
             for worker in ready:
@@ -306,7 +335,7 @@ class Master:
                 team = [self._by_rank[rank] for rank in gang.members]
             else:
                 for worker in self.workers:
-                    free = worker.alive and not worker.reserved and not worker.units_inflight
+                    free = worker.alive and not worker.draining and not worker.reserved and not worker.units_inflight
                     if free and len(gang.held) < gang.count and worker not in gang.held:
                         gang.held.append(worker)
                 team = gang.held
@@ -401,6 +430,8 @@ class Master:
             if message.tag == mpi.TAG_REPLIES:
                 replies = [self._unpack(worker, *reply) for reply in pickle.loads(message.payload)]
                 self._handle_replies(worker, replies)
+            elif message.tag == mpi.TAG_HEARTBEAT and message.payload:
+                self._note_usage(worker, pickle.loads(message.payload))
             elif message.tag == mpi.TAG_PROGRESS:
                 uid, done, total, text = pickle.loads(message.payload)
                 self.progress[uid] = (message.source, done, total, text)
@@ -522,12 +553,16 @@ class Master:
                 {
                     "rank": w.rank,
                     "host": w.host,
-                    "state": "busy" if w.units_inflight else ("reserved" if w.reserved else "idle"),
+                    "state": _state_of(w),
+                    "units_inflight": w.units_inflight,
                     "units_done": w.units_done,
                     "failures": w.failures,
                     "busy_seconds": w.busy_seconds,
+                    "heartbeat_age": time.monotonic() - w.last_heard if w.rank != 0 else 0.0,
+                    "cpu_percent": w.cpu_percent,
+                    "memory_bytes": w.usage[1] or None,
                 }
-                for w in self.workers
+                for w in list(self.workers)
             ],
             "pending_units": len(self.pending),
             "progress": [
@@ -536,6 +571,16 @@ class Master:
             ],
             "waiting_gangs": len(self.gangs),
         }
+
+
+def _state_of(worker: WorkerState) -> str:
+    if not worker.alive:
+        return "lost"
+    if worker.draining:
+        return "draining" if worker.units_inflight else "drained"
+    if worker.units_inflight:
+        return "busy"
+    return "reserved" if worker.reserved else "idle"
 
 
 def _abort_after_grace(master: Master, seconds: float) -> None:

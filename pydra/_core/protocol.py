@@ -25,6 +25,10 @@ dataclass costs several times more to pickle); their layouts:
                                                 *run* (alltoallv), reduce this rank's keys,
                                                 reply them as a dict
 ``(FORGET, run)``                               drop the pairs kept for MapReduce *run* (no reply)
+``(LOAD, spec)``                                load the task file of a job submitted to a
+                                                running service (a ``TargetSpec``; no reply)
+``(RESTART,)``                                  an isolated worker starts a new child process
+                                                for its next unit (no reply)
 ``(STOP, uid, exit_process)``                   reply ``None`` and leave the serve loop; with
                                                 *exit_process*, end the process at once (ranks
                                                 were lost: MPI_Finalize would wait for them)
@@ -54,10 +58,12 @@ MR_MAP = "mr_map"
 GANG = "gang"
 MR_REDUCE = "mr_reduce"
 FORGET = "forget"
+LOAD = "load"
+RESTART = "restart"
 STOP = "stop"
 
 #: commands that get no reply (every other command gets exactly one)
-NO_REPLY = frozenset({DEFINE, FORGET})
+NO_REPLY = frozenset({DEFINE, FORGET, LOAD, RESTART})
 
 
 @dataclass(frozen=True)

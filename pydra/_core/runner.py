@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import signal
+import sys
 import threading
 import time
 from itertools import starmap
@@ -18,7 +19,8 @@ from mpi4py import MPI
 
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
-from pydra.errors import UnitTimeout
+from pydra import target as targets
+from pydra.errors import TargetError, UnitTimeout
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
 
@@ -56,6 +58,11 @@ class UnitRunner:
         if op == protocol.FORGET:
             self.buffers.pop(command[1], None)
             return None
+        if op == protocol.LOAD:
+            self._load(command[1])
+            return None
+        if op == protocol.RESTART:
+            return None  # task code runs in this process: there is no executor to restart
         uid = command[1]
         if self.is_cancelled(uid):
             return (uid, False, None, 0.0)
@@ -70,6 +77,13 @@ class UnitRunner:
             context.enter(previous)
         self.units_done += 1
         return (uid, ok, value, time.perf_counter() - started)
+
+    def _load(self, spec: Any) -> None:
+        # No reply to fail: units that need the file fail to unpickle, and this says why.
+        try:
+            targets.load_module(spec)
+        except TargetError as exc:
+            print(f"pydra: rank {self.rank} on {self.host}: {exc}", file=sys.stderr, flush=True)
 
     # One handler per command; each takes the command's fields after the op.
 

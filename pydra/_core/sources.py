@@ -105,11 +105,11 @@ class BatchSizer:
     chunks of a sized input leave workers idle.
     """
 
-    def __init__(self, chunksize: int | None, workers: int, total: int | None) -> None:
+    def __init__(self, chunksize: int | None, workers: int, total: int | None, target_seconds: float) -> None:
         self.fixed = chunksize
         self.workers = workers
         self.remaining = total
-        self.target = setting("BATCH_SECONDS", 0.02)
+        self.target = target_seconds
         self.largest = setting("MAX_BATCH", MAX_BATCH)
         self.seconds_per_item: float | None = None
 
@@ -228,8 +228,9 @@ class ChunkStream(Source):
         self.master = master
         self.make_command = make_command
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        self.total = total  # items, if the input has a length
         self.items = iter(items)
-        self.sizer = BatchSizer(chunksize, max(1, len(master.workers)), total)
+        self.sizer = BatchSizer(chunksize, max(1, master.alive_workers()), total, master.batch_seconds)
         self.sink = sink
         self.window = window
         self.policy = policy

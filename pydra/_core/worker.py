@@ -69,7 +69,7 @@ class WorkerLoop:
         status = MPI.Status()  # this thread's own: the main thread polls with the module's
         heard = time.monotonic()
         while not stopped.wait(self.heartbeat):
-            mpi.send(self.comm, b"", 0, mpi.TAG_HEARTBEAT)
+            mpi.send(self.comm, mpi.dumps(_usage()), 0, mpi.TAG_HEARTBEAT)
             while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT, status) is not None:
                 heard = time.monotonic()
             silence = time.monotonic() - heard
@@ -149,3 +149,14 @@ class WorkerLoop:
     def _take_cancellations(self) -> None:
         while (message := mpi.try_receive(self.comm, 0, mpi.TAG_CANCEL)) is not None:
             self.cancelled.update(pickle.loads(message.payload))
+
+
+def _usage() -> tuple[float, int, float]:
+    """This process's CPU seconds so far, resident memory in bytes, and when (for the admin's ``workers``)."""
+    times = os.times()
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        resident = 0  # not Linux: memory is not reported
+    return times.user + times.system, resident, time.monotonic()

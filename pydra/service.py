@@ -1,0 +1,445 @@
+"""Service mode: the cluster stays up and rank 0 runs jobs from a queue.
+
+``pydra serve`` (also ``pydra run --serve`` and ``pydra launch --serve``)
+enters a session on every rank; the workers serve rank 0 as in batch mode,
+and rank 0 runs a :class:`Service`: jobs are submitted while it runs
+(through the control endpoint, :mod:`pydra.control`), wait in a queue
+ordered by priority (higher first) then submission time, and up to
+``max_jobs`` of them share the workers at once. Every job, its state
+transitions, timings, result file and error are kept in the journal of the
+service's run directory, so the history outlives the cluster. The service
+runs until told to shut down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydra import target as targets
+from pydra._core.evaluate import Walk
+from pydra._core.master import Master
+from pydra.config import flag, setting
+from pydra.control import CONFIG
+from pydra.errors import PydraError, RemoteTraceback, TargetError
+from pydra.journal import Journal, UnitRecorder
+
+
+class ServiceError(PydraError):
+    """A request the service cannot carry out (an unknown job, a job in the wrong state)."""
+
+
+#: control command -> Service method (the method's parameters are the command's JSON args)
+COMMANDS = {
+    "status": "status",
+    "workers": "workers",
+    "queue": "queue",
+    "jobs": "list_jobs",
+    "job": "job",
+    "submit": "submit",
+    "cancel": "cancel",
+    "priority": "set_priority",
+    "retry": "retry",
+    "pause": "pause",
+    "resume": "resume",
+    "drain": "drain",
+    "restart": "restart",
+    "config": "configure",
+    "shutdown": "shutdown",
+}
+
+
+
+@dataclass
+class Job:
+    """A job in the service's queue, running, or finished."""
+
+    id: int
+    target: str
+    inputs: list[str]
+    priority: int
+    submitted: float
+    state: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    result_path: str | None = None
+    walk: Walk | None = None
+    future: concurrent.futures.Future | None = None
+    tries: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary (what ``jobs`` and ``job ID`` show)."""
+        done, total = self.walk.progress() if self.walk is not None else (0, None)
+        return {
+            "id": self.id,
+            "target": self.target,
+            "inputs": self.inputs,
+            "priority": self.priority,
+            "state": self.state,
+            "submitted": self.submitted,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": (self.finished or time.time()) - self.started if self.started else None,
+            "items_done": done,
+            "items_total": total,
+            "error": self.error,
+            "traceback": self.traceback,
+            "result_path": self.result_path,
+        }
+
+
+class Service:
+    """Rank 0's job queue over a running :class:`Master` (thread-safe)."""
+
+    def __init__(self, master: Master, journal: Journal, run_dir: Path, cluster_id: str, max_jobs: int = 4) -> None:
+        self.master = master
+        self.journal = journal
+        self.run_dir = run_dir
+        self.cluster_id = cluster_id
+        self.max_jobs = max_jobs
+        self.started = time.time()
+        self.paused = False
+        self.jobs: dict[int, Job] = {}
+        self._lock = threading.RLock()
+        self._ended = threading.Event()
+        self._shutting_down = False
+        (run_dir / "results").mkdir(exist_ok=True)
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    def submit(self, target: str, inputs: list[str], priority: int = 0) -> dict[str, Any]:
+        """Queue *target* on *inputs*; the new job's summary."""
+        with self._lock:
+            if self._shutting_down:
+                raise ServiceError("the cluster is shutting down: it takes no new jobs")
+            job_id = self.journal.add_job(target, list(inputs), {"service": self.cluster_id}, None, priority)
+            job = Job(job_id, target, list(inputs), priority, time.time())
+            self.jobs[job_id] = job
+            self._start_ready()
+            return job.describe()
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        """Cancel a queued or running job."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.state not in ("queued", "running"):
+                raise ServiceError(f"job {job_id} is {job.state}: only a queued or running job can be cancelled")
+            if job.state == "running":
+                assert job.walk is not None and job.future is not None
+                self.master.call_soon(job.walk.cancel)
+                job.future.cancel()
+            self._finish(job, "cancelled", error="cancelled by the admin")
+            self._start_ready()
+            return job.describe()
+
+    def set_priority(self, job_id: int, priority: int) -> dict[str, Any]:
+        """Change a queued job's priority."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.state != "queued":
+                raise ServiceError(f"job {job_id} is {job.state}: only a queued job's priority can change")
+            job.priority = priority
+            self.journal.set_priority(job_id, priority)
+            return job.describe()
+
+    def retry(self, job_id: int) -> dict[str, Any]:
+        """Queue a failed or cancelled job again (units its earlier runs journaled are not redone)."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.state not in ("failed", "cancelled"):
+                raise ServiceError(f"job {job_id} is {job.state}: only a failed or cancelled job can be retried")
+            job.state, job.error, job.traceback, job.finished, job.walk = "queued", None, None, None, None
+            self.journal.set_state(job_id, "queued")
+            self._start_ready()
+            return job.describe()
+
+    def pause(self) -> None:
+        """Start no more jobs (those running go on)."""
+        with self._lock:
+            self.paused = True
+
+    def resume(self) -> None:
+        """Start queued jobs again."""
+        with self._lock:
+            self.paused = False
+            self._start_ready()
+
+    def shutdown(self, now: bool = False) -> None:
+        """Take no more jobs; end once the running ones are done (with *now*: cancel them and the queue)."""
+        with self._lock:
+            self._shutting_down = True
+            if now:
+                for job in list(self.jobs.values()):
+                    if job.state in ("queued", "running"):
+                        self.cancel(job.id)
+            self._check_ended()
+
+    def wait(self) -> None:
+        """Block until the service has shut down."""
+        self._ended.wait()
+
+    def drain(self, rank: int) -> dict[str, Any]:
+        """Let worker *rank* finish its units and give it no more."""
+        self._worker(rank)
+        self.master.call_soon(self.master.drain, rank)
+        return {"rank": rank, "draining": True}
+
+    def restart(self, rank: int) -> dict[str, Any]:
+        """Restart worker *rank*'s executor: its isolated child process (needs isolation)."""
+        self._worker(rank)
+        if not setting("ISOLATE", False, flag):
+            raise ServiceError("workers run task code in-rank (the cluster was started without --isolate): no executor to restart")
+        self.master.call_soon(self.master.restart, rank)
+        return {"rank": rank, "restarted": True}
+
+    def handle(self, command: str, args: dict) -> Any:
+        """Carry out a control request: *command* with JSON *args* (see :data:`COMMANDS`)."""
+        name = COMMANDS.get(command)
+        if name is None:
+            raise ServiceError(f"unknown command {command!r}: expected one of {', '.join(sorted(COMMANDS))}")
+        method = getattr(self, name)
+        try:
+            inspect.signature(method).bind(**args)
+        except TypeError as exc:
+            raise ServiceError(f"{command}: {exc}") from None
+        return method(**args)
+
+    # -- observation -------------------------------------------------------------------------
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Per worker: host, state, the job it works for, units done, failures, heartbeat age, CPU, memory."""
+        jobs_of: dict[int, set[int]] = {}
+        with self._lock:
+            running = [job for job in self.jobs.values() if job.state == "running" and job.walk is not None]
+        pending = dict(self.master.pending)  # a snapshot: the scheduler thread changes it
+        for job in running:
+            for stream in list(job.walk.streams):  # type: ignore[union-attr]
+                for uid in list(stream.outstanding):
+                    unit = pending.get(uid)
+                    for rank in unit.ranks if unit is not None else ():
+                        jobs_of.setdefault(rank, set()).add(job.id)
+        rows = self.master.statistics()["workers"]
+        for row in rows:
+            row["jobs"] = sorted(jobs_of.get(row["rank"], ()))
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        """Cluster id, uptime, ranks, hosts, workers by state, queue length, jobs by state."""
+        stats = self.master.statistics()
+        workers = stats["workers"]
+        with self._lock:
+            states = [job.state for job in self.jobs.values()]
+        return {
+            "cluster": self.cluster_id,
+            "uptime": time.time() - self.started,
+            "ranks": self.master.comm.size,
+            "hosts": sorted({self.master.host, *(w["host"] for w in workers)}),
+            "workers": {state: sum(w["state"] == state for w in workers) for state in ("idle", "busy", "lost", "draining")},
+            "queued": states.count("queued"),
+            "running": states.count("running"),
+            "done": states.count("done"),
+            "failed": states.count("failed"),
+            "cancelled": states.count("cancelled"),
+            "paused": self.paused,
+            "shutting_down": self._shutting_down,
+            "run_dir": str(self.run_dir),
+        }
+
+    def list_jobs(self, everything: bool = False) -> list[dict[str, Any]]:
+        """Queued and running jobs (with *everything*, finished ones too), in queue order."""
+        with self._lock:
+            jobs = [job for job in self.jobs.values() if everything or job.state in ("queued", "running")]
+            return [job.describe() for job in sorted(jobs, key=self._queue_order)]
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The queued jobs, in the order they will start."""
+        with self._lock:
+            queued = sorted((job for job in self.jobs.values() if job.state == "queued"), key=self._queue_order)
+            return [job.describe() for job in queued]
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        """One job in detail, with its state transitions."""
+        with self._lock:
+            detail = self._job(job_id).describe()
+        detail["transitions"] = self.journal.transitions(job_id)
+        return detail
+
+    def configure(self, key: str | None = None, value: str | None = None) -> dict[str, Any]:
+        """The runtime settings, after setting *key* to *value* if given."""
+        if key is not None:
+            if key not in CONFIG:
+                raise ServiceError(f"unknown setting {key!r}: expected one of {', '.join(CONFIG)}")
+            if value is not None:
+                kind = CONFIG[key][0]
+                try:
+                    parsed = kind(value)
+                except ValueError:
+                    raise ServiceError(f"{key} expects {kind.__name__}, got {value!r}") from None
+                if parsed <= 0:
+                    raise ServiceError(f"{key} must be positive, got {value}")
+                self._apply(key, parsed)
+        return {name: self._current(name) for name in CONFIG}
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _current(self, key: str) -> Any:
+        if key == "max_jobs":
+            return self.max_jobs
+        if key == "heartbeat_timeout":
+            return self.master.heartbeat_timeout
+        return self.master.batch_seconds
+
+    def _apply(self, key: str, value: Any) -> None:
+        if key == "max_jobs":
+            with self._lock:
+                self.max_jobs = value
+                self._start_ready()
+        elif key == "heartbeat_timeout":
+            if self.master.heartbeat_timeout is None:
+                raise ServiceError("this MPI gives no heartbeats (no MPI_THREAD_MULTIPLE)")
+            self.master.call_soon(setattr, self.master, "heartbeat_timeout", value)
+        else:
+            self.master.call_soon(setattr, self.master, "batch_seconds", value)
+
+    def _worker(self, rank: int) -> None:
+        if not any(w.rank == rank for w in self.master.workers) or rank == 0:
+            raise ServiceError(f"no worker rank {rank}: the workers are ranks 1..{self.master.comm.size - 1}")
+
+    def _job(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ServiceError(f"no job {job_id}")
+        return job
+
+    @staticmethod
+    def _queue_order(job: Job) -> tuple:
+        running_first = 0 if job.state == "running" else 1
+        return (running_first, -job.priority, job.submitted, job.id)
+
+    def _start_ready(self) -> None:
+        # Called with the lock held.
+        if self.paused or self._shutting_down:
+            return
+        running = sum(job.state == "running" for job in self.jobs.values())
+        for job in sorted((j for j in self.jobs.values() if j.state == "queued"), key=self._queue_order):
+            if running >= self.max_jobs:
+                return
+            self._start(job)
+            running += 1
+
+    def _start(self, job: Job) -> None:
+        job.state, job.started, job.finished, job.tries = "running", time.time(), None, job.tries + 1
+        self.journal.set_state(job.id, "running")
+        try:
+            spec = targets.read_target(job.target)
+            root = targets.resolve(spec, targets.load_module(spec))
+        except TargetError as exc:
+            self._finish(job, "failed", error=str(exc))
+            return
+        if spec.source is not None:
+            self.master.call_soon(self.master.load_target, spec)
+        job.walk = Walk(self.master, UnitRecorder(self.journal, job.id, resumed=job.tries > 1))
+        job.future = self.master.submit_coroutine(job.walk.evaluate(root, root.root_args(tuple(job.inputs))))
+        job.future.add_done_callback(lambda future: self._on_done(job, future))
+
+    def _on_done(self, job: Job, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            if job.state != "running" or job.future is not future:
+                return  # cancelled meanwhile
+            error = None if future.cancelled() else future.exception()
+            if error is None:
+                path = self.run_dir / "results" / f"{job.id}.json"
+                try:
+                    _write_result(future.result(), path)
+                except (TypeError, ValueError, OSError) as exc:
+                    self._finish(job, "failed", error=f"cannot write the result: {exc}")
+                else:
+                    job.result_path = str(path)
+                    self._finish(job, "done")
+            else:
+                cause = error.__cause__
+                text = cause.text if isinstance(cause, RemoteTraceback) else "".join(traceback.format_exception(error))
+                self._finish(job, "failed", error=f"{type(error).__name__}: {error}", trace=text)
+            self._start_ready()
+
+    def _finish(self, job: Job, state: str, error: str | None = None, trace: str | None = None) -> None:
+        job.state, job.finished, job.error, job.traceback = state, time.time(), error, trace
+        self.journal.set_state(job.id, state, error=error, result_path=job.result_path)
+        self._check_ended()
+
+    def _check_ended(self) -> None:
+        if self._shutting_down and not any(job.state in ("queued", "running") for job in self.jobs.values()):
+            self._ended.set()
+
+
+def _write_result(result: Any, path: Path) -> None:
+    from pydra.batch import write_json
+
+    write_json(result, path)
+
+
+def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, first_job: list[str] | None) -> int:
+    """Collective over MPI.COMM_WORLD: keep the cluster up, serving jobs, until an admin shuts it down.
+
+    *first_job* (TARGET INPUT...) is queued at start, as if submitted.
+    """
+    import signal
+    import sys
+
+    from mpi4py import MPI
+
+    from pydra import journal as journals
+    from pydra._core.session import abort_on_uncaught_exceptions
+    from pydra.comm import mpi
+    from pydra.control import ControlServer
+    from pydra.executor import Executor
+
+    comm = MPI.COMM_WORLD
+    abort_on_uncaught_exceptions(comm)
+    with Executor(comm) as executor:
+        if executor is None:
+            return 0  # a worker: served rank 0 until it said stop
+        master = executor.master
+        directory = Path(run_dir) if run_dir else journals.new_run_dir("service")
+        journal = journals.Journal.open(directory, create=True)
+        service = Service(master, journal, directory, directory.name, max_jobs)
+        server = ControlServer(service.handle, directory.name, listen)
+        try:
+            connection_file = server.start()
+        except OSError as exc:
+            print(f"pydra serve: error: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+            service.shutdown(now=True)
+            journal.close()
+            return 2
+        address = f"{server.address[0]}:{server.address[1]}" if server.address else "?"
+        print(
+            f"pydra: cluster {directory.name} of {comm.size} ranks serving on {address}\n"
+            f"pydra: connection file {connection_file}; run directory {directory}\n"
+            f"pydra: attach with `pydra shell`; stop with `pydra shell -c shutdown` (or Ctrl-C)",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Ctrl-C or SIGTERM: cancel what runs, then stop as `shutdown --now` does.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, frame: service.shutdown(now=True))
+        if first_job:
+            try:
+                service.submit(first_job[0], first_job[1:])
+            except ServiceError as exc:
+                print(f"pydra: error: {exc}", file=sys.stderr)
+        service.wait()
+        server.stop()
+        journal.close()
+        failed = service.status()["failed"]
+        print(f"pydra: cluster {directory.name} shut down", file=sys.stderr, flush=True)
+    if master.lost_ranks:
+        mpi.end_job_after_loss(comm, 0)
+    return 1 if failed and first_job else 0

@@ -1,0 +1,155 @@
+"""``pydra shell``: connect to a service cluster, then run one command (``-c``) or a prompt loop.
+
+The loop never crashes on bad input: an unknown command or wrong arguments
+print one line and the prompt comes back. Events (a job finishing) print
+above the prompt through ``patch_stdout``; history persists in
+``~/.pydra/shell_history``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydra.control import ControlClient, ControlError, newest_connection_file
+from pydra.errors import PydraError
+from pydra.launcher import keys
+from pydra.shell.commands import ShellUsageError, help_text, run_line
+from pydra.shell.completer import ClusterFacts, ShellCompleter
+from pydra.shell.toolbar import Toolbar
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PROMPT = "pydra> "
+
+
+def shell_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pydra shell``."""
+    parser = argparse.ArgumentParser(
+        prog="pydra shell",
+        description="The admin shell of a service cluster (pydra serve): watch health, manage the job queue.",
+        epilog="Type help at the prompt for the commands. Exit status with -c: 0 done, 1 the cluster refused "
+               "or failed the command, 2 bad usage or no cluster to attach to.",
+    )
+    parser.add_argument("--connect", type=Path, metavar="FILE", help="a cluster's connection file (default: the newest local cluster)")
+    parser.add_argument("-i", "--identity", type=Path, default=keys.identity_path(), metavar="PATH",
+                        help="your private key, authorized for the admin role (default ~/.pydra/id_ed25519)")
+    parser.add_argument("-c", dest="command", metavar="COMMAND", help="run COMMAND and exit with its status")
+    parser.add_argument("--json", action="store_true", help="print replies as JSON (for scripts)")
+    args = parser.parse_args(argv)
+    try:
+        identity = keys.load_private_key(args.identity)
+        client = ControlClient(args.connect or newest_connection_file(), identity)
+    except (ControlError, keys.KeyFileError, OSError) as exc:
+        print(f"pydra shell: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command is not None:
+            return run_once(client, args.command, args.json)
+        return interact(client, args.json)
+    finally:
+        client.close()
+
+
+def run_once(client: Any, line: str, as_json: bool) -> int:
+    """``-c``: one command; its output on stdout, a refusal on stderr; the exit status."""
+    try:
+        output = answer(client, line, as_json)
+    except ShellUsageError as exc:
+        print(f"pydra shell: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PydraError as exc:
+        print(f"pydra shell: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if output:
+        print(output)
+    return EXIT_OK
+
+
+def answer(client: Any, line: str, as_json: bool = False) -> str:
+    """The text for one command line, shell-side commands included."""
+    words = line.split()
+    if words and words[0] == "help":
+        return help_text(words[1] if len(words) > 1 else None)
+    if words and words[0] == "progress":
+        return follow_progress(client, words[1:])
+    return run_line(client, line, as_json)
+
+
+def follow_progress(client: Any, words: list[str], interval: float = 0.5) -> str:
+    """``progress [ID]``: a live bar per running job (or for job ID) until they end or Ctrl-C."""
+    if len(words) > 1 or (words and not words[0].isdigit()):
+        raise ShellUsageError("progress: usage: progress [ID]")
+    first: dict[int, tuple[float, int]] = {}
+    try:
+        while True:
+            jobs = [client.call("job", job_id=int(words[0]))] if words else client.call("jobs")
+            running = [job for job in jobs if job["state"] in ("queued", "running")]
+            for job in jobs:
+                print(progress_line(job, first), flush=True)
+            if not running:
+                return ""
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return ""
+
+
+def progress_line(job: dict, first: dict[int, tuple[float, int]], width: int = 30) -> str:
+    """``job 3 [#########.........] 300/1000  120/s  ETA 6s`` (rate and ETA since it was first seen)."""
+    done, total = job.get("items_done") or 0, job.get("items_total")
+    now = time.monotonic()
+    seen_at, seen_done = first.setdefault(job["id"], (now, done))
+    rate = (done - seen_done) / (now - seen_at) if now > seen_at else 0.0
+    if total:
+        filled = int(width * min(done, total) / total)
+        bar = "#" * filled + "." * (width - filled)
+        eta = f"ETA {int((total - done) / rate)}s" if rate > 0 and done < total else ""
+        return f"job {job['id']} [{bar}] {done}/{total}  {rate:.0f}/s  {eta}  {job['state']}".rstrip()
+    return f"job {job['id']} {done} items  {rate:.0f}/s  {job['state']}"
+
+
+def interact(client: Any, as_json: bool, session: Any = None) -> int:
+    """The prompt loop, until ``exit``, Ctrl-D or the cluster shutting down under us."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    facts = ClusterFacts()
+    toolbar = Toolbar(client, facts, lambda text: print(text))
+    toolbar.refresh()
+    if session is None:
+        history = keys.pydra_home() / "shell_history"
+        history.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        session = PromptSession(history=FileHistory(str(history)))
+    toolbar.start()
+    try:
+        with patch_stdout():
+            while True:
+                try:
+                    line = session.prompt(
+                        PROMPT, completer=ShellCompleter(facts), bottom_toolbar=toolbar, refresh_interval=1.0,
+                        complete_while_typing=False,
+                    )
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C clears the line, as in a terminal shell
+                except EOFError:
+                    return EXIT_OK
+                line = line.strip()
+                if not line:
+                    continue
+                if line in ("exit", "quit"):
+                    return EXIT_OK
+                try:
+                    output = answer(client, line, as_json)
+                except PydraError as exc:  # usage errors and the cluster's refusals: one line, then the prompt
+                    print(f"error: {exc}")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a bug in the shell must not end the session
+                    print(f"error: {type(exc).__name__}: {exc} (a bug in pydra shell)")
+                    continue
+                if output:
+                    print(output)
+    finally:
+        toolbar.stop()
