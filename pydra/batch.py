@@ -34,7 +34,17 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
     except MPIExecError as exc:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded])))
+    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=progress_environment()))
+
+
+def progress_environment() -> dict[str, str]:
+    """This environment, telling the ranks to draw a progress bar if we are on a terminal.
+
+    A rank's stderr is a pipe to mpiexec even when someone watches it.
+    """
+    from pydra.progress import progress_mode
+
+    return {**os.environ, "PYDRA_PROGRESS": progress_mode()}
 
 
 def wait_for(process: subprocess.Popen) -> int:
@@ -106,16 +116,23 @@ def run_job(request: JobRequest) -> int:
 
 def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "JobRecord | None", output: str | None) -> int:
     """Collective: run *root* on *inputs*, journaled in *record*; report the result on rank 0."""
+    from pydra._core.evaluate import Walk
     from pydra.comm import mpi
     from pydra.executor import Executor
+    from pydra.progress import ProgressReporter, progress_mode
 
     started = time.monotonic()
     with Executor(comm) as executor:
         if executor is None:
             return EXIT_OK  # a worker: rank 0 reports
         master = executor.master
+        walk = Walk(master, record.log if record else None)
+        reporter = ProgressReporter(walk.progress, target, progress_mode()).start()
         try:
-            result = executor.submit_task(root, *inputs, log=record.log if record else None).result()
+            try:
+                result = master.submit_coroutine(walk.evaluate(root, root.root_args(tuple(inputs)))).result()
+            finally:
+                reporter.stop()
             if record is not None:
                 record.finish(output)
             status = _report(target, result, output, time.monotonic() - started, comm.size)

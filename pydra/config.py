@@ -23,6 +23,7 @@ SETTINGS = {
     "HEARTBEAT_TIMEOUT": "seconds of silence after which rank 0 declares a worker lost (default 10)",
     "ISOLATE": "1 to run task code in a child process of each worker rank (default 0)",
     "MAX_RESULT_BYTES": "largest pickled result a worker sends back for one unit (default 1073741824)",
+    "PROGRESS": "bar, lines or off: how pydra run shows a long job's progress (default: bar on a terminal)",
     "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",
     "HOME": "Pydra's directory for keys and runs (default ~/.pydra)",
     "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {host: agent port}",

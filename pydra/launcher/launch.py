@@ -132,7 +132,7 @@ def launch_main(argv: list[str] | None = None) -> int:
 
 def run_through_agents(hosts: list[Host], ranks: int, forwarded: list[str], identity: Path, known_hosts: Path) -> int:
     """Run ``python -m pydra run ...`` on *hosts* with every remote process started by an agent."""
-    from pydra.batch import wait_for
+    from pydra.batch import progress_environment, wait_for
 
     try:
         mpiexec = find_mpiexec()
@@ -140,7 +140,7 @@ def run_through_agents(hosts: list[Host], ranks: int, forwarded: list[str], iden
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 1
     helper = str(Path(sys.executable).parent / "pydra-remote-exec")
-    env = dict(os.environ)
+    env = progress_environment()
     env.update(
         PYDRA_AGENTS=json.dumps({h.name: h.port for h in hosts}),
         PYDRA_IDENTITY=str(identity),

@@ -17,6 +17,7 @@ from typing import Any
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
 from pydra.launcher import keys
+from pydra.progress import progress_text
 from pydra.shell.commands import ShellUsageError, help_text, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
 from pydra.shell.toolbar import Toolbar
@@ -96,18 +97,13 @@ def follow_progress(client: Any, words: list[str], interval: float = 0.5) -> str
         return ""
 
 
-def progress_line(job: dict, first: dict[int, tuple[float, int]], width: int = 30) -> str:
-    """``job 3 [#########.........] 300/1000  120/s  ETA 6s`` (rate and ETA since it was first seen)."""
+def progress_line(job: dict, first: dict[int, tuple[float, int]]) -> str:
+    """``job 3 running [#####.....] 300/1000 30%  120/s  ETA 6s`` (rate since the shell first saw it)."""
     done, total = job.get("items_done") or 0, job.get("items_total")
     now = time.monotonic()
     seen_at, seen_done = first.setdefault(job["id"], (now, done))
     rate = (done - seen_done) / (now - seen_at) if now > seen_at else 0.0
-    if total:
-        filled = int(width * min(done, total) / total)
-        bar = "#" * filled + "." * (width - filled)
-        eta = f"ETA {int((total - done) / rate)}s" if rate > 0 and done < total else ""
-        return f"job {job['id']} [{bar}] {done}/{total}  {rate:.0f}/s  {eta}  {job['state']}".rstrip()
-    return f"job {job['id']} {done} items  {rate:.0f}/s  {job['state']}"
+    return f"job {job['id']} {job['state']} {progress_text(done, total, rate)}"
 
 
 def interact(client: Any, as_json: bool, session: Any = None) -> int:
