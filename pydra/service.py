@@ -52,6 +52,7 @@ COMMANDS = {
     "restart": "restart",
     "config": "configure",
     "shutdown": "shutdown",
+    "logs": "logs",
 }
 
 
@@ -112,6 +113,7 @@ class Service:
         self._ended = threading.Event()
         self._shutting_down = False
         (run_dir / "results").mkdir(exist_ok=True)
+        master.log_hook = self._attribute_log
 
     # -- the queue ---------------------------------------------------------------------------
 
@@ -199,6 +201,16 @@ class Service:
             raise ServiceError("workers run task code in-rank (the cluster was started without --isolate): no executor to restart")
         self.master.call_soon(self.master.restart, rank)
         return {"rank": rank, "restarted": True}
+
+    def logs(self, job_id: int | None = None, rank: int | None = None, after: int = 0) -> list[dict[str, Any]]:
+        """Log records collected on rank 0 (tasks' and the cluster's), numbered; those after number *after*."""
+        if job_id is not None:
+            self._job(job_id)
+        records = [record for record in list(self.master.logs) if record["number"] > after]
+        return [
+            record for record in records
+            if (job_id is None or record["job"] == job_id) and (rank is None or record["rank"] == rank)
+        ]
 
     def handle(self, command: str, args: dict) -> Any:
         """Carry out a control request: *command* with JSON *args* (see :data:`COMMANDS`)."""
@@ -309,6 +321,17 @@ class Service:
         else:
             self.master.call_soon(setattr, self.master, "batch_seconds", value)
 
+    def _attribute_log(self, record: dict) -> None:
+        """Tell which running job a worker's record belongs to (its unit is still outstanding)."""
+        uid = record["uid"]
+        if uid is None:
+            return
+        for job in list(self.jobs.values()):
+            if job.state == "running" and job.walk is not None:
+                if any(uid in stream.outstanding for stream in list(job.walk.streams)):
+                    record["job"] = job.id
+                    return
+
     def _worker(self, rank: int) -> None:
         if not any(w.rank == rank for w in self.master.workers) or rank == 0:
             raise ServiceError(f"no worker rank {rank}: the workers are ranks 1..{self.master.comm.size - 1}")
@@ -372,6 +395,7 @@ class Service:
 
     def _finish(self, job: Job, state: str, error: str | None = None, trace: str | None = None) -> None:
         job.state, job.finished, job.error, job.traceback = state, time.time(), error, trace
+        self.master.note(f"job {job.id} ({job.target}) {state}" + (f": {error}" if error else ""))
         self.journal.set_state(job.id, state, error=error, result_path=job.result_path)
         self._check_ended()
 

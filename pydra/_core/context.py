@@ -1,4 +1,4 @@
-"""What a running task can ask of the rank executing it: progress reports and cancellation.
+"""What a running task can ask of the rank executing it: progress reports, cancellation, logging.
 
 A worker (or the master, when it runs units itself) makes each unit current
 with :func:`enter` while it runs; :class:`pydra.Task` methods reach it through
@@ -7,7 +7,8 @@ with :func:`enter` while it runs; :class:`pydra.Task` methods reach it through
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+import logging
+from typing import Callable, Optional, Protocol
 
 
 class UnitContext(Protocol):
@@ -34,3 +35,20 @@ def enter(unit: Optional[UnitContext]) -> Optional[UnitContext]:
     global _current
     previous, _current = _current, unit
     return previous
+
+
+class LogForwarder(logging.Handler):
+    """Passes what task code logs to *forward(uid, time, level, logger, message)*, with the current unit.
+
+    A worker forwards to rank 0; an isolated child to its rank.
+    """
+
+    def __init__(self, forward: Callable[..., None]) -> None:
+        super().__init__()
+        self.forward = forward
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.forward(getattr(_current, "uid", None), record.created, record.levelname, record.name, self.format(record))
+        except Exception:  # a log line must never fail the task
+            self.handleError(record)

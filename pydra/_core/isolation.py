@@ -11,6 +11,7 @@ next unit. Gang units and the MapReduce shuffle use MPI and stay in the rank.
 The two sides talk over a pair of pipes in length-prefixed pickles
 (:class:`Pipe`): the rank sends ``("load", specs)`` (the task files it
 loaded) once, then ``("define", tid, blob)`` and ``("run", command)``; the child answers ``("progress", uid, done, total, message)``
+and ``("log", uid, time, level, logger, message)``
 any number of times, then ``("reply", reply, pairs)`` where *pairs* are the
 (key, values) a ``MR_MAP`` produced, for the rank to keep until the shuffle.
 The child never initialises MPI.
@@ -18,6 +19,7 @@ The child never initialises MPI.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import select
@@ -27,10 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydra import target as targets
-from pydra._core import protocol
+from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra._core.runner import UnitRunner
 from pydra.errors import TaskProcessDied, UnitTimeout
@@ -52,12 +54,14 @@ class Pipe:
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.read_fd, self.write_fd = read_fd, write_fd
         self._buffer = bytearray()
+        self._sending = threading.Lock()  # task threads log while the main thread replies
 
     def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=5)
         view = memoryview(_HEADER.pack(len(data)) + data)
-        while view:
-            view = view[os.write(self.write_fd, view) :]
+        with self._sending:
+            while view:
+                view = view[os.write(self.write_fd, view) :]
 
     def receive(self, timeout: float | None = None) -> Any:
         """The next message; raises TimeoutError after *timeout* seconds, EOFError if the other side is gone."""
@@ -124,8 +128,9 @@ class IsolatedRunner:
 
     ISOLATED = (protocol.CALL, protocol.MAP, protocol.MR_MAP)
 
-    def __init__(self, runner: UnitRunner) -> None:
+    def __init__(self, runner: UnitRunner, forward_log: Callable[..., None]) -> None:
         self.runner = runner
+        self.forward_log = forward_log
         self.rank, self.size, self.host = runner.rank, runner.size, runner.host
         self.blobs: dict[int, bytes] = {}
         self.child: _Child | None = None
@@ -170,6 +175,9 @@ class IsolatedRunner:
                 return self._failed(uid, TaskProcessDied(f"the task's process (pid {child.process.pid}) {_describe(status)}"), started)
             if message[0] == "progress":
                 self.runner.report_progress(*message[1:])
+                continue
+            if message[0] == "log":
+                self.forward_log(*message[1:])
                 continue
             _, reply, pairs = message
             if pairs is not None:
@@ -244,6 +252,7 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
         pipe.send(("progress", uid, done, total, message))
 
     runner = UnitRunner(rank, size, host, _no_groups, report_progress, lambda uid: False)
+    logging.getLogger().addHandler(context.LogForwarder(lambda *record: pipe.send(("log", *record))))
     while True:
         try:
             message = pipe.receive()

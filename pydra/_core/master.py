@@ -42,6 +42,9 @@ from pydra.errors import WorkerLost
 #: most units in flight to one worker, however tiny they are.
 MAX_INFLIGHT = 64
 
+#: log records rank 0 keeps for ``pydra shell``'s ``logs``
+LOG_RECORDS = 10_000
+
 
 @dataclass
 class WorkerState:
@@ -121,6 +124,11 @@ class Master:
         self.loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
+        #: recent log records of tasks and of the scheduler, newest last (see :meth:`note`)
+        self.logs: deque[dict] = deque(maxlen=LOG_RECORDS)
+        self._log_numbers = itertools.count(1)
+        #: called with each new record before it is kept (a service tells which job it belongs to)
+        self.log_hook: Callable[[dict], None] | None = None
 
     # -- lifecycle (any thread) --------------------------------------------------------------
 
@@ -430,6 +438,9 @@ class Master:
             if message.tag == mpi.TAG_REPLIES:
                 replies = [self._unpack(worker, *reply) for reply in pickle.loads(message.payload)]
                 self._handle_replies(worker, replies)
+            elif message.tag == mpi.TAG_LOG:
+                uid, created, level, name, text = pickle.loads(message.payload)
+                self.note(text, rank=message.source, level=level, logger=name, uid=uid, created=created)
             elif message.tag == mpi.TAG_HEARTBEAT and message.payload:
                 self._note_usage(worker, pickle.loads(message.payload))
             elif message.tag == mpi.TAG_PROGRESS:
@@ -465,6 +476,17 @@ class Master:
                 del self.pending[uid]
             unit.callback(ok, value, seconds, worker.rank, blob)
 
+    def note(self, text: str, rank: int = 0, level: str = "INFO", logger: str = "pydra", uid: int | None = None,
+             created: float | None = None) -> None:
+        """Keep a log record (any thread): a task's, from a worker, or one of rank 0's own events."""
+        record = {
+            "number": next(self._log_numbers), "time": created or time.time(), "rank": rank, "uid": uid,
+            "job": None, "level": level, "logger": logger, "message": text,
+        }
+        if self.log_hook is not None:
+            self.log_hook(record)
+        self.logs.append(record)
+
     # -- lost workers ----------------------------------------------------------------------------
 
     def _beat(self) -> None:
@@ -498,6 +520,7 @@ class Master:
         worker.alive, worker.reserved, worker.gang_uid, worker.units_inflight = False, False, None, 0
         self.outbox.forget(rank)
         print(f"pydra: lost worker rank {rank} on {worker.host} ({reason}); rescheduling its work", file=sys.stderr)
+        self.note(f"lost worker rank {rank} on {worker.host} ({reason})", level="WARNING")
         lost = WorkerLost(f"rank {rank} on {worker.host} was lost: {reason}")
         failure = Failure.capture(lost, rank, self.comm.size, worker.host)
         for uid in [uid for uid, unit in self.pending.items() if rank in unit.ranks]:

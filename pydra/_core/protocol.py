@@ -39,8 +39,12 @@ otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
 On the wire *value* is pickled on its own, so a value that cannot be
 unpickled on rank 0 fails its one unit.
 A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)``, a
-cancellation (``TAG_CANCEL``) is a list of uids, and a heartbeat
-(``TAG_HEARTBEAT``, sent by a worker thread while the rank lives) is empty.
+cancellation (``TAG_CANCEL``) is a list of uids, a heartbeat
+(``TAG_HEARTBEAT``, sent by a worker thread while the rank lives) is empty
+from rank 0 and ``(cpu seconds, resident bytes, worker clock)`` from a
+worker, and a log record (``TAG_LOG``) is ``(uid, time, level, logger,
+message)``: what task code logged at WARNING and above (or the level the
+task set) while running unit *uid*.
 """
 
 from __future__ import annotations

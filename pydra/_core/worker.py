@@ -6,6 +6,7 @@ side is :mod:`pydra._core.master`.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
@@ -13,7 +14,7 @@ import time
 
 from mpi4py import MPI
 
-from pydra._core import protocol
+from pydra._core import context, protocol
 from pydra._core.isolation import IsolatedRunner
 from pydra._core.runner import UnitRunner
 from pydra.comm import mpi
@@ -38,7 +39,8 @@ class WorkerLoop:
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )
         if isolate:
-            self.runner = IsolatedRunner(self.runner)
+            self.runner = IsolatedRunner(self.runner, self.forward_log)
+        logging.getLogger().addHandler(context.LogForwarder(self.forward_log))
         self.backoff = mpi.Backoff()
         self.cancelled: set[int] = set()
         self._last_progress = 0.0
@@ -139,6 +141,10 @@ class WorkerLoop:
         self._last_progress = now
         mpi.send(self.comm, mpi.dumps((uid, done, total, message)), 0, mpi.TAG_PROGRESS)
 
+    def forward_log(self, uid: int | None, created: float, level: str, name: str, message: str) -> None:
+        """Send a log record of task code to rank 0 (any thread)."""
+        mpi.send(self.comm, mpi.dumps((uid, created, level, name, message)), 0, mpi.TAG_LOG)
+
     def _is_cancelled(self, uid: int) -> bool:
         now = time.monotonic()
         if now - self._last_cancel_poll >= _CANCEL_POLL_INTERVAL:
@@ -160,3 +166,4 @@ def _usage() -> tuple[float, int, float]:
     except (OSError, ValueError, IndexError):
         resident = 0  # not Linux: memory is not reported
     return times.user + times.system, resident, time.monotonic()
+

@@ -34,6 +34,8 @@ TAG_PROGRESS = 13
 TAG_CANCEL = 14
 #: worker -> master: an empty message now and then, saying the rank is alive
 TAG_HEARTBEAT = 15
+#: worker -> master: a log record of task code (uid, time, level, logger name, message)
+TAG_LOG = 16
 
 PICKLE_PROTOCOL = 5
 

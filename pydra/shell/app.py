@@ -12,13 +12,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
 from pydra.launcher import keys
 from pydra.progress import progress_text
-from pydra.shell.commands import ShellUsageError, help_text, run_line
+from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
 from pydra.shell.toolbar import Toolbar
 
@@ -76,7 +76,24 @@ def answer(client: Any, line: str, as_json: bool = False) -> str:
         return help_text(words[1] if len(words) > 1 else None)
     if words and words[0] == "progress":
         return follow_progress(client, words[1:])
+    if words and words[0] == "logs" and "--follow" in words:
+        return follow_logs(client, line)
     return run_line(client, line, as_json)
+
+
+def follow_logs(client: Any, line: str, interval: float = 0.5) -> str:
+    """``logs ... --follow``: print records as they come, until Ctrl-C."""
+    command, args = parse(line)
+    _, request = command.request(args)
+    after = 0
+    try:
+        while True:
+            for record in client.call("logs", after=after, **request):
+                print(log_line(record), flush=True)
+                after = record["number"]
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return ""
 
 
 def follow_progress(client: Any, words: list[str], interval: float = 0.5) -> str:
@@ -106,14 +123,14 @@ def progress_line(job: dict, first: dict[int, tuple[float, int]]) -> str:
     return f"job {job['id']} {job['state']} {progress_text(done, total, rate)}"
 
 
-def interact(client: Any, as_json: bool, session: Any = None) -> int:
-    """The prompt loop, until ``exit``, Ctrl-D or the cluster shutting down under us."""
+def interact(client: Any, as_json: bool, session: Any = None, echo: Callable[[str], None] = print) -> int:
+    """The prompt loop, until ``exit`` or Ctrl-D; everything it shows goes through *echo*."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.patch_stdout import patch_stdout
 
     facts = ClusterFacts()
-    toolbar = Toolbar(client, facts, lambda text: print(text))
+    toolbar = Toolbar(client, facts, echo)
     toolbar.refresh()
     if session is None:
         history = keys.pydra_home() / "shell_history"
@@ -140,12 +157,12 @@ def interact(client: Any, as_json: bool, session: Any = None) -> int:
                 try:
                     output = answer(client, line, as_json)
                 except PydraError as exc:  # usage errors and the cluster's refusals: one line, then the prompt
-                    print(f"error: {exc}")
+                    echo(f"error: {exc}")
                     continue
                 except Exception as exc:  # noqa: BLE001 - a bug in the shell must not end the session
-                    print(f"error: {type(exc).__name__}: {exc} (a bug in pydra shell)")
+                    echo(f"error: {type(exc).__name__}: {exc} (a bug in pydra shell)")
                     continue
                 if output:
-                    print(output)
+                    echo(output)
     finally:
         toolbar.stop()

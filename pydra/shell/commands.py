@@ -138,6 +138,17 @@ def show_job(job: dict) -> str:
     return "\n".join(lines)
 
 
+def show_logs(records: list[dict]) -> str:
+    return "\n".join(log_line(record) for record in records) or "(no log records)"
+
+
+def log_line(record: dict) -> str:
+    """``14:02:11 rank 2 job 7 WARNING mytask: the message``."""
+    when = time.strftime("%H:%M:%S", time.localtime(record["time"]))
+    job = f" job {record['job']}" if record["job"] is not None else ""
+    return f"{when} rank {record['rank']}{job} {record['level']} {record['logger']}: {record['message']}"
+
+
 def show_config(settings: dict) -> str:
     return "\n".join(f"{key:<18} {value}" for key, value in settings.items())
 
@@ -208,6 +219,13 @@ def _build() -> dict[str, Command]:
 
     add("config", "show the runtime settings, or set KEY to VALUE",
         lambda a: ("config", {"key": a.key, "value": a.value}), show_config, "settings", config_arguments)
+    def logs_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("job_id", type=int, nargs="?", metavar="ID")
+        parser.add_argument("--rank", type=int, metavar="R", help="only what rank R logged")
+        parser.add_argument("--follow", action="store_true", help="keep printing new records until Ctrl-C")
+
+    add("logs", "log records of tasks (WARNING and up, or the task's level) and the cluster, by job or rank",
+        lambda a: ("logs", {"job_id": a.job_id, "rank": a.rank}), show_logs, "jobs", logs_arguments)
     add("shutdown", "stop the cluster once running jobs end (--now: cancel them)",
         lambda a: ("shutdown", {"now": a.now}), _said("shutting down"),
         arguments=lambda p: p.add_argument("--now", action="store_true", help="cancel running and queued jobs"))
@@ -217,7 +235,11 @@ def _build() -> dict[str, Command]:
 COMMANDS = _build()
 
 #: commands the shell itself answers, without the cluster
-LOCAL_COMMANDS = {"help": "list the commands, or explain one: help COMMAND", "exit": "leave the shell (also Ctrl-D)"}
+LOCAL_COMMANDS = {
+    "progress": "live progress bars of running jobs, or of job ID, until they end or Ctrl-C",
+    "help": "list the commands, or explain one: help COMMAND",
+    "exit": "leave the shell (also Ctrl-D)",
+}
 
 
 def help_text(name: str | None = None) -> str:

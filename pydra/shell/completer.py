@@ -15,7 +15,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Nest
 from prompt_toolkit.document import Document
 
 from pydra.control import CONFIG
-from pydra.shell.commands import COMMANDS, LOCAL_COMMANDS
+from pydra.shell.commands import COMMANDS
 
 
 class ClusterFacts:
@@ -53,5 +53,6 @@ class ShellCompleter(Completer):
         grammar["jobs"] = {"--all": None}
         grammar["shutdown"] = {"--now": None}
         grammar["help"] = {name: None for name in COMMANDS}
-        grammar.update({name: None for name in LOCAL_COMMANDS if name != "help"})
+        grammar["progress"] = values["jobs"]
+        grammar["exit"] = None
         return grammar

@@ -1,0 +1,159 @@
+"""The admin shell's own behaviour, without a cluster: a real PromptSession fed through a pipe.
+
+The client here is a stand-in that answers like a cluster (recorded replies);
+what is tested is the shell: the loop survives bad input with one line each,
+completion offers commands, job ids, ranks and settings, the toolbar shows
+health, ``-c`` exits 0/1/2, and ``--json`` prints what the cluster said.
+The shell against real clusters is in test_cluster.py and test_terminal.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from prompt_toolkit.shortcuts import PromptSession
+
+from pydra.control import ControlError
+from pydra.shell import app
+from pydra.shell.completer import ClusterFacts, ShellCompleter
+from pydra.shell.toolbar import Toolbar
+
+STATUS = {
+    "cluster": "c1", "uptime": 75.0, "ranks": 4, "hosts": ["a", "b"],
+    "workers": {"idle": 2, "busy": 1, "lost": 0, "draining": 0},
+    "queued": 1, "running": 1, "done": 5, "failed": 1, "cancelled": 0,
+    "paused": False, "shutting_down": False, "run_dir": "/runs/c1",
+}
+JOB = {
+    "id": 7, "target": "t.py:T", "inputs": ["1"], "priority": 2, "state": "failed", "submitted": 1.0,
+    "started": 2.0, "finished": 5.0, "seconds": 3.0, "items_done": 3, "items_total": 4,
+    "error": "ValueError: bad", "traceback": "Worker 1 of 4 on a\nTraceback...", "result_path": None,
+    "transitions": [["queued", 1.0], ["running", 2.0], ["failed", 5.0]],
+}
+WORKER = {
+    "rank": 1, "host": "a", "state": "busy", "jobs": [7], "units_inflight": 2, "units_done": 10, "failures": 1,
+    "busy_seconds": 1.0, "heartbeat_age": 0.2, "cpu_percent": 95.0, "memory_bytes": 64 << 20,
+}
+
+
+class RecordedCluster:
+    """Answers control requests with recorded replies, and remembers what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, dict]] = []
+
+    def call(self, command: str, **args):
+        self.asked.append((command, args))
+        if command == "cancel" and args["job_id"] == 99:
+            raise ControlError("no job 99")
+        return {
+            "status": STATUS,
+            "jobs": [JOB],
+            "queue": [],
+            "job": JOB,
+            "workers": [WORKER],
+            "cancel": {**JOB, "state": "cancelled"},
+            "submit": {**JOB, "id": 8, "state": "queued"},
+        }.get(command)
+
+
+def drive(lines: str) -> tuple[int, RecordedCluster, str]:
+    """Run the interactive loop on *lines* typed into a real PromptSession; (status, cluster, what it showed)."""
+    cluster = RecordedCluster()
+    shown: list[str] = []
+    with create_pipe_input() as pipe:
+        pipe.send_text(lines)
+        pipe.close()  # the end of the input: Ctrl-D, if no "exit" came first
+        session = PromptSession(input=pipe, output=DummyOutput())
+        status = app.interact(cluster, as_json=False, session=session, echo=shown.append)
+    return status, cluster, "\n".join(shown)
+
+
+def test_the_loop_survives_bad_input_with_one_line_each():
+    status, cluster, out = drive("bogus\njob x\ncancel 99\n'unclosed\nstatus\nexit\n")
+    assert status == 0
+    assert "error: unknown command 'bogus': type help for the list" in out
+    assert "error: job: argument ID: invalid int value: 'x'" in out
+    assert "error: no job 99" in out
+    assert "error: cannot split the line" in out
+    assert "cluster   c1" in out and "workers   2 idle, 1 busy" in out  # the loop went on after all that
+    assert ("cancel", {"job_id": 99}) in cluster.asked
+
+
+def test_commands_send_their_arguments():
+    status, cluster, out = drive("submit t.py:T 1 2 --priority 3\ncancel 7\njob 7\nworkers\n")  # then Ctrl-D
+    assert status == 0
+    assert ("submit", {"target": "t.py:T", "inputs": ["1", "2"], "priority": 3}) in cluster.asked
+    assert "submitted job 8 (queued)" in out and "job 7 cancelled" in out
+    assert "Worker 1 of 4 on a" in out  # the traceback of a failed job
+    assert "RANK" in out and "95%" in out and "64 MiB" in out
+
+
+def test_help_lists_every_command_and_explains_one():
+    _, _, out = drive("help\nhelp submit\nhelp nosuch\n")
+    for name in ("status", "workers", "queue", "jobs", "submit", "cancel", "priority", "pause", "resume",
+                 "retry", "progress", "drain", "restart", "config", "shutdown"):
+        assert f"\n{name}" in out or out.startswith(name)
+    assert "--priority N" in out
+    assert "error: no command 'nosuch'" in out
+
+
+def completions(text: str, facts: ClusterFacts) -> list[str]:
+    document = Document(text, len(text))
+    return [c.text for c in ShellCompleter(facts).get_completions(document, CompleteEvent(completion_requested=True))]
+
+
+def test_completion_offers_commands_job_ids_ranks_and_settings():
+    facts = ClusterFacts()
+    facts.job_ids, facts.ranks = [3, 14], [1, 2, 3]
+    assert completions("can", facts) == ["cancel"]
+    assert set(completions("sh", facts)) == {"shutdown"}
+    assert completions("cancel ", facts) == ["3", "14"]
+    assert completions("job 1", facts) == ["14"]
+    assert completions("drain ", facts) == ["1", "2", "3"]
+    assert "max_jobs" in completions("config ", facts)
+    assert completions("jobs ", facts) == ["--all"]
+    assert "submit" in completions("help s", facts)
+
+
+def test_the_toolbar_shows_health_and_announces_finished_jobs():
+    cluster = RecordedCluster()
+    said: list[str] = []
+    facts = ClusterFacts()
+    toolbar = Toolbar(cluster, facts, said.append)
+    assert toolbar() == " connecting..."
+    toolbar.refresh()
+    assert "c1  ranks 4  workers: 2 idle, 1 busy, 0 lost  jobs: 1 queued, 1 running, 5 done, 1 failed" in toolbar()
+    assert facts.job_ids == [7] and facts.ranks == [1]
+    toolbar._states[7] = "running"  # seen running before this poll
+    toolbar.refresh()
+    assert said == ["job 7 (t.py:T) failed"]
+
+
+@pytest.mark.parametrize(
+    "line, status",
+    [("status", 0), ("cancel 99", 1), ("bogus", 2), ("job", 2)],
+)
+def test_one_command_exits_with_its_status(line, status, capsys):
+    assert app.run_once(RecordedCluster(), line, as_json=False) == status
+    captured = capsys.readouterr()
+    if status:
+        assert captured.err.startswith("pydra shell: ") and captured.err.count("\n") == 1
+    else:
+        assert "cluster   c1" in captured.out
+
+
+def test_json_prints_the_cluster_reply(capsys):
+    assert app.run_once(RecordedCluster(), "jobs --all", as_json=True) == 0
+    assert json.loads(capsys.readouterr().out) == [JOB]
+
+
+def test_progress_lines_show_rate_and_eta():
+    first = {7: (0.0, 0)}
+    line = app.progress_line({**JOB, "state": "running", "items_done": 50, "items_total": 100}, first)
+    assert line.startswith("job 7 running [###############...............] 50/100 50%")
