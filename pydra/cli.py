@@ -133,7 +133,7 @@ def check_job_arguments(args: argparse.Namespace, prog: str) -> bool:
     if args.resume and (args.target or args.inputs or args.run_dir):
         print(f"{prog}: error: --resume DIR takes no TARGET, INPUT or --run-dir: the journal has them", file=sys.stderr)
         return False
-    if not args.resume and not args.target:
+    if not args.resume and not args.target and not getattr(args, "serve", False):
         print(f"{prog}: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
         return False
     if args.isolate:
@@ -144,6 +144,8 @@ def check_job_arguments(args: argparse.Namespace, prog: str) -> bool:
 def job_arguments(args: argparse.Namespace) -> list[str]:
     """The job arguments again, as ``pydra run`` on every rank must get them."""
     words = [args.target, *args.inputs] if args.target else []
+    if getattr(args, "serve", False):
+        words += ["--serve", "--listen", f"{args.listen[0]}:{args.listen[1]}", "--max-jobs", str(args.max_jobs)]
     for flag, value in (("--output", args.output), ("--run-dir", args.run_dir), ("--resume", args.resume)):
         if value:
             words += [flag, value]

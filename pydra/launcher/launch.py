@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydra.cli import add_job_arguments, check_job_arguments, job_arguments
+from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments
 from pydra.comm.aio import Channel, open_channel
 from pydra.comm.channel import ChannelError
 from pydra.config import setting
@@ -99,6 +99,8 @@ def launch_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept-new", action="store_true",
                         help="trust and record the key of a host seen for the first time (a changed key is always refused)")
     add_job_arguments(parser)
+    parser.add_argument("--serve", action="store_true", help="stay up as a service cluster (see pydra serve); TARGET, if any, is its first job")
+    add_service_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     if not check_job_arguments(args, "pydra launch"):
         return 2
