@@ -35,6 +35,9 @@ class ServiceError(PydraError):
     """A request the service cannot carry out (an unknown job, a job in the wrong state)."""
 
 
+#: every state ``workers`` may show (see pydra._core.master), as ``status`` counts them
+WORKER_STATES = ("idle", "busy", "reserved", "draining", "drained", "lost")
+
 #: control command -> Service method (the method's parameters are the command's JSON args)
 COMMANDS = {
     "status": "status",
@@ -134,11 +137,12 @@ class Service:
             job = self._job(job_id)
             if job.state not in ("queued", "running"):
                 raise ServiceError(f"job {job_id} is {job.state}: only a queued or running job can be cancelled")
-            if job.state == "running":
+            running = job.state == "running"
+            self._finish(job, "cancelled", error="cancelled by the admin")  # first: _on_done then ignores it
+            if running:
                 assert job.walk is not None and job.future is not None
                 self.master.call_soon(job.walk.cancel)
                 job.future.cancel()
-            self._finish(job, "cancelled", error="cancelled by the admin")
             self._start_ready()
             return job.describe()
 
@@ -175,9 +179,13 @@ class Service:
             self._start_ready()
 
     def shutdown(self, now: bool = False) -> None:
-        """Take no more jobs; end once the running ones are done (with *now*: cancel them and the queue)."""
+        """Take no more jobs; end once the queued and running ones are done (*now*: cancel them instead).
+
+        A paused queue is resumed, so that the jobs already submitted all run.
+        """
         with self._lock:
-            self._shutting_down = True
+            self._shutting_down, self.paused = True, False
+            self._start_ready()
             if now:
                 for job in list(self.jobs.values()):
                     if job.state in ("queued", "running"):
@@ -254,7 +262,7 @@ class Service:
             "uptime": time.time() - self.started,
             "ranks": self.master.comm.size,
             "hosts": sorted({self.master.host, *(w["host"] for w in workers)}),
-            "workers": {state: sum(w["state"] == state for w in workers) for state in ("idle", "busy", "lost", "draining")},
+            "workers": {state: sum(w["state"] == state for w in workers) for state in WORKER_STATES},
             "queued": states.count("queued"),
             "running": states.count("running"),
             "done": states.count("done"),
@@ -349,7 +357,7 @@ class Service:
 
     def _start_ready(self) -> None:
         # Called with the lock held.
-        if self.paused or self._shutting_down:
+        if self.paused:
             return
         running = sum(job.state == "running" for job in self.jobs.values())
         for job in sorted((j for j in self.jobs.values() if j.state == "queued"), key=self._queue_order):
@@ -377,7 +385,7 @@ class Service:
         with self._lock:
             if job.state != "running" or job.future is not future:
                 return  # cancelled meanwhile
-            error = None if future.cancelled() else future.exception()
+            error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
             if error is None:
                 path = self.run_dir / "results" / f"{job.id}.json"
                 try:
@@ -428,6 +436,11 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exceptions(comm)
+    if comm.rank != 0:
+        # Ctrl-C in a terminal (and mpiexec's SIGTERM) reach every rank: rank 0 shuts the
+        # cluster down in order; a worker ends when told to, or when rank 0 falls silent.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with Executor(comm) as executor:
         if executor is None:
             return 0  # a worker: served rank 0 until it said stop

@@ -464,13 +464,13 @@ class Master:
             self._adapt_pipeline(sum(reply[3] for reply in replies) / len(replies))
         for uid, ok, value, seconds, blob in replies:
             worker.busy_seconds += seconds
-            worker.units_done += 1
-            if not ok:
-                worker.failures += 1
             self.progress.pop(uid, None)
             unit = self.pending.get(uid)
             if unit is None:
-                continue  # cancelled, or a STOP acknowledgement
+                continue  # cancelled, or a STOP acknowledgement: neither done nor failed
+            worker.units_done += 1
+            if not ok:
+                worker.failures += 1
             unit.replies_due -= 1
             if unit.replies_due == 0:
                 del self.pending[uid]

@@ -1,0 +1,545 @@
+"""A service cluster end to end: ``pydra serve -n 4`` driven only through ``pydra shell -c``.
+
+One 4-rank cluster (``--max-jobs 1``, so the order jobs run in is
+observable) serves the whole module. The tests show that the shell reports
+the cluster's health (``status``, ``workers``, ``--json`` everywhere); that
+the queue runs jobs by priority and that ``priority`` reorders it; that
+``cancel`` stops a running job and keeps a queued one from ever starting;
+that ``retry`` runs a failed job again; that unknown keys, launch-only keys
+and bad command lines are refused with the documented exit statuses; that
+``drain``, ``restart`` and ``config`` change the running cluster; and, last,
+that ``shutdown`` ends mpiexec cleanly, removes the connection file and
+leaves every job's final state in the run directory's journal.
+
+Three tests pin down bugs found this way (now fixed): a traceback on rank 0
+for every cancelled running job, a drained worker missing from ``status``,
+and a graceful ``shutdown`` that never ended while a job was still queued
+(that one starts a cluster of its own).
+
+Every subprocess has a timeout; the cluster runs in a session of its own
+and is stopped in the fixture's teardown (``shutdown --now``, then its
+process group), never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+TASKS = HERE / "jobs" / "service_tasks.py"
+
+SQUARES = f"{TASKS}:squares"
+NAPS = f"{TASKS}:naps"
+FAILS_FIRST_TIME = f"{TASKS}:fails_first_time"
+
+FINAL = ("done", "failed", "cancelled")
+WORKER_KEYS = {"rank", "host", "state", "jobs", "heartbeat_age", "cpu_percent", "memory_bytes", "units_done"}
+SHELL_TIMEOUT = 30  # one `pydra shell -c` (each takes well under a second)
+JOB_TIMEOUT = 60  # a job reaching a final state
+
+
+def _load_root_conftest() -> Any:
+    """tests/conftest.py, loaded by path under a private name (as tests/core/mpijobs.py does)."""
+    name = "_pydra_tests_root_conftest"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _load_root_conftest()
+run_process = _conftest.run_process
+stop_group = _conftest.stop_group
+mpi_environment = _conftest.mpi_environment
+
+
+def pydra(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pydra", *args]
+
+
+def keygen(path: Path) -> Path:
+    """A new unencrypted Ed25519 key at *path* (and *path*.pub); returns *path*."""
+    done = run_process(pydra("keygen", "-f", str(path), "-N", "", "-C", path.name), timeout=SHELL_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def one_line(text: str) -> str:
+    """*text* stripped, checked to be exactly one line."""
+    text = text.strip()
+    assert text and "\n" not in text, f"expected one line, got:\n{text}"
+    return text
+
+
+def wait_until(what: str, probe: Callable[[], Any], check: Callable[[Any], bool], timeout: float = JOB_TIMEOUT,
+               interval: float = 0.2) -> Any:
+    """Call *probe* until *check* accepts its value (returned); fail after *timeout* s with the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not reached in {timeout} s; last seen:\n{json.dumps(value, indent=1)[:4000]}")
+        time.sleep(interval)
+
+
+@dataclass
+class Cluster:
+    """A running ``pydra serve -n 4`` and the means to talk to it with ``pydra shell``."""
+
+    process: subprocess.Popen
+    env: dict[str, str]
+    home: Path
+    identity: Path
+    connection_file: Path
+    run_dir: Path
+    log: Path
+    service_dir: Path
+    submitted: list[int] = field(default_factory=list)
+
+    # -- the shell ---------------------------------------------------------------------------
+
+    def shell(self, command: str, *, as_json: bool = False, identity: Path | None = None):
+        """``pydra shell --connect FILE -i KEY [--json] -c COMMAND``: the Finished subprocess."""
+        argv = pydra("shell", "--connect", str(self.connection_file), "-i", str(identity or self.identity))
+        argv += ["--json"] if as_json else []
+        return run_process([*argv, "-c", command], timeout=SHELL_TIMEOUT, env=self.env)
+
+    def ok(self, command: str) -> str:
+        """The text output of a command that must succeed."""
+        done = self.shell(command)
+        assert done.returncode == 0, f"{command!r} exited {done.returncode}:\n{done.stderr}{self.tail()}"
+        return done.stdout
+
+    def call(self, command: str) -> Any:
+        """The parsed ``--json`` output of a command that must succeed."""
+        done = self.shell(command, as_json=True)
+        assert done.returncode == 0, f"{command!r} exited {done.returncode}:\n{done.stderr}{self.tail()}"
+        return json.loads(done.stdout)
+
+    def refused(self, command: str, status: int = 1, **kwargs: Any) -> str:
+        """The one-line complaint of a command that must exit *status* with nothing on stdout."""
+        done = self.shell(command, **kwargs)
+        assert done.returncode == status, f"{command!r} exited {done.returncode}, expected {status}:\n{done.stdout}{done.stderr}"
+        assert done.stdout.strip() == ""
+        return one_line(done.stderr)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def submit(self, target: str, *inputs: str, priority: int | None = None) -> int:
+        """Submit a job (its id); with a priority, through ``--priority N``."""
+        line = " ".join(["submit", target, *inputs, *([] if priority is None else ["--priority", str(priority)])])
+        job = self.call(line)
+        assert job["target"] == target and job["inputs"] == list(inputs)
+        assert job["priority"] == (priority or 0)
+        self.submitted.append(job["id"])
+        return job["id"]
+
+    def job(self, job_id: int) -> dict:
+        return self.call(f"job {job_id}")
+
+    def jobs(self, ids: list[int]) -> dict[int, dict]:
+        """These jobs' summaries (from ``jobs --all``), by id."""
+        every = {job["id"]: job for job in self.call("jobs --all")}
+        return {job_id: every[job_id] for job_id in ids}
+
+    def wait_final(self, *ids: int, timeout: float = JOB_TIMEOUT) -> dict[int, dict]:
+        """Poll ``jobs --all`` until every job in *ids* is done, failed or cancelled."""
+        return wait_until(
+            f"jobs {list(ids)} finishing", lambda: self.jobs(list(ids)),
+            lambda jobs: all(job["state"] in FINAL for job in jobs.values()), timeout,
+        )
+
+    def settle(self) -> None:
+        """Back to the module's baseline: queue running, one job at a time, nothing queued or running."""
+        self.ok("resume")
+        self.ok("config max_jobs 1")
+        wait_until("an idle queue", lambda: self.call("jobs"), lambda jobs: jobs == [])
+
+    def tail(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"\n--- cluster log (last 3000 chars) ---\n{text[-3000:]}"
+
+
+def result_of(job: dict) -> Any:
+    assert job["result_path"], job
+    return json.loads(Path(job["result_path"]).read_text())
+
+
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[Cluster]:
+    """``pydra serve -n 4 --max-jobs 1`` in a session of its own, an admin key authorized; stopped on exit."""
+    home = root / "home"
+    home.mkdir()
+    service_dir = root / "marks"
+    service_dir.mkdir()
+    env = mpi_environment()
+    env.update(PYDRA_HOME=str(home), SERVICE_DIR=str(service_dir))
+    identity = keygen(home / "id_ed25519")
+    (home / "authorized_keys").write_text(f'pydra-role="admin" {identity.with_suffix(".pub").read_text()}')
+    log = root / "serve.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            pydra("serve", "-n", "4", "--max-jobs", "1"), stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True,
+        )
+    cluster = None
+    try:
+        found = wait_until(
+            "the cluster announcing its connection file",
+            lambda: re.search(r"connection file (.+?); run directory (.+)$", log.read_text(), re.M)
+            or process.poll() is not None,
+            bool, timeout=60,
+        )
+        assert isinstance(found, re.Match), f"pydra serve exited {process.returncode}:\n{log.read_text()}"
+        connection_file, run_dir = Path(found[1]), Path(found[2].strip())
+        cluster = Cluster(process, env, home, identity, connection_file, run_dir, log, service_dir)
+        yield cluster
+    finally:
+        try:
+            if process.poll() is None and cluster is not None:
+                cluster.shell("shutdown --now")
+                process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if process.poll() is None:  # never by name: only this cluster's process group
+                stop_group(process)
+                process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The module's cluster."""
+    with serving(tmp_path_factory.mktemp("service")) as running:
+        yield running
+
+
+# -- health --------------------------------------------------------------------------------------
+
+
+def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(cluster: Cluster) -> None:
+    details = json.loads(cluster.connection_file.read_text())
+    assert cluster.connection_file.parent == cluster.home / "run"
+    assert stat.S_IMODE(cluster.connection_file.stat().st_mode) == 0o600
+    assert details["cluster"] == cluster.run_dir.name and details["port"] > 0 and details["host_key"].startswith("SHA256:")
+
+    status = cluster.call("status")
+    assert status["ranks"] == 4
+    assert status["cluster"] == cluster.run_dir.name and status["run_dir"] == str(cluster.run_dir)
+    assert sum(status["workers"].values()) == 3, status["workers"]
+    assert status["paused"] is False and status["shutting_down"] is False
+    assert status["hosts"] and all(isinstance(host, str) and host for host in status["hosts"])
+    assert re.search(r"^ranks\s+4 on ", cluster.ok("status"), re.M)
+
+    workers = cluster.call("workers")
+    assert [worker["rank"] for worker in workers] == [1, 2, 3]
+    for worker in workers:
+        assert WORKER_KEYS <= set(worker), worker
+        assert isinstance(worker["host"], str) and worker["host"]
+        assert worker["state"] in ("idle", "busy"), worker
+        assert isinstance(worker["heartbeat_age"], float) and worker["heartbeat_age"] >= 0
+        assert worker["cpu_percent"] is None or worker["cpu_percent"] >= 0
+        assert worker["memory_bytes"] is None or worker["memory_bytes"] > 0
+    table = cluster.ok("workers").splitlines()
+    assert table[0].split()[:3] == ["RANK", "HOST", "STATE"] and len(table) == 4
+
+    settings = cluster.call("config")
+    assert settings["max_jobs"] == 1 and set(settings) == {"max_jobs", "heartbeat_timeout", "batch_seconds"}
+    if settings["heartbeat_timeout"] is not None:  # heartbeats carry the workers' usage
+        wait_until("every worker reporting its memory", lambda: cluster.call("workers"),
+                   lambda rows: all(row["memory_bytes"] for row in rows), timeout=20)
+
+    assert isinstance(cluster.call("queue"), list)
+    assert isinstance(cluster.call("jobs"), list)
+    job_id = cluster.submit(SQUARES, "1", "2", "3")
+    cluster.wait_final(job_id)
+    job = cluster.call(f"job {job_id}")
+    assert job["state"] == "done", job
+    assert [state for state, _ in job["transitions"]] == ["queued", "running", "done"]
+    assert job["items_done"] == job["items_total"] == 3
+    assert result_of(job) == [1, 4, 9]
+    assert any(row["id"] == job_id for row in cluster.call("jobs --all"))
+    assert all(row["id"] != job_id for row in cluster.call("jobs"))  # finished: only with --all
+    assert re.search(rf"^job {job_id}: done$", cluster.ok(f"job {job_id}"), re.M)
+
+    assert all(name in cluster.ok("help") for name in ("status", "submit", "cancel", "drain", "shutdown"))
+
+
+# -- the queue -----------------------------------------------------------------------------------
+
+
+def test_the_queue_runs_jobs_by_priority_highest_first(cluster: Cluster) -> None:
+    cluster.settle()
+    assert cluster.ok("pause").strip() == "queue paused"
+    assert cluster.call("status")["paused"] is True
+    inputs = {0: ["1", "2"], 5: ["3", "4"], 9: ["5", "6"]}
+    ids = {priority: cluster.submit(SQUARES, *inputs[priority], priority=priority) for priority in (0, 5, 9)}
+    queue = cluster.call("queue")
+    assert [job["id"] for job in queue] == [ids[9], ids[5], ids[0]]
+    assert [job["priority"] for job in queue] == [9, 5, 0]
+    assert all(job["state"] == "queued" and job["started"] is None for job in queue)
+
+    assert cluster.ok("resume").strip() == "queue resumed"
+    jobs = cluster.wait_final(*ids.values())
+    assert all(job["state"] == "done" for job in jobs.values()), jobs
+    started = [jobs[ids[priority]]["started"] for priority in (9, 5, 0)]
+    assert started == sorted(started), started
+    # --max-jobs 1: each started only after the one before it had finished
+    assert jobs[ids[9]]["finished"] <= jobs[ids[5]]["started"] and jobs[ids[5]]["finished"] <= jobs[ids[0]]["started"]
+    for priority, job_id in ids.items():
+        assert result_of(jobs[job_id]) == [int(x) ** 2 for x in inputs[priority]]
+
+
+def test_priority_moves_a_queued_job_ahead(cluster: Cluster) -> None:
+    cluster.settle()
+    cluster.ok("pause")
+    first, second = cluster.submit(SQUARES, "7"), cluster.submit(SQUARES, "8")
+    assert [job["id"] for job in cluster.call("queue")] == [first, second]  # same priority: oldest first
+
+    assert cluster.ok(f"priority {second} 3").strip() == f"job {second} now has priority 3"
+    queue = cluster.call("queue")
+    assert [(job["id"], job["priority"]) for job in queue] == [(second, 3), (first, 0)]
+    assert "no job 999999" in cluster.refused("priority 999999 1")
+
+    cluster.ok("resume")
+    jobs = cluster.wait_final(first, second)
+    assert jobs[first]["state"] == jobs[second]["state"] == "done", jobs
+    assert jobs[second]["started"] < jobs[first]["started"]
+    assert result_of(jobs[second]) == [64] and result_of(jobs[first]) == [49]
+    assert "only a queued job" in cluster.refused(f"priority {first} 5")
+
+
+def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(cluster: Cluster) -> None:
+    cluster.settle()
+    running = cluster.submit(NAPS, *["1.5"] * 9)  # three rounds of 1.5 s naps over three workers
+    queued = cluster.submit(SQUARES, "4")  # behind it: --max-jobs 1
+    assert cluster.job(running)["state"] == "running"
+    assert cluster.job(queued)["state"] == "queued"
+    wait_until(f"a worker working for job {running}", lambda: cluster.call("workers"),
+               lambda rows: any(running in row["jobs"] for row in rows), timeout=20)
+
+    assert cluster.ok(f"cancel {queued}").strip() == f"job {queued} cancelled"
+    assert cluster.ok(f"cancel {running}").strip() == f"job {running} cancelled"
+    job = cluster.job(running)
+    assert job["state"] == "cancelled" and job["error"] == "cancelled by the admin", job
+    assert job["result_path"] is None
+
+    # the cluster carries on: a new job runs to the end
+    after = cluster.submit(SQUARES, "11")
+    jobs = cluster.wait_final(after)
+    assert jobs[after]["state"] == "done" and result_of(jobs[after]) == [121]
+
+    never = cluster.job(queued)
+    assert never["state"] == "cancelled" and never["started"] is None, never
+    assert [state for state, _ in never["transitions"]] == ["queued", "cancelled"]
+    cancelled = cluster.job(running)
+    assert cancelled["state"] == "cancelled"  # the naps that were under way did not revive it
+    assert [state for state, _ in cancelled["transitions"]] == ["queued", "running", "cancelled"]
+    assert not (cluster.run_dir / "results" / f"{running}.json").exists()
+
+    reason = cluster.refused(f"cancel {after}")
+    assert f"job {after} is done" in reason and "only a queued or running job can be cancelled" in reason
+    assert "no job 999999" in cluster.refused("cancel 999999")
+
+
+def test_cancelling_a_running_job_logs_no_traceback(cluster: Cluster) -> None:
+    cluster.settle()
+    before = len(cluster.log.read_text(errors="replace"))
+    job_id = cluster.submit(NAPS, "2", "2", "2")
+    cluster.ok(f"cancel {job_id}")
+    assert cluster.job(job_id)["state"] == "cancelled"
+    # rank 0's stderr reaches the log through mpiexec: give a traceback a moment to arrive
+    deadline = time.monotonic() + 5
+    while "Traceback" not in cluster.log.read_text(errors="replace")[before:] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Traceback" not in cluster.log.read_text(errors="replace")[before:], cluster.tail()
+
+
+def test_retry_runs_a_failed_job_again(cluster: Cluster) -> None:
+    cluster.settle()
+    job_id = cluster.submit(FAILS_FIRST_TIME, "retried")
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "failed", job
+    detail = cluster.job(job_id)
+    assert "fails on purpose" in detail["error"] and "ValueError" in detail["traceback"]
+    assert cluster.call("status")["failed"] >= 1
+
+    assert cluster.ok(f"retry {job_id}").strip() == f"job {job_id} queued again"
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "done", job
+    assert result_of(job) == "retried worked"
+    transitions = [state for state, _ in cluster.job(job_id)["transitions"]]
+    assert transitions == ["queued", "running", "failed", "queued", "running", "done"]
+
+    assert "only a failed or cancelled job can be retried" in cluster.refused(f"retry {job_id}")
+
+
+def test_a_job_whose_target_cannot_load_fails_and_the_cluster_goes_on(cluster: Cluster) -> None:
+    cluster.settle()
+    missing = cluster.submit(f"{HERE / 'jobs' / 'no_such_file.py'}:nothing", "1")
+    job = cluster.wait_final(missing)[missing]
+    assert job["state"] == "failed" and "does not exist" in job["error"], job
+    fine = cluster.submit(SQUARES, "12")
+    assert result_of(cluster.wait_final(fine)[fine]) == [144]
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_unknown_and_launch_only_keys_and_bad_command_lines_are_refused(cluster: Cluster, tmp_path: Path) -> None:
+    stranger = keygen(tmp_path / "stranger")
+    reason = cluster.refused("status", status=2, identity=stranger)
+    assert "refused this key" in reason, reason
+
+    launcher = keygen(tmp_path / "launcher")
+    authorized = cluster.home / "authorized_keys"
+    with open(authorized, "a") as handle:
+        handle.write(f'pydra-role="launch" {launcher.with_suffix(".pub").read_text()}')
+    reason = cluster.refused("status", status=2, identity=launcher)
+    assert "refused this key" in reason, reason
+
+    # authorized_keys is read at each connection: a key added now is let in at once
+    with open(authorized, "a") as handle:
+        handle.write(f'pydra-role="launch|admin" {stranger.with_suffix(".pub").read_text()}')
+    done = cluster.shell("status", as_json=True, identity=stranger)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ranks"] == 4
+
+    assert "bogus" in cluster.refused("bogus", status=2)
+    assert "notanumber" in cluster.refused("job notanumber", status=2)
+    cluster.refused("submit", status=2)
+    cluster.refused("priority 1", status=2)
+    cluster.refused("jobs --everything", status=2)
+    assert "no job 999999" in cluster.refused("job 999999")
+    cluster.ok("status")  # the cluster is unharmed
+
+
+# -- changing the running cluster ----------------------------------------------------------------
+
+
+def test_config_changes_settings_at_run_time(cluster: Cluster) -> None:
+    cluster.settle()
+    assert cluster.call("config")["max_jobs"] == 1
+    assert re.search(r"^max_jobs\s+2$", cluster.ok("config max_jobs 2"), re.M)
+    assert cluster.call("config")["max_jobs"] == 2
+    assert "unknown setting 'nosuch'" in cluster.refused("config nosuch 1")
+    assert "positive" in cluster.refused("config max_jobs 0")
+    assert "expects int" in cluster.refused("config max_jobs many")
+    assert cluster.call("config")["max_jobs"] == 2
+
+    # two jobs now run at once: the second starts before the first (a second of naps) ends
+    cluster.ok("pause")
+    first, second = cluster.submit(NAPS, "1", "1"), cluster.submit(NAPS, "1", "1")
+    cluster.ok("resume")
+    jobs = cluster.wait_final(first, second)
+    assert all(job["state"] == "done" and result_of(job) == [1, 1] for job in jobs.values()), jobs
+    assert jobs[second]["started"] < jobs[first]["finished"], jobs
+
+    cluster.ok("config max_jobs 1")
+    assert cluster.call("config")["max_jobs"] == 1
+
+
+def test_restart_gives_an_isolated_worker_a_new_executor(cluster: Cluster) -> None:
+    cluster.settle()
+    assert cluster.call("restart 1") == {"rank": 1, "restarted": True}
+    assert "no worker rank 0" in cluster.refused("restart 0")
+    job_id = cluster.submit(NAPS, *["0.1"] * 6)
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "done" and result_of(job) == [1] * 6, job
+
+
+def test_drain_keeps_a_worker_out_of_new_work(cluster: Cluster) -> None:
+    cluster.settle()
+    assert cluster.ok("drain 2").strip() == "rank 2 draining"
+    rows = wait_until("rank 2 draining", lambda: cluster.call("workers"),
+                      lambda rows: rows[1]["state"] in ("draining", "drained"), timeout=20)
+    done_before = rows[1]["units_done"]
+    assert "no worker rank 0" in cluster.refused("drain 0")
+    assert "no worker rank 7" in cluster.refused("drain 7")
+
+    job_id = cluster.submit(NAPS, *["0.2"] * 6)
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "done" and result_of(job) == [1] * 6, job
+    rows = cluster.call("workers")
+    assert rows[1]["rank"] == 2 and rows[1]["state"] == "drained" and rows[1]["units_done"] == done_before, rows
+    assert rows[0]["state"] == rows[2]["state"] == "idle", rows
+
+
+def test_status_still_counts_a_drained_worker(cluster: Cluster) -> None:
+    cluster.ok("drain 2")
+    wait_until("rank 2 drained", lambda: cluster.call("workers"), lambda rows: rows[1]["state"] == "drained", timeout=20)
+    assert sum(cluster.call("status")["workers"].values()) == 3
+
+
+# -- the end -------------------------------------------------------------------------------------
+
+
+def test_shutdown_ends_the_cluster_and_the_journal_keeps_every_job(cluster: Cluster) -> None:
+    """Runs last: it stops the module's cluster."""
+    from pydra.journal import Journal
+
+    cluster.settle()
+    last = cluster.submit(SQUARES, "13")
+    cluster.wait_final(last)
+    history = {job["id"]: job for job in cluster.call("jobs --all")}
+    assert set(cluster.submitted) <= set(history)
+    assert all(job["state"] in FINAL for job in history.values()), history
+
+    assert cluster.ok("shutdown").strip() == "shutting down"
+    try:
+        status = cluster.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the cluster did not stop within 60 s of `shutdown`{cluster.tail()}")
+    assert status == 0, cluster.tail()
+    assert not cluster.connection_file.exists()
+    assert f"cluster {cluster.run_dir.name} shut down" in cluster.log.read_text()
+    reason = cluster.refused("status", status=2)
+    assert "connection file" in reason
+
+    journal = Journal.open(cluster.run_dir, create=False)
+    try:
+        recorded = {job["id"]: job for job in journal.jobs()}
+        transitions = {job_id: [state for state, _ in journal.transitions(job_id)] for job_id in recorded}
+    finally:
+        journal.close()
+    assert set(recorded) == set(history)
+    for job_id, job in history.items():
+        assert recorded[job_id]["state"] == job["state"], (job_id, recorded[job_id], job)
+        assert recorded[job_id]["target"] == job["target"] and recorded[job_id]["inputs"] == job["inputs"]
+        assert recorded[job_id]["priority"] == job["priority"]
+        assert transitions[job_id][0] == "queued" and transitions[job_id][-1] == job["state"]
+        if job["state"] == "done":
+            assert recorded[job_id]["result_path"] == job["result_path"] and Path(job["result_path"]).is_file()
+
+
+def test_shutdown_with_a_job_still_queued_ends_the_cluster(tmp_path: Path) -> None:
+    """Its own cluster (the module's is stopped by now)."""
+    with serving(tmp_path) as own:
+        running, queued = own.submit(NAPS, "1"), own.submit(SQUARES, "2")  # --max-jobs 1: the second waits
+        assert own.ok("shutdown").strip() == "shutting down"
+        assert "shutting down" in own.refused(f"submit {SQUARES} 3")
+        try:
+            status = own.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            states = own.jobs([running, queued])
+            pytest.fail(f"still up 15 s after `shutdown`; jobs: {[(i, j['state']) for i, j in states.items()]}")
+        assert status == 0, own.tail()
