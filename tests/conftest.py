@@ -1,107 +1,13 @@
-"""Shared test helpers: real MPI jobs started as subprocesses, never left behind.
-
-Every job runs in its own session (process group) and is stopped by its
-process-group id if it overruns its timeout, so a hang fails one test
-instead of blocking the suite, and no rank outlives it.
-"""
+"""Fixtures for the whole suite; the helpers themselves live in testkit.py (importable from any test)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Finished:
-    """The outcome of a subprocess job."""
-
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_pydra_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the suite's keys and run directories out of the real ~/.pydra."""
     os.environ["PYDRA_HOME"] = str(tmp_path_factory.mktemp("pydra-home"))
-
-
-def mpi_environment() -> dict[str, str]:
-    """The environment for test jobs: Open MPI allowed to run as root and oversubscribe."""
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_rmaps_base_oversubscribe="1",
-        PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
-
-
-def run_process(argv: list[str], timeout: float = 60, cwd: Path | None = None, env: dict | None = None) -> Finished:
-    """Run *argv* in a new session; on timeout kill its whole process group and fail the test."""
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd or ROOT,
-        env=env or mpi_environment(),
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_group(process)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(argv)} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    finally:
-        if process.poll() is None:
-            stop_group(process)
-            process.wait()
-    return Finished(process.returncode, stdout, stderr)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop *process*'s process group: SIGTERM first, so mpiexec can stop ranks it put in
-    sessions of their own (Open MPI does), then SIGKILL whatever is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def mpiexec_argv(ranks: int, program: list[str]) -> list[str]:
-    """``mpiexec -n ranks program...`` for the MPI this environment's mpi4py uses."""
-    from pydra.launcher.mpiexec import find_mpiexec
-
-    return find_mpiexec().command(ranks, program)
-
-
-def run_mpi(ranks: int, program: list[str], timeout: float = 60, **kwargs) -> Finished:
-    """Run a Python *program* (argv after the interpreter) on *ranks* ranks."""
-    return run_process(mpiexec_argv(ranks, [sys.executable, *program]), timeout=timeout, **kwargs)
-
-
-def run_pydra(ranks: int, args: list[str], timeout: float = 60, **kwargs) -> Finished:
-    """``mpiexec -n ranks python -m pydra ARGS`` (ranks=1 runs without mpiexec)."""
-    program = ["-m", "pydra", *args]
-    if ranks == 1:
-        return run_process([sys.executable, *program], timeout=timeout, **kwargs)
-    return run_mpi(ranks, program, timeout=timeout, **kwargs)

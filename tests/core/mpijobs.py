@@ -1,16 +1,13 @@
 """Test-side helpers for tests/core: run the job scripts of tests/core/jobs and read their reports.
 
-Every multi-rank job goes through the helpers of tests/conftest.py
+Every multi-rank job goes through the helpers of tests/testkit.py
 (``run_mpi``, ``run_pydra``, ``run_process``): each job runs in its own
 session with a timeout, and is killed by process group if it overruns.
-tests/conftest.py is loaded here by path, under a private name, so this keeps
-working whatever other conftest modules pytest imports as ``conftest``.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,26 +26,7 @@ if str(JOBS) not in sys.path:  # the tests compute serial answers with core_work
 import core_workloads as workloads  # noqa: E402, F401  (re-exported: the jobs' functions, for serial answers)
 
 
-def _load_root_conftest() -> Any:
-    name = "_pydra_tests_root_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _load_root_conftest()
-Finished = _conftest.Finished
-run_process = _conftest.run_process
-stop_group = _conftest.stop_group
-run_mpi = _conftest.run_mpi
-run_pydra = _conftest.run_pydra
-mpi_environment = _conftest.mpi_environment
-mpiexec_argv = _conftest.mpiexec_argv
+from testkit import Finished, mpi_environment, mpiexec_argv, run_mpi, run_pydra, run_process, stop_group  # noqa: E402, F401
 
 #: ``ranks`` value meaning "no mpiexec at all: the whole tree runs in the one pytest-started process"
 IN_PROCESS = 0

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from conftest import stop_group
+from testkit import stop_group
 from mpijobs import JOBS, mpi_environment, mpiexec_argv
 
 TARGETS = str(JOBS / "cli_targets.py")

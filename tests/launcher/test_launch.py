@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mpi_environment, run_process
+from testkit import ROOT, mpi_environment, run_process
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 WORD = re.compile(r"[a-z']+")

@@ -1,9 +1,8 @@
 """Targets for tests/core/test_faults.py: tasks that fail, hang or crash on purpose.
 
 ``FAULT_DIR`` (an environment variable) names a directory where a task marks
-each item it has tried, so "fail on the first try only" holds across ranks
-and processes: the first call for an item creates its marker and misbehaves,
-later calls find the marker and compute.
+each item it has tried (``testkit.first_try``), so "fail on the first try
+only" holds across ranks and processes.
 """
 
 import ctypes
@@ -12,16 +11,9 @@ import signal
 import time
 
 import pydra
+from testkit import first_try
 
 
-def first_try(tag: str, item: object) -> bool:
-    """True exactly once per (tag, item) across the whole job."""
-    path = os.path.join(os.environ["FAULT_DIR"], f"{tag}-{item}")
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
 
 
 def square(x: str) -> int:

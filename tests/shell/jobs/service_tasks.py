@@ -1,24 +1,17 @@
 """Targets for tests/shell/test_cluster.py: jobs submitted to a service cluster with ``pydra shell``.
 
-``SERVICE_DIR`` (an environment variable the test gives the cluster) names a
-directory where a task marks what it has tried, so "fail on the first try
-only" holds across ranks, executor processes and job retries.
+``FAULT_DIR`` (an environment variable the test gives the cluster) names a
+directory where a task marks what it has tried (``testkit.first_try``), so
+"fail on the first try only" holds across ranks, executor processes and job
+retries.
 """
 
-import os
 import time
 
 import pydra
+from testkit import first_try
 
 
-def first_try(tag: str) -> bool:
-    """True exactly once per *tag* across the whole cluster's life."""
-    path = os.path.join(os.environ["SERVICE_DIR"], f"tried-{tag}")
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
 
 
 def square(x: str) -> int:
@@ -37,7 +30,7 @@ class FailsFirstTime(pydra.Task):
     retries = 0
 
     def work(self, x: str) -> str:
-        if first_try(f"fails-{x}"):
+        if first_try("fails", x):
             raise ValueError(f"first try of {x} fails on purpose")
         return f"{x} worked"
 
