@@ -285,3 +285,28 @@ def test_task_file_is_shipped_to_workers(mode: str, tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads(out.read_text()) == [[3, True], [6, True], [9, True], [12, True]]
     assert not task_file.exists()
+
+
+@pytest.mark.parametrize("mode", ["lines", "bar", "off"])
+def test_a_long_job_shows_its_progress(mode: str) -> None:
+    env = mpi_environment()
+    env["PYDRA_PROGRESS"] = mode
+    finished = run_pydra(3, ["run", f"{TARGETS}:naps", "--no-journal"], env=env, timeout=90)
+    assert finished.returncode == 0, finished.stderr
+    report = re.search(r"naps \[[#.]{30}\] (\d+)/150 \d+%  [\d,]+/s", finished.stderr)
+    if mode == "off":
+        assert report is None, finished.stderr
+        return
+    assert report is not None, finished.stderr
+    if mode == "bar":
+        assert "\x1b[K" in finished.stderr  # redrawn in place ("\r", read here as a newline), then erased
+    else:
+        assert re.search(r"^pydra: \S+naps \[", finished.stderr, re.M) and "\x1b" not in finished.stderr
+    assert "finished in" in finished.stdout.splitlines()[-1]
+
+
+def test_a_quick_job_shows_no_progress() -> None:
+    env = mpi_environment()
+    env["PYDRA_PROGRESS"] = "lines"
+    finished = run_pydra(3, ["run", f"{TARGETS}:Echo", "hello", "--no-journal"], env=env)
+    assert finished.returncode == 0 and "[" not in finished.stderr, finished.stderr

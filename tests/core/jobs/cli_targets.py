@@ -59,3 +59,15 @@ class Sleepy(pydra.Task):
     def work(self, seconds="30", *marker):
         time.sleep(float(seconds))
         return seconds
+
+
+def nap(x):
+    import time
+
+    time.sleep(0.02)
+    return x
+
+
+def naps():
+    """150 items of 20 ms each, one per unit: about 1.5 s on two workers, long enough to show progress."""
+    return pydra.Parallel(nap, range(150), chunksize=1)
