@@ -38,6 +38,7 @@ CONFIG = {
     "max_jobs": (int, "jobs that run at once, sharing the workers"),
     "heartbeat_timeout": (float, "seconds of silence after which a worker is declared lost"),
     "batch_seconds": (float, "target worker time of one adaptive batch (new streams)"),
+    "retries": (int, "least retries of any failing unit of jobs started from now on (tasks may ask for more)"),
 }
 
 _log = logging.getLogger(__name__)

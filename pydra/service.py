@@ -303,8 +303,8 @@ class Service:
                     parsed = kind(value)
                 except ValueError:
                     raise ServiceError(f"{key} expects {kind.__name__}, got {value!r}") from None
-                if parsed <= 0:
-                    raise ServiceError(f"{key} must be positive, got {value}")
+                if parsed < 0 or (parsed == 0 and key != "retries"):
+                    raise ServiceError(f"{key} must be {'0 or more' if key == 'retries' else 'positive'}, got {value}")
                 self._apply(key, parsed)
         return {name: self._current(name) for name in CONFIG}
 
@@ -315,6 +315,8 @@ class Service:
             return self.max_jobs
         if key == "heartbeat_timeout":
             return self.master.heartbeat_timeout
+        if key == "retries":
+            return self.master.least_retries
         return self.master.batch_seconds
 
     def _apply(self, key: str, value: Any) -> None:
@@ -326,6 +328,8 @@ class Service:
             if self.master.heartbeat_timeout is None:
                 raise ServiceError("this MPI gives no heartbeats (no MPI_THREAD_MULTIPLE)")
             self.master.call_soon(setattr, self.master, "heartbeat_timeout", value)
+        elif key == "retries":
+            self.master.call_soon(setattr, self.master, "least_retries", value)
         else:
             self.master.call_soon(setattr, self.master, "batch_seconds", value)
 

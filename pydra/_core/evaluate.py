@@ -49,6 +49,10 @@ class Walk:
         self.log = log
         self.streams: list[ChunkStream] = []  # every stream this walk started, for progress and cancel
 
+    def policy(self, task: Task, allow_failures: int = 0) -> RetryPolicy:
+        """What to do when *task* fails: its own settings, with at least the master's ``least_retries``."""
+        return RetryPolicy.for_task(task, allow_failures, self.master.least_retries)
+
     def progress(self) -> tuple[int, int | None]:
         """Items done so far, and the total if every input so far has a length (any thread)."""
         streams = list(self.streams)
@@ -65,7 +69,7 @@ class Walk:
         """The result of *node* called with *args*, computed on the workers."""
         master = self.master
         if node.is_serial:
-            (value,) = await self.run_chunks(path, master.define(node), [args], 1, RetryPolicy.for_task(node), True)
+            (value,) = await self.run_chunks(path, master.define(node), [args], 1, self.policy(node), True)
             return value
         if isinstance(node, Sequence):
             value = await self.evaluate(node.children[0], args, f"{path}.0")
@@ -75,7 +79,7 @@ class Walk:
         if isinstance(node, Parallel):
             items = node.items_for(args)
             if node.task.is_serial:
-                policy = RetryPolicy.for_task(node.task, node.allow_failures)
+                policy = self.policy(node.task, node.allow_failures)
                 return await self.run_chunks(path, master.define(node.task), items, node.chunksize, policy)
             walk_item = lambda index, item: self.evaluate(node.task, (item,), f"{path}[{index}]")  # noqa: E731
             return await gather_in_order(walk_item, items, limit=4 * len(master.workers))
@@ -125,7 +129,7 @@ class Walk:
         master = self.master
         tid = master.define(job)
         run = master.new_run_id()  # the same job may be running several times at once
-        policy = RetryPolicy.for_task(job, job.allow_failures)
+        policy = self.policy(job, job.allow_failures)
         make_map = lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run)  # noqa: E731
         holders = MapHolders(master, self.streams)
         try:

@@ -105,6 +105,7 @@ class Master:
         self._by_rank = {worker.rank: worker for worker in self.workers}
         self.depth = max(1, setting("PIPELINE", 2))
         self.batch_seconds = setting("BATCH_SECONDS", 0.02)
+        self.least_retries = 0  # a service's admin may raise it (config retries N)
         self.pipeline_seconds = setting("PIPELINE_SECONDS", 0.002)
         self.inflight_limit = self.depth
         self._unit_seconds: float | None = None  # running mean of worker time per unit

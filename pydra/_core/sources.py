@@ -154,9 +154,10 @@ class RetryPolicy:
     losses: int = 3
 
     @classmethod
-    def for_task(cls, task: Any, allow_failures: int = 0) -> "RetryPolicy":
-        """The policy of a Task's ``retries`` and ``retry_delay`` attributes."""
-        return cls(getattr(task, "retries", 0), getattr(task, "retry_delay", 0.1), allow_failures)
+    def for_task(cls, task: Any, allow_failures: int = 0, least_retries: int = 0) -> "RetryPolicy":
+        """The policy of a Task's ``retries`` and ``retry_delay`` attributes (at least *least_retries*)."""
+        retries = max(getattr(task, "retries", 0), least_retries)
+        return cls(retries, getattr(task, "retry_delay", 0.1), allow_failures)
 
     def delay_before(self, attempt: int) -> float:
         """Seconds to wait before try number *attempt* + 1 (*attempt* tries have failed)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -153,6 +154,14 @@ def show_config(settings: dict) -> str:
     return "\n".join(f"{key:<18} {value}" for key, value in settings.items())
 
 
+def absolute_target(target: str) -> str:
+    """*target* with its task file's path made absolute, if the file is here: rank 0 has another cwd."""
+    where, sep, name = target.rpartition(":")
+    if sep and where.endswith(".py") and os.path.isfile(where):
+        return f"{os.path.abspath(where)}:{name}"
+    return target
+
+
 def _said(template: str) -> Callable[[Any], str]:
     return lambda result: template.format(**result) if isinstance(result, dict) else template
 
@@ -193,7 +202,7 @@ def _build() -> dict[str, Command]:
         parser.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first (default 0)")
 
     add("submit", "queue TARGET on INPUTs (--priority N: higher runs first)",
-        lambda a: ("submit", {"target": a.target, "inputs": a.inputs, "priority": a.priority}),
+        lambda a: ("submit", {"target": absolute_target(a.target), "inputs": a.inputs, "priority": a.priority}),
         _said("submitted job {id} ({state})"), "targets", submit_arguments)
     add("cancel", "cancel a queued or running job", lambda a: ("cancel", {"job_id": a.job_id}),
         _said("job {id} cancelled"), "jobs", job_id)

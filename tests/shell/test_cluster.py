@@ -75,7 +75,7 @@ def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(
     assert table[0].split()[:3] == ["RANK", "HOST", "STATE"] and len(table) == 4
 
     settings = cluster.call("config")
-    assert settings["max_jobs"] == 1 and set(settings) == {"max_jobs", "heartbeat_timeout", "batch_seconds"}
+    assert settings["max_jobs"] == 1 and set(settings) == {"max_jobs", "heartbeat_timeout", "batch_seconds", "retries"}
     if settings["heartbeat_timeout"] is not None:  # heartbeats carry the workers' usage
         wait_until("every worker reporting its memory", lambda: cluster.call("workers"),
                    lambda rows: all(row["memory_bytes"] for row in rows), timeout=20)
@@ -257,6 +257,8 @@ def test_config_changes_settings_at_run_time(cluster: Cluster) -> None:
     assert "positive" in cluster.refused("config max_jobs 0")
     assert "expects int" in cluster.refused("config max_jobs many")
     assert cluster.call("config")["max_jobs"] == 2
+    assert re.search(r"^retries\s+0$", cluster.ok("config retries 0"), re.M)  # the default, set again
+    assert "0 or more" in cluster.refused("config retries -1")
 
     # two jobs now run at once: the second starts before the first (a second of naps) ends
     cluster.ok("pause")
