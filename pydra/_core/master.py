@@ -185,12 +185,11 @@ class Master:
                 # where an asyncio timer would round up to the selector's millisecond.
                 backoff.sleep()
             else:
-                # Nothing in flight: sleep until new work arrives (waking now and then
-                # to drain the workers' heartbeats).
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.heartbeat)
-                except asyncio.TimeoutError:
-                    pass
+                # Nothing in flight: sleep until new work arrives, or the next heartbeat is
+                # due (a timer, not asyncio.wait_for: that would cost a task per sleep).
+                alarm = self.loop.call_later(self.heartbeat, self._wakeup.set)
+                await self._wakeup.wait()
+                alarm.cancel()
                 self._wakeup.clear()
             await asyncio.sleep(0)  # let tree walkers and cross-thread calls run
 
