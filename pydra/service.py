@@ -134,9 +134,7 @@ class Service:
     def cancel(self, job_id: int) -> dict[str, Any]:
         """Cancel a queued or running job."""
         with self._lock:
-            job = self._job(job_id)
-            if job.state not in ("queued", "running"):
-                raise ServiceError(f"job {job_id} is {job.state}: only a queued or running job can be cancelled")
+            job = self._job_in(job_id, ("queued", "running"), "a queued or running job can be cancelled")
             running = job.state == "running"
             self._finish(job, "cancelled", error="cancelled by the admin")  # first: _on_done then ignores it
             if running:
@@ -149,9 +147,7 @@ class Service:
     def set_priority(self, job_id: int, priority: int) -> dict[str, Any]:
         """Change a queued job's priority."""
         with self._lock:
-            job = self._job(job_id)
-            if job.state != "queued":
-                raise ServiceError(f"job {job_id} is {job.state}: only a queued job's priority can change")
+            job = self._job_in(job_id, ("queued",), "a queued job's priority can change")
             job.priority = priority
             self.journal.set_priority(job_id, priority)
             return job.describe()
@@ -159,9 +155,7 @@ class Service:
     def retry(self, job_id: int) -> dict[str, Any]:
         """Queue a failed or cancelled job again (units its earlier runs journaled are not redone)."""
         with self._lock:
-            job = self._job(job_id)
-            if job.state not in ("failed", "cancelled"):
-                raise ServiceError(f"job {job_id} is {job.state}: only a failed or cancelled job can be retried")
+            job = self._job_in(job_id, ("failed", "cancelled"), "a failed or cancelled job can be retried")
             job.state, job.error, job.traceback, job.finished, job.walk = "queued", None, None, None, None
             self.journal.set_state(job_id, "queued")
             self._start_ready()
@@ -352,6 +346,13 @@ class Service:
         job = self.jobs.get(job_id)
         if job is None:
             raise ServiceError(f"no job {job_id}")
+        return job
+
+    def _job_in(self, job_id: int, states: tuple[str, ...], only: str) -> Job:
+        """Job *job_id*, which must be in one of *states*; else say that *only* such a job qualifies."""
+        job = self._job(job_id)
+        if job.state not in states:
+            raise ServiceError(f"job {job_id} is {job.state}: only {only}")
         return job
 
     @staticmethod

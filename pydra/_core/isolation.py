@@ -134,7 +134,6 @@ class IsolatedRunner:
         self.rank, self.size, self.host = runner.rank, runner.size, runner.host
         self.blobs: dict[int, bytes] = {}
         self.child: _Child | None = None
-        self.children_started = 0
 
     def execute(self, command: tuple) -> tuple | None:
         op = command[0]
@@ -203,7 +202,6 @@ class IsolatedRunner:
     def _ready_child(self, command: tuple) -> _Child:
         if self.child is None:
             self.child = _Child(self.rank, self.size, self.host)
-            self.children_started += 1
         if self.child.loaded < len(targets.LOADED):  # task files loaded since (a service's new jobs)
             self.child.pipe.send(("load", targets.LOADED[self.child.loaded :]))
             self.child.loaded = len(targets.LOADED)

@@ -249,7 +249,6 @@ class ChunkStream(Source):
         self.abandoned = False
         self.items_done = 0
         self.items_failed = 0  # allowed failures so far
-        self.retries_made = 0
 
     def next_unit(self, uid: int, rank: int) -> tuple[tuple, Callback] | None:
         if self.finished:
@@ -353,7 +352,6 @@ class ChunkStream(Source):
                     self._requeue(Chunk(chunk.start + offset, [item], chunk.attempts - 1, chunk.losses, rank))
                 return
             if chunk.attempts <= policy.retries:
-                self.retries_made += 1
                 self.delayed += 1
                 self.master.loop.call_later(policy.delay_before(chunk.attempts), self._requeue_after_delay, chunk)
                 return
