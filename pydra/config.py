@@ -29,6 +29,8 @@ SETTINGS = {
     "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {host: agent port}",
     "IDENTITY": "set by pydra launch for pydra-remote-exec: the launcher's private key",
     "KNOWN_HOSTS": "set by pydra launch for pydra-remote-exec: the pinned host keys",
+    "CONNECTOR": "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents",
+    "IFACE": "the network interface MPI's own connections between hosts use (pydra launch --iface)",
 }
 
 

@@ -6,14 +6,22 @@ MPICH's ``mpiexec`` is told to use ``pydra-remote-exec`` instead of ssh
 through ``plm_rsh_agent``. That helper reads where the agents are, and which
 identity and known_hosts to use, from ``PYDRA_AGENTS``, ``PYDRA_IDENTITY``
 and ``PYDRA_KNOWN_HOSTS``, which ``pydra launch`` sets for it.
+
+Under MPICH the job is sealed (docs/SECURITY.md): mpiexec runs in a private
+network namespace (:mod:`pydra.launcher.netns`), each proxy's control
+connection is forwarded through its agent's channel
+(:mod:`pydra.launcher.tunnel`), and the ranks get a fresh per-job key,
+``PYDRA_JOB_KEY``, with which they seal Pydra's own messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,9 +34,10 @@ from pydra.cli import add_job_arguments, add_service_arguments, check_job_argume
 from pydra.comm.aio import Channel, open_channel
 from pydra.comm.channel import ChannelError
 from pydra.config import setting
-from pydra.launcher import authorized, keys
+from pydra.launcher import authorized, keys, netns, tunnel
+from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import Host, HostfileError, hosts_from_environment, read_hostfile
-from pydra.launcher.mpiexec import MPICH, MPIExecError, find_mpiexec
+from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec
 
@@ -46,8 +55,17 @@ class HostCheck:
 
 
 async def connect(host: str, port: int, identity, known_hosts: Path, accept_new: bool) -> Channel:
-    """An authenticated channel to the agent at *host*:*port*, its key checked against known_hosts."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+    """An authenticated channel to the agent at *host*:*port*, its key checked against known_hosts.
+
+    Inside a sealed job's namespace (``PYDRA_CONNECTOR`` set) the TCP connection
+    is made by the launcher's :class:`~pydra.launcher.netns.Connector`.
+    """
+    connector = setting("CONNECTOR", "")
+    if connector:
+        sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
     return await open_channel(
         reader, writer, identity=identity, purpose=PURPOSE,
         verify_server=lambda key: authorized.check_host(host, port, key, accept_new, path=known_hosts),
@@ -98,11 +116,22 @@ def launch_main(argv: list[str] | None = None) -> int:
                         help="pinned host keys (default ~/.pydra/known_hosts)")
     parser.add_argument("--accept-new", action="store_true",
                         help="trust and record the key of a host seen for the first time (a changed key is always refused)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                        help="give the ranks this variable (its value here, or VALUE); repeatable. Nothing else of "
+                             "this environment is forwarded but PYDRA_* and MPI's own settings")
+    parser.add_argument("--iface", metavar="IFACE", default=setting("IFACE", ""),
+                        help="the network interface MPI's connections between hosts use (default: MPI's choice)")
     add_job_arguments(parser)
     parser.add_argument("--serve", action="store_true", help="stay up as a service cluster (see pydra serve); TARGET, if any, is its first job")
     add_service_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     if not check_job_arguments(args, "pydra launch"):
+        return 2
+    try:
+        for text in args.env:
+            parse_env_option(text)
+    except ValueError as exc:
+        print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
     forwarded = job_arguments(args)
 
@@ -129,37 +158,100 @@ def launch_main(argv: list[str] | None = None) -> int:
     if any(c.problem for c in checks):
         print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
         return 1
-    return run_through_agents(hosts, args.ranks, forwarded, args.identity, args.known_hosts)
+    launch = Launch(hosts, args.ranks, args.identity, args.known_hosts, args.env, args.iface)
+    return launch.run(forwarded)
 
 
-def run_through_agents(hosts: list[Host], ranks: int, forwarded: list[str], identity: Path, known_hosts: Path) -> int:
-    """Run ``python -m pydra run ...`` on *hosts* with every remote process started by an agent."""
-    from pydra.batch import progress_environment, wait_for
+@dataclass(frozen=True)
+class Launch:
+    """One MPI job started through the agents of *hosts*."""
 
-    try:
-        mpiexec = find_mpiexec()
-    except MPIExecError as exc:
-        print(f"pydra launch: error: {exc}", file=sys.stderr)
-        return 1
-    helper = str(Path(sys.executable).parent / "pydra-remote-exec")
-    env = progress_environment()
-    env.update(
-        PYDRA_AGENTS=json.dumps({h.name: h.port for h in hosts}),
-        PYDRA_IDENTITY=str(identity),
-        PYDRA_KNOWN_HOSTS=str(known_hosts),
-    )
-    with tempfile.NamedTemporaryFile("w", prefix="pydra-hosts-", suffix=".txt") as machinefile:
-        machinefile.write("".join(f"{h.name}:{h.slots}\n" for h in hosts))
-        machinefile.flush()
-        if mpiexec.implementation == MPICH:
-            via_agents = ["-launcher", "ssh", "-launcher-exec", helper, "-f", machinefile.name]
-        else:
-            lines = "".join(f"{h.name} slots={h.slots}\n" for h in hosts)
-            Path(machinefile.name).write_text(lines)
-            via_agents = ["--mca", "plm_rsh_agent", helper, "--hostfile", machinefile.name]
-        command = mpiexec.command(ranks, [sys.executable, "-m", "pydra", "run", *forwarded])
-        command[1:1] = via_agents
-        return wait_for(subprocess.Popen(command, env=env))
+    hosts: list[Host]
+    ranks: int
+    identity: Path
+    known_hosts: Path
+    named_env: list[str]
+    iface: str
+
+    def run(self, forwarded: list[str]) -> int:
+        """Run ``python -m pydra run FORWARDED...`` and return mpiexec's status."""
+        from pydra.batch import wait_for
+        from pydra.progress import progress_mode
+
+        try:
+            mpiexec = find_mpiexec()
+        except MPIExecError as exc:
+            print(f"pydra launch: error: {exc}", file=sys.stderr)
+            return 1
+        agents = {h.name: h.port for h in self.hosts}
+        settings = {
+            "PYDRA_PROGRESS": progress_mode(),
+            "PYDRA_AGENTS": json.dumps(agents),
+            "PYDRA_IDENTITY": str(self.identity),
+            "PYDRA_KNOWN_HOSTS": str(self.known_hosts),
+            "PYDRA_JOB_KEY": secrets.token_hex(32),  # fresh for every job; seals Pydra's messages
+        }
+        if self.iface:
+            settings.update(PYDRA_IFACE=self.iface, **interface_settings(self.iface))
+        try:
+            env = job_environment(os.environ, self.named_env, settings)
+        except ValueError as exc:
+            print(f"pydra launch: error: {exc}", file=sys.stderr)
+            return 2
+        program = [sys.executable, "-m", "pydra", "run", *forwarded]
+        with tempfile.NamedTemporaryFile("w", prefix="pydra-hosts-", suffix=".txt") as machinefile:
+            if mpiexec.implementation != MPICH:
+                machinefile.write("".join(f"{h.name} slots={h.slots}\n" for h in self.hosts))
+                machinefile.flush()
+                return wait_for(subprocess.Popen(self.open_mpi_command(mpiexec, machinefile.name, env, program), env=env))
+            machinefile.write("".join(f"{h.name}:{h.slots}\n" for h in self.hosts))
+            machinefile.flush()
+            with netns.Connector(agents) as connector:
+                env["PYDRA_CONNECTOR"] = connector.path
+                command = self.mpich_command(mpiexec, machinefile.name, env, program)
+                try:
+                    process = subprocess.Popen(command, env=env, preexec_fn=netns.isolate)
+                except (netns.NamespaceError, subprocess.SubprocessError) as exc:
+                    print(f"pydra launch: error: {exc}; the job is not started, since its control port "
+                          "would be open to the network (see docs/SECURITY.md)", file=sys.stderr)
+                    return 1
+                return wait_for(process)
+
+    def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
+        """Hydra's mpiexec, in its namespace: control port on the private loopback, ranks via agents."""
+        command = mpiexec.command(self.ranks, program)
+        command[1:1] = [
+            "-iface", "lo",  # the namespace's only interface: proxies are told 127.0.0.1:PORT
+            "-genvlist", ",".join(forwarded_names(env, self.named_env)),
+            "-launcher", "ssh", "-launcher-exec", helper_path(), "-f", machinefile,
+        ]
+        return command
+
+    def open_mpi_command(self, mpiexec: MPIExec, hostfile: str, env: dict[str, str], program: list[str]) -> list[str]:
+        """prterun through the agents; its daemons' own connections are not sealed (docs/SECURITY.md)."""
+        command = mpiexec.command(self.ranks, program)
+        flags = ["--mca", "plm_rsh_agent", helper_path(), "--hostfile", hostfile]
+        for name in forwarded_names(env, self.named_env):
+            flags += ["-x", name]
+        if self.iface:
+            flags += ["--mca", "btl_tcp_if_include", self.iface, "--mca", "oob_tcp_if_include", self.iface]
+        command[1:1] = flags
+        return command
+
+
+def interface_settings(iface: str) -> dict[str, str]:
+    """What tells MPICH's network modules (UCX, libfabric, ch3) to use *iface* between hosts."""
+    return {
+        "UCX_NET_DEVICES": iface,
+        "FI_TCP_IFACE": iface,
+        "FI_SOCKETS_IFACE": iface,
+        "MPIR_CVAR_NEMESIS_TCP_NETWORK_IFACE": iface,
+    }
+
+
+def helper_path() -> str:
+    """The ``pydra-remote-exec`` beside this Python."""
+    return str(Path(sys.executable).parent / "pydra-remote-exec")
 
 
 def remote_exec_main(argv: list[str] | None = None) -> int:
@@ -170,7 +262,12 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     if len(words) < 2:
         print("pydra-remote-exec: usage: pydra-remote-exec [-x] HOST COMMAND...", file=sys.stderr)
         return 2
-    host, command = words[0], " ".join(words[1:])
+    host, tail = words[0], words[1:]
+    tail, control = tunnel.rewrite_control_port(tail)
+    if control is not None:  # a Hydra proxy: its control connection goes through the channel
+        tail = _rewrite_iface(tail, setting("IFACE", ""))
+        control = ("127.0.0.1", control[1])  # mpiexec's port, on the namespace's loopback
+    command = " ".join(tail)
     agents = json.loads(setting("AGENTS", "{}"))
     port = agents.get(host)
     if port is None:
@@ -185,8 +282,12 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
 
     async def run() -> int:
         channel = await connect(host, int(port), identity, known_hosts, accept_new=False)
-        async with channel:
-            return await client_exec(channel, command)
+        try:
+            return await client_exec(channel, command, tunnel_to=control)
+        finally:
+            # Once the exit status is in, the agent may close first: that is no failure.
+            with contextlib.suppress(ChannelError):
+                await channel.close()
 
     try:
         return asyncio.run(run())
@@ -196,3 +297,12 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
         os.kill(os.getppid(), signal.SIGTERM)
         return 255
+
+
+def _rewrite_iface(words: list[str], iface: str) -> list[str]:
+    """Hydra's ``--iface lo`` (mpiexec's, in its namespace) made the proxy's: *iface*, or none."""
+    words = list(words)
+    if "--iface" in words:
+        at = words.index("--iface")
+        words[at : at + 2] = ["--iface", iface] if iface else []
+    return words

@@ -12,7 +12,14 @@ launcher -> agent                           agent -> launcher
 ``{"type": "stdin", "data": B64}``          ``{"type": "exit", "status": N}`` (then close)
 ``{"type": "stdin_eof"}``
 ``{"type": "ping"}`` (instead of exec)      ``{"type": "pong"}`` (then close)
+``{"type": "tunnel", "data": B64}``         ``{"type": "tunnel", "data": B64}``
+``{"type": "tunnel_eof"}``                  ``{"type": "tunnel_eof"}``
 ==========================================  =========================================
+
+An exec request with ``"tunnel": true`` forwards one connection: the agent
+puts a loopback address of its own host where the command says
+``@PYDRA_TUNNEL@``, and the bytes of the connection the command makes there
+travel as tunnel messages (see :mod:`pydra.launcher.tunnel`).
 
 If the launcher disconnects before the command ends, the agent kills the
 command's whole process group: nothing started through an agent outlives
@@ -26,10 +33,12 @@ import base64
 import logging
 import os
 import signal
+import socket
 import sys
+
 from pydra.comm.aio import Channel, ChannelClosed
 from pydra.comm.channel import ChannelError
-from pydra.launcher import keys
+from pydra.launcher import keys, tunnel
 
 log = logging.getLogger("pydra.node")
 
@@ -47,8 +56,12 @@ async def server_exec(channel: Channel) -> None:
         return
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    command, listener = request["command"], None
+    if request.get("tunnel"):
+        listener = tunnel.listen_loopback()
+        command = command.replace(tunnel.PLACEHOLDER, "127.0.0.1:%d" % listener.getsockname()[1])
     process = await asyncio.create_subprocess_exec(
-        "/bin/sh", "-c", request["command"],
+        "/bin/sh", "-c", command,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env, start_new_session=True,  # its own process group, so it can be stopped whole
     )
@@ -58,23 +71,54 @@ async def server_exec(channel: Channel) -> None:
         asyncio.ensure_future(_pump_out(process.stdout, "stdout", channel)),
         asyncio.ensure_future(_pump_out(process.stderr, "stderr", channel)),
     ]
-    feeder = asyncio.ensure_future(_feed_stdin(channel, process))
+    forwarded: asyncio.Future[socket.socket] | None = None
+    tunnel_pumps: list[asyncio.Task] = []
+    if listener is not None:
+        forwarded = asyncio.ensure_future(_accept_tunnel(listener, process.pid, channel, tunnel_pumps))
+    feeder = asyncio.ensure_future(_feed_stdin(channel, process, forwarded))
     try:
         await asyncio.gather(*pumps)
         status = await process.wait()
+        # What the command wrote to its tunnel just before exiting goes out before "exit".
+        await asyncio.gather(*tunnel_pumps)
         await channel.send_json({"type": "exit", "status": _exit_status(status)})
     finally:
         feeder.cancel()
+        if forwarded is not None:
+            forwarded.cancel()
+            if forwarded.done() and not forwarded.cancelled() and forwarded.exception() is None:
+                forwarded.result().close()
         if process.returncode is None:
             _kill_group(process.pid)
             await process.wait()
 
 
-async def client_exec(channel: Channel, command: str, env: dict[str, str] | None = None) -> int:
-    """Launcher side: run *command* through the agent, relaying our stdio; its exit status."""
-    await channel.send_json({"type": "exec", "command": command, "env": env or {}})
+async def _accept_tunnel(listener: socket.socket, pgid: int, channel: Channel, pumps: list[asyncio.Task]) -> socket.socket:
+    """Wait for the command's one connection to the tunnel, then pump it into the channel."""
+    try:
+        connection = await tunnel.accept_from_group(listener, pgid)
+    except TimeoutError as exc:
+        log.warning("%s", exc)
+        _kill_group(pgid)
+        raise
+    finally:
+        listener.close()  # one connection only: nothing else of the job listens here
+    pumps.append(asyncio.ensure_future(tunnel.pump(connection, channel)))
+    return connection
+
+
+async def client_exec(
+    channel: Channel, command: str, env: dict[str, str] | None = None, tunnel_to: tuple[str, int] | None = None
+) -> int:
+    """Launcher side: run *command* through the agent, relaying our stdio; its exit status.
+
+    With *tunnel_to*, the command's connection to ``@PYDRA_TUNNEL@`` is carried
+    to that address, which this side connects to when the first bytes arrive.
+    """
+    await channel.send_json({"type": "exec", "command": command, "env": env or {}, "tunnel": tunnel_to is not None})
     loop = asyncio.get_running_loop()
     stdin_task = asyncio.ensure_future(_forward_stdin(channel, loop))
+    forwarded: socket.socket | None = None
     try:
         while True:
             message = await channel.recv_json()
@@ -83,12 +127,27 @@ async def client_exec(channel: Channel, command: str, env: dict[str, str] | None
                 stream = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
                 stream.write(base64.b64decode(message["data"]))
                 stream.flush()
+            elif kind in ("tunnel", "tunnel_eof") and tunnel_to is not None:
+                if forwarded is None:
+                    forwarded = await _connect(tunnel_to)
+                    asyncio.ensure_future(tunnel.pump(forwarded, channel))
+                await tunnel.deliver(forwarded, message)
             elif kind == "exit":
                 return int(message["status"])
             elif kind == "error":
                 raise ChannelError(f"agent refused the request: {message.get('message')}")
     finally:
         stdin_task.cancel()
+        if forwarded is not None:
+            forwarded.close()
+
+
+async def _connect(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    return sock
 
 
 async def _pump_out(stream: asyncio.StreamReader, kind: str, channel: Channel) -> None:
@@ -96,16 +155,21 @@ async def _pump_out(stream: asyncio.StreamReader, kind: str, channel: Channel) -
         await channel.send_json({"type": kind, "data": base64.b64encode(data).decode()})
 
 
-async def _feed_stdin(channel: Channel, process: asyncio.subprocess.Process) -> None:
-    """Pass the launcher's stdin on; when the launcher goes away, stop the command."""
+async def _feed_stdin(
+    channel: Channel, process: asyncio.subprocess.Process, forwarded: asyncio.Future[socket.socket] | None
+) -> None:
+    """Pass the launcher's stdin (and tunnel bytes) on; when the launcher goes away, stop the command."""
     try:
         while True:
             message = await channel.recv_json()
-            if message.get("type") == "stdin":
+            kind = message.get("type")
+            if kind == "stdin":
                 process.stdin.write(base64.b64decode(message["data"]))
                 await process.stdin.drain()
-            elif message.get("type") == "stdin_eof":
+            elif kind == "stdin_eof":
                 process.stdin.close()
+            elif kind in ("tunnel", "tunnel_eof") and forwarded is not None:
+                await tunnel.deliver(await forwarded, message)
     except (ChannelClosed, ChannelError, ConnectionError):
         _kill_group(process.pid)
 
