@@ -14,92 +14,15 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from testkit import ROOT, mpi_environment, run_process
+from agentkit import HOSTS, Cluster, free_port, keygen, pydra
+from testkit import ROOT, run_process
 
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 WORD = re.compile(r"[a-z']+")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def pydra(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pydra", *args]
-
-
-def keygen(path: Path, comment: str) -> None:
-    done = run_process(pydra("keygen", "-f", str(path), "-C", comment), timeout=30)
-    assert done.returncode == 0, done.stderr
-
-
-class Cluster:
-    """Agents started for one test, stopped by pid at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = mpi_environment()
-        self.env["PYDRA_HOME"] = str(root / "home")
-        self.identity = root / "home" / "id_ed25519"
-        keygen(self.identity, "launcher")
-        self.authorized = root / "authorized_keys"
-        self.authorized.write_text(f'pydra-role="launch" {self.identity.with_suffix(".pub").read_text()}')
-        self.agents: list[subprocess.Popen] = []
-        self.ports: dict[str, int] = {}
-        for host in HOSTS:
-            key = root / f"host-{host}"
-            keygen(key, host)
-            self.start_agent(host, key)
-        self.hostfile = root / "hosts.txt"
-        self.hostfile.write_text("".join(f"{h} slots={1 + (i == 1)} port={self.ports[h]}\n" for i, h in enumerate(HOSTS)))
-
-    def start_agent(self, host: str, key: Path, port: int | None = None) -> None:
-        port = port or free_port(host)
-        log = self.root / f"agent-{host}.log"
-        log.unlink(missing_ok=True)
-        agent = subprocess.Popen(
-            pydra("node", "--listen", f"{host}:{port}", "--host-key", str(key),
-                  "--authorized-keys", str(self.authorized), "--log", str(log)),
-            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.agents.append(agent)
-        self.ports[host] = port
-        deadline = time.monotonic() + 20
-        while "listening" not in (log.read_text() if log.exists() else ""):
-            assert time.monotonic() < deadline, f"agent on {host} did not start"
-            time.sleep(0.05)
-
-    def log(self, host: str) -> str:
-        return (self.root / f"agent-{host}.log").read_text()
-
-    def launch(self, *args: str, timeout: float = 90):
-        return run_process(pydra("launch", "-f", str(self.hostfile), *args), timeout=timeout, env=self.env)
-
-    def stop(self) -> None:
-        for agent in self.agents:
-            if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGTERM)
-        for agent in self.agents:
-            try:
-                agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    cluster = Cluster(tmp_path)
-    yield cluster
-    cluster.stop()
 
 
 @pytest.mark.smoke
