@@ -230,3 +230,22 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+@pytest.mark.parametrize("target, inputs, expected", [
+    ("map_kills_its_rank", ["apple", "cherry", "kill", "banana", "fig"] * 2,
+     dict(sorted(collections.Counter("applecherrykillbananafig" * 2).items()))),
+    ("gang_loses_a_member", ["5"], {"sum": 5, "size": 1}),
+])
+def test_a_launched_job_survives_a_lost_worker(cluster: Cluster, tmp_path: Path, target, inputs, expected) -> None:
+    """The tunnelled control plane still lets Hydra report a dead rank, and the job goes on."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    output = tmp_path / "out.json"
+    cluster.env.update(FAULT_DIR=str(faults), PYDRA_HEARTBEAT_TIMEOUT="2")
+    job = str(ROOT / "tests" / "core" / "jobs" / "fault_tasks.py") + ":" + target
+    done = cluster.launch("-n", "4", "--accept-new", "--env", "FAULT_DIR", job, *inputs, "--output", str(output),
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(output.read_text()) == expected
+    assert "pydra: lost worker rank" in done.stderr
