@@ -249,3 +249,10 @@ def test_a_launched_job_survives_a_lost_worker(cluster: Cluster, tmp_path: Path,
     assert done.returncode == 0, done.stderr
     assert json.loads(output.read_text()) == expected
     assert "pydra: lost worker rank" in done.stderr
+
+
+def test_bad_env_options_are_one_line_usage_errors(cluster: Cluster) -> None:
+    bad = cluster.launch("-n", "2", "--env", "1NOT-A-NAME", "examples/pipeline.py:pipeline", "3")
+    assert bad.returncode == 2 and "--env '1NOT-A-NAME': expected NAME or NAME=VALUE" in bad.stderr
+    unset = cluster.launch("-n", "2", "--accept-new", "--env", "SURELY_UNSET_HERE", "examples/pipeline.py:pipeline", "3")
+    assert unset.returncode == 2 and "--env SURELY_UNSET_HERE: SURELY_UNSET_HERE is not set here" in unset.stderr
