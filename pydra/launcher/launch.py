@@ -232,7 +232,8 @@ class Launch:
         command = mpiexec.command(self.ranks, program)
         flags = ["--mca", "plm_rsh_agent", helper_path(), "--hostfile", hostfile]
         for name in forwarded_names(env, self.named_env):
-            flags += ["-x", name]
+            if name != "PYDRA_JOB_KEY":  # prted would pass it on in the clear; pydra-remote-exec carries it
+                flags += ["-x", name]
         if self.iface:
             flags += ["--mca", "btl_tcp_if_include", self.iface, "--mca", "oob_tcp_if_include", self.iface]
         command[1:1] = flags
@@ -283,7 +284,9 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     async def run() -> int:
         channel = await connect(host, int(port), identity, known_hosts, accept_new=False)
         try:
-            return await client_exec(channel, command, tunnel_to=control)
+            # The job's key reaches the remote daemon (and so its ranks) inside the channel.
+            key = {"PYDRA_JOB_KEY": os.environ["PYDRA_JOB_KEY"]} if "PYDRA_JOB_KEY" in os.environ else None
+            return await client_exec(channel, command, env=key, tunnel_to=control)
         finally:
             # Once the exit status is in, the agent may close first: that is no failure.
             with contextlib.suppress(ChannelError):
