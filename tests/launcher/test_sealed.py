@@ -214,15 +214,7 @@ def test_a_fake_proxy_that_connects_first_gets_nothing(cluster: Cluster, tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.05)
         host, port = address_file.read_text().strip().rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as fake:
-            fake.sendall(HYDRA_GREETING)
-            fake.settimeout(5)
-            got = b""
-            try:
-                while chunk := fake.recv(4096):
-                    got += chunk
-            except (socket.timeout, ConnectionError):
-                pass
+        got = answer_to((host, int(port)), HYDRA_GREETING)
         go.write_text("go")
         return got
 
