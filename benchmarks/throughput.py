@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                 # all variants, 3 ranks (2 workers)
     python benchmarks/throughput.py --scale 0.2     # fewer tasks, quicker
+    python benchmarks/throughput.py --seal          # Pydra sealed (PYDRA_JOB_KEY) vs unsealed
 
 Every variant runs as its own ``mpiexec -n 3`` job of this same file and
 times only its task loop (not MPI start-up); the driver prints tasks/s and
@@ -12,6 +13,11 @@ the ratios the project tracks:
 * Pydra ``Executor.map(chunksize=1)``: one task per message, pipelined;
 * Pydra ``Executor.map(chunksize=None)``: adaptive batching;
 * ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``.
+
+With ``--seal`` it runs instead the Pydra variants twice each, without and
+with a job key (every message sealed, docs/SECURITY.md), plus a payload
+round trip (``Executor.submit(noop, a)`` for a 1 MiB numpy array, one at a
+time), and prints the two side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 RANKS = 3
 TASKS = {"raw": 200_000, "pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "mpi4py-futures": 20_000}
+#: the --seal comparison: each of these unsealed, then sealed
+SEALED_TASKS = {"pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "pydra-numpy-1mib": 1_000}
+ARRAY_BYTES = 1 << 20
 
 
 def noop(x: int) -> int:
@@ -54,9 +63,24 @@ def measure(variant: str, tasks: int) -> float:
     with pydra.Executor() as executor:
         if executor is None:
             return -1.0
+        if variant == "pydra-numpy-1mib":
+            return _round_trips(executor, tasks)
         started = time.perf_counter()
         assert sum(executor.map(noop, range(tasks), chunksize=chunksize)) == tasks * (tasks - 1) // 2
         return time.perf_counter() - started
+
+
+def _round_trips(executor, tasks: int) -> float:
+    """*tasks* round trips of a 1 MiB array to a worker and back, one at a time."""
+    import numpy as np
+
+    array = np.arange(ARRAY_BYTES // 8, dtype=np.float64)
+    started = time.perf_counter()
+    for _ in range(tasks):
+        back = executor.submit(noop, array).result()
+    elapsed = time.perf_counter() - started
+    assert np.array_equal(back, array)
+    return elapsed
 
 
 def _raw_loop(comm, tasks: int) -> float:
@@ -86,26 +110,38 @@ def _raw_loop(comm, tasks: int) -> float:
     return elapsed
 
 
+def run_variant(mpiexec, variant: str, tasks: int, sealed: bool = False) -> float:
+    """Seconds *variant* takes for *tasks* tasks in its own ``mpiexec -n 3`` job (*sealed*: with a job key)."""
+    import secrets
+
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.pop("PYDRA_JOB_KEY", None)
+    if sealed:
+        env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
+    program = [sys.executable]
+    if variant == "mpi4py-futures":
+        program += ["-m", "mpi4py.futures"]
+    program += [str(HERE), "--variant", variant, "--tasks", str(tasks)]
+    done = subprocess.run(mpiexec.command(RANKS, program), capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{variant} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(lines[-1])["seconds"]
+
+
+def scaled(tasks: int, scale: float, least: int = 1000) -> int:
+    return max(least, int(tasks * scale))
+
+
 def drive(scale: float) -> None:
     """Run every variant as its own MPI job and print the comparison."""
     from pydra.launcher.mpiexec import find_mpiexec
 
     mpiexec = find_mpiexec()
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     rates: dict[str, float] = {}
     for variant, tasks in TASKS.items():
-        tasks = max(1000, int(tasks * scale))
-        program = [sys.executable]
-        if variant == "mpi4py-futures":
-            program += ["-m", "mpi4py.futures"]
-        program += [str(HERE), "--variant", variant, "--tasks", str(tasks)]
-        done = subprocess.run(
-            mpiexec.command(RANKS, program), capture_output=True, text=True, env=env, timeout=600
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            sys.exit(f"{variant} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-        seconds = json.loads(lines[-1])["seconds"]
+        tasks = scaled(tasks, scale)
+        seconds = run_variant(mpiexec, variant, tasks)
         rates[variant] = tasks / seconds
         print(f"{variant:>20}: {tasks:>9,} tasks in {seconds:7.3f} s = {rates[variant]:>12,.0f} tasks/s")
     print(f"\n{mpiexec.implementation}, {RANKS} ranks (2 workers) on {os.cpu_count()} cores")
@@ -114,14 +150,29 @@ def drive(scale: float) -> None:
     print(f"pydra auto batching                  = {rates['pydra-auto']:,.0f} tasks/s  (target >= 1,000,000)")
 
 
+def drive_sealed(scale: float) -> None:
+    """Each Pydra variant unsealed, then sealed, as separate MPI jobs; print them side by side."""
+    from pydra.launcher.mpiexec import find_mpiexec
+
+    mpiexec = find_mpiexec()
+    print(f"{'variant':>20}  {'tasks':>9}  {'unsealed /s':>13}  {'sealed /s':>13}  sealed/unsealed")
+    for variant, tasks in SEALED_TASKS.items():
+        tasks = scaled(tasks, scale, least=50 if variant == "pydra-numpy-1mib" else 1000)
+        plain, sealed = (tasks / run_variant(mpiexec, variant, tasks, sealed=on) for on in (False, True))
+        print(f"{variant:>20}  {tasks:>9,}  {plain:>13,.0f}  {sealed:>13,.0f}  {sealed / plain:6.2f}x")
+    print(f"\n{mpiexec.implementation}, {RANKS} ranks (2 workers) on {os.cpu_count()} cores; "
+          f"pydra-numpy-1mib counts round trips of a {ARRAY_BYTES >> 20} MiB array (one in flight)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every task count by this")
-    parser.add_argument("--variant", choices=sorted(TASKS), help=argparse.SUPPRESS)
+    parser.add_argument("--seal", action="store_true", help="compare Pydra sealed and unsealed (PYDRA_JOB_KEY)")
+    parser.add_argument("--variant", choices=sorted({*TASKS, *SEALED_TASKS}), help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant is None:
-        drive(args.scale)
+        (drive_sealed if args.seal else drive)(args.scale)
         return
     seconds = measure(args.variant, args.tasks)
     if seconds >= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,13 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydra.config import flag, setting
 from pydra.errors import ItemFailed, RemoteTraceback, TargetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
-    """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host and return its status."""
+    """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host and return its status.
+
+    With ``PYDRA_SEAL=1`` the job gets a fresh ``PYDRA_JOB_KEY`` and seals its messages.
+    """
     from pydra.launcher.mpiexec import MPIExecError, find_mpiexec
 
     try:
@@ -34,7 +39,11 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
     except MPIExecError as exc:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=progress_environment()))
+    env = progress_environment()
+    if setting("SEAL", False, flag):
+        # A fresh key for this job only; the ranks read it and drop it from their environment.
+        env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
+    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=env))
 
 
 def progress_environment() -> dict[str, str]:
@@ -52,12 +61,15 @@ def wait_for(process: subprocess.Popen) -> int:
     # A SIGTERM for us goes to mpiexec, and we wait while it stops its ranks: dying at once
     # would leave whoever stops us free to SIGKILL mpiexec halfway through that cleanup.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    interrupted = False
     try:
         while True:
             try:
-                return process.wait()
+                status = process.wait()
+                # A job stopped by Ctrl-C did not succeed, whatever mpiexec makes of its ranks' ends.
+                return status or (128 + signal.SIGINT if interrupted else 0)
             except KeyboardInterrupt:
-                continue  # mpiexec got the same Ctrl-C and is stopping its ranks
+                interrupted = True  # mpiexec got the same Ctrl-C and is stopping its ranks
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -75,14 +87,20 @@ class JobRequest:
 
 
 def run_job(request: JobRequest) -> int:
-    """Collective over MPI.COMM_WORLD: run the requested job; the exit status for this rank."""
+    """Collective over MPI.COMM_WORLD: run the requested job; the exit status for this rank.
+
+    Raises :class:`~pydra.comm.seal.SealConfigError` on every rank if the
+    sealing settings are unusable.
+    """
     from mpi4py import MPI
 
     from pydra import target as targets
     from pydra._core.session import abort_on_uncaught_exceptions
+    from pydra.comm import mpi
     from pydra.journal import JournalError
 
     comm = MPI.COMM_WORLD
+    mpi.start_sealing(comm)  # raises SealConfigError on every rank, for pydra.cli to report once
     abort_on_uncaught_exceptions(comm)  # from here on, no rank may leave the others waiting
     root = spec = record = None
     if comm.rank == 0:
@@ -95,7 +113,8 @@ def run_job(request: JobRequest) -> int:
         except (TargetError, JournalError) as exc:
             spec = exc  # tells the other ranks to stop too
             print(f"pydra: error: {exc}", file=sys.stderr)
-    spec, inputs = comm.bcast((spec, request.inputs if record is None else record.inputs), root=0)
+    # Sealed, when the job seals: the spec holds the task file's source, which workers execute.
+    spec, inputs = mpi.bcast_object(comm, (spec, request.inputs if record is None else record.inputs), 0, "bcast-spec")
     if isinstance(spec, Exception):
         return EXIT_USAGE
     problem = None
@@ -104,8 +123,9 @@ def run_job(request: JobRequest) -> int:
             targets.load_module(spec)
         except TargetError as exc:
             problem = str(exc)
-    problems = comm.gather(problem, root=0)
-    failed = comm.bcast([(rank, p) for rank, p in enumerate(problems or []) if p], root=0)
+    refused = "its report did not open (see the pydra.seal warning above)"
+    problems = mpi.gather_object(comm, problem, 0, "gather-problems", refused=refused)
+    failed = mpi.bcast_object(comm, [(rank, p) for rank, p in enumerate(problems or []) if p], 0, "bcast-failures")
     if failed:
         if comm.rank == 0:
             for rank, text in failed:

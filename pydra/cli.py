@@ -8,6 +8,7 @@ import os
 import sys
 
 from pydra import __version__
+from pydra.comm.seal import SealConfigError
 
 DESCRIPTION = """\
 Pydra runs Python task trees over the ranks of an MPI job.
@@ -235,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Options may come anywhere among the positionals: `run TARGET --output X IN1 IN2`.
         args = command.parse_intermixed_args(argv[1:])
-    return args.handler(args, argv)
+    try:
+        return args.handler(args, argv)
+    except SealConfigError as exc:  # raised on every rank at start-up; one of them says why
+        if exc.report:
+            print(f"pydra: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

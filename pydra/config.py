@@ -31,6 +31,8 @@ SETTINGS = {
     "KNOWN_HOSTS": "set by pydra launch for pydra-remote-exec: the pinned host keys",
     "CONNECTOR": "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents",
     "IFACE": "the network interface MPI's own connections between hosts use (pydra launch --iface)",
+    "JOB_KEY": "64 hex digits: the job's key, with which every rank seals Pydra's messages (set by pydra launch)",
+    "SEAL": "1 to seal a single-host `pydra run -n N` with a fresh key; on ranks, 1 demands a PYDRA_JOB_KEY (default 0)",
 }
 
 

@@ -28,11 +28,16 @@ def host_name() -> str:
 
 
 def run_session(comm: MPI.Intracomm) -> Master | None:
-    """Collective: on rank 0 start and return the master; elsewhere serve it, then return None."""
+    """Collective: on rank 0 start and return the master; elsewhere serve it, then return None.
+
+    Raises :class:`~pydra.comm.seal.SealConfigError` on every rank if the
+    job's sealing settings are unusable (see :func:`pydra.comm.mpi.start_sealing`).
+    """
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
+    mpi.start_sealing(comm)  # before any message, and before a bad setting could abort the job
     abort_on_uncaught_exceptions(comm)
-    hosts = comm.gather(host_name(), root=0)
+    hosts = mpi.gather_object(comm, host_name(), 0, "gather-hosts", refused="?")
     # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).
     heartbeat = setting("HEARTBEAT", 0.5) if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
     if comm.rank != 0:

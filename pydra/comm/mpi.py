@@ -9,6 +9,16 @@ almost nothing.
 Messages are pickled here (protocol 5) and moved as raw bytes, so that a
 message that fails to pickle or unpickle is reported by whoever owns it
 rather than deep inside mpi4py.
+
+When the job has a key (:mod:`pydra.comm.seal`), :func:`start_sealing`
+rebinds :func:`send`, :func:`try_receive`, :meth:`Outbox.post`,
+:func:`bcast_object` and :func:`gather_object` once to versions that seal
+what leaves and open what arrives, dropping (and logging) what does not
+open; callers still see plaintext payloads. Without a key nothing is
+rebound, so unsealed jobs pay nothing per message. Call them through the
+module (``mpi.send(...)``), never ``from pydra.comm.mpi import send``.
+Associated data names ranks by their ``COMM_WORLD`` rank
+(:func:`world_ranks`), whatever communicator carries the message.
 """
 
 from __future__ import annotations
@@ -16,12 +26,16 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 import time
+from array import array
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from mpi4py import MPI
 
+from pydra.comm import seal
+from pydra.comm.seal import SealConfigError, SealError
 from pydra.config import setting
 
 #: master -> worker: a list of commands (see pydra._core.protocol)
@@ -36,6 +50,12 @@ TAG_CANCEL = 14
 TAG_HEARTBEAT = 15
 #: worker -> master: a log record of task code (uid, time, level, logger name, message)
 TAG_LOG = 16
+
+#: what each tag carries, for messages about dropped ones
+TAG_NAMES = {
+    TAG_COMMANDS: "commands", TAG_REPLIES: "replies", TAG_PROGRESS: "progress",
+    TAG_CANCEL: "cancel", TAG_HEARTBEAT: "heartbeat", TAG_LOG: "log",
+}
 
 PICKLE_PROTOCOL = 5
 
@@ -84,7 +104,8 @@ class Received(NamedTuple):
 
     source: int
     tag: int
-    payload: bytearray
+    #: the plaintext (opened already, when the job seals)
+    payload: bytes | bytearray
 
 
 _status = MPI.Status()  # reused: each process polls from one thread
@@ -95,7 +116,9 @@ def try_receive(
 ) -> Received | None:
     """Receive one pending message matching *source* and *tag*, or return None at once.
 
-    A second thread that polls must bring its own *status*.
+    A second thread that polls must bring its own *status*. When the job
+    seals, a message that does not open is taken off the wire, logged and
+    skipped.
     """
     if not comm.Iprobe(source, tag, status):
         return None
@@ -103,6 +126,9 @@ def try_receive(
     buffer = bytearray(status.Get_count(MPI.BYTE))
     comm.Recv([buffer, MPI.BYTE], source, tag)
     return Received(source, tag, buffer)
+
+
+_plain_try_receive = try_receive
 
 
 def receive(comm: MPI.Comm, source: int, tag: int, backoff: Backoff) -> Received:
@@ -120,6 +146,9 @@ def send(comm: MPI.Comm, payload: bytes, dest: int, tag: int) -> None:
     comm.Send([payload, MPI.BYTE], dest, tag)
 
 
+_plain_send = send
+
+
 class Outbox:
     """Non-blocking sends whose buffers stay alive until MPI is done with them.
 
@@ -133,10 +162,16 @@ class Outbox:
         self._pending: deque[tuple[MPI.Request, bytes, int]] = deque()
 
     def post(self, payload: bytes, dest: int, tag: int) -> None:
-        """Start sending *payload* to *dest*."""
+        """Start sending *payload* to *dest* (sealed, once :func:`start_sealing` found a key)."""
         request = self.comm.Isend([payload, MPI.BYTE], dest, tag)
         if not request.Test():  # small messages usually complete at once
             self._pending.append((request, payload, dest))
+
+    _post_plain = post
+
+    def _post_sealed(self, payload: bytes, dest: int, tag: int) -> None:
+        # No lock, unlike _sealed_send: an outbox is used by one thread (rank 0's scheduler).
+        self._post_plain(_sealer.seal(payload, world_ranks(self.comm)[dest], tag), dest, tag)
 
     def forget(self, dest: int) -> None:
         """Stop waiting for the sends to *dest*, a rank that is gone: they may never complete.
@@ -161,6 +196,193 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+# -- collectives of Python objects --------------------------------------------------------------
+
+
+def bcast_object(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
+    """Collective: *obj* from *root* to every member (sealed under *label* when the job seals).
+
+    A member whose copy does not open logs it and raises :class:`SealError`:
+    it cannot go on without the value, and the others would wait for it.
+    """
+    return comm.bcast(obj, root=root)
+
+
+def gather_object(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused: Any = None) -> list[Any] | None:
+    """Collective: every member's *obj*, in member order, on *root* (None elsewhere).
+
+    Sealed under *label* when the job seals; a member's value that does not
+    open is logged and replaced by *refused*.
+    """
+    return comm.gather(obj, root=root)
+
+
+def _sealed_bcast(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
+    data = _sealer.seal(dumps(obj), seal.ALL, label) if comm.rank == root else None
+    size = array("q", [len(data) if data is not None else 0])
+    comm.Bcast([size, MPI.INT64_T], root)
+    if data is None:
+        data = bytearray(size[0])
+    comm.Bcast([data, MPI.BYTE], root)
+    if comm.rank == root:
+        return obj
+    return pickle.loads(open_sealed(data, world_ranks(comm)[root], label, dest=seal.ALL))
+
+
+def _sealed_gather(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused: Any = None) -> list[Any] | None:
+    world = world_ranks(comm)
+    data = _sealer.seal(dumps(obj), world[root], label)
+    sizes = array("q", [0] * comm.size)
+    comm.Gather([array("q", [len(data)]), MPI.INT64_T], [sizes, MPI.INT64_T], root)
+    if comm.rank != root:
+        comm.Gatherv([data, MPI.BYTE], None, root)
+        return None
+    counts, displacements = list(sizes), [0] * comm.size
+    for member in range(1, comm.size):
+        displacements[member] = displacements[member - 1] + counts[member - 1]
+    buffer = bytearray(sum(counts))
+    comm.Gatherv([data, MPI.BYTE], [buffer, (counts, displacements), MPI.BYTE], root)
+    values = []
+    for member, (start, count) in enumerate(zip(displacements, counts)):
+        try:
+            values.append(pickle.loads(open_sealed(memoryview(buffer)[start : start + count], world[member], label)))
+        except SealError:
+            values.append(refused)
+    return values
+
+
+# -- sealing -------------------------------------------------------------------------------------
+
+_sealer: seal.Sealer  # set by start_sealing when the job seals
+_started = False
+# One lock per tag, held while a message is sealed and handed to MPI (or received and opened):
+# two threads with one tag (task threads logging, say) could otherwise put their counters on
+# the wire out of order, and the receiver would refuse the later one as a replay.
+_send_locks: dict[int, threading.Lock] = {}
+_receive_locks: dict[int, threading.Lock] = {}
+_world_keyval: int | None = None
+
+
+def world_ranks(comm: MPI.Comm) -> Sequence[int]:
+    """The ``COMM_WORLD`` rank of each member of *comm*, by its rank in *comm* (cached on *comm*)."""
+    global _world_keyval
+    if comm is MPI.COMM_WORLD:
+        return range(comm.size)
+    if _world_keyval is None:
+        _world_keyval = MPI.Comm.Create_keyval()
+    table = comm.Get_attr(_world_keyval)
+    if table is None:
+        group, world = comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        try:
+            table = tuple(MPI.Group.Translate_ranks(group, list(range(comm.size)), world))
+        finally:
+            group.Free()
+            world.Free()
+        comm.Set_attr(_world_keyval, table)  # freed with the communicator
+    return table
+
+
+def describe(tag: int | str) -> str:
+    """How a message's kind reads in a log line: ``tag 12 (replies)`` or ``collective shuffle``."""
+    if isinstance(tag, int):
+        return f"tag {tag} ({TAG_NAMES.get(tag, 'not a Pydra tag')})"
+    return f"collective {tag}"
+
+
+def open_sealed(data: bytes | bytearray | memoryview, source: int, tag: int | str, dest: int | None = None) -> bytes:
+    """Open *data* from world rank *source* with this process's sealer; log and re-raise a :class:`SealError`."""
+    try:
+        return _sealer.open(data, source, tag, dest)
+    except SealError as exc:
+        seal.report_dropped(_sealer.rank, source, describe(tag), exc)
+        raise
+
+
+def _lock(locks: dict[int, threading.Lock], tag: int) -> threading.Lock:
+    lock = locks.get(tag)
+    if lock is None:
+        lock = locks.setdefault(tag, threading.Lock())  # setdefault: two threads get the same one
+    return lock
+
+
+def _sealed_send(comm: MPI.Comm, payload: bytes, dest: int, tag: int) -> None:
+    with _lock(_send_locks, tag):
+        _plain_send(comm, _sealer.seal(payload, world_ranks(comm)[dest], tag), dest, tag)
+
+
+def _sealed_try_receive(
+    comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, status: MPI.Status = _status
+) -> Received | None:
+    with _lock(_receive_locks, tag):
+        while True:  # a dropped message is taken off the wire; look for the next one
+            message = _plain_try_receive(comm, source, tag, status)
+            if message is None:
+                return None
+            try:
+                payload = open_sealed(message.payload, world_ranks(comm)[message.source], message.tag)
+            except SealError:
+                continue
+            return Received(message.source, message.tag, payload)
+
+
+def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
+    """Collective over *comm*, first thing in a session: seal this process's messages if the job has a key.
+
+    Reads ``PYDRA_JOB_KEY`` (removing it from the environment) and, if it is
+    set, binds the sealing versions of this module's message functions. The
+    members agree first: if any cannot start (``PYDRA_SEAL=1`` without a key,
+    a malformed key, a key on some ranks only, different keys), every one
+    raises :class:`SealConfigError`, which one of them reports. Later calls
+    return at once.
+    """
+    global _started, _sealer, send, try_receive, bcast_object, gather_object
+    if _started:
+        return seal.current()
+    error: SealConfigError | None = None
+    try:
+        sealer = seal.start(MPI.COMM_WORLD.Get_rank())
+    except SealConfigError as exc:
+        error, sealer = exc, seal.PLAIN
+    on = int(sealer.enabled)
+    votes = array("i", [comm.rank if error else comm.size, on, 1 - on])
+    comm.Allreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN)
+    first_failing, all_on, all_off = votes
+    if first_failing < comm.size:
+        if error is None:
+            error = SealConfigError(f"rank {first_failing} cannot start sealing", report=False)
+        error.report = comm.rank == first_failing
+        raise error
+    if not (all_on or all_off):
+        raise SealConfigError("PYDRA_JOB_KEY is set on some ranks and not on others: every rank needs the same key",
+                              report=comm.rank == 0)
+    if on:
+        assert isinstance(sealer, seal.Sealer)
+        if not _same_key(comm, sealer):
+            raise SealConfigError("the ranks do not share one PYDRA_JOB_KEY: every rank needs the same key",
+                                  report=comm.rank == 0)
+        _sealer = sealer
+        send, try_receive = _sealed_send, _sealed_try_receive
+        bcast_object, gather_object = _sealed_bcast, _sealed_gather
+        Outbox.post = Outbox._post_sealed  # type: ignore[method-assign]
+    _started = True
+    return sealer
+
+
+def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:
+    """Collective: whether every member opens a probe sealed by member 0 (else they would hang, all dropped)."""
+    probe = sealer.seal(b"", seal.ALL, "key-check") if comm.rank == 0 else bytearray(seal.OVERHEAD)
+    comm.Bcast([probe, MPI.BYTE], 0)
+    ok = 1
+    if comm.rank != 0:
+        try:
+            sealer.open(probe, world_ranks(comm)[0], "key-check", dest=seal.ALL)
+        except SealError:
+            ok = 0
+    votes = array("i", [ok])
+    comm.Allreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN)
+    return bool(votes[0])
 
 
 def abort(comm: MPI.Comm, message: str) -> None:

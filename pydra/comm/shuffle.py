@@ -5,6 +5,11 @@ receives, from every member, the bucket meant for it. Buckets are pickled
 here and moved with two collectives, ``Alltoall`` for the byte counts and
 ``Alltoallv`` for the bytes themselves, so intermediate data flows directly
 between workers and never through rank 0.
+
+When the job seals (:mod:`pydra.comm.seal`), each bucket is sealed for its
+receiver's world rank under the label ``"shuffle"``; one that does not open
+is logged and fails this member's reduce with :class:`SealError` (dropping
+it would silently lose keys).
 """
 
 from __future__ import annotations
@@ -15,15 +20,23 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from pydra.comm import mpi, seal
+
 # Alltoallv counts and displacements are C ints.
 _MAX_BYTES = 2**31 - 1
+#: the label that binds a sealed bucket to the shuffle
+SHUFFLE = "shuffle"
 
 
 def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     """Send ``buckets[i]`` to member *i*; return what each member sent here, by member."""
     if len(buckets) != comm.size:
         raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
-    payloads = [pickle.dumps(bucket, 5) for bucket in buckets]
+    sealer = seal.current()
+    payloads = [mpi.dumps(bucket) for bucket in buckets]
+    if sealer.enabled:  # once per shuffle, not per bucket
+        world = mpi.world_ranks(comm)
+        payloads = [sealer.seal(payload, world[member], SHUFFLE) for member, payload in enumerate(payloads)]
     send_counts = np.array([len(p) for p in payloads], dtype=np.int64)
     if send_counts.sum() > _MAX_BYTES:
         raise ValueError(f"shuffle sends {send_counts.sum()} bytes from one rank; the limit is {_MAX_BYTES}")
@@ -42,7 +55,7 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
         [send_buffer, (send_counts32, send_displs), MPI.BYTE],
         [recv_buffer, (recv_counts32, recv_displs), MPI.BYTE],
     )
-    return [
-        pickle.loads(recv_buffer[start : start + count])
-        for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())
-    ]
+    parts = [recv_buffer[start : start + count] for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())]
+    if sealer.enabled:
+        parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
+    return [pickle.loads(part) for part in parts]

@@ -11,6 +11,7 @@ import numbers
 import pickle
 import struct
 import zlib
+from array import array
 from typing import Any, Hashable, Iterable
 
 from mpi4py import MPI
@@ -159,9 +160,9 @@ def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable,
         buffer.combine()
         parts = buffer.partitions(comm.size)
     except BaseException:
-        comm.allreduce(False, op=MPI.LAND)
+        _all_ready(comm, False)
         raise
-    if not comm.allreduce(True, op=MPI.LAND):
+    if not _all_ready(comm, True):
         return {}
     merged: dict[Hashable, list[Any]] = {}
     for part in exchange(comm, parts):
@@ -173,3 +174,14 @@ def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable,
                 bucket.extend(values)
     reduce = buffer.job.reduce
     return {key: reduce(key, values) for key, values in merged.items()}
+
+
+def _all_ready(comm: MPI.Intracomm, ready: bool) -> bool:
+    """Collective: whether every member is *ready*.
+
+    A buffer ``Allreduce`` of one C int: no pickle crosses ranks (mpi4py's
+    lowercase ``allreduce`` would send one), so there is nothing to seal.
+    """
+    flag = array("i", [int(ready)])
+    comm.Allreduce(MPI.IN_PLACE, [flag, MPI.INT], op=MPI.LAND)
+    return bool(flag[0])

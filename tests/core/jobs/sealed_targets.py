@@ -1,0 +1,126 @@
+"""TARGETs for the sealing tests (tests/core/test_sealing.py), run with ``pydra run`` and a job key.
+
+    PYDRA_JOB_KEY=... mpiexec -n 3 python -m pydra run tests/core/jobs/sealed_targets.py:forgeries MARKER
+    PYDRA_SEAL=1 pydra run -n 3 tests/core/jobs/sealed_targets.py:workloads 0 1 2 ...
+
+``forgeries`` has every worker, from inside a task, send rank 0 messages a
+rank's own code could send behind Pydra's back (with mpi4py on
+``COMM_WORLD``): a raw pickle that would create MARKER when unpickled, an
+altered copy of a sealed reply, a replay of a genuine reply recorded off the
+wire, a replayed log record and a sealed log record passed off as a reply.
+The job must finish as if none of them had been sent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import pydra
+from pydra.comm import mpi, seal
+
+#: what this process put on the wire as TAG_REPLIES, once Tap has run here
+WIRE: list[bytes] = []
+
+
+class Exploit:
+    """Unpickling this opens (creates) a file: the proof that a pickle from the network ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (builtins.open, (self.path, "w"))
+
+
+class Tap(pydra.GangTask):
+    """On every worker: record the bytes this rank sends with TAG_REPLIES, as a wiretap would."""
+
+    ranks = None
+
+    def work(self, marker):
+        send = mpi._plain_send  # what the sealed send hands to MPI: the bytes on the wire
+
+        def tap(comm, payload, dest, tag):
+            if tag == mpi.TAG_REPLIES:
+                WIRE.append(bytes(payload))
+            send(comm, payload, dest, tag)
+
+        mpi._plain_send = tap
+        return marker
+
+
+class Forge(pydra.GangTask):
+    """On every worker: send rank 0 forged, altered and replayed messages, then carry on."""
+
+    ranks = None
+
+    def work(self, marker):
+        world = MPI.COMM_WORLD
+        world.Send([pickle.dumps([Exploit(marker)], 5), MPI.BYTE], 0, mpi.TAG_REPLIES)
+        sealer = seal.current()
+        if sealer.enabled:
+            genuine = sealer.seal(mpi.dumps([(10**9, True, mpi.dumps("forged"), 0.0)]), 0, mpi.TAG_REPLIES)
+            altered = bytearray(genuine)
+            altered[len(altered) // 2] ^= 0x01
+            world.Send([altered, MPI.BYTE], 0, mpi.TAG_REPLIES)
+            world.Send([WIRE[-1], MPI.BYTE], 0, mpi.TAG_REPLIES)  # Tap's own reply, again
+            note = sealer.seal(mpi.dumps((None, time.time(), "WARNING", "forge", "sealed note")), 0, mpi.TAG_LOG)
+            world.Send([note, MPI.BYTE], 0, mpi.TAG_LOG)  # genuine: accepted
+            world.Send([note, MPI.BYTE], 0, mpi.TAG_LOG)  # replayed
+            world.Send([note, MPI.BYTE], 0, mpi.TAG_REPLIES)  # sealed as a log record, sent as a reply
+        return list(range(20))
+
+
+class Square(pydra.Task):
+    def work(self, x):
+        return int(x) ** 2
+
+
+def forgeries():
+    """Tap, Forge, then a Parallel that must still give the right answer: [0, 1, 4, ..., 361]."""
+    return pydra.Sequence(Tap(), Forge(), pydra.Parallel(Square(), chunksize=1))
+
+
+class Buckets(pydra.MapReduce):
+    """Squares by residue mod 7: every pair crosses the shuffle (no combiner)."""
+
+    def map(self, x):
+        yield x % 7, x
+
+    def reduce(self, key, values):
+        return sorted(values)
+
+
+class Summary(pydra.GangTask):
+    """Every worker sums its share of the buckets; a buffer Allreduce adds them up."""
+
+    ranks = None
+
+    def work(self, buckets):
+        keys = sorted(buckets)
+        mine = sum(sum(buckets[key]) for key in keys[self.comm.rank :: self.comm.size])
+        total = np.zeros(1, dtype=np.int64)
+        self.comm.Allreduce(np.array([mine], dtype=np.int64), total, op=MPI.SUM)
+        return {"buckets": {str(key): buckets[key] for key in keys}, "total": int(total[0]), "gang": self.comm.size}
+
+
+def workloads():
+    """Parallel (one item per unit), MapReduce (the shuffle) and a GangTask, in one tree."""
+    return pydra.Sequence(pydra.Parallel(Square(), chunksize=1), Buckets(), Summary())
+
+
+class Probe(pydra.Task):
+    """Where it ran, whether that rank seals, and whether the key is still in its environment."""
+
+    def work(self, item):
+        return {"rank": MPI.COMM_WORLD.rank, "sealed": seal.current().enabled, "key_in_env": "PYDRA_JOB_KEY" in os.environ}
+
+
+def probes():
+    return pydra.Parallel(Probe(), chunksize=1)
