@@ -278,6 +278,11 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     # connection and the agent, seeing it end early, kills everything the command started.
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, lambda signum, frame: os._exit(128 + signum))
+    if control is not None:
+        # A terminal's Ctrl-C reaches mpiexec too, which stops the ranks through the proxy's
+        # control connection: that is our tunnel, so it must outlive the Ctrl-C, or mpiexec
+        # loses the ranks' exit statuses and may report the stopped job as a success.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
     known_hosts = Path(setting("KNOWN_HOSTS", str(authorized.known_hosts_path())))
 

@@ -43,6 +43,8 @@ from pydra.launcher import keys, tunnel
 log = logging.getLogger("pydra.node")
 
 READ_SIZE = 64 * 1024
+#: how long the agent waits, after sending the exit status, for the launcher to close
+LINGER = 10.0
 
 
 async def server_exec(channel: Channel) -> None:
@@ -82,6 +84,9 @@ async def server_exec(channel: Channel) -> None:
         # What the command wrote to its tunnel just before exiting goes out before "exit".
         await asyncio.gather(*tunnel_pumps)
         await channel.send_json({"type": "exit", "status": _exit_status(status)})
+        # Let the launcher close first: closing with its last tunnel bytes unread would make
+        # our kernel answer with a reset, which can destroy the exit message in flight.
+        await asyncio.wait([feeder], timeout=LINGER)
     finally:
         feeder.cancel()
         if forwarded is not None:
@@ -170,7 +175,7 @@ async def _feed_stdin(
                 process.stdin.close()
             elif kind in ("tunnel", "tunnel_eof") and forwarded is not None:
                 await tunnel.deliver(await forwarded, message)
-    except (ChannelClosed, ChannelError, ConnectionError):
+    except (ChannelClosed, ChannelError, OSError):
         _kill_group(process.pid)
 
 

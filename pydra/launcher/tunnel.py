@@ -119,10 +119,10 @@ async def pump(sock: socket.socket, channel: Channel) -> None:
 
 async def deliver(sock: socket.socket, message: dict) -> None:
     """Carry out one tunnel message received from the channel on *sock*."""
-    if message["type"] == "tunnel":
-        await asyncio.get_running_loop().sock_sendall(sock, base64.b64decode(message["data"]))
-    else:  # tunnel_eof: the far end stopped sending
-        try:
+    try:
+        if message["type"] == "tunnel":
+            await asyncio.get_running_loop().sock_sendall(sock, base64.b64decode(message["data"]))
+        else:  # tunnel_eof: the far end stopped sending
             sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+    except OSError:
+        pass  # this end is closed: the process behind it is gone, and its exit tells the rest

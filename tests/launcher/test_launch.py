@@ -8,18 +8,21 @@ changed and unauthorized keys stop the launch before anything runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from agentkit import HOSTS, Cluster, free_port, keygen, pydra
+from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
+from pydra.launcher.mpiexec import MPICH, library_implementation
 from testkit import ROOT, run_process
 
 WORD = re.compile(r"[a-z']+")
@@ -206,19 +209,24 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
         pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", target, "60", marker),
         env=cluster.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(launcher.stderr), daemon=True).start()
     try:
         deadline = time.monotonic() + 30
-        while len([p for p in processes_with(marker) if "pydra run" in p]) < 4:
+        # Past MPI's start-up (rank 0 names its run directory after MPI_Init): an interrupt
+        # during start-up is another matter (a rank can hang in MPI_Init, see issue 13).
+        while len([p for p in processes_with(marker) if "pydra run" in p]) < 4 or not any("run directory" in line for line in said):
             assert time.monotonic() < deadline, f"the job did not start: {processes_with(marker)}"
             time.sleep(0.1)
         if how == "ctrl-c":
             os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         else:
-            # The host vanishes: its agent and everything the agent started die at once.
+            # The host vanishes: its agent and everything under it die at once (ranks included,
+            # though Hydra gives them sessions of their own).
             dead = cluster.agents.pop(1)
-            started = [int(pid) for pid in re.findall(r"started pid (\d+)", cluster.log(HOSTS[1]))]
-            for group in [dead.pid, *started]:
-                os.killpg(group, signal.SIGKILL)
+            for pid in descendants([dead.pid]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             dead.wait()
         launcher.wait(timeout=30)
         assert launcher.returncode != 0
@@ -232,6 +240,7 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
             launcher.wait()
 
 
+@pytest.mark.skipif(library_implementation() != MPICH, reason="surviving a lost worker rank needs MPICH (docs/FAULT-TOLERANCE.md)")
 @pytest.mark.parametrize("target, inputs, expected", [
     ("map_kills_its_rank", ["apple", "cherry", "kill", "banana", "fig"] * 2,
      dict(sorted(collections.Counter("applecherrykillbananafig" * 2).items()))),

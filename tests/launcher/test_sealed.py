@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkit import HOSTS, Cluster, pydra
+from agentkit import HOSTS, Cluster, descendants, pydra
 from testkit import ROOT, stop_group
 
 pytestmark = pytest.mark.skipif(
@@ -85,22 +85,6 @@ def expected_results() -> list[str]:
 
     named = hashlib.sha256(b"named-secret-5e6f").hexdigest()[:12]
     return [("RESULT-MARKER-" + item[::-1]) * 20 + f" named={named} exported=False SOURCE" for item in ITEMS]
-
-
-def descendants(roots: list[int]) -> set[int]:
-    """Every process under *roots*, by parent links (ranks may sit in sessions of their own)."""
-    parents = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), set(roots)
-    while frontier:
-        found |= frontier
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-    return found
 
 
 def listening_ports(pids: set[int]) -> list[tuple[str, int]]:
