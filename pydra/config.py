@@ -26,7 +26,7 @@ SETTINGS = {
     "PROGRESS": "bar, lines or off: how pydra run shows a long job's progress (default: bar on a terminal)",
     "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",
     "HOME": "Pydra's directory for keys and runs (default ~/.pydra)",
-    "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {host: agent port}",
+    "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {name in the machinefile: [host, agent port]}",
     "IDENTITY": "set by pydra launch for pydra-remote-exec: the launcher's private key",
     "KNOWN_HOSTS": "set by pydra launch for pydra-remote-exec: the pinned host keys",
     "CONNECTOR": "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents",

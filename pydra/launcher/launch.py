@@ -62,7 +62,7 @@ async def connect(host: str, port: int, identity, known_hosts: Path, accept_new:
     """
     connector = setting("CONNECTOR", "")
     if connector:
-        sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host)
+        sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host, port)
         reader, writer = await asyncio.open_connection(sock=sock)
     else:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
@@ -183,7 +183,11 @@ class Launch:
         except MPIExecError as exc:
             print(f"pydra launch: error: {exc}", file=sys.stderr)
             return 1
-        agents = {h.name: h.port for h in self.hosts}
+        # Under MPICH every host gets an alias in the machinefile: Hydra, inside its namespace,
+        # then sees no host as local, and starts every proxy through an agent (localhost too).
+        names = [f"pydra-host-{i}" for i in range(len(self.hosts))] if mpiexec.implementation == MPICH \
+            else [h.name for h in self.hosts]
+        agents = {name: (h.name, h.port) for name, h in zip(names, self.hosts)}
         settings = {
             "PYDRA_PROGRESS": progress_mode(),
             "PYDRA_AGENTS": json.dumps(agents),
@@ -201,12 +205,12 @@ class Launch:
         program = [sys.executable, "-m", "pydra", "run", *forwarded]
         with tempfile.NamedTemporaryFile("w", prefix="pydra-hosts-", suffix=".txt") as machinefile:
             if mpiexec.implementation != MPICH:
-                machinefile.write("".join(f"{h.name} slots={h.slots}\n" for h in self.hosts))
+                machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
                 return wait_for(subprocess.Popen(self.open_mpi_command(mpiexec, machinefile.name, env, program), env=env))
-            machinefile.write("".join(f"{h.name}:{h.slots}\n" for h in self.hosts))
+            machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
-            with netns.Connector(agents) as connector:
+            with netns.Connector(agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
@@ -270,10 +274,10 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         control = ("127.0.0.1", control[1])  # mpiexec's port, on the namespace's loopback
     command = " ".join(tail)
     agents = json.loads(setting("AGENTS", "{}"))
-    port = agents.get(host)
-    if port is None:
+    if host not in agents:
         print(f"pydra-remote-exec: no agent known for host {host!r} (PYDRA_AGENTS)", file=sys.stderr)
         return 255
+    host, port = agents[host]
     # Interrupted (mpiexec stopping the job, or Ctrl-C): leave at once. The kernel closes our
     # connection and the agent, seeing it end early, kills everything the command started.
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

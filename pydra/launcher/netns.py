@@ -10,7 +10,7 @@ The only way out of the namespace is the :class:`Connector`, a Unix socket in
 a directory only we can enter (Unix sockets are reached through the file
 system, which the namespaces share). ``pydra-remote-exec``, run by mpiexec
 inside the namespace, sends it a host name; the connector, outside, opens a
-TCP connection to that host's agent, and only to hosts of the job's hostfile,
+TCP connection to that host's agent, and only to the agents of the job's hostfile,
 and hands the connected socket back over ``SCM_RIGHTS``. The channel to the
 agent is then authenticated and encrypted by ``pydra-remote-exec`` as before.
 """
@@ -25,6 +25,7 @@ import socket
 import struct
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 CLONE_NEWUSER = 0x10000000
@@ -61,8 +62,8 @@ def isolate() -> None:
 class Connector:
     """Outside the namespace: connects to the job's agents for ``pydra-remote-exec`` inside it."""
 
-    def __init__(self, agents: dict[str, int]) -> None:
-        self.agents = dict(agents)
+    def __init__(self, agents: Iterable[tuple[str, int]]) -> None:
+        self.agents = {(host, int(port)) for host, port in agents}
         self._directory = tempfile.mkdtemp(prefix="pydra-launch-")  # mode 0700: ours alone
         self.path = os.path.join(self._directory, "connect")
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,15 +84,15 @@ class Connector:
         with client:
             client.settimeout(CONNECT_TIMEOUT)
             uid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            host = client.recv(1024).decode(errors="replace").strip()
+            host, _, port = client.recv(1024).decode(errors="replace").strip().rpartition(" ")
             if uid != os.getuid():
                 client.sendall(b"refused: not the launching user")
                 return
-            if host not in self.agents:
-                client.sendall(f"refused: {host!r} is not a host of this job".encode())
+            if not port.isdigit() or (host, int(port)) not in self.agents:
+                client.sendall(f"refused: {host}:{port} is not an agent of this job".encode())
                 return
             try:
-                agent = socket.create_connection((host, self.agents[host]), CONNECT_TIMEOUT)
+                agent = socket.create_connection((host, int(port)), CONNECT_TIMEOUT)
             except OSError as exc:
                 client.sendall(f"cannot reach the agent on {host}: {exc}".encode())
                 return
@@ -110,12 +111,12 @@ class Connector:
         self.close()
 
 
-def connect_through(path: str, host: str) -> socket.socket:
-    """Inside the namespace: a TCP connection to *host*'s agent, made by the :class:`Connector` at *path*."""
+def connect_through(path: str, host: str, port: int) -> socket.socket:
+    """Inside the namespace: a TCP connection to the agent at *host*:*port*, made by the :class:`Connector` at *path*."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(CONNECT_TIMEOUT * 2)
         client.connect(path)
-        client.sendall(host.encode())
+        client.sendall(f"{host} {port}".encode())
         message, fds, _, _ = socket.recv_fds(client, 1024, 1)
     if message != b"ok" or not fds:
         raise ConnectionError(message.decode(errors="replace") or "the launcher's connector closed")

@@ -265,3 +265,13 @@ def test_bad_env_options_are_one_line_usage_errors(cluster: Cluster) -> None:
     assert bad.returncode == 2 and "--env '1NOT-A-NAME': expected NAME or NAME=VALUE" in bad.stderr
     unset = cluster.launch("-n", "2", "--accept-new", "--env", "SURELY_UNSET_HERE", "examples/pipeline.py:pipeline", "3")
     assert unset.returncode == 2 and "--env SURELY_UNSET_HERE: SURELY_UNSET_HERE is not set here" in unset.stderr
+
+
+def test_this_host_by_a_loopback_name_runs_through_its_agent_too(cluster: Cluster, tmp_path: Path) -> None:
+    """MPICH's mpiexec would fork a 'local' host's proxy itself, inside its private namespace (no network)."""
+    cluster.start_agent("127.0.0.1", tmp_path / "host-127.0.0.2")
+    cluster.hostfile.write_text(f"localhost slots=2 port={cluster.ports['127.0.0.1']}\n")
+    done = cluster.launch("-n", "2", "--accept-new", "examples/pipeline.py:pipeline", "3")
+    assert done.returncode == 0, done.stderr
+    assert "28" in done.stdout
+    assert "started pid" in cluster.log("127.0.0.1")

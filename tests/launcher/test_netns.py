@@ -78,11 +78,13 @@ def test_an_ordinary_user_gets_a_private_namespace() -> None:
 
 def test_the_connector_reaches_only_the_jobs_agents(tmp_path: Path) -> None:
     agent = socket.create_server(("127.0.0.2", 0))
-    with agent, netns.Connector({"127.0.0.2": agent.getsockname()[1]}) as connector:
+    port = agent.getsockname()[1]
+    with agent, netns.Connector([("127.0.0.2", port)]) as connector:
         assert oct(os.stat(os.path.dirname(connector.path)).st_mode & 0o777) == "0o700"
-        sock = netns.connect_through(connector.path, "127.0.0.2")
+        sock = netns.connect_through(connector.path, "127.0.0.2", port)
         with sock:
             accepted, _ = agent.accept()
             accepted.close()
-        with pytest.raises(ConnectionError, match="is not a host of this job"):
-            netns.connect_through(connector.path, "127.0.0.3")
+        for host, other in (("127.0.0.3", port), ("127.0.0.2", port + 1)):
+            with pytest.raises(ConnectionError, match="is not an agent of this job"):
+                netns.connect_through(connector.path, host, other)
