@@ -215,9 +215,11 @@ class Launch:
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
                     process = subprocess.Popen(command, env=env, preexec_fn=netns.isolate)
-                except (netns.NamespaceError, subprocess.SubprocessError) as exc:
-                    print(f"pydra launch: error: {exc}; the job is not started, since its control port "
-                          "would be open to the network (see docs/SECURITY.md)", file=sys.stderr)
+                except (netns.NamespaceError, subprocess.SubprocessError):
+                    # (subprocess reports a failing preexec_fn without its message)
+                    print("pydra launch: error: this host refuses a private network namespace (are unprivileged "
+                          "user namespaces disabled?); the job is not started, since mpiexec's control port would "
+                          "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
                 return wait_for(process)
 
