@@ -117,7 +117,8 @@ class Executor(concurrent.futures.Executor):
             try:
                 tid = master.define(fn)
             except Exception as exc:  # fn cannot be pickled: the caller hears it at the first next()
-                feed.fail(TypeError(f"cannot send {fn!r} to the workers: {exc}"), 0)
+                exc.add_note(f"(while sending {fn!r} to the workers)")
+                feed.fail(exc, 0)
                 return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
             feed.stream = ChunkStream(master, make_command, items, chunksize, feed, window=window)

@@ -417,10 +417,20 @@ class Master:
         self.outbox.post(payload, worker.rank, mpi.TAG_COMMANDS)
 
     def _refuse(self, worker: WorkerState, commands: list[tuple], exc: Exception) -> None:
-        """A command could not be pickled: fail its unit at once, as if the worker had."""
-        error = TypeError(f"cannot send work to rank {worker.rank}: {exc}")
-        failure = Failure.capture(error, 0, self.comm.size, "rank 0")
-        replies = [(command[1], False, failure, 0.0, None) for command in commands if command[0] not in protocol.NO_REPLY]
+        """Some command of a batch could not be pickled: fail those units at once, as if the worker
+        had, with the pickling error itself; send the rest as usual."""
+        sendable, failed = [], []
+        for command in commands:
+            try:
+                mpi.dumps(command)
+                sendable.append(command)
+            except Exception as error:  # what pickle or the object's __reduce__ raised
+                error.add_note(f"(while sending work to rank {worker.rank})")
+                failed.append((command, error))
+        if sendable:
+            self.outbox.post(mpi.dumps(sendable), worker.rank, mpi.TAG_COMMANDS)
+        replies = [(command[1], False, Failure.capture(error, 0, self.comm.size, "rank 0"), 0.0, None)
+                   for command, error in failed if command[0] not in protocol.NO_REPLY]
         self._handle_replies(worker, replies)
 
     # -- replies ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ CASES = [
     "endless_chunksize_none",
     "slow_consumer",
     "unpicklable_map",
+    "unpicklable_argument",
     "spread",
     "submit_from_threads",
     "unpicklable_result",
@@ -136,6 +137,19 @@ def test_unpicklable_function_raises_instead_of_hanging(ranks: int) -> None:
     assert got["raised"] is not None and got["raised"] != "TimeoutError", got
     assert "pickle" in got["message"].lower()
     assert got["after"] == 3
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_a_pickling_error_fails_its_own_call_as_itself(ranks) -> None:
+    """The caller gets pickle's own exception (so `except pickle.PicklingError` works), and a call
+    that shared the message with it still runs (issue 10, item 4)."""
+    got = executor_jobs(ranks).ok("unpicklable_argument")
+    assert got["good"] == 5
+    if ranks == IN_PROCESS:  # nothing is pickled in one process: abs(lambda) fails as abs's TypeError
+        assert got["raised"] == "TypeError", got
+    else:
+        assert got["raised"] == "PicklingError", got
+        assert any("while sending work to rank" in note for note in got["notes"]), got
 
 
 @pytest.mark.parametrize("ranks", [pytest.param(3, id="3-ranks")])

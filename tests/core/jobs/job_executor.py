@@ -151,6 +151,17 @@ def unpicklable_map(ex):
     return {"raised": None, "value": value}
 
 
+UNPICKLABLE = lambda x: x  # noqa: E731  (a lambda pickles by name, and has none)
+
+
+def unpicklable_argument(ex):
+    """Two calls (with one worker, usually in one message): only the one whose argument cannot be pickled fails."""
+    bad, good = ex.submit(abs, UNPICKLABLE), ex.submit(abs, -5)
+    error = bad.exception(timeout=30)
+    return {"raised": type(error).__name__ if error else None, "notes": getattr(error, "__notes__", []),
+            "good": good.result(timeout=30)}
+
+
 def submit_task(ex):
     parallel = ex.submit_task(pydra.Parallel(w.square), *w.ITEMS)
     sequence = ex.submit_task(pydra.Sequence(w.numbers, w.total), 10)
@@ -275,6 +286,7 @@ CASES = {
     "submit_task": lambda: session(submit_task),
     "shutdown": lambda: session(shutdown),
     "unpicklable_map": lambda: session(unpicklable_map),
+    "unpicklable_argument": lambda: session(unpicklable_argument),
     "spread": lambda: session(spread),
     "submit_from_threads": lambda: session(submit_from_threads),
     "unpicklable_result": lambda: session(unpicklable_result),
