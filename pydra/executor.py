@@ -39,12 +39,19 @@ class Executor(concurrent.futures.Executor):
     """
 
     def __init__(self, comm: MPI.Intracomm | None = None) -> None:
-        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        comm = comm if comm is not None else MPI.COMM_WORLD
+        if comm.Is_inter():
+            raise ValueError("expecting an intracommunicator")  # as mpi4py's MPICommExecutor says
+        self.comm = comm
         self._master: Master | None = None
+        self._entered = False
         self._shutdown = False
         self._futures: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()
 
     def __enter__(self) -> "Executor | None":  # type: ignore[override]
+        if self._entered:
+            raise RuntimeError("this executor has already been entered; make a new one")
+        self._entered = True
         self._master = run_session(self.comm)
         return self if self._master is not None else None
 

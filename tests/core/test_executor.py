@@ -46,6 +46,8 @@ CASES = [
     "slow_consumer",
     "unpicklable_map",
     "unpicklable_argument",
+    "enter_twice",
+    "intercomm_refused",
     "spread",
     "submit_from_threads",
     "unpicklable_result",
@@ -150,6 +152,17 @@ def test_a_pickling_error_fails_its_own_call_as_itself(ranks) -> None:
     else:
         assert got["raised"] == "PicklingError", got
         assert any("while sending work to rank" in note for note in got["notes"]), got
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_entering_an_executor_twice_is_refused(ranks) -> None:
+    got = executor_jobs(ranks).ok("enter_twice")
+    assert got == {"raised": "this executor has already been entered; make a new one", "after": 4}
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_an_intercommunicator_is_refused(ranks) -> None:
+    assert executor_jobs(ranks).ok("intercomm_refused") == ["expecting an intracommunicator"] * ranks
 
 
 @pytest.mark.parametrize("ranks", [pytest.param(3, id="3-ranks")])

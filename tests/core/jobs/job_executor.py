@@ -73,6 +73,23 @@ def workers_get_none():
     return COMM.gather(mine, root=0)
 
 
+def intercomm_refused():
+    """Every rank: an Executor over a real intercommunicator (even ranks <-> odd ranks) is a ValueError."""
+    if COMM.size < 2:
+        return ["skipped"]
+    local = COMM.Split(COMM.rank % 2, COMM.rank)
+    inter = local.Create_intercomm(0, COMM, 1 - COMM.rank % 2, tag=77)
+    try:
+        pydra.Executor(inter)
+        mine = "accepted"
+    except ValueError as exc:
+        mine = str(exc)
+    finally:
+        inter.Free()
+        local.Free()
+    return COMM.gather(mine, root=0)
+
+
 def map_timeout(ex):
     started = time.monotonic()
     results = ex.map(time.sleep, [1.0], timeout=0.2)
@@ -160,6 +177,15 @@ def unpicklable_argument(ex):
     error = bad.exception(timeout=30)
     return {"raised": type(error).__name__ if error else None, "notes": getattr(error, "__notes__", []),
             "good": good.result(timeout=30)}
+
+
+def enter_twice(ex):
+    """A second `with` on the same executor is refused, and the first session goes on."""
+    try:
+        ex.__enter__()
+    except RuntimeError as exc:
+        return {"raised": str(exc), "after": ex.submit(abs, -4).result(timeout=30)}
+    return {"raised": None}
 
 
 def submit_task(ex):
@@ -287,6 +313,8 @@ CASES = {
     "shutdown": lambda: session(shutdown),
     "unpicklable_map": lambda: session(unpicklable_map),
     "unpicklable_argument": lambda: session(unpicklable_argument),
+    "enter_twice": lambda: session(enter_twice),
+    "intercomm_refused": intercomm_refused,
     "spread": lambda: session(spread),
     "submit_from_threads": lambda: session(submit_from_threads),
     "unpicklable_result": lambda: session(unpicklable_result),
