@@ -71,9 +71,31 @@ def test_an_ordinary_user_gets_a_private_namespace() -> None:
         os.chmod(shared / "netns.py", 0o644)
         assert_unreachable(start_isolated("/usr/bin/python3", shared, user))
     finally:
-        time.sleep(0.1)
-        subprocess.run(["userdel", user], check=False)
+        kill_processes_of(user)  # su may leave the isolated child in a session of its own
+        # userdel refuses while a process of the user is still going away: try for a while.
+        deadline = time.monotonic() + 30
+        while subprocess.run(["userdel", user], capture_output=True).returncode not in (0, 6):  # 6: no such user
+            assert time.monotonic() < deadline, f"could not remove the test user {user}"
+            time.sleep(0.2)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def kill_processes_of(user: str) -> None:
+    """SIGKILL, by pid, every process running as *user*."""
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        real_uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        if int(real_uid) == uid:
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
 
 
 def test_the_connector_reaches_only_the_jobs_agents(tmp_path: Path) -> None:
