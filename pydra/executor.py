@@ -11,15 +11,15 @@ import concurrent.futures
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from mpi4py import MPI
 
-from pydra._core import protocol
+from pydra._core import protocol, session
 from pydra._core.evaluate import UnitLog, Walk
 from pydra._core.master import MAX_INFLIGHT, Master
 from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
-from pydra._core.session import run_session
 from pydra.comm import mpi
 from pydra.config import setting
 from pydra.tasks.base import as_task
@@ -35,7 +35,10 @@ class Executor(concurrent.futures.Executor):
                 print(list(executor.map(math.sqrt, range(100))))
 
     On rank 0 the block gets the executor; the other ranks serve as workers
-    inside ``__enter__`` until rank 0 leaves its block, then get None.
+    inside ``__enter__`` until rank 0 shuts it down, then get None. Without
+    ``with`` (``Executor().__enter__()`` on every rank), rank 0 shuts it down
+    at interpreter exit, after the calls still pending, as ``concurrent.futures``
+    does.
     """
 
     def __init__(self, comm: MPI.Intracomm | None = None) -> None:
@@ -46,23 +49,31 @@ class Executor(concurrent.futures.Executor):
         self._master: Master | None = None
         self._entered = False
         self._shutdown = False
-        self._futures: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()
+        self._joined = False
+        self._walks: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()  # submit_task's
+        self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
 
     def __enter__(self) -> "Executor | None":  # type: ignore[override]
         if self._entered:
             raise RuntimeError("this executor has already been entered; make a new one")
         self._entered = True
-        self._master = run_session(self.comm)
-        return self if self._master is not None else None
+        self._master = session.run_session(self.comm)
+        if self._master is None:
+            return None
+        atexit.register(self._shutdown_at_exit)  # unregistered once shut down
+        return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if isinstance(exc, SystemExit) and self.comm.size > 1:
+            session.exiting_with(exc)  # ending now would leave the workers' next collective waiting
         if self._master is not None:
-            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+            # As concurrent.futures: the pending calls still run, unless the user pressed Ctrl-C.
+            self.shutdown(wait=True, cancel_futures=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
         return False
 
     @property
     def master(self) -> Master:
-        """The scheduler on rank 0 (an error anywhere else, or outside the ``with`` block)."""
+        """The scheduler on rank 0 (an error anywhere else, outside the ``with`` block, or after shutdown)."""
         if self._master is None:
             raise RuntimeError(
                 f"no Pydra session on rank {self.comm.rank}: use `with pydra.Executor() as ex:` on every rank"
@@ -89,8 +100,7 @@ class Executor(concurrent.futures.Executor):
             else:
                 future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
 
-        master.call_soon(master.calls.add, make_command, callback)
-        self._futures.add(future)
+        master.call_soon(master.calls.add, make_command, callback, future.cancel)
         return future
 
     def map(  # type: ignore[override]
@@ -103,9 +113,10 @@ class Executor(concurrent.futures.Executor):
         """Like ``map(fn, *iterables)`` computed on the workers, results in order.
 
         Items are pulled lazily as workers have room, so an endless generator
-        is fine as long as results are consumed. *chunksize* items travel
-        together; ``chunksize=None`` lets Pydra size batches itself (best for
-        tiny tasks). *timeout* counts from this call.
+        is fine as long as results are consumed (or the iterator is closed).
+        *chunksize* items travel together; ``chunksize=None`` lets Pydra size
+        batches itself (best for tiny tasks). *timeout* counts from this call.
+        After :meth:`shutdown`, the map still runs to the end of its input.
         """
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize}")
@@ -116,6 +127,7 @@ class Executor(concurrent.futures.Executor):
         items = iterables[0] if len(iterables) == 1 else zip(*iterables)
         star = len(iterables) > 1
         feed = _OrderedFeed()
+        self._feeds.add(feed)
         # Items computed ahead of the reader: enough to keep every worker's pipeline full.
         workers = len(master.workers)
         window = max(setting("MAX_BATCH", MAX_BATCH) * (2 * workers + 2), 2 * MAX_INFLIGHT * workers)
@@ -143,23 +155,53 @@ class Executor(concurrent.futures.Executor):
         master = self.master
         root = as_task(task)
         future = master.submit_coroutine(Walk(master, log).evaluate(root, root.root_args(inputs)))
-        self._futures.add(future)
+        self._walks.add(future)
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the workers once the submitted work is done (or cancelled)."""
-        if self._master is None or self._shutdown:
+        """Take no new work; stop the workers once the work submitted so far is done.
+
+        As ``concurrent.futures``: calls already submitted still run (and a
+        map runs to the end of its input) unless *cancel_futures*, which
+        cancels every call not yet started (a map's reader then meets
+        ``CancelledError`` where its unstarted items begin). With *wait*,
+        return once all of it is done and the workers are stopped; without,
+        at once. It may be called again, say with *wait* after a first
+        ``shutdown(wait=False)``.
+        """
+        master = self._master
+        if master is None:
             return
-        if cancel_futures:
-            for future in list(self._futures):
-                future.cancel()
-        if wait:
-            concurrent.futures.wait(list(self._futures))
         self._shutdown = True
-        self._master.stop()
-        if self._master.lost_ranks:
-            # MPI_Finalize at exit would wait for the lost ranks forever: end the job instead.
-            atexit.register(mpi.end_job_after_loss, self.comm, 0)
+        if cancel_futures:
+            for future in list(self._walks):
+                future.cancel()  # only one not started yet is cancelled
+            master.call_soon(self._cancel_waiting)
+        master.request_stop()
+        if wait and not self._joined:
+            master.join()
+            self._joined = True
+            atexit.unregister(self._shutdown_at_exit)
+            if master.lost_ranks:
+                # MPI_Finalize at exit would wait for the lost ranks forever: end the job instead.
+                atexit.register(mpi.end_job_after_loss, self.comm, 0)
+
+    def _cancel_waiting(self) -> None:
+        """Scheduler thread: cancel every call and map item that no worker has been given."""
+        master = self._master
+        # First the workers with room take their share, as the idle threads of a pool would.
+        master.dispatch()
+        master.calls.cancel_waiting()
+        for feed in list(self._feeds):
+            feed.cancel_waiting()
+
+    def _shutdown_at_exit(self) -> None:
+        """Interpreter exit with the executor not shut down: run what is pending, then stop the workers."""
+        master = self._master
+        self._shutdown = True
+        master.stop()
+        if master.lost_ranks:
+            mpi.end_job_after_loss(self.comm, 0)
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of the workers and the queue."""
@@ -202,40 +244,49 @@ class _OrderedFeed:
             self._finished = True
             self._ready.notify()
 
-    def _take(self, position: int, deadline: float | None) -> list[list]:
-        """The chunks from item *position* on that have arrived, at least one; [] at the end."""
+    def cancel_waiting(self) -> None:
+        """``shutdown(cancel_futures=True)``: items not yet started are cancelled (scheduler thread)."""
+        if self.stream is not None:
+            self.stream.cancel_waiting()
+
+    def _take(self, position: int, deadline: float | None, into: deque) -> int:
+        """Move the values from item *position* on that have arrived, at least one, to *into*; 0 at the end."""
         with self._ready:
             self._awaited = position
             while position not in self._chunks:
                 if self._failure is not None and position >= self._failed_at:
                     raise self._failure
                 if self._finished:
-                    return []
+                    return 0
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("map() results did not arrive in time")
                 self._ready.wait(remaining)
-            taken = []
+            start = position
             while position in self._chunks:  # take every consecutive chunk in one go
                 values = self._chunks.pop(position)
-                taken.append(values)
+                into.extend(values)
                 position += len(values)
             self._awaited = position
-            return taken
+            return position - start
 
     def results(self, master: Master, deadline: float | None) -> Iterator[Any]:
         position = 0
+        values: deque = deque()  # popped as yielded: a value the reader dropped is freed
         try:
-            while chunks := self._take(position, deadline):
-                position += sum(map(len, chunks))
-                stream = self.stream
-                if stream is not None:
-                    # Only this thread writes it; the scheduler thread reads it.
-                    stream.consumed += sum(map(len, chunks))
-                    if stream.waiting_for_consumer:
-                        master.call_soon(master.wake)
-                for chunk in chunks:
-                    yield from chunk
+            while True:
+                if not values:
+                    taken = self._take(position, deadline, values)
+                    if not taken:
+                        return
+                    position += taken
+                    stream = self.stream
+                    if stream is not None:
+                        # Only this thread writes it; the scheduler thread reads it.
+                        stream.consumed += taken
+                        if stream.waiting_for_consumer:
+                            master.call_soon(master.wake)
+                yield values.popleft()
         finally:
             if self._failure is None and not self._finished and self.stream is not None:
                 master.call_soon(self.stream.abandon)

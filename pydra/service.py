@@ -434,13 +434,13 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     from mpi4py import MPI
 
     from pydra import journal as journals
-    from pydra._core.session import abort_on_uncaught_exceptions
+    from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
     from pydra.control import ControlServer
     from pydra.executor import Executor
 
     comm = MPI.COMM_WORLD
-    abort_on_uncaught_exceptions(comm)
+    abort_on_uncaught_exit(comm)
     if comm.rank != 0:
         # Ctrl-C in a terminal (and mpiexec's SIGTERM) reach every rank: rank 0 shuts the
         # cluster down in order; a worker ends when told to, or when rank 0 falls silent.

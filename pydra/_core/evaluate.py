@@ -16,7 +16,6 @@ records finished units; a resumed run skips what its log already holds.
 from __future__ import annotations
 
 import asyncio
-import pickle
 import sys
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
@@ -93,7 +92,7 @@ class Walk:
         """*compute()*, or its result from the log of an earlier run; a new result is logged."""
         recorded = self.log.done(path) if self.log else {}
         if 0 in recorded:
-            return pickle.loads(recorded[0][1])[0]
+            return mpi.loads(recorded[0][1])[0]
         value = await compute()
         if self.log:
             self.log.record(path, 0, 1, mpi.dumps([value]), 0, 0.0)
@@ -104,7 +103,7 @@ class Walk:
     ) -> Awaitable[list]:
         """Apply definition *tid* to every item on the workers; the list of results in order."""
         recorded = self.log.done(path) if self.log else {}
-        sink = OrderedResults(self.master, {start: pickle.loads(blob) for start, (_, blob) in recorded.items()})
+        sink = OrderedResults(self.master, {start: mpi.loads(blob) for start, (_, blob) in recorded.items()})
         record = None
         if self.log:
             log = self.log
@@ -166,6 +165,21 @@ class Walk:
                     raise
 
 
+def as_exception(error: BaseException) -> Exception:
+    """*error* as an ``Exception`` a tree walk can raise: a task's ``sys.exit()`` fails the tree.
+
+    (An asyncio task re-raises ``SystemExit`` into its event loop, which would
+    end rank 0's scheduler; the Executor's futures keep it as it is.)
+    """
+    if isinstance(error, Exception):
+        return error
+    converted = RuntimeError(f"the task raised {type(error).__name__}({error})")
+    converted.__cause__ = error.__cause__
+    for note in getattr(error, "__notes__", ()):
+        converted.add_note(note)
+    return converted
+
+
 def _merged(parts: list[dict]) -> dict:
     merged: dict = {}
     for part in parts:
@@ -183,7 +197,7 @@ def run_gang(master: Master, make_command: Callable, count: int, members: list |
     def finish(values: list | None, error: BaseException | None) -> None:
         if not future.done():
             if error is not None:
-                future.set_exception(error)
+                future.set_exception(as_exception(error))
             else:
                 future.set_result(values)
 
@@ -233,7 +247,7 @@ class _StreamResult:
         if self.stream is not None:
             self.stream.abandon()  # a tree node fails whole: the chunks before the failure are not wanted either
         if not self.future.done():
-            self.future.set_exception(error)
+            self.future.set_exception(as_exception(error))
 
     def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
         line = str(error).splitlines()[0] if str(error) else ""

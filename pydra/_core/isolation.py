@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import select
 import signal
 import struct
@@ -35,6 +34,8 @@ from pydra import target as targets
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra._core.runner import UnitRunner
+from pydra.comm import mpi
+from pydra.config import setting
 from pydra.errors import TaskProcessDied, UnitTimeout
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer
@@ -57,7 +58,7 @@ class Pipe:
         self._sending = threading.Lock()  # task threads log while the main thread replies
 
     def send(self, message: Any) -> None:
-        data = pickle.dumps(message, protocol=5)
+        data = mpi.dumps(message)
         view = memoryview(_HEADER.pack(len(data)) + data)
         with self._sending:
             while view:
@@ -72,7 +73,7 @@ class Pipe:
                 if len(self._buffer) >= _HEADER.size + size:
                     data = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
                     del self._buffer[: _HEADER.size + size]
-                    return pickle.loads(data)
+                    return mpi.loads(data)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([self.read_fd], [], [], remaining)[0]:
                 raise TimeoutError
@@ -183,7 +184,7 @@ class IsolatedRunner:
                 run = command[4]
                 buffer = self.runner.buffers.get(run)
                 if buffer is None:
-                    buffer = self.runner.buffers[run] = MapBuffer(self.runner.defined[command[2]])
+                    buffer = self.runner.buffers[run] = MapBuffer(self.runner.definition(command[2]))
                 buffer.merge(pairs)
             return reply
 
@@ -245,6 +246,7 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
     """The child's loop: run what the rank sends until the pipe closes."""
     pipe = Pipe(read_fd, write_fd)
     _exit_with_parent()
+    mpi.use_serializer(setting("SERIALIZER", "pickle"))  # as the rank does
 
     def report_progress(uid: int, done: int, total: int | None, message: str | None) -> None:
         pipe.send(("progress", uid, done, total, message))
@@ -271,9 +273,9 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
             pairs = buffer.values if buffer is not None else {}
         try:
             pipe.send(("reply", reply, pairs))
-        except Exception as exc:  # the result (or a pair) cannot be pickled
-            error = TypeError(f"a result cannot be pickled: {exc}")
-            failed = (reply[0], False, Failure.capture(error, rank, size, host), reply[3])
+        except (Exception, SystemExit) as exc:  # the result (or a pair) cannot be pickled
+            exc.add_note(f"(while sending a result from rank {rank} to rank 0)")
+            failed = (reply[0], False, Failure.capture(exc, rank, size, host), reply[3])
             pipe.send(("reply", failed, None))
 
 

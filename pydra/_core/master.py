@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import pickle
 import sys
 import threading
 import time
@@ -72,6 +71,10 @@ class WorkerState:
     #: (CPU seconds, resident bytes, when) from its last heartbeat, and the CPU share since the one before
     usage: tuple = (0.0, 0, 0.0)
     cpu_percent: float | None = None
+    #: the commands messages sent that it has not said it read, oldest first (see Master._resend_alone)
+    unread: deque = field(default_factory=deque)
+    #: the number of the oldest of them (the worker counts the messages it reads from 0)
+    first_unread: int = 0
 
 
 @dataclass
@@ -120,7 +123,10 @@ class Master:
         self._tid_of: dict[int, int] = {}  # id(obj) -> tid
         self._definitions: dict[int, tuple[Any, bytes]] = {}  # tid -> (obj, its pickle)
         self._cancelled_local: set[int] = set()
-        self._stopping = False
+        self._walks: set = set()  # futures of tree walks still running (submit_coroutine)
+        self._stop_requested = False  # request_stop was called (caller side)
+        self._stopping = False  # no new work: STOP goes out once the submitted work is done
+        self._stop_sent = False
         self._broken: str | None = None  # why a gang failed: some members may never answer again
         self.loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
@@ -138,17 +144,46 @@ class Master:
         self._thread.start()
 
     def stop(self) -> None:
-        """Send every worker STOP after its queued work and wait until all have answered."""
-        self.call_soon(self._begin_stop)
+        """Finish the work submitted so far, then stop every worker; wait for all that (any thread)."""
+        self.request_stop()
+        self.join()
+
+    def request_stop(self) -> None:
+        """Take no new work; once what was submitted is done, send every worker STOP (any thread, returns at once).
+
+        Calls still queued run, streams run to the end of their input, tree
+        walks started before finish; then the workers are stopped.
+        """
+        if not self._stop_requested:
+            self._stop_requested = True
+            self.call_soon(self._begin_stop)
+
+    def join(self) -> None:
+        """Wait until the scheduler thread has stopped every worker and ended."""
         self._thread.join()
 
     def call_soon(self, function: Callable, *args: Any) -> None:
-        """Run *function(\\*args)* in the scheduler thread."""
-        self.loop.call_soon_threadsafe(self._wake_with, function, args)
+        """Run *function(\\*args)* in the scheduler thread (nothing, once it has ended: all work is done)."""
+        try:
+            self.loop.call_soon_threadsafe(self._wake_with, function, args)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
 
     def submit_coroutine(self, coroutine: Any) -> Any:
-        """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``.
+
+        The master does not stop (:meth:`request_stop`) while it runs.
+        """
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        self._walks.add(future)
+        future.add_done_callback(self._walk_done)
+        return future
+
+    def _walk_done(self, future: Any) -> None:
+        self._walks.discard(future)
+        if self._stopping:
+            self.call_soon(self.wake)  # (any thread: the future may end in the caller's)
 
     # -- scheduler thread ---------------------------------------------------------------------
 
@@ -156,6 +191,9 @@ class Master:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._pump())
+        except BaseException:
+            # The futures of rank 0's callers would never complete, and the workers would wait forever.
+            mpi.abort(self.comm, f"pydra: internal error in rank 0's scheduler; aborting the MPI job\n{traceback.format_exc()}")
         finally:
             self.loop.close()
 
@@ -174,8 +212,10 @@ class Master:
             self._check_heartbeats()
             self._beat()
             progressed = self._dispatch() or progressed
+            if self._stopping and not self._stop_sent and self._work_done():
+                self._send_stop()
             self.outbox.collect()
-            if self._stopping and not any(worker.units_inflight for worker in self.workers):
+            if self._stop_sent and not any(worker.units_inflight for worker in self.workers):
                 self.outbox.flush()
                 return
             if progressed:
@@ -195,6 +235,17 @@ class Master:
 
     def _begin_stop(self) -> None:
         self._stopping = True
+        for source in self.sources:
+            source.finish_up()
+
+    def _work_done(self) -> bool:
+        """Whether everything submitted before the stop has been answered (or given up)."""
+        if self.pending or self.gangs or self._walks:
+            return False
+        return all(source.finished for source in self.sources if source is not self.calls) and not self.calls.waiting
+
+    def _send_stop(self) -> None:
+        self._stop_sent = True
         if self._broken:
             # A failed gang left members blocked in a collective that will never
             # complete; MPI offers no way to free them, so end the whole job.
@@ -273,6 +324,8 @@ class Master:
 
     def add_source(self, source: Source) -> None:
         self.sources.append(source)
+        if self._stopping:
+            source.finish_up()
         self.wake()
 
     def add_gang(self, request: GangRequest) -> None:
@@ -297,6 +350,10 @@ class Master:
                 self.outbox.post(mpi.dumps(dropped), rank, mpi.TAG_CANCEL)
 
     # -- dispatch --------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand every worker with room its share of the waiting work now (scheduler thread)."""
+        self._dispatch()
 
     def _dispatch(self) -> bool:
         sent = self._start_gangs()
@@ -414,7 +471,18 @@ class Master:
         except Exception as exc:
             self._refuse(worker, commands, exc)
             return
+        self._post_commands(worker, commands, payload)
+
+    def _post_commands(self, worker: WorkerState, commands: list[tuple], payload: bytes) -> None:
+        worker.unread.append(commands)  # until the worker says it read them: it may send them back
         self.outbox.post(payload, worker.rank, mpi.TAG_COMMANDS)
+
+    def _read_up_to(self, worker: WorkerState, read: int) -> None:
+        """*worker* has read its first *read* commands messages: forget them."""
+        unread = worker.unread
+        while worker.first_unread < read and unread:
+            unread.popleft()
+            worker.first_unread += 1
 
     def _refuse(self, worker: WorkerState, commands: list[tuple], exc: Exception) -> None:
         """Some command of a batch could not be pickled: fail those units at once, as if the worker
@@ -428,7 +496,7 @@ class Master:
                 error.add_note(f"(while sending work to rank {worker.rank})")
                 failed.append((command, error))
         if sendable:
-            self.outbox.post(mpi.dumps(sendable), worker.rank, mpi.TAG_COMMANDS)
+            self._post_commands(worker, sendable, mpi.dumps(sendable))
         replies = [(command[1], False, Failure.capture(error, 0, self.comm.size, "rank 0"), 0.0, None)
                    for command, error in failed if command[0] not in protocol.NO_REPLY]
         self._handle_replies(worker, replies)
@@ -446,22 +514,55 @@ class Master:
                 continue  # declared lost: its units are rescheduled, its word no longer counts
             worker.last_heard = time.monotonic()
             if message.tag == mpi.TAG_REPLIES:
-                replies = [self._unpack(worker, *reply) for reply in pickle.loads(message.payload)]
-                self._handle_replies(worker, replies)
+                read, packed = mpi.loads(message.payload)
+                self._read_up_to(worker, read)
+                self._handle_replies(worker, [self._unpack(worker, *reply) for reply in packed])
             elif message.tag == mpi.TAG_LOG:
-                uid, created, level, name, text = pickle.loads(message.payload)
+                uid, created, level, name, text = mpi.loads(message.payload)
                 self.note(text, rank=message.source, level=level, logger=name, uid=uid, created=created)
             elif message.tag == mpi.TAG_HEARTBEAT and message.payload:
-                self._note_usage(worker, pickle.loads(message.payload))
+                self._note_usage(worker, mpi.loads(message.payload))
             elif message.tag == mpi.TAG_PROGRESS:
-                uid, done, total, text = pickle.loads(message.payload)
+                uid, done, total, text = mpi.loads(message.payload)
                 self.progress[uid] = (message.source, done, total, text)
+            elif message.tag == mpi.TAG_BOUNCED:
+                number, failure = mpi.loads(message.payload)
+                self._resend_alone(worker, number, failure)
         return got
+
+    def _resend_alone(self, worker: WorkerState, number: int, failure_blob: bytes) -> None:
+        """*worker* could not unpickle its commands message *number*: send each unit of it in a message of its own.
+
+        Then only the unit whose data cannot be loaded there fails, with the
+        worker's error (a class only rank 0 can import, say); the others run.
+        Rank 0 kept the message's commands until the worker said it read it,
+        since their data may not load on rank 0 either.
+        """
+        commands = worker.unread[number - worker.first_unread]
+        self._read_up_to(worker, number + 1)
+        units = [command for command in commands if command[0] not in protocol.NO_REPLY]
+        others = [command for command in commands if command[0] in protocol.NO_REPLY]
+        if len(units) > 1:
+            if others:  # definitions first: the units need them (their blobs are pickled on their own)
+                self._post_commands(worker, others, mpi.dumps(others))
+            for command in units:
+                self._post_commands(worker, [command], mpi.dumps([command]))
+            return
+        try:
+            failure = mpi.loads(failure_blob)
+        except Exception as exc:  # the worker's error does not load here either: say so
+            error = RuntimeError(f"rank {worker.rank} could not unpickle a command: {exc!r}")
+            failure = Failure.capture(error, 0, self.comm.size, "rank 0")
+        if units:
+            failure.exception.add_note(f"(while rank {worker.rank} unpickled the call and its arguments)")
+            self._handle_replies(worker, [(units[0][1], False, failure, 0.0, None)])
+        else:
+            self.note(f"rank {worker.rank} could not unpickle {others}: {failure.exception!r}", level="WARNING")
 
     def _unpack(self, worker: WorkerState, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
         """A reply with its value unpickled, or a failure saying why that is impossible here."""
         try:
-            return (uid, ok, pickle.loads(blob), seconds, blob if ok else None)
+            return (uid, ok, mpi.loads(blob), seconds, blob if ok else None)
         except Exception as exc:
             error = TypeError(f"a result from rank {worker.rank} cannot be unpickled on rank 0: {exc!r}")
             return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds, None)
@@ -528,6 +629,7 @@ class Master:
         if not worker.alive:
             return
         worker.alive, worker.reserved, worker.gang_uid, worker.units_inflight = False, False, None, 0
+        worker.unread.clear()
         self.outbox.forget(rank)
         print(f"pydra: lost worker rank {rank} on {worker.host} ({reason}); rescheduling its work", file=sys.stderr)
         self.note(f"lost worker rank {rank} on {worker.host} ({reason})", level="WARNING")

@@ -37,7 +37,10 @@ dataclass costs several times more to pickle); their layouts:
 A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
 otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
 On the wire *value* is pickled on its own, so a value that cannot be
-unpickled on rank 0 fails its one unit.
+unpickled on rank 0 fails its one unit. A ``TAG_COMMANDS`` message that the
+worker cannot unpickle (an argument whose class only rank 0 can import) comes
+back whole as ``TAG_BOUNCED`` ``(payload, failure)``; rank 0 sends its units
+again one per message, so that only the unit that cannot be loaded fails.
 A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)``, a
 cancellation (``TAG_CANCEL``) is a list of uids, a heartbeat
 (``TAG_HEARTBEAT``, sent by a worker thread while the rank lives) is empty
@@ -84,14 +87,12 @@ class Failure:
     def capture(cls, exception: BaseException, rank: int, size: int, host: str) -> "Failure":
         """Record *exception* for rank 0.
 
-        It is replaced by a RuntimeError carrying its text when it would not
-        survive the trip (many exception classes pickle but cannot be rebuilt
-        from their args), and when it is not an ``Exception`` at all: a task's
-        ``sys.exit()`` must fail that task, not end rank 0.
+        It is kept as it is, ``SystemExit`` included (as ``concurrent.futures``
+        does), unless it would not survive the trip: many exception classes
+        pickle but cannot be rebuilt from their args, and those travel as a
+        RuntimeError carrying their text.
         """
         text = "".join(traceback.format_exception(exception))
-        if not isinstance(exception, Exception):
-            exception = RuntimeError(f"the task raised {type(exception).__name__}({exception})")
         try:
             pickle.loads(pickle.dumps(exception))
         except Exception:

@@ -7,7 +7,6 @@ which is how a one-process run gives the same results as a cluster.
 
 from __future__ import annotations
 
-import pickle
 import signal
 import sys
 import threading
@@ -20,6 +19,7 @@ from mpi4py import MPI
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra import target as targets
+from pydra.comm import mpi
 from pydra.errors import TargetError, UnitTimeout
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
@@ -53,7 +53,10 @@ class UnitRunner:
         op = command[0]
         if op == protocol.DEFINE:
             _, tid, blob = command
-            self.defined[tid] = pickle.loads(blob)
+            try:
+                self.defined[tid] = mpi.loads(blob)
+            except (Exception, SystemExit) as exc:  # the units that use it fail with this, not the rank
+                self.defined[tid] = _Unloadable(exc)
             return None
         if op == protocol.FORGET:
             self.buffers.pop(command[1], None)
@@ -78,6 +81,13 @@ class UnitRunner:
         self.units_done += 1
         return (uid, ok, value, time.perf_counter() - started)
 
+    def definition(self, tid: int) -> Any:
+        """Definition *tid*; raises what unpickling it raised, if it could not be loaded here."""
+        value = self.defined[tid]
+        if isinstance(value, _Unloadable):
+            raise value.error
+        return value
+
     def _load(self, spec: Any) -> None:
         # No reply to fail: units that need the file fail to unpickle, and this says why.
         try:
@@ -91,7 +101,7 @@ class UnitRunner:
         return function(*args, **kwargs)
 
     def _map(self, uid: int, tid: int, chunk: list, star: bool) -> list:
-        function = self.defined[tid]
+        function = self.definition(tid)
         timeout = None
         if isinstance(function, Task):
             function, timeout = function.work, function.timeout
@@ -105,11 +115,11 @@ class UnitRunner:
     def _mr_map(self, uid: int, tid: int, chunk: list, run: int) -> int:
         buffer = self.buffers.get(run)
         if buffer is None:
-            buffer = self.buffers[run] = MapBuffer(self.defined[tid])
+            buffer = self.buffers[run] = MapBuffer(self.definition(tid))
         return buffer.add(chunk)
 
     def _gang(self, uid: int, tid: int, members: list, args: tuple) -> Any:
-        task = self.defined[tid]
+        task = self.definition(tid)
         comm = self.make_group(members, uid)
         try:
             task.comm = comm
@@ -122,7 +132,7 @@ class UnitRunner:
     def _mr_reduce(self, uid: int, tid: int, members: list, run: int) -> dict:
         # The pairs stay until rank 0 says FORGET: if a member is lost, the reduce runs
         # again among the survivors, with the lost member's items mapped anew.
-        buffer = self.buffers.get(run) or MapBuffer(self.defined[tid])
+        buffer = self.buffers.get(run) or MapBuffer(self.definition(tid))
         comm = self.make_group(members, uid)
         try:
             return shuffle_and_reduce(buffer, comm)
@@ -159,6 +169,15 @@ def limited(seconds: float, function: Callable, argument: Any) -> Any:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _Unloadable:
+    """Stands for a definition that could not be unpickled on this rank."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class _Unit:

@@ -2,17 +2,22 @@
 
 Every rank enters a session together (``with pydra.Executor()``,
 ``pydra.run``). Rank 0 gets a running :class:`Master`; the others serve it
-until it says stop. From then on an uncaught exception anywhere aborts the
-whole MPI job, since the other ranks would otherwise wait forever for a peer
-that is gone.
+until it says stop.
+
+A rank that ends with an uncaught exception while its peers wait for it in
+some collective would leave them waiting forever (and itself, in
+MPI_Finalize), so from the first session on such an exit aborts the whole
+MPI job. Nothing else does: no exception hook is replaced, so
+``sys.excepthook`` called by IPython or a logger, or an exception in a
+thread of the user's, is printed as usual. Pydra's own threads abort the job
+if they fail, since a rank would then hang.
 """
 
 from __future__ import annotations
 
+import atexit
 import socket
 import sys
-import threading
-import traceback
 
 from mpi4py import MPI
 
@@ -36,7 +41,8 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
     mpi.start_sealing(comm)  # before any message, and before a bad setting could abort the job
-    abort_on_uncaught_exceptions(comm)
+    mpi.use_serializer(setting("SERIALIZER", "pickle"))
+    abort_on_uncaught_exit(comm)
     hosts = mpi.gather_object(comm, host_name(), 0, "gather-hosts", refused="?")
     # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).
     heartbeat = setting("HEARTBEAT", 0.5) if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
@@ -48,26 +54,40 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     return master
 
 
-_installed = False
+_armed = False
+_exiting: SystemExit | None = None  # see exiting_with
 
 
-def abort_on_uncaught_exceptions(comm: MPI.Intracomm) -> None:
-    """Make an uncaught exception on any thread of this rank abort the MPI job."""
-    global _installed
-    if _installed or comm.size == 1:
+def exiting_with(error: SystemExit) -> None:
+    """Rank 0 leaves a session with *error*, a ``sys.exit(code)`` (perhaps a task's, re-raised there).
+
+    ``SystemExit`` leaves no ``sys.last_value``, so this is how the exit check
+    knows that the process is about to end in error while the workers go on.
+    """
+    global _exiting
+    if error.code not in (None, 0):
+        _exiting = error
+
+
+def abort_on_uncaught_exit(comm: MPI.Intracomm) -> None:
+    """From now on, if this process ends with an uncaught exception, abort the MPI job (once per process).
+
+    The check runs at interpreter exit, before MPI_Finalize: the interpreter
+    has printed the traceback and set ``sys.last_value`` (or rank 0 saw a
+    ``sys.exit(code)`` leave a session, :func:`exiting_with`). Interactive
+    sessions are left alone (they set it for every error they show).
+    """
+    global _armed
+    if _armed or comm.size == 1:
         return
-    _installed = True
+    _armed = True
     where = f"rank {comm.rank} of {comm.size} on {host_name()}"
 
-    def abort(kind: str, text: str) -> None:
-        mpi.abort(comm, f"pydra: uncaught {kind} on {where}; aborting the MPI job\n{text}")
+    def check() -> None:
+        error = getattr(sys, "last_value", None) or _exiting
+        if error is None or hasattr(sys, "ps1") or sys.flags.interactive:
+            return
+        mpi.abort(comm, f"pydra: {where} ended with an uncaught {type(error).__name__}; aborting the MPI job"
+                        " so that no rank waits for it\n")
 
-    def excepthook(exc_type, exc, tb) -> None:
-        abort("exception", "".join(traceback.format_exception(exc_type, exc, tb)))
-
-    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
-        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
-        abort(f"exception in thread {args.thread.name if args.thread else '?'}", text)
-
-    sys.excepthook = excepthook
-    threading.excepthook = thread_excepthook
+    atexit.register(check)

@@ -16,6 +16,7 @@ then answers anyway is counted once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 from collections import deque
@@ -53,6 +54,9 @@ class Source:
         """True once this source will never hand out another unit."""
         raise NotImplementedError
 
+    def finish_up(self) -> None:
+        """The master is stopping: hand out the rest of the work without waiting for anyone."""
+
 
 def is_lost(failure: "Failure") -> bool:
     """Whether a failed reply means the worker died, rather than the task raising."""
@@ -67,25 +71,37 @@ class CallQueue(Source):
     """
 
     def __init__(self) -> None:
-        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback]] = deque()
+        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback, Callable[[], bool] | None]] = deque()
 
-    def add(self, make_command: Callable[[int], tuple | None], callback: Callback) -> None:
-        """Queue a call; *make_command(uid)* may return None to withdraw it (a cancelled future)."""
-        self.waiting.append((make_command, callback))
+    def add(self, make_command: Callable[[int], tuple | None], callback: Callback,
+            cancel: Callable[[], bool] | None = None) -> None:
+        """Queue a call; *make_command(uid)* may return None to withdraw it (a cancelled future).
+
+        *cancel()*, if given, withdraws it for :meth:`cancel_waiting` and says whether it could.
+        """
+        self.waiting.append((make_command, callback, cancel))
 
     def next_unit(self, uid: int, rank: int) -> tuple[tuple, Callback] | None:
         while self.waiting:
-            make_command, callback = self.waiting.popleft()
+            make_command, callback, _ = self.waiting.popleft()
             command = make_command(uid)
             if command is not None:
                 return command, self._rescheduling(command, callback, RetryPolicy().losses)
         return None
 
+    def cancel_waiting(self) -> None:
+        """Withdraw every call no worker has been given (``shutdown(cancel_futures=True)``).
+
+        A call that lost its worker and waits to run again is not withdrawn:
+        its caller has seen it start.
+        """
+        self.waiting = deque(entry for entry in self.waiting if entry[2] is None or not entry[2]())
+
     def _rescheduling(self, command: tuple, callback: Callback, losses_left: int) -> Callback:
         def on_reply(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
             if not ok and losses_left and is_lost(value):
                 again = lambda uid: (command[0], uid, *command[2:])  # noqa: E731
-                self.waiting.appendleft((again, self._rescheduling(command, callback, losses_left - 1)))
+                self.waiting.appendleft((again, self._rescheduling(command, callback, losses_left - 1), None))
                 return
             callback(ok, value, seconds, rank, blob)
 
@@ -273,6 +289,22 @@ class ChunkStream(Source):
         """Hand out nothing more and cancel the chunks still out (the results are not wanted)."""
         self.abandoned = True
         self.master.cancel(list(self.outstanding))
+
+    def finish_up(self) -> None:
+        # Every item of the input counts as submitted, as concurrent.futures' map submits them all.
+        self.window = None
+
+    def cancel_waiting(self) -> None:
+        """Hand out nothing more; the chunks running finish and report, the rest fail with CancelledError.
+
+        This is ``shutdown(cancel_futures=True)`` for a map: running calls
+        complete, calls not started are cancelled.
+        """
+        if self.finished:
+            return
+        first = min([chunk.start for chunk in self.retry] + [self.position])
+        self.exhausted = True
+        self._fail(concurrent.futures.CancelledError(), first)
 
     # -- handing out ------------------------------------------------------------------------
 

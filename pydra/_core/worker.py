@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
+import traceback
+from typing import Callable
 
 from mpi4py import MPI
 
@@ -27,12 +28,72 @@ _CANCEL_POLL_INTERVAL = 0.01
 _HOLD_REPLIES_SECONDS = 0.005
 
 
+class ReplyBuffer:
+    """The replies of one commands message, sent together unless one has waited ``hold`` seconds.
+
+    Tiny units would cost rank 0 a message each; held replies share one. A
+    reply must never wait behind a long unit, though (``concurrent.futures``
+    callers see each result as soon as it exists), so with *hold* > 0 a
+    thread of its own (:meth:`flush_late`) sends whatever has waited ``hold``
+    seconds while the next unit runs. Without thread-safe MPI *hold* is 0 and
+    every reply goes at once.
+    """
+
+    def __init__(self, send: Callable[[list], None], hold: float) -> None:
+        self.hold = hold
+        self._send = send
+        self._lock = threading.Lock()  # the serve loop and flush_late both send
+        self._held: list[tuple] = []
+        self._since = 0.0
+        self._busy = threading.Event()  # set while a message's units run
+
+    def add(self, packed: tuple, urgent: bool) -> None:
+        """Hold one packed reply; send what is held if *urgent* (a failure) or it has waited long enough."""
+        with self._lock:
+            now = time.perf_counter()
+            if not self._held:
+                self._since = now
+            self._held.append(packed)
+            if urgent or now - self._since >= self.hold:
+                self._send_held()
+
+    def flush(self) -> None:
+        """Send every held reply (the message's units are done)."""
+        with self._lock:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            self._send(held)
+
+    def running(self, busy: bool) -> None:
+        """Tell :meth:`flush_late` whether units are running (it sleeps otherwise)."""
+        if busy:
+            self._busy.set()
+        else:
+            self._busy.clear()
+
+    def flush_late(self, stopped: threading.Event) -> None:
+        """Thread body: while units run, send replies that have waited ``hold`` seconds."""
+        while not stopped.is_set():
+            self._busy.wait()
+            time.sleep(self.hold)
+            with self._lock:
+                if self._held and time.perf_counter() - self._since >= self.hold:
+                    self._send_held()
+
+    def release(self) -> None:
+        """Wake :meth:`flush_late` so that it sees its *stopped* event."""
+        self._busy.set()
+
+
 class WorkerLoop:
     """Serves rank 0 until it says stop."""
 
     def __init__(self, comm: MPI.Intracomm, host: str, heartbeat: float | None = None, isolate: bool = False) -> None:
         self.comm = comm
-        self.heartbeat = heartbeat  # seconds between heartbeats, None for none
+        self.heartbeat = heartbeat  # seconds between heartbeats, None for none (no thread-safe MPI)
         self.master_timeout = setting("HEARTBEAT_TIMEOUT", 10.0)
         self.max_result = setting("MAX_RESULT_BYTES", 1 << 30)
         self.runner = UnitRunner(
@@ -42,22 +103,34 @@ class WorkerLoop:
             self.runner = IsolatedRunner(self.runner, self.forward_log)
         logging.getLogger().addHandler(context.LogForwarder(self.forward_log))
         self.backoff = mpi.Backoff()
+        # Holding replies needs a second thread that may call MPI: the heartbeat's condition too.
+        self.replies = ReplyBuffer(self._reply, _HOLD_REPLIES_SECONDS if heartbeat else 0.0)
         self.cancelled: set[int] = set()
+        self.read = 0  # commands messages read so far: rank 0 forgets them when told
         self._last_progress = 0.0
         self._last_cancel_poll = 0.0
 
     def serve(self) -> None:
         """Run commands until a STOP command arrives."""
         stopped = threading.Event()
+        threads = []
         if self.heartbeat:
-            beat = threading.Thread(target=self._beat, args=(stopped,), name="pydra-heartbeat", daemon=True)
-            beat.start()
+            threads = [
+                threading.Thread(target=_or_abort(self.comm, self._beat), args=(stopped,), name="pydra-heartbeat",
+                                 daemon=True),
+                threading.Thread(target=_or_abort(self.comm, self.replies.flush_late), args=(stopped,),
+                                 name="pydra-replies", daemon=True),
+            ]
+        for thread in threads:
+            thread.start()
         try:
             self._serve()
         finally:
             stopped.set()
+            self.replies.release()
+            for thread in threads:
+                thread.join()
             if self.heartbeat:
-                beat.join()
                 # Leave no message unreceived for MPI_Finalize.
                 while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT) is not None:
                     pass
@@ -82,41 +155,48 @@ class WorkerLoop:
 
     def _serve(self) -> None:
         while True:
-            message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
-            commands = pickle.loads(message.payload)
+            commands = self._next_commands()
+            if commands is None:
+                continue
             self._take_cancellations()
-            replies: list[tuple] = []
-            held_since = time.perf_counter()
+            final = commands[-1]
+            exit_process = final[2] if final[0] == protocol.STOP else None
+            self.replies.running(len(commands) > 1)
             for command in commands:
                 reply = self.runner.execute(command)
-                if reply is None:
-                    continue
-                replies.append(reply)
-                # Send early what rank 0 should know now: a failure (it may cancel the
-                # rest of this message) or results that have already waited a while.
-                now = time.perf_counter()
-                if not reply[1] or now - held_since > _HOLD_REPLIES_SECONDS:
-                    self._reply(replies)
-                    replies, held_since = [], now
-            if replies:
-                self._reply(replies)
-            if commands[-1][0] == protocol.STOP:
-                if commands[-1][2]:
+                if reply is not None:
+                    # Rank 0 should hear of a failure at once: it may cancel the rest of this message.
+                    self.replies.add(self._pack_reply(*reply), urgent=not reply[1])
+            self.replies.running(False)
+            self.replies.flush()
+            # Drop this message's arguments and results before waiting for the next one.
+            del commands, command, reply, final
+            if exit_process is not None:
+                if exit_process:
                     mpi.exit_without_finalize(0)
                 return
 
-    def _reply(self, replies: list[tuple]) -> None:
-        mpi.send(self.comm, self._pack(replies), 0, mpi.TAG_REPLIES)
+    def _next_commands(self) -> list[tuple] | None:
+        """The next commands message, or None if it could not be unpickled here (it goes back to rank 0)."""
+        message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
+        number, self.read = self.read, self.read + 1
+        try:
+            return mpi.loads(message.payload)
+        except (Exception, SystemExit) as exc:  # an argument whose class only rank 0 can import, say
+            failure = protocol.Failure.capture(exc, *self._where())
+            mpi.send(self.comm, mpi.dumps((number, mpi.dumps(failure))), 0, mpi.TAG_BOUNCED)
+            return None
 
-    def _pack(self, replies: list[tuple]) -> bytes:
-        """The TAG_REPLIES payload: each value pickled on its own, so one bad value spoils one reply."""
-        return mpi.dumps([self._pack_reply(*reply) for reply in replies])
+    def _reply(self, packed: list[tuple]) -> None:
+        mpi.send(self.comm, mpi.dumps((self.read, packed)), 0, mpi.TAG_REPLIES)
 
     def _pack_reply(self, uid: int, ok: bool, value: object, seconds: float) -> tuple:
+        """A reply with its value pickled on its own, so one bad value spoils one reply, not the message."""
         try:
             blob = mpi.dumps(value)
-        except Exception as exc:
-            error: Exception = TypeError(f"result of type {type(value).__name__} cannot be pickled: {exc}")
+        except (Exception, SystemExit) as exc:  # what pickle, or the value's __reduce__, raised
+            exc.add_note(f"(while sending a result from rank {self.comm.rank} to rank 0)")
+            error: BaseException = exc
         else:
             if len(blob) <= self.max_result:
                 return (uid, ok, blob, seconds)
@@ -154,7 +234,20 @@ class WorkerLoop:
 
     def _take_cancellations(self) -> None:
         while (message := mpi.try_receive(self.comm, 0, mpi.TAG_CANCEL)) is not None:
-            self.cancelled.update(pickle.loads(message.payload))
+            self.cancelled.update(mpi.loads(message.payload))
+
+
+def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., None]:
+    """*body* for a thread of Pydra's own: if it raises, the rank could hang, so the job is aborted."""
+
+    def run(*args: object) -> None:
+        try:
+            body(*args)
+        except BaseException:
+            mpi.abort(comm, f"pydra: internal error in {threading.current_thread().name} on rank {comm.rank};"
+                            f" aborting the MPI job\n{traceback.format_exc()}")
+
+    return run
 
 
 def _usage() -> tuple[float, int, float]:

@@ -14,7 +14,6 @@ it would silently lose keys).
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import numpy as np
@@ -58,4 +57,4 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     parts = [recv_buffer[start : start + count] for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())]
     if sealer.enabled:
         parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
-    return [pickle.loads(part) for part in parts]
+    return [mpi.loads(part) for part in parts]

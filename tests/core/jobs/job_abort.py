@@ -3,7 +3,9 @@
     mpiexec -n 3 python tests/core/jobs/job_abort.py MODE [MARKER]
 
 Rank 0 prints ``SESSION DONE`` after its first session; the job must then
-end non-zero (it must not hang) because of what MODE does.
+end non-zero (it must not hang) because of what MODE does, except for
+``task_thread_raises``: a thread's uncaught exception is printed and the
+job goes on, as in any Python program.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def outcome_of(future) -> dict:
     try:
         value = future.result(timeout=30)
     except Exception as exc:  # noqa: BLE001
-        return {"raised": type(exc).__name__, "message": str(exc)[:300],
+        return {"raised": type(exc).__name__, "message": str(exc)[:300], "notes": " ".join(getattr(exc, "__notes__", [])),
                 "cause": str(exc.__cause__)[:300] if exc.__cause__ is not None else ""}
     return {"raised": None, "value_type": type(value).__name__}
 
