@@ -3,9 +3,10 @@
 Rank 0 sends a worker ``TAG_COMMANDS`` messages, each a list of commands
 (its share of a dispatch pass: several tiny units travel together). Every
 unit command gets exactly one reply; the worker sends replies in
-``TAG_REPLIES`` messages of one or more, as soon as one fails or has waited
-``_HOLD_REPLIES_SECONDS``, else when the message's last unit is done. Rank 0
-counts each worker's units in flight from those replies.
+``TAG_REPLIES`` messages ``(messages read so far, [reply, ...])``, as soon as
+one fails or has waited ``_HOLD_REPLIES_SECONDS`` (even while a later unit
+runs), else when the message's last unit is done. Rank 0 counts each
+worker's units in flight from those replies.
 
 Commands are plain tuples because they sit on the hot path (a frozen
 dataclass costs several times more to pickle); their layouts:
