@@ -12,6 +12,8 @@ the ratios the project tracks:
   the answer before sending that worker the next one (the hand-written limit);
 * Pydra ``Executor.map(chunksize=1)``: one task per message, pipelined;
 * Pydra ``Executor.map(chunksize=None)``: adaptive batching;
+* Pydra ``Executor.submit``: one future per call, all submitted first, then
+  ``concurrent.futures.wait`` for them all and sum their results;
 * ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``.
 
 With ``--seal`` it runs instead the Pydra variants twice each, without and
@@ -32,7 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 RANKS = 3
-TASKS = {"raw": 200_000, "pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "mpi4py-futures": 20_000}
+TASKS = {"raw": 200_000, "pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "pydra-submit": 20_000,
+         "mpi4py-futures": 20_000}
 #: the --seal comparison: each of these unsealed, then sealed
 SEALED_TASKS = {"pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "pydra-numpy-1mib": 1_000}
 ARRAY_BYTES = 1 << 20
@@ -65,9 +68,22 @@ def measure(variant: str, tasks: int) -> float:
             return -1.0
         if variant == "pydra-numpy-1mib":
             return _round_trips(executor, tasks)
+        if variant == "pydra-submit":
+            return _submit_all(executor, tasks)
         started = time.perf_counter()
         assert sum(executor.map(noop, range(tasks), chunksize=chunksize)) == tasks * (tasks - 1) // 2
         return time.perf_counter() - started
+
+
+def _submit_all(executor, tasks: int) -> float:
+    """*tasks* calls ``executor.submit(noop, i)``, then a wait for all their futures and the sum of their results."""
+    import concurrent.futures
+
+    started = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(tasks)]
+    _, not_done = concurrent.futures.wait(futures)
+    assert not not_done and sum(future.result() for future in futures) == tasks * (tasks - 1) // 2
+    return time.perf_counter() - started
 
 
 def _round_trips(executor, tasks: int) -> float:
@@ -148,6 +164,7 @@ def drive(scale: float) -> None:
     print(f"pydra chunksize=1 / raw mpi4py loop  = {rates['pydra-chunksize-1'] / rates['raw']:6.2f}x  (target >= 0.5)")
     print(f"pydra chunksize=1 / mpi4py.futures   = {rates['pydra-chunksize-1'] / rates['mpi4py-futures']:6.2f}x  (target >= 10)")
     print(f"pydra auto batching                  = {rates['pydra-auto']:,.0f} tasks/s  (target >= 1,000,000)")
+    print(f"pydra submit / raw mpi4py loop       = {rates['pydra-submit'] / rates['raw']:6.2f}x  (target >= 0.5)")
 
 
 def drive_sealed(scale: float) -> None:

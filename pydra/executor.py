@@ -18,7 +18,8 @@ from mpi4py import MPI
 
 from pydra._core import protocol, session
 from pydra._core.evaluate import UnitLog, Walk
-from pydra._core.master import MAX_INFLIGHT, Master
+from pydra._core.master import Master
+from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
 from pydra.comm import mpi
 from pydra.config import setting
@@ -140,7 +141,7 @@ class Executor(concurrent.futures.Executor):
                 feed.fail(exc, 0)
                 return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
-            feed.stream = ChunkStream(master, make_command, items, chunksize, feed, window=window)
+            feed.stream = ChunkStream(master.scheduler, make_command, items, chunksize, feed, window=window)
             master.add_source(feed.stream)
 
         master.call_soon(start)

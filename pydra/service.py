@@ -25,6 +25,7 @@ from typing import Any
 from pydra import target as targets
 from pydra._core.evaluate import Walk
 from pydra._core.master import Master
+from pydra._core.scheduler import Phase
 from pydra.config import flag, setting
 from pydra.control import CONFIG
 from pydra.errors import PydraError, RemoteTraceback, TargetError
@@ -36,7 +37,7 @@ class ServiceError(PydraError):
 
 
 #: every state ``workers`` may show (see pydra._core.master), as ``status`` counts them
-WORKER_STATES = ("idle", "busy", "reserved", "draining", "drained", "lost")
+WORKER_STATES = tuple(phase.value for phase in Phase)
 
 #: control command -> Service method (the method's parameters are the command's JSON args)
 COMMANDS = {
@@ -307,11 +308,12 @@ class Service:
     def _current(self, key: str) -> Any:
         if key == "max_jobs":
             return self.max_jobs
+        scheduler = self.master.scheduler
         if key == "heartbeat_timeout":
-            return self.master.heartbeat_timeout
+            return scheduler.settings.heartbeat_timeout
         if key == "retries":
-            return self.master.least_retries
-        return self.master.batch_seconds
+            return scheduler.least_retries
+        return scheduler.settings.batch_seconds
 
     def _apply(self, key: str, value: Any) -> None:
         if key == "max_jobs":
@@ -319,13 +321,13 @@ class Service:
                 self.max_jobs = value
                 self._start_ready()
         elif key == "heartbeat_timeout":
-            if self.master.heartbeat_timeout is None:
+            if self.master.scheduler.settings.heartbeat_timeout is None:
                 raise ServiceError("this MPI gives no heartbeats (no MPI_THREAD_MULTIPLE)")
-            self.master.call_soon(setattr, self.master, "heartbeat_timeout", value)
+            self.master.call_soon(setattr, self.master.scheduler.settings, "heartbeat_timeout", value)
         elif key == "retries":
-            self.master.call_soon(setattr, self.master, "least_retries", value)
+            self.master.call_soon(setattr, self.master.scheduler, "least_retries", value)
         else:
-            self.master.call_soon(setattr, self.master, "batch_seconds", value)
+            self.master.call_soon(setattr, self.master.scheduler.settings, "batch_seconds", value)
 
     def _attribute_log(self, record: dict) -> None:
         """Tell which running job a worker's record belongs to (its unit is still outstanding)."""

@@ -50,7 +50,7 @@ class Walk:
 
     def policy(self, task: Task, allow_failures: int = 0) -> RetryPolicy:
         """What to do when *task* fails: its own settings, with at least the master's ``least_retries``."""
-        return RetryPolicy.for_task(task, allow_failures, self.master.least_retries)
+        return RetryPolicy.for_task(task, allow_failures, self.master.scheduler.least_retries)
 
     def progress(self) -> tuple[int, int | None]:
         """Items done so far, and the total if every input so far has a length (any thread)."""
@@ -111,7 +111,7 @@ class Walk:
         make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
         skip = {start: count for start, (count, _) in recorded.items()}
         sink.stream = ChunkStream(
-            self.master, make_command, items, chunksize, sink, policy=policy, skip=skip, record=record
+            self.master.scheduler, make_command, items, chunksize, sink, policy=policy, skip=skip, record=record
         )
         sink.stream.items_done = sum(count for count in skip.values())  # done by an earlier run
         self.streams.append(sink.stream)
@@ -289,7 +289,7 @@ class MapHolders:
     async def run(self, make_command: Callable, items: Iterable[Any], policy: RetryPolicy) -> None:
         """Map *items*; return once all are held (or failed within the policy's allowance)."""
         sink = _MapSink(self)
-        sink.stream = ChunkStream(self.master, make_command, items, None, sink, policy=policy)
+        sink.stream = ChunkStream(self.master.scheduler, make_command, items, None, sink, policy=policy)
         self.streams.append(sink.stream)
         self.master.add_source(sink.stream)
         await sink.future

@@ -72,6 +72,8 @@ STOP = "stop"
 
 #: commands that get no reply (every other command gets exactly one)
 NO_REPLY = frozenset({DEFINE, FORGET, LOAD, RESTART})
+#: commands whose third field is a definition id: the worker must have received it first
+USES_DEFINITION = frozenset({MAP, MR_MAP, GANG, MR_REDUCE})
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Where the master's units come from: single calls, streams of items, gangs.
 
-The :class:`~pydra._core.master.Master` asks its sources for a unit whenever
+The :class:`~pydra._core.scheduler.Scheduler` asks its sources for a unit whenever
 a worker has room. A :class:`CallQueue` holds single calls
 (``Executor.submit``); a :class:`ChunkStream` cuts an iterable of items into
 chunks, pulled lazily so a huge generator is never materialised, and owns
@@ -23,12 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
-from pydra.comm import mpi
 from pydra.config import setting
 from pydra.errors import WorkerLost
 
 if TYPE_CHECKING:
-    from pydra._core.master import Master
+    from pydra._core.scheduler import Scheduler
     from pydra._core.protocol import Failure
 
 #: default largest adaptive chunk: per-message costs are already negligible at this size.
@@ -43,7 +42,7 @@ MAX_RETRY_DELAY = 30.0
 
 
 class Source:
-    """Something that hands out units; the master asks it for one whenever a worker has room."""
+    """Something that hands out units; the scheduler asks it for one whenever a worker has room."""
 
     def next_unit(self, uid: int, rank: int) -> tuple[tuple, Callback] | None:
         """A command with id *uid* for worker *rank* and the callback for its reply, or None."""
@@ -55,7 +54,7 @@ class Source:
         raise NotImplementedError
 
     def finish_up(self) -> None:
-        """The master is stopping: hand out the rest of the work without waiting for anyone."""
+        """The scheduler is stopping: hand out the rest of the work without waiting for anyone."""
 
 
 def is_lost(failure: "Failure") -> bool:
@@ -109,7 +108,7 @@ class CallQueue(Source):
 
     @property
     def finished(self) -> bool:
-        return False  # lives as long as the master
+        return False  # lives as long as the scheduler
 
 
 class BatchSizer:
@@ -231,7 +230,7 @@ class ChunkStream(Source):
 
     def __init__(
         self,
-        master: "Master",
+        scheduler: "Scheduler",
         make_command: Callable[[int, list], tuple],
         items: Iterable[Any],
         chunksize: int | None,
@@ -242,17 +241,17 @@ class ChunkStream(Source):
         skip: dict[int, int] | None = None,
         record: Recorder | None = None,
     ) -> None:
-        self.master = master
+        self.scheduler = scheduler
         self.make_command = make_command
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         self.total = total  # items, if the input has a length
         self.items = iter(items)
-        self.sizer = BatchSizer(chunksize, max(1, master.alive_workers()), total, master.batch_seconds)
+        self.sizer = BatchSizer(chunksize, max(1, scheduler.alive_workers()), total, scheduler.settings.batch_seconds)
         self.sink = sink
         self.window = window
         self.policy = policy
         self.skip = deque(sorted((skip or {}).items()))
-        self.record = None if record is None else Coalescer(master, record)
+        self.record = None if record is None else Coalescer(scheduler, record)
         self.position = 0  # items pulled from the iterable so far
         self.items_handed_out = 0
         self.consumed = 0  # items, counted by the consumer
@@ -288,7 +287,7 @@ class ChunkStream(Source):
     def abandon(self) -> None:
         """Hand out nothing more and cancel the chunks still out (the results are not wanted)."""
         self.abandoned = True
-        self.master.cancel(list(self.outstanding))
+        self.scheduler.cancel(list(self.outstanding))
 
     def finish_up(self) -> None:
         # Every item of the input counts as submitted, as concurrent.futures' map submits them all.
@@ -310,7 +309,7 @@ class ChunkStream(Source):
 
     def _take_retry(self, rank: int) -> Chunk | None:
         for index, chunk in enumerate(self.retry):
-            if chunk.avoid != rank or self.master.alive_workers() <= 1:
+            if chunk.avoid != rank or self.scheduler.alive_workers() <= 1:
                 del self.retry[index]
                 return chunk
         return None
@@ -385,7 +384,7 @@ class ChunkStream(Source):
                 return
             if chunk.attempts <= policy.retries:
                 self.delayed += 1
-                self.master.loop.call_later(policy.delay_before(chunk.attempts), self._requeue_after_delay, chunk)
+                self.scheduler.call_later(policy.delay_before(chunk.attempts), self._requeue_after_delay, chunk)
                 return
         tries = f"after {chunk.attempts + chunk.losses} tries" if chunk.attempts + chunk.losses > 1 else "on its only try"
         error = failure.to_exception(f"in {chunk.describe()}, {tries}, last on rank {rank}")
@@ -397,8 +396,7 @@ class ChunkStream(Source):
         self._fail(error, chunk.start)
 
     def _requeue(self, chunk: Chunk) -> None:
-        self.retry.append(chunk)
-        self.master.wake()
+        self.retry.append(chunk)  # the scheduler's next dispatch hands it out
 
     def _requeue_after_delay(self, chunk: Chunk) -> None:
         self.delayed -= 1
@@ -420,7 +418,7 @@ class ChunkStream(Source):
             return
         self.failed_at = start
         self.retry.clear()
-        self.master.cancel([uid for uid, later in self.outstanding.items() if later.start > start])
+        self.scheduler.cancel([uid for uid, later in self.outstanding.items() if later.start > start])
         self.sink.fail(error, start)
 
 
@@ -437,8 +435,8 @@ class Coalescer:
     COALESCE_SECONDS = 0.02
     COALESCE_ITEMS = 1024
 
-    def __init__(self, master: "Master", record: Recorder) -> None:
-        self.master = master
+    def __init__(self, scheduler: "Scheduler", record: Recorder) -> None:
+        self.scheduler = scheduler
         self.record = record
         self.waiting: dict[int, tuple[list, int, float]] = {}  # start -> (values, rank, seconds)
         self.items_waiting = 0
@@ -446,14 +444,14 @@ class Coalescer:
 
     def add(self, start: int, values: list, blob: bytes | None, rank: int, seconds: float) -> None:
         if len(values) >= self.COALESCE_ITEMS:
-            self.record(start, len(values), mpi.dumps(values) if blob is None else blob, rank, seconds)
+            self.record(start, len(values), self.scheduler.dumps(values) if blob is None else blob, rank, seconds)
             return
         self.waiting[start] = (values, rank, seconds)
         self.items_waiting += len(values)
         if self.items_waiting >= self.COALESCE_ITEMS:
             self.flush()
         elif self.timer is None:
-            self.timer = self.master.loop.call_later(self.COALESCE_SECONDS, self._flush_on_time)
+            self.timer = self.scheduler.call_later(self.COALESCE_SECONDS, self._flush_on_time)
 
     def _flush_on_time(self) -> None:
         self.timer = None
@@ -474,14 +472,14 @@ class Coalescer:
         for start in sorted(waiting):
             values, by, took = waiting[start]
             if run and start != end:
-                self.record(first, len(run), mpi.dumps(run), rank, seconds)
+                self.record(first, len(run), self.scheduler.dumps(run), rank, seconds)
                 run = []
             if not run:
                 first, seconds = start, 0.0
             run.extend(values)
             end, rank, seconds = start + len(values), by, seconds + took
         if run:
-            self.record(first, len(run), mpi.dumps(run), rank, seconds)
+            self.record(first, len(run), self.scheduler.dumps(run), rank, seconds)
 
 
 @dataclass

@@ -1,0 +1,636 @@
+"""Rank 0's scheduling rules as a state machine with no I/O: events in, instructions out.
+
+The :class:`Scheduler` knows the workers, the units in flight, where work
+comes from (:mod:`pydra._core.sources`) and the gangs waiting for ranks. It
+never touches MPI, threads, asyncio or the clock: the master
+(:mod:`pydra._core.master`) turns messages and the passing of time into
+events, calls :meth:`Scheduler.handle`, and carries out the instructions it
+returns. Tests feed it events directly (``tests/core/test_scheduler.py``).
+
+A worker is in one :class:`Phase` at a time; :data:`TRANSITIONS` lists every
+allowed move and the trigger that makes it, and :meth:`Scheduler._move` is
+the only place a phase changes. The rules, each in one method:
+
+* dispatch (:meth:`_dispatch`): units are dealt one per worker per round to
+  the workers with room, so idle workers are served before queues grow; each
+  worker's share becomes one :class:`Send`;
+* pipeline depth (:meth:`_adapt_pipeline`): about ``pipeline_seconds`` of
+  work queued at each worker, between ``depth`` and :data:`MAX_INFLIGHT`
+  units;
+* gang reservation (:meth:`_start_gangs`): workers are held for the first
+  waiting gang (idle ones first, then the least busy, which finish what they
+  have), nothing else lands on them, and the gang starts once they are all
+  idle;
+* the loss cascade (:meth:`lose_worker`): a lost worker's units fail with
+  :class:`~pydra.errors.WorkerLost` (their sources reschedule them), gang
+  members stuck in a collective with it are lost too, and with no worker
+  left rank 0 takes the work over;
+* heartbeats and timers (:class:`Tick`), draining and the stop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+from pydra._core import protocol
+from pydra._core.events import (
+    AbortIfStuck, Beat, Dispatch, Heard, Lost, Progress, RepliesReceived, Send, SendCancel, StopRequested, TakeOver,
+    Tick, WorkerGone,
+)
+from pydra._core.protocol import Failure
+from pydra._core.sources import Callback, CallQueue, GangRequest, Source
+from pydra.errors import WorkerLost
+
+#: most units in flight to one worker, however tiny they are.
+MAX_INFLIGHT = 64
+
+
+class Phase(Enum):
+    """What a worker is doing, as rank 0 sees it."""
+
+    IDLE = "idle"  # nothing in flight
+    BUSY = "busy"  # units in flight
+    RESERVED = "reserved"  # held for a gang: finishes what it has, takes nothing else
+    GANG = "gang"  # runs a gang unit
+    DRAINING = "draining"  # finishes what it has, then takes nothing (admin's drain)
+    DRAINED = "drained"
+    LOST = "lost"  # gone: gets nothing, its word no longer counts
+
+
+class Trigger(Enum):
+    """What moves a worker from one phase to another."""
+
+    SENT = "units sent"
+    EMPTIED = "its last unit in flight answered"
+    HELD = "held for a gang"
+    GANG = "gang unit sent"
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
+    LOST = "lost"
+
+
+_P, _T = Phase, Trigger
+#: (phase, trigger) -> next phase; any move not listed is a bug (see Scheduler._move).
+TRANSITIONS: dict[tuple[Phase, Trigger], Phase] = {
+    (_P.IDLE, _T.SENT): _P.BUSY,
+    (_P.BUSY, _T.SENT): _P.BUSY,
+    (_P.BUSY, _T.EMPTIED): _P.IDLE,
+    (_P.IDLE, _T.HELD): _P.RESERVED,
+    (_P.BUSY, _T.HELD): _P.RESERVED,
+    (_P.RESERVED, _T.HELD): _P.RESERVED,
+    (_P.RESERVED, _T.EMPTIED): _P.RESERVED,  # its earlier units are done; the gang may start now
+    (_P.RESERVED, _T.GANG): _P.GANG,
+    # A gang that names its members (a MapReduce's reduce, among the ranks holding its pairs) may
+    # want one that runs another gang, or drains: it is held once that is over.
+    (_P.GANG, _T.HELD): _P.GANG,
+    (_P.DRAINING, _T.HELD): _P.DRAINING,
+    (_P.DRAINED, _T.HELD): _P.RESERVED,
+    (_P.GANG, _T.EMPTIED): _P.IDLE,
+    (_P.GANG, _T.SENT): _P.GANG,  # STOP after a failed gang: it may never answer (see AbortIfStuck)
+    (_P.IDLE, _T.DRAIN): _P.DRAINED,
+    (_P.BUSY, _T.DRAIN): _P.DRAINING,
+    (_P.DRAINING, _T.SENT): _P.DRAINING,  # STOP, RESTART and the like still reach it
+    (_P.DRAINED, _T.SENT): _P.DRAINING,
+    (_P.DRAINING, _T.EMPTIED): _P.DRAINED,
+    (_P.DRAINING, _T.UNDRAIN): _P.BUSY,
+    (_P.DRAINED, _T.UNDRAIN): _P.IDLE,
+    **{(phase, _T.LOST): _P.LOST for phase in Phase if phase is not _P.LOST},
+}
+#: phases in which a worker may be given ordinary units
+TAKES_WORK = frozenset({Phase.IDLE, Phase.BUSY})
+
+
+@dataclass
+class Worker:
+    """What rank 0 knows about one worker."""
+
+    rank: int
+    host: str
+    phase: Phase = Phase.IDLE
+    #: units sent and not yet answered
+    inflight: int = 0
+    #: the gang unit it runs, if any
+    gang_uid: int | None = None
+    #: ids of the definitions it holds
+    known: set = field(default_factory=set)
+    units_done: int = 0
+    failures: int = 0
+    busy_seconds: float = 0.0
+    #: when it was last heard from (any message counts as a heartbeat)
+    last_heard: float = 0.0
+    #: (CPU seconds, resident bytes, worker clock) from its last heartbeat, and the CPU share since the one before
+    usage: tuple = (0.0, 0, 0.0)
+    cpu_percent: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.phase is not Phase.LOST
+
+
+@dataclass
+class PendingUnit:
+    """A unit sent to one or more workers whose replies are awaited."""
+
+    callback: Callback
+    ranks: list
+    replies_due: int
+
+
+@dataclass
+class Timer:
+    """A callback due at *when* (see :meth:`Scheduler.call_later`)."""
+
+    when: float
+    order: int
+    callback: Callable[..., None]
+    args: tuple
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: "Timer") -> bool:
+        return (self.when, self.order) < (other.when, other.order)
+
+
+@dataclass
+class Settings:
+    """The scheduler's knobs (read from ``PYDRA_*`` settings by the master)."""
+
+    depth: int = 2
+    pipeline_seconds: float = 0.002
+    batch_seconds: float = 0.02
+    heartbeat: float = 0.5
+    #: None: no heartbeats (an MPI without MPI_THREAD_MULTIPLE), a silent worker is only busy
+    heartbeat_timeout: float | None = None
+
+
+class Scheduler:
+    """Schedules units onto workers *ranks* (``[0]`` alone: rank 0 runs everything itself).
+
+    *hosts* maps every rank of the job (0 included) to its host; *dumps*
+    pickles definitions (the master's serializer); *now* is the clock of
+    the events to come.
+    """
+
+    def __init__(self, ranks: list[int], hosts: dict[int, str], settings: Settings,
+                 dumps: Callable[[Any], bytes], size: int, now: float = 0.0) -> None:
+        self.settings = settings
+        self.dumps = dumps
+        self.size = size  # of the job, for "Worker r of n" in failures made here
+        self.host = hosts[0]
+        self.now = now
+        self.workers = [Worker(rank, hosts[rank], last_heard=now) for rank in ranks]
+        self._by_rank = {worker.rank: worker for worker in self.workers}
+        self.least_retries = 0  # a service's admin may raise it (config retries N)
+        self.inflight_limit = max(1, settings.depth)
+        self._unit_seconds: float | None = None  # running mean of worker time per unit
+        self.calls = CallQueue()
+        self.sources: list[Source] = [self.calls]
+        self.gangs: deque[GangRequest] = deque()
+        self.pending: dict[int, PendingUnit] = {}
+        self.progress: dict[int, tuple] = {}
+        self._uids = itertools.count(1)
+        self._tids = itertools.count(1)
+        self._tid_of: dict[int, int] = {}  # id(obj) -> tid
+        self._definitions: dict[int, tuple[Any, bytes]] = {}  # tid -> (obj, its pickle)
+        self._timers: list[Timer] = []
+        self._timer_order = itertools.count()
+        self._next_heartbeat_check = 0.0
+        self._next_beat = 0.0
+        self.walks = 0  # tree walks running: the stop waits for them
+        self.stopping = False
+        self.stop_sent = False
+        self.broken: str | None = None  # why a gang failed: some members may never answer again
+        self._out: list = []
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def handle(self, event: Any) -> list:
+        """Take one event; return the instructions it gives rise to, in order."""
+        handler = self._handlers[type(event)]
+        handler(self, event)
+        out, self._out = self._out, []
+        return out
+
+    def _on_tick(self, event: Tick) -> None:
+        self.now = event.now
+        while self._timers and self._timers[0].when <= event.now:
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback(*timer.args)
+        self._check_heartbeats()
+        self._beat()
+
+    def _on_dispatch(self, event: Dispatch) -> None:
+        self.now = event.now
+        self._dispatch()
+        if self.stopping and not self.stop_sent and self._work_done():
+            self._send_stop()
+
+    def _on_replies(self, event: RepliesReceived) -> None:
+        self.now = event.now
+        worker = self._by_rank[event.rank]
+        if worker.alive:  # a lost worker's word no longer counts: its units were rescheduled
+            worker.last_heard = event.now
+            self._take_replies(worker, event.replies)
+
+    def _on_heard(self, event: Heard) -> None:
+        worker = self._by_rank[event.rank]
+        if worker.alive:
+            worker.last_heard = event.now
+            if event.usage is not None:
+                self._note_usage(worker, event.usage)
+
+    def _on_progress(self, event: Progress) -> None:
+        if self._by_rank[event.rank].alive:
+            self.progress[event.uid] = (event.rank, event.done, event.total, event.message)
+
+    def _on_gone(self, event: WorkerGone) -> None:
+        self.lose_worker(event.rank, event.reason)
+
+    def _on_stop(self, event: StopRequested) -> None:
+        self.stopping = True
+        for source in self.sources:
+            source.finish_up()
+
+    _handlers = {
+        Tick: _on_tick, Dispatch: _on_dispatch, RepliesReceived: _on_replies, Heard: _on_heard,
+        Progress: _on_progress, WorkerGone: _on_gone, StopRequested: _on_stop,
+    }
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def _move(self, worker: Worker, trigger: Trigger) -> None:
+        phase = TRANSITIONS.get((worker.phase, trigger))
+        if phase is None:
+            raise AssertionError(f"worker {worker.rank}: no move from {worker.phase.value} on {trigger.value}")
+        worker.phase = phase
+
+    # -- queries (any thread may read them: plain attributes) ----------------------------------------
+
+    @property
+    def lost_ranks(self) -> list[int]:
+        """The workers declared lost so far."""
+        return [worker.rank for worker in self.workers if not worker.alive]
+
+    def alive_workers(self) -> int:
+        """How many workers can still take work (not lost, not drained)."""
+        return sum(worker.phase not in (Phase.LOST, Phase.DRAINING, Phase.DRAINED) for worker in self.workers)
+
+    @property
+    def finished(self) -> bool:
+        """The stop has been sent and answered: nothing more will happen."""
+        return self.stop_sent and not any(worker.inflight for worker in self.workers)
+
+    def inflight(self) -> bool:
+        """Whether replies are due (the master polls eagerly while they are)."""
+        return any(worker.inflight for worker in self.workers)
+
+    def next_deadline(self) -> float | None:
+        """When the next timer is due, or None."""
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0].when if self._timers else None
+
+    # -- calls from sources, walkers and admins (scheduler thread) -------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
+        """Run *callback(\\*args)* at the first :class:`Tick` at least *delay* seconds from now."""
+        timer = Timer(self.now + delay, next(self._timer_order), callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def define(self, obj: Any) -> int:
+        """Register *obj* (pickled once now) and return its id; workers receive it when first needed."""
+        tid = self._tid_of.get(id(obj))
+        if tid is None or self._definitions[tid][0] is not obj:
+            tid = next(self._tids)
+            self._definitions[tid] = (obj, self.dumps(obj))  # keeping obj alive keeps id(obj) unique
+            self._tid_of[id(obj)] = tid
+        return tid
+
+    def new_run_id(self) -> int:
+        """A fresh id for state that workers keep per run (a MapReduce's buffered pairs)."""
+        return next(self._tids)
+
+    def add_source(self, source: Source) -> None:
+        self.sources.append(source)
+        if self.stopping:
+            source.finish_up()
+
+    def add_gang(self, request: GangRequest) -> None:
+        available = self.alive_workers()
+        if request.count > available:
+            raise ValueError(f"the gang needs {request.count} worker ranks; this job has {available}")
+        self.gangs.append(request)
+
+    def cancel(self, uids: Iterable[int]) -> None:
+        """Drop the units *uids*: their replies will be ignored, their tasks see ``cancelled``."""
+        by_rank: dict[int, list[int]] = {}
+        for uid in uids:
+            unit = self.pending.pop(uid, None)
+            if unit is not None:
+                for rank in unit.ranks:
+                    by_rank.setdefault(rank, []).append(uid)
+        for rank, dropped in by_rank.items():
+            self._out.append(SendCancel(rank, dropped))
+
+    def drain(self, rank: int) -> None:
+        """Let worker *rank* finish its units and give it no more."""
+        worker = self._by_rank[rank]
+        if worker.phase in TAKES_WORK:
+            self._move(worker, Trigger.DRAIN)
+
+    def undrain(self, rank: int) -> None:
+        """Let a drained (or draining) worker take work again."""
+        worker = self._by_rank[rank]
+        if worker.phase in (Phase.DRAINING, Phase.DRAINED):
+            self._move(worker, Trigger.UNDRAIN)
+
+    def forget_run(self, run: int, ranks: Iterable[int]) -> None:
+        """Tell *ranks* to drop what they keep for *run*."""
+        for rank in ranks:
+            worker = self._by_rank[rank]
+            if worker.alive:
+                self._send(worker, [(protocol.FORGET, run)])
+
+    def load_target(self, spec: Any) -> None:
+        """Have every worker load a task file (a job submitted to a running service)."""
+        for worker in self.workers:
+            if worker.alive and worker.rank != 0:
+                self._send(worker, [(protocol.LOAD, spec)])
+
+    def restart(self, rank: int) -> None:
+        """Have an isolated worker start a new child process for its next unit."""
+        worker = self._by_rank[rank]
+        if worker.alive and worker.rank != 0:
+            self._send(worker, [(protocol.RESTART,)])
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        self._start_gangs()
+        limit = self.inflight_limit
+        room = {w.rank: limit - w.inflight for w in self.workers if w.phase in TAKES_WORK}
+        ready = [w for w in self.workers if room.get(w.rank, 0) > 0]
+        shares: dict[int, list[tuple]] = {}
+        while ready:
+            for worker in ready:
+                unit = self._next_unit(worker.rank)
+                if unit is None:
+                    room[worker.rank] = 0  # nothing for this one (a retry may be waiting for another)
+                    continue
+                command, callback = unit
+                self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
+                shares.setdefault(worker.rank, []).append(command)
+                room[worker.rank] -= 1
+            ready = [w for w in ready if room[w.rank] > 0]
+        for rank, commands in shares.items():
+            self._send(self._by_rank[rank], commands)
+
+    def _next_unit(self, rank: int) -> tuple[tuple, Callback] | None:
+        for source in self.sources:
+            unit = source.next_unit(next(self._uids), rank)
+            if unit is not None:
+                return unit
+        if any(source.finished for source in self.sources):
+            self.sources = [source for source in self.sources if not source.finished]
+        return None
+
+    def _send(self, worker: Worker, commands: list[tuple], gang: bool = False) -> None:
+        """Count *commands* as in flight at *worker* and emit them, with the definitions it lacks first."""
+        definitions = []
+        for command in commands:
+            if command[0] in protocol.USES_DEFINITION:
+                tid = command[2]
+                if tid not in worker.known:
+                    worker.known.add(tid)
+                    definitions.append((protocol.DEFINE, tid, self._definitions[tid][1]))
+        units = sum(command[0] not in protocol.NO_REPLY for command in commands)
+        if units:
+            worker.inflight += units
+            self._move(worker, Trigger.GANG if gang else Trigger.SENT)
+        self._out.append(Send(worker.rank, definitions + commands if definitions else commands))
+
+    # -- gangs ----------------------------------------------------------------------------------
+
+    def _start_gangs(self) -> None:
+        while self.gangs:
+            gang = self.gangs[0]
+            lost = [rank for rank in gang.members or () if not self._by_rank[rank].alive]
+            if lost or gang.count > self.alive_workers():
+                self.gangs.popleft()
+                gang.callback(None, WorkerLost(f"the gang needs ranks that were lost ({lost or self.lost_ranks})"))
+                continue
+            if gang.members is not None:
+                team = [self._by_rank[rank] for rank in gang.members]
+            else:
+                # Idle workers first, then the least busy: a busy one finishes what it has and
+                # takes nothing more, so a steady stream of small units cannot starve the gang.
+                candidates = sorted((w for w in self.workers if w.phase in TAKES_WORK and w not in gang.held),
+                                    key=lambda w: w.inflight)
+                gang.held.extend(candidates[: gang.count - len(gang.held)])
+                team = gang.held
+            for worker in team:
+                if worker.phase is not Phase.RESERVED:
+                    self._move(worker, Trigger.HELD)  # nothing else may start here meanwhile
+            if len(team) < gang.count or any(worker.phase is not Phase.RESERVED or worker.inflight for worker in team):
+                return
+            self.gangs.popleft()
+            members = sorted(worker.rank for worker in team)
+            uid = next(self._uids)
+            self.pending[uid] = PendingUnit(self._gang_callback(uid, gang, members), members, len(members))
+            command = gang.make_command(uid, members)
+            for worker in team:
+                worker.gang_uid = uid
+                self._send(worker, [command], gang=True)
+
+    def _gang_callback(self, uid: int, gang: GangRequest, members: list) -> Callback:
+        """Collects the members' replies; the gang's result is them all, in member order.
+
+        After a failure the unit is given up (the others' replies no longer
+        count), so that the stop need not wait for members that may never
+        answer.
+        """
+        results: dict[int, Any] = {}
+        failed = False
+
+        def callback(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
+            nonlocal failed
+            if failed:
+                return
+            if not ok:
+                failed = True
+                self.pending.pop(uid, None)
+                lost = isinstance(value.exception, WorkerLost)
+                error = value.to_exception(f"in a gang on ranks {members}")
+                if not lost:
+                    # The other members may be blocked in a collective with the failed one.
+                    self.broken = "".join(traceback.format_exception(error))
+                gang.callback(None, error)
+                if lost:
+                    # Those still in the gang's collectives wait for the lost rank forever, and
+                    # MPI cannot free them: they are lost too. (The gang runs again elsewhere.)
+                    for member in members:
+                        if member != rank and member not in results:
+                            self.lose_worker(member, f"was in a collective with lost rank {rank}")
+                return
+            results[rank] = value
+            if len(results) == len(members):
+                gang.callback([results[rank] for rank in members], None)
+
+        return callback
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _take_replies(self, worker: Worker, replies: list[tuple]) -> None:
+        worker.inflight -= len(replies)
+        gang = worker.gang_uid is not None and any(reply[0] == worker.gang_uid for reply in replies)
+        if gang:
+            worker.gang_uid = None
+        else:
+            self._adapt_pipeline(sum(reply[3] for reply in replies) / len(replies))
+        if not worker.inflight:
+            self._move(worker, Trigger.EMPTIED)
+        for uid, ok, value, seconds, blob in replies:
+            worker.busy_seconds += seconds
+            self.progress.pop(uid, None)
+            unit = self.pending.get(uid)
+            if unit is None:
+                continue  # cancelled, or a STOP acknowledgement: neither done nor failed
+            worker.units_done += 1
+            if not ok:
+                worker.failures += 1
+            unit.replies_due -= 1
+            if unit.replies_due == 0:
+                del self.pending[uid]
+            unit.callback(ok, value, seconds, worker.rank, blob)
+
+    def _adapt_pipeline(self, seconds: float) -> None:
+        """Keep about ``pipeline_seconds`` of work queued at each worker.
+
+        *seconds* is the worker time of one unit. Long units need only
+        ``depth`` units in flight; tiny ones need many, or the worker
+        finishes before rank 0 can send the next.
+        """
+        mean = self._unit_seconds
+        mean = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+        self._unit_seconds = mean
+        depth = max(1, self.settings.depth)
+        self.inflight_limit = max(depth, min(MAX_INFLIGHT, int(self.settings.pipeline_seconds / max(mean, 1e-6))))
+
+    def _note_usage(self, worker: Worker, usage: tuple) -> None:
+        cpu, rss, when = usage  # *when* is the worker's clock: heartbeats may arrive bunched
+        previous_cpu, _, previous_time = worker.usage
+        if previous_time and when > previous_time:
+            worker.cpu_percent = 100.0 * (cpu - previous_cpu) / (when - previous_time)
+        worker.usage = (cpu, rss, when)
+
+    # -- heartbeats and losses ------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        """Tell the workers rank 0 lives: one whose master falls silent ends itself."""
+        if self.settings.heartbeat_timeout is None or self.stop_sent or self.now < self._next_beat:
+            return  # (after STOP, a worker may be in MPI_Finalize: send it nothing more)
+        self._next_beat = self.now + self.settings.heartbeat
+        ranks = [worker.rank for worker in self.workers if worker.alive and worker.rank != 0]
+        if ranks:
+            self._out.append(Beat(ranks))
+
+    def _check_heartbeats(self) -> None:
+        timeout = self.settings.heartbeat_timeout
+        if timeout is None or self.now < self._next_heartbeat_check:
+            return
+        self._next_heartbeat_check = self.now + min(1.0, timeout / 10)
+        for worker in self.workers:
+            silence = self.now - worker.last_heard
+            if worker.alive and worker.rank != 0 and silence > timeout:
+                self.lose_worker(worker.rank, f"no heartbeat for {silence:.1f} s")
+
+    def lose_worker(self, rank: int, reason: str) -> None:
+        """Declare worker *rank* lost: no more work for it, its units fail with WorkerLost."""
+        worker = self._by_rank[rank]
+        if not worker.alive:
+            return
+        self._move(worker, Trigger.LOST)
+        worker.gang_uid, worker.inflight = None, 0
+        self._out.append(Lost(rank, worker.host, reason))
+        lost = WorkerLost(f"rank {rank} on {worker.host} was lost: {reason}")
+        failure = Failure.capture(lost, rank, self.size, worker.host)
+        for uid in [uid for uid, unit in self.pending.items() if rank in unit.ranks]:
+            unit = self.pending.pop(uid, None)  # a callback may have dropped it meanwhile
+            if unit is not None:
+                self.progress.pop(uid, None)
+                unit.callback(False, failure, 0.0, rank, None)
+        for gang in self.gangs:
+            if worker in gang.held:
+                gang.held.remove(worker)
+        if not self.alive_workers() and not any(w.rank == 0 for w in self.workers):
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """Every worker is lost: rank 0 runs the rest of the work itself, as a one-process job does."""
+        itself = Worker(0, self.host, last_heard=self.now)
+        self.workers.append(itself)
+        self._by_rank[0] = itself
+        self._out.append(TakeOver())
+
+    # -- the stop -------------------------------------------------------------------------------
+
+    def _work_done(self) -> bool:
+        """Whether everything submitted before the stop has been answered (or given up)."""
+        if self.pending or self.gangs or self.walks or self.calls.waiting:
+            return False
+        return all(source.finished for source in self.sources if source is not self.calls)
+
+    def _send_stop(self) -> None:
+        self.stop_sent = True
+        if self.broken:
+            # A failed gang left members blocked in a collective that will never
+            # complete; MPI offers no way to free them, so the job may have to end.
+            self._out.append(AbortIfStuck(f"{self.broken}pydra: a gang task failed and left ranks blocked in MPI;"
+                                          " aborting the job\n", 2.0))
+        # After a loss, MPI_Finalize would wait for the lost ranks forever: the workers
+        # must end their processes instead (and so must rank 0, see lost_ranks).
+        exit_process = bool(self.lost_ranks)
+        for worker in self.workers:
+            stop = (protocol.STOP, next(self._uids), exit_process)
+            if worker.alive:
+                self._send(worker, [stop])
+            elif worker.rank != 0:  # it may be alive after all (stuck, or slow): tell it too
+                self._out.append(Send(worker.rank, [stop]))
+
+    # -- observation ----------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of the workers and the queue, for status displays (*now*: the caller's clock)."""
+        return {
+            "workers": [
+                {
+                    "rank": w.rank,
+                    "host": w.host,
+                    "state": w.phase.value,
+                    "units_inflight": w.inflight,
+                    "units_done": w.units_done,
+                    "failures": w.failures,
+                    "busy_seconds": w.busy_seconds,
+                    "cpu_percent": w.cpu_percent,
+                    "memory_bytes": w.usage[1] or None,
+                    "last_heard": w.last_heard,
+                }
+                for w in list(self.workers)
+            ],
+            "pending_units": len(self.pending),
+            "progress": [
+                {"unit": uid, "rank": rank, "done": done, "total": total, "message": message}
+                for uid, (rank, done, total, message) in list(self.progress.items())
+            ],
+            "waiting_gangs": len(self.gangs),
+        }

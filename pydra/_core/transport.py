@@ -1,0 +1,228 @@
+"""How rank 0's instructions reach the units' runners, and how their answers come back as events.
+
+Two transports, chosen by the :class:`~pydra._core.master.Master`:
+
+* :class:`MpiTransport`: the worker ranks, over MPI (the wire forms of
+  :mod:`pydra._core.protocol`, pickled by :mod:`pydra.comm.mpi`); rank 0
+  only ever ``Isend``\\s, so a worker busy in user code never blocks it.
+* :class:`LocalTransport`: rank 0 runs every unit itself, with the same
+  :class:`~pydra._core.runner.UnitRunner` a worker uses: a one-process job,
+  or one whose workers were all lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mpi4py import MPI
+
+from pydra._core import protocol
+from pydra._core.protocol import Failure
+from pydra._core.runner import UnitRunner
+from pydra._core.events import Heard, Progress, RepliesReceived
+from pydra.comm import mpi
+
+if TYPE_CHECKING:
+    from pydra._core.master import Master
+
+
+class Transport(Protocol):
+    """What the master needs of a transport."""
+
+    def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
+        """Deliver *commands* to *rank*; the events that this gives rise to at once (a refusal)."""
+
+    def cancel(self, rank: int, uids: list[int]) -> None:
+        """Tell *rank* that units *uids* are no longer wanted."""
+
+    def beat(self, ranks: list[int]) -> None:
+        """Send *ranks* a heartbeat."""
+
+    def receive(self, master: "Master", now: float) -> list:
+        """The events of every message that has arrived (log records go straight to *master*)."""
+
+    def forget(self, rank: int) -> None:
+        """*rank* is lost: stop waiting for sends to it and ignore what it says."""
+
+    def collect(self) -> None:
+        """Forget the sends that have completed."""
+
+    def flush(self) -> None:
+        """Wait for every send to complete."""
+
+
+class MpiTransport:
+    """Messages with the worker ranks of *comm*."""
+
+    def __init__(self, comm: MPI.Intracomm) -> None:
+        self.comm = comm
+        self.outbox = mpi.Outbox(comm)
+        self.ignored: set[int] = set()
+        # Per worker, the commands messages it has not said it read, oldest first, and the
+        # number of the oldest (a worker counts the messages it reads from 0): one may come back.
+        self.unread: dict[int, deque] = {}
+        self.first_unread: dict[int, int] = {}
+
+    # -- out ----------------------------------------------------------------------------------
+
+    def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
+        try:
+            payload = mpi.dumps(commands)
+        except Exception:
+            return self._refuse(rank, commands)
+        self._post(rank, commands, payload)
+        return []
+
+    def _post(self, rank: int, commands: list[tuple], payload: bytes) -> None:
+        if rank not in self.ignored:  # (a STOP for a lost rank that may still listen is not kept)
+            self.unread.setdefault(rank, deque()).append(commands)
+        self.outbox.post(payload, rank, mpi.TAG_COMMANDS)
+
+    def _refuse(self, rank: int, commands: list[tuple]) -> list:
+        """Some command could not be pickled: send the others; fail those units at once, with pickle's error."""
+        sendable, failed = [], []
+        for command in commands:
+            try:
+                mpi.dumps(command)
+                sendable.append(command)
+            except Exception as error:  # what pickle or the object's __reduce__ raised
+                error.add_note(f"(while sending work to rank {rank})")
+                if command[0] not in protocol.NO_REPLY:
+                    failed.append((command[1], False, Failure.capture(error, 0, self.comm.size, "rank 0"), 0.0, None))
+        if sendable:
+            self._post(rank, sendable, mpi.dumps(sendable))
+        return [RepliesReceived(rank, failed, time.monotonic())] if failed else []
+
+    def cancel(self, rank: int, uids: list[int]) -> None:
+        self.outbox.post(mpi.dumps(uids), rank, mpi.TAG_CANCEL)
+
+    def beat(self, ranks: list[int]) -> None:
+        for rank in ranks:
+            self.outbox.post(b"", rank, mpi.TAG_HEARTBEAT)
+
+    def forget(self, rank: int) -> None:
+        self.ignored.add(rank)
+        self.unread.pop(rank, None)
+        self.outbox.forget(rank)
+
+    def collect(self) -> None:
+        self.outbox.collect()
+
+    def flush(self) -> None:
+        self.outbox.flush()
+
+    # -- in -----------------------------------------------------------------------------------
+
+    def receive(self, master: "Master", now: float) -> list:
+        events: list = []
+        while (message := mpi.try_receive(self.comm)) is not None:
+            source, tag = message.source, message.tag
+            if source in self.ignored:
+                continue  # declared lost: its units are rescheduled, its word no longer counts
+            if tag == mpi.TAG_REPLIES:
+                read, packed = mpi.loads(message.payload)
+                self._read_up_to(source, read)
+                events.append(RepliesReceived(source, [self._unpack(source, *reply) for reply in packed], now))
+            elif tag == mpi.TAG_HEARTBEAT:
+                events.append(Heard(source, now, mpi.loads(message.payload) if message.payload else None))
+            elif tag == mpi.TAG_PROGRESS:
+                uid, done, total, text = mpi.loads(message.payload)
+                events += [Heard(source, now), Progress(source, uid, done, total, text)]
+            elif tag == mpi.TAG_LOG:
+                uid, created, level, name, text = mpi.loads(message.payload)
+                master.note(text, rank=source, level=level, logger=name, uid=uid, created=created)
+                events.append(Heard(source, now))
+            elif tag == mpi.TAG_BOUNCED:
+                number, failure = mpi.loads(message.payload)
+                events += [Heard(source, now), *self._resend_alone(master, source, number, failure, now)]
+        return events
+
+    def _read_up_to(self, rank: int, read: int) -> None:
+        """*rank* has read its first *read* commands messages: forget them."""
+        unread = self.unread.get(rank)
+        first = self.first_unread.get(rank, 0)
+        while unread and first < read:
+            unread.popleft()
+            first += 1
+        self.first_unread[rank] = first
+
+    def _unpack(self, rank: int, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
+        """A reply with its value unpickled, or a failure saying why that is impossible here."""
+        try:
+            return (uid, ok, mpi.loads(blob), seconds, blob if ok else None)
+        except Exception as exc:
+            error = TypeError(f"a result from rank {rank} cannot be unpickled on rank 0: {exc!r}")
+            return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds, None)
+
+    def _resend_alone(self, master: "Master", rank: int, number: int, failure_blob: bytes, now: float) -> list:
+        """*rank* could not unpickle its commands message *number*: send each unit of it in a message of its own.
+
+        Then only the unit whose data cannot be loaded there fails, with the
+        worker's error (a class only rank 0 can import, say); the others run.
+        The message's commands were kept until the worker said it read it:
+        their data may not load on rank 0 either.
+        """
+        commands = self.unread[rank][number - self.first_unread.get(rank, 0)]
+        self._read_up_to(rank, number + 1)
+        units = [command for command in commands if command[0] not in protocol.NO_REPLY]
+        others = [command for command in commands if command[0] in protocol.NO_REPLY]
+        if len(units) > 1:
+            if others:  # definitions first: the units need them (their blobs are pickled on their own)
+                self._post(rank, others, mpi.dumps(others))
+            for command in units:
+                self._post(rank, [command], mpi.dumps([command]))
+            return []
+        try:
+            failure = mpi.loads(failure_blob)
+        except Exception as exc:  # the worker's error does not load here either: say so
+            error = RuntimeError(f"rank {rank} could not unpickle a command: {exc!r}")
+            failure = Failure.capture(error, 0, self.comm.size, "rank 0")
+        if not units:
+            master.note(f"rank {rank} could not unpickle {others}: {failure.exception!r}", level="WARNING")
+            return []
+        failure.exception.add_note(f"(while rank {rank} unpickled the call and its arguments)")
+        return [RepliesReceived(rank, [(units[0][1], False, failure, 0.0, None)], now)]
+
+
+class LocalTransport:
+    """Rank 0 runs every unit itself, through the very same commands a worker gets."""
+
+    def __init__(self, master: "Master") -> None:
+        self.master = master
+        self.cancelled: set[int] = set()
+        self.runner = UnitRunner(0, 1, master.host, _own_group, self._progress, self.cancelled.__contains__)
+
+    def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
+        # One at a time, so a failure is handled (and later units cancelled) before they run.
+        for command in commands:
+            reply = self.runner.execute(command)
+            if reply is not None:
+                master.feed(RepliesReceived(rank, [(*reply, None)], time.monotonic()))
+        return []
+
+    def _progress(self, uid: int, done: int, total: int | None, message: str | None) -> None:
+        self.master.feed(Progress(0, uid, done, total, message))
+
+    def cancel(self, rank: int, uids: list[int]) -> None:
+        self.cancelled.update(uids)
+
+    def beat(self, ranks: list[int]) -> None:
+        pass
+
+    def receive(self, master: "Master", now: float) -> list:
+        return []
+
+    def forget(self, rank: int) -> None:
+        pass
+
+    def collect(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _own_group(members: list, tag: int) -> Any:
+    return MPI.COMM_SELF.Dup()  # a gang of one: rank 0 alone
