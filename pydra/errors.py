@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import BrokenExecutor
+
 
 class PydraError(Exception):
     """Base class of the errors Pydra itself raises."""
@@ -27,10 +29,12 @@ class RemoteTraceback(Exception):
 
 
 
-class WorkerLost(PydraError):
-    """A worker rank died, or stopped answering, while it ran a unit (not the task's fault).
+class WorkerLost(PydraError, BrokenExecutor):
+    """A worker rank died, or stopped answering, while it ran a unit.
 
-    Rank 0 reschedules the unit on another worker.
+    Rank 0 reschedules the unit on another worker; when it still reaches the
+    caller (the unit lost too many workers) it is a ``BrokenExecutor``, as a
+    process pool's ``BrokenProcessPool`` is.
     """
 
 

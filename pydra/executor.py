@@ -51,6 +51,7 @@ class Executor(concurrent.futures.Executor):
         self._entered = False
         self._shutdown = False
         self._joined = False
+        self._exiting = False  # shut down by the interpreter's exit
         self._walks: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()  # submit_task's
         self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
 
@@ -81,7 +82,8 @@ class Executor(concurrent.futures.Executor):
                 " and submit from rank 0 only"
             )
         if self._shutdown:
-            raise RuntimeError("cannot schedule new work after shutdown")
+            # concurrent.futures' words, which callers match on
+            raise RuntimeError(f"cannot schedule new futures after {'interpreter ' if self._exiting else ''}shutdown")
         return self._master
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -101,7 +103,13 @@ class Executor(concurrent.futures.Executor):
             else:
                 future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
 
-        master.call_soon(master.calls.add, make_command, callback, future.cancel)
+        def withdraw() -> bool:  # shutdown(cancel_futures=True), before any worker has the call
+            if not future.cancel():
+                return False
+            future.set_running_or_notify_cancel()  # tells wait() and as_completed() it is done
+            return True
+
+        master.call_soon(master.calls.add, make_command, callback, withdraw)
         return future
 
     def map(  # type: ignore[override]
@@ -199,7 +207,7 @@ class Executor(concurrent.futures.Executor):
     def _shutdown_at_exit(self) -> None:
         """Interpreter exit with the executor not shut down: run what is pending, then stop the workers."""
         master = self._master
-        self._shutdown = True
+        self._shutdown = self._exiting = True
         master.stop()
         if master.lost_ranks:
             mpi.end_job_after_loss(self.comm, 0)

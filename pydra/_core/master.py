@@ -6,9 +6,9 @@ the tree walker in :mod:`pydra._core.evaluate`) hands it work with
 :meth:`Master.call_soon` and never touches MPI. Its pump turns what arrives
 (messages, the passing of time) into the scheduler's events and carries out
 the instructions the scheduler returns, through a transport: MPI messages to
-the worker ranks (:class:`~pydra._core.transport.MpiTransport`), or, in a
+the worker ranks (:class:`~pydra._core.transport.MpiTransport`), and, in a
 one-process job or after every worker was lost, rank 0 running the units
-itself (:class:`~pydra._core.transport.LocalTransport`). It never
+itself in a thread of its own (:class:`~pydra._core.transport.LocalTransport`). It never
 busy-waits: it polls eagerly while replies are due and sleeps otherwise.
 """
 
@@ -55,7 +55,9 @@ class Master:
         ranks = list(range(1, comm.size)) if comm.size > 1 else [0]  # no workers: rank 0 runs units itself
         now = time.monotonic()
         self.scheduler = Scheduler(ranks, dict(enumerate(hosts)), settings, mpi.dumps, comm.size, now)
-        self.transport: Transport = MpiTransport(comm) if comm.size > 1 else LocalTransport(self)
+        # The worker ranks over MPI; rank 0 itself, in one process or once every worker is lost.
+        self.remote: MpiTransport | None = MpiTransport(comm) if comm.size > 1 else None
+        self.local: LocalTransport | None = None if comm.size > 1 else LocalTransport(self)
         self.loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
@@ -139,17 +141,17 @@ class Master:
             kind = type(instruction)
             if kind is ev.Send:
                 sent = True
-                for refused in self.transport.send(self, instruction.rank, instruction.commands):
+                for refused in self._transport(instruction.rank).send(self, instruction.rank, instruction.commands):
                     self.feed(refused)
             elif kind is ev.SendCancel:
-                self.transport.cancel(instruction.rank, instruction.uids)
+                self._transport(instruction.rank).cancel(instruction.rank, instruction.uids)
             elif kind is ev.Beat:
-                self.transport.beat(instruction.ranks)
+                self._transport(instruction.ranks[0]).beat(instruction.ranks)
             elif kind is ev.Lost:
                 self._lost(instruction)
             elif kind is ev.TakeOver:
                 print("pydra: no worker rank is left; rank 0 runs the remaining work itself", file=sys.stderr)
-                self.transport = LocalTransport(self)
+                self.local = LocalTransport(self)
             elif kind is ev.AbortIfStuck:
                 _abort_after_grace(self, instruction.reason, instruction.grace)
         return sent
@@ -162,9 +164,12 @@ class Master:
             progressed = self._take_messages(now)
             self.feed(Tick(now))
             progressed = self.feed(Dispatch(now)) or progressed
-            self.transport.collect()
+            transports = self._transports()
+            for transport in transports:
+                transport.collect()
             if scheduler.finished:
-                self.transport.flush()
+                for transport in transports:
+                    transport.flush()
                 return
             if progressed:
                 backoff.reset()
@@ -190,13 +195,19 @@ class Master:
         (A method of its own so that no local outlives it: the last reply's
         values would stay alive while the pump sleeps.)
         """
-        events = self.transport.receive(self, now)
+        events = [event for transport in self._transports() for event in transport.receive(self, now)]
         for event in events:
             self.feed(event)
         return bool(events)
 
+    def _transport(self, rank: int) -> Transport:
+        return self.local if rank == 0 else self.remote  # type: ignore[return-value]
+
+    def _transports(self) -> list[Transport]:
+        return [transport for transport in (self.remote, self.local) if transport is not None]
+
     def _lost(self, lost: ev.Lost) -> None:
-        self.transport.forget(lost.rank)
+        self.remote.forget(lost.rank)  # type: ignore[union-attr]  (only worker ranks are lost)
         print(f"pydra: lost worker rank {lost.rank} on {lost.host} ({lost.reason}); rescheduling its work",
               file=sys.stderr)
         self.note(f"lost worker rank {lost.rank} on {lost.host} ({lost.reason})", level="WARNING")

@@ -102,10 +102,16 @@ class Failure:
             exception = RuntimeError(f"{type(exception).__name__}: {exception} (cannot be rebuilt here, sent as text)")
         return cls(exception, text, rank, size, host)
 
+    @classmethod
+    def here(cls, exception: BaseException) -> "Failure":
+        """An error raised on rank 0 itself (pickling a call, unpickling a result): no remote traceback."""
+        return cls(exception, "", 0, 0, "")
+
     def to_exception(self, note: str | None = None) -> BaseException:
-        """The exception to raise on rank 0, with the remote traceback as its cause."""
+        """The exception to raise on rank 0, with the remote traceback (if it has one) as its cause."""
         exception = self.exception
-        exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}")
+        if self.traceback:
+            exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}")
         if note:
             exception.add_note(note)
         return exception

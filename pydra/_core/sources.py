@@ -65,12 +65,18 @@ def is_lost(failure: "Failure") -> bool:
 class CallQueue(Source):
     """Single function calls (``Executor.submit``) waiting for a worker.
 
-    A call whose worker is lost goes back to the front of the queue, up to
-    ``RetryPolicy.losses`` times.
+    A call whose worker is lost goes back to the front of the queue, once:
+    a call that loses a second worker fails with :class:`WorkerLost` (a
+    ``BrokenExecutor``, as a process pool says), since it is likely what
+    kills them, and must not go on to kill the rest (rank 0 included).
     """
 
+    #: how often a call whose worker was lost runs again
+    LOSSES = 1
+
     def __init__(self) -> None:
-        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback, Callable[[], bool] | None]] = deque()
+        #: (make_command, callback, cancel or None, how often it may still run again after a loss)
+        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback, Callable[[], bool] | None, int]] = deque()
 
     def add(self, make_command: Callable[[int], tuple | None], callback: Callback,
             cancel: Callable[[], bool] | None = None) -> None:
@@ -78,14 +84,14 @@ class CallQueue(Source):
 
         *cancel()*, if given, withdraws it for :meth:`cancel_waiting` and says whether it could.
         """
-        self.waiting.append((make_command, callback, cancel))
+        self.waiting.append((make_command, callback, cancel, self.LOSSES))
 
     def next_unit(self, uid: int, rank: int) -> tuple[tuple, Callback] | None:
         while self.waiting:
-            make_command, callback, _ = self.waiting.popleft()
+            make_command, callback, _, losses_left = self.waiting.popleft()
             command = make_command(uid)
             if command is not None:
-                return command, self._rescheduling(command, callback, RetryPolicy().losses)
+                return command, self._rescheduling(command, callback, losses_left)
         return None
 
     def cancel_waiting(self) -> None:
@@ -97,10 +103,12 @@ class CallQueue(Source):
         self.waiting = deque(entry for entry in self.waiting if entry[2] is None or not entry[2]())
 
     def _rescheduling(self, command: tuple, callback: Callback, losses_left: int) -> Callback:
+        """*callback*, unless the call's worker was lost and it may run again: then it goes back in front."""
+
         def on_reply(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
             if not ok and losses_left and is_lost(value):
                 again = lambda uid: (command[0], uid, *command[2:])  # noqa: E731
-                self.waiting.appendleft((again, self._rescheduling(command, callback, losses_left - 1), None))
+                self.waiting.appendleft((again, callback, None, losses_left - 1))
                 return
             callback(ok, value, seconds, rank, blob)
 

@@ -12,7 +12,10 @@ Two transports, chosen by the :class:`~pydra._core.master.Master`:
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import traceback
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,7 +93,7 @@ class MpiTransport:
             except Exception as error:  # what pickle or the object's __reduce__ raised
                 error.add_note(f"(while sending work to rank {rank})")
                 if command[0] not in protocol.NO_REPLY:
-                    failed.append((command[1], False, Failure.capture(error, 0, self.comm.size, "rank 0"), 0.0, None))
+                    failed.append((command[1], False, Failure.here(error), 0.0, None))
         if sendable:
             self._post(rank, sendable, mpi.dumps(sendable))
         return [RepliesReceived(rank, failed, time.monotonic())] if failed else []
@@ -152,9 +155,9 @@ class MpiTransport:
         """A reply with its value unpickled, or a failure saying why that is impossible here."""
         try:
             return (uid, ok, mpi.loads(blob), seconds, blob if ok else None)
-        except Exception as exc:
-            error = TypeError(f"a result from rank {rank} cannot be unpickled on rank 0: {exc!r}")
-            return (uid, False, Failure.capture(error, 0, self.comm.size, "rank 0"), seconds, None)
+        except (Exception, SystemExit) as exc:  # what unpickling raised: that unit's error, as itself
+            exc.add_note(f"(while rank 0 unpickled a result from rank {rank})")
+            return (uid, False, Failure.here(exc), seconds, None)
 
     def _resend_alone(self, master: "Master", rank: int, number: int, failure_blob: bytes, now: float) -> list:
         """*rank* could not unpickle its commands message *number*: send each unit of it in a message of its own.
@@ -176,9 +179,8 @@ class MpiTransport:
             return []
         try:
             failure = mpi.loads(failure_blob)
-        except Exception as exc:  # the worker's error does not load here either: say so
-            error = RuntimeError(f"rank {rank} could not unpickle a command: {exc!r}")
-            failure = Failure.capture(error, 0, self.comm.size, "rank 0")
+        except (Exception, SystemExit) as exc:  # the worker's error does not load here either: say so
+            failure = Failure.here(RuntimeError(f"rank {rank} could not unpickle a command: {exc!r}"))
         if not units:
             master.note(f"rank {rank} could not unpickle {others}: {failure.exception!r}", level="WARNING")
             return []
@@ -187,23 +189,45 @@ class MpiTransport:
 
 
 class LocalTransport:
-    """Rank 0 runs every unit itself, through the very same commands a worker gets."""
+    """Rank 0 runs every unit itself, through the very same commands a worker gets.
+
+    The units run in a thread of their own (``pydra-local``), as on a worker
+    rank, so that the scheduler stays free meanwhile: a caller's cancel or
+    shutdown is heard while a long call runs. Each message's commands run in
+    order, and each reply goes back at once.
+    """
 
     def __init__(self, master: "Master") -> None:
         self.master = master
         self.cancelled: set[int] = set()
         self.runner = UnitRunner(0, 1, master.host, _own_group, self._progress, self.cancelled.__contains__)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: deque = deque()  # events for the scheduler, appended by the thread
+        self.thread = threading.Thread(target=self._serve, name="pydra-local", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                commands = self.inbox.get()
+                for command in commands:
+                    reply = self.runner.execute(command)
+                    if reply is not None:
+                        self.outbox.append(RepliesReceived(0, [(*reply, None)], time.monotonic()))
+                        self.master.call_soon(self.master.wake)
+                stop = commands[-1][0] == protocol.STOP
+                del commands, command, reply  # no argument outlives its unit
+                if stop:
+                    return
+        except BaseException:
+            mpi.abort(MPI.COMM_WORLD, f"pydra: internal error in rank 0's local runner\n{traceback.format_exc()}")
 
     def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
-        # One at a time, so a failure is handled (and later units cancelled) before they run.
-        for command in commands:
-            reply = self.runner.execute(command)
-            if reply is not None:
-                master.feed(RepliesReceived(rank, [(*reply, None)], time.monotonic()))
+        self.inbox.put(commands)
         return []
 
     def _progress(self, uid: int, done: int, total: int | None, message: str | None) -> None:
-        self.master.feed(Progress(0, uid, done, total, message))
+        self.outbox.append(Progress(0, uid, done, total, message))
 
     def cancel(self, rank: int, uids: list[int]) -> None:
         self.cancelled.update(uids)
@@ -212,7 +236,10 @@ class LocalTransport:
         pass
 
     def receive(self, master: "Master", now: float) -> list:
-        return []
+        events = []
+        while self.outbox:
+            events.append(self.outbox.popleft())
+        return events
 
     def forget(self, rank: int) -> None:
         pass
@@ -221,7 +248,7 @@ class LocalTransport:
         pass
 
     def flush(self) -> None:
-        pass
+        self.thread.join()  # it has answered STOP: it is ending
 
 
 def _own_group(members: list, tag: int) -> Any:

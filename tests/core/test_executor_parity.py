@@ -17,7 +17,8 @@ from mpijobs import IN_PROCESS, CaseCache, mpi_environment, rank_params, run_pro
 RANKS = rank_params(IN_PROCESS, 3)
 CASES = [
     "reply_not_held", "wait_modes", "as_completed_timeout", "cancel", "shutdown_nowait", "shutdown_cancel",
-    "shutdown_twice", "shutdown_cancel_map", "unloadable_arguments", "result_pickling", "argument_pickling",
+    "shutdown_twice", "shutdown_cancel_wait", "shutdown_cancel_map", "unloadable_arguments", "result_pickling",
+    "argument_pickling", "result_unpickling",
     "hooks_untouched", "hooks_after_session", "weak_references",
 ]
 
@@ -86,7 +87,7 @@ def test_shutdown_without_wait_returns_at_once_and_loses_nothing(ranks, parity) 
     got = parity(ranks).ok("shutdown_nowait")
     assert got["returned_early"]
     assert got["futures"] == list(range(20)) and got["mapped"] == list(range(20))
-    assert got["refused"] == "cannot schedule new work after shutdown"
+    assert got["refused"] == "cannot schedule new futures after shutdown"
 
 
 @pytest.mark.parametrize("ranks", RANKS)
@@ -99,6 +100,14 @@ def test_shutdown_cancel_futures_cancels_what_no_worker_has(ranks, parity) -> No
 @pytest.mark.parametrize("ranks", RANKS)
 def test_a_second_shutdown_can_cancel_what_the_first_left_running(ranks, parity) -> None:
     assert parity(ranks).ok("shutdown_twice") == {"cancelled_some": True, "all_done": True}
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_calls_cancelled_by_shutdown_count_as_done_for_wait(ranks, parity) -> None:
+    got = parity(ranks).ok("shutdown_cancel_wait")
+    workers = 2 * max(1, ranks - 1)
+    assert got == {"queued_done": 5, "queued_cancelled": True, "running_done_before_go": [False] * workers,
+                   "running": [True] * workers}
 
 
 @pytest.mark.parametrize("ranks", RANKS)
@@ -142,7 +151,17 @@ def test_errors_while_a_worker_pickles_a_result_fail_that_call_as_themselves(ran
 @pytest.mark.parametrize("ranks", RANKS)
 def test_an_argument_rank_0_cannot_pickle_raises_pickles_own_error(ranks, parity) -> None:
     got = parity(ranks).ok("argument_pickling")
-    assert got == {"argument": "PicklingError" if ranks > 1 else "value int", "after": 4}
+    if ranks > 1:  # raised here, on rank 0: no remote traceback as its cause
+        assert got == {"argument": "PicklingError", "cause": "None", "after": 4}
+    else:
+        assert got == {"argument": "value int", "cause": None, "after": 4}
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_a_result_rank_0_cannot_unpickle_fails_its_call_with_what_was_raised(ranks, parity) -> None:
+    got = parity(ranks).ok("result_unpickling")
+    expected = ["SystemExit", "UnpicklingError"] if ranks > 1 else ["value ExitAtUnpickle", "value ErrorAtUnpickle"]
+    assert got == {"results": expected, "after": 5}
 
 
 # -- hooks and references ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ of the same rules over real ranks is in the mpiexec tests beside this file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
 import subprocess
 import sys
@@ -182,6 +183,21 @@ def test_a_lost_worker_fails_its_units_and_its_calls_run_again_elsewhere() -> No
     assert again[2][0][1] != sent[1][0][1]
     late = scheduler.handle(RepliesReceived(1, [ok(sent[1][0][1], "late")], 0.2))  # the lost rank's word
     assert late == [] and "a" not in calls.results
+
+
+def test_a_call_that_loses_two_workers_fails_rather_than_kill_the_rest() -> None:
+    scheduler = make(depth=1)
+    calls = Calls(scheduler)
+    calls.submit("poison")
+    (first,) = sends(scheduler.handle(Dispatch(0.0)))
+    scheduler.handle(WorkerGone(first, "killed by the call"))
+    again = sends(scheduler.handle(Dispatch(0.1)))
+    (second,) = again
+    assert second != first and [c[2] for c in again[second]] == ["poison"]  # once more, elsewhere
+    out = scheduler.handle(WorkerGone(second, "killed by the call"))
+    assert calls.results == {"poison": (False, "WorkerLost", second)}  # a BrokenExecutor, as a pool says
+    assert issubclass(WorkerLost, concurrent.futures.BrokenExecutor)
+    assert TakeOver() in out and sends(scheduler.handle(Dispatch(0.2))) == {}  # rank 0 does not run it
 
 
 def test_silence_past_the_heartbeat_timeout_loses_a_worker_and_rank_0_beats() -> None:

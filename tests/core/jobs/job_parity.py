@@ -168,6 +168,20 @@ def shutdown_cancel(ex):
             "all_done": all(f.done() for f in futures), "others_ok": all(f.exception() is None for f in others)}
 
 
+def shutdown_cancel_wait(ex):
+    """Calls cancelled by shutdown(cancel_futures=True) count as done for wait(), while others still run."""
+    go = marker()
+    running = [ex.submit(wait_for, str(go)) for _ in range(2 * WORKERS)]
+    time.sleep(0.5)  # handed to the workers: running
+    queued = [ex.submit(abs, -i) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    done, not_done = concurrent.futures.wait(queued, timeout=WAIT)
+    running_then = [f.done() for f in running]
+    go.touch()
+    return {"queued_done": len(done), "queued_cancelled": all(f.cancelled() for f in queued),
+            "running_done_before_go": running_then, "running": [f.result(timeout=WAIT) for f in running]}
+
+
 def shutdown_twice(ex):
     futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
     ex.shutdown(wait=False)
@@ -258,7 +272,15 @@ def result_pickling(ex):
 
 
 def argument_pickling(ex):
-    return {"argument": outcome(ex.submit(id, ErrorAtPickle())), "after": ex.submit(abs, -4).result(timeout=WAIT)}
+    future = ex.submit(id, ErrorAtPickle())
+    return {"argument": outcome(future), "cause": repr(future.exception().__cause__) if future.exception() else None,
+            "after": ex.submit(abs, -4).result(timeout=WAIT)}
+
+
+def result_unpickling(ex):
+    """Results whose unpickling on rank 0 raises: that call fails with what was raised, the job goes on."""
+    futures = [ex.submit(return_instance, cls) for cls in (ExitAtUnpickle, ErrorAtUnpickle)]
+    return {"results": [outcome(f) for f in futures], "after": ex.submit(abs, -5).result(timeout=WAIT)}
 
 
 # -- 6. exception hooks --------------------------------------------------------------------------
@@ -365,10 +387,12 @@ CASES = {
     "shutdown_nowait": lambda: session(shutdown_nowait),
     "shutdown_cancel": lambda: session(shutdown_cancel),
     "shutdown_twice": lambda: session(shutdown_twice),
+    "shutdown_cancel_wait": lambda: session(shutdown_cancel_wait),
     "shutdown_cancel_map": lambda: session(shutdown_cancel_map),
     "unloadable_arguments": lambda: session(unloadable_arguments),
     "result_pickling": lambda: session(result_pickling),
     "argument_pickling": lambda: session(argument_pickling),
+    "result_unpickling": lambda: session(result_unpickling),
     "hooks_untouched": lambda: session(hooks_untouched),
     "hooks_after_session": hooks_after_session,
     "weak_references": lambda: session(weak_references),
