@@ -21,6 +21,7 @@ from pydra.comm.aio import serve_channel
 from pydra.launcher import authorized, keys
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 from pydra.launcher.remote import server_exec
+from pydra.strictmodes import StrictModeError
 
 log = logging.getLogger("pydra.node")
 
@@ -97,6 +98,11 @@ def node_main(argv: list[str] | None = None) -> int:
         args.pid_file.write_text(f"{os.getpid()}\n")
     try:
         asyncio.run(serve(args.listen, args.host_key, args.authorized_keys))
+    except StrictModeError as exc:
+        if args.log is not None:  # a daemon's only voice; on stderr the line below says it
+            log.error("%s", exc)
+        print(f"pydra node: {exc}", file=sys.stderr)
+        return 2
     except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
         print(f"pydra node: error: {exc}", file=sys.stderr)
         return 2
