@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from pydra import strictmodes
-from pydra.launcher import keys
+from pydra.launcher import authorized, keys
 from pydra.strictmodes import Kind, StrictModeError
 from userkit import CAN_ADD_USERS, User, second_user
 
@@ -66,6 +66,25 @@ def test_a_trust_file_others_may_write_is_refused(home: Path, mode: int, problem
     assert refusal(path) == f"refusing {path}: {problem} (mode {mode:04o}); chmod go-w {path}"
     with pytest.raises(StrictModeError):
         strictmodes.check_file(path)
+    with pytest.raises(StrictModeError):  # the agent's and the admin endpoint's reading of it
+        authorized.read_authorized_keys(path)
+
+
+def test_known_hosts_others_may_write_is_refused_and_so_is_a_directory_it_would_be_created_in(home: Path) -> None:
+    path = home / "known_hosts"
+    path.chmod(0o666)
+    with pytest.raises(StrictModeError, match="writable by others"):
+        authorized.check_known_hosts(path)
+    with pytest.raises(StrictModeError, match="writable by others"):
+        authorized.check_host("node1", 7470, b"k" * 32, accept_new=True, path=path)
+    assert path.read_text() == ""  # nothing was appended
+    path.unlink()
+    home.chmod(0o777)
+    with pytest.raises(StrictModeError, match=f"refusing {home}: writable by others"):
+        authorized.check_known_hosts(path)
+    with pytest.raises(StrictModeError):
+        authorized.check_host("node1", 7470, b"k" * 32, accept_new=True, path=path)
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("mode, problem", [(0o644, "readable by others"), (0o640, "readable by its group"),

@@ -146,7 +146,9 @@ def launch_main(argv: list[str] | None = None) -> int:
 
         return run_locally(args.ranks, forwarded)
     try:
-        identity = keys.load_private_key(args.identity)  # strict modes: refused if others could write it
+        # Strict modes: a key or known_hosts someone else could write is refused before any connection.
+        identity = keys.load_private_key(args.identity)
+        authorized.check_known_hosts(args.known_hosts)
     except StrictModeError as exc:
         print(f"pydra launch: {exc}", file=sys.stderr)
         return 2
