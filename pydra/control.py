@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pydra import strictmodes
 from pydra.comm.aio import Channel, ChannelClosed, open_channel, serve_channel
 from pydra.comm.channel import ChannelError
 from pydra.errors import PydraError
@@ -54,16 +55,31 @@ def connection_dir() -> Path:
 
 
 def newest_connection_file() -> Path:
-    """The connection file of the newest local cluster that is still running."""
-    files = sorted(connection_dir().glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
+    """The connection file of the newest local cluster that is still running.
+
+    Strict modes: the directory must be yours and writable by you alone (else
+    anyone could plant a cluster there), and so must the file be:
+    :class:`~pydra.strictmodes.StrictModeError` otherwise.
+    """
+    directory = connection_dir()
+    if directory.is_dir():
+        strictmodes.check_directory(directory, private=True)
+    files = sorted(directory.glob("*.json"), key=_modified, reverse=True)
     for path in files:
         try:
-            pid = json.loads(path.read_text())["pid"]
+            pid = json.loads(strictmodes.read_bytes(path, strictmodes.Kind.OWN))["pid"]
             os.kill(pid, 0)
-        except (OSError, ValueError, KeyError):
-            continue  # unreadable, or its rank 0 is gone
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # gone, unreadable, or its rank 0 is gone
         return path
     raise ControlError(f"no running cluster has a connection file in {connection_dir()}: start one with `pydra serve`")
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile: its cluster stopped
+        return 0.0
 
 
 # -- rank 0's side --------------------------------------------------------------------------
@@ -94,7 +110,14 @@ class ControlServer:
         self._thread = threading.Thread(target=self._main, name="pydra-control", daemon=True)
 
     def start(self) -> Path:
-        """Listen, write the connection file; return its path."""
+        """Listen, write the connection file; return its path.
+
+        Raises :class:`~pydra.strictmodes.StrictModeError` if others could write
+        the directory of connection files, and ``OSError`` if it cannot listen.
+        """
+        connection_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A directory others could write would let them swap the file the shell follows.
+        strictmodes.check_directory(connection_dir(), private=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -150,7 +173,6 @@ class ControlServer:
 
     def _write_connection_file(self) -> None:
         assert self.address is not None
-        connection_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
         details = {
             "cluster": self.cluster_id,
             "address": self.address[0],
@@ -202,11 +224,12 @@ class ControlClient:
 
     def __init__(self, connection_file: Path, identity: Ed25519PrivateKey, timeout: float = 30.0) -> None:
         try:
-            self.details = json.loads(Path(connection_file).read_text())
+            # Strict modes: only a file of yours, in a directory only you can write, says where to connect.
+            self.details = json.loads(strictmodes.read_bytes(connection_file, strictmodes.Kind.OWN))
             self.address, self.port, self.expected = (
                 self.details["address"], int(self.details["port"]), self.details["host_key"]
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ControlError(f"cannot read the connection file {connection_file}: {exc}") from None
         self.identity = identity
         self.timeout = timeout

@@ -438,6 +438,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     from pydra.comm import mpi
     from pydra.control import ControlServer
     from pydra.executor import Executor
+    from pydra.strictmodes import StrictModeError
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exceptions(comm)
@@ -456,8 +457,11 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         server = ControlServer(service.handle, directory.name, listen)
         try:
             connection_file = server.start()
-        except OSError as exc:
-            print(f"pydra serve: error: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+        except (OSError, StrictModeError) as exc:
+            if isinstance(exc, StrictModeError):
+                print(f"pydra serve: {exc}", file=sys.stderr)
+            else:
+                print(f"pydra serve: error: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
             service.shutdown(now=True)
             journal.close()
             return 2

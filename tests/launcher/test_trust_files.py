@@ -16,6 +16,7 @@ Every process runs in its own process group and is stopped by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,6 +206,55 @@ def test_the_launcher_refuses_a_key_or_known_hosts_others_may_write(agent: Agent
     assert refused_cli(launch, agent.env).startswith(f"pydra launch: refusing {key}: directory {agent.home} is writable by its group")
 
 
+# -- strict modes: the shell -------------------------------------------------------------------
+
+
+def connection_file(directory: Path, port: int = 1) -> Path:
+    """A connection file as a cluster writes it, for a cluster whose rank 0 is this test (alive)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / "planted.json"
+    path.write_text(json.dumps({"cluster": "planted", "address": "127.0.0.1", "port": port,
+                                "host_key": "SHA256:x", "pid": os.getpid(), "started": time.time()}))
+    path.chmod(0o600)
+    return path
+
+
+def test_the_shell_follows_only_a_connection_file_of_yours_in_a_directory_only_you_can_write(agent: Agent,
+                                                                                              tmp_path: Path) -> None:
+    run = agent.home / "run"
+    planted = connection_file(run)
+    shell = pydra("shell", "-c", "status")
+    run.chmod(0o777)  # as in the issue: anyone could plant a cluster here
+    assert refused_cli(shell, agent.env) == f"pydra shell: refusing {run}: writable by others (mode 0777); chmod go-w {run}"
+    run.chmod(0o700)
+
+    planted.chmod(0o666)
+    assert refused_cli(shell, agent.env) == (f"pydra shell: refusing {planted}: writable by others (mode 0666); "
+                                             f"chmod go-w {planted}")
+    planted.chmod(0o600)
+
+    copied = connection_file(tmp_path / "shared")
+    (tmp_path / "shared").chmod(0o1777)  # --connect to a file in a directory others can add to: refused too
+    refusal = refused_cli([*shell, "--connect", str(copied)], agent.env)
+    assert refusal.startswith(f"pydra shell: refusing {copied}: directory {tmp_path / 'shared'} is writable by others")
+    (tmp_path / "shared").chmod(0o700)
+
+    agent.identity.chmod(0o644)
+    assert "readable by others (mode 0644)" in refused_cli(shell, agent.env)
+    agent.identity.chmod(0o600)
+    # with every file sound the shell gets as far as connecting (nobody listens on port 1)
+    assert "cannot reach the cluster" in refused_cli(shell, agent.env)
+
+
+def test_a_cluster_will_not_leave_its_connection_file_where_others_could_swap_it(agent: Agent) -> None:
+    run = agent.home / "run"
+    run.mkdir(mode=0o700)
+    run.chmod(0o777)
+    serve = pydra("serve", "-n", "2")
+    assert refused_cli(serve, agent.env) == f"pydra serve: refusing {run}: writable by others (mode 0777); chmod go-w {run}"
+    assert list(run.iterdir()) == []
+
+
 # -- strict modes: files another user owns -----------------------------------------------------
 
 
@@ -216,7 +266,7 @@ def other_user() -> Iterator[User]:
         yield user
 
 
-def test_files_another_user_owns_are_refused_by_the_agent_and_the_launcher(
+def test_files_another_user_owns_are_refused_by_the_agent_the_launcher_and_the_shell(
         agent: Agent, other_user: User) -> None:
     owned = f"owned by {other_user.name} (uid {other_user.uid}), not by you (root)"
 
@@ -231,3 +281,12 @@ def test_files_another_user_owns_are_refused_by_the_agent_and_the_launcher(
     os.chown(known, other_user.uid, -1)
     launch = pydra("launch", "-f", str(agent.hostfile), "-n", "1", "examples/pipeline.py:pipeline", "2")
     assert refused_cli(launch, agent.env).startswith(f"pydra launch: refusing {known}: {owned}")
+
+    # The issue's attack: the second user's connection file, where the shell looks for clusters.
+    planted = connection_file(agent.home / "run")
+    os.chown(planted, other_user.uid, other_user.gid)
+    assert refused_cli(pydra("shell", "-c", "status"), agent.env).startswith(f"pydra shell: refusing {planted}: {owned}")
+    os.chown(planted, 0, 0)
+    os.chown(agent.home / "run", other_user.uid, other_user.gid)  # their directory of connection files
+    refusal = refused_cli(pydra("shell", "-c", "status"), agent.env)
+    assert refusal.startswith(f"pydra shell: refusing {agent.home / 'run'}: {owned}"), refusal
