@@ -19,13 +19,16 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pydra import strictmodes
 from pydra.comm.aio import Channel, ChannelClosed, open_channel, serve_channel
 from pydra.comm.channel import ChannelError
 from pydra.errors import PydraError
@@ -48,22 +51,166 @@ class ControlError(PydraError):
     """The cluster refused or failed a request; the message says why in one line."""
 
 
+# -- what an admin may ask: the schema of requests ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One admin command: the :class:`~pydra.service.Service` method that carries it out, and its fields.
+
+    *fields* maps each field of ``args`` to its type in :data:`FIELD_TYPES`
+    (a trailing ``?`` also allows null); those in *required* must be there, the
+    others take the method's default when left out. *changes* says whether the
+    command changes the cluster (and so is logged): True, or the name of the
+    field whose presence makes it a change.
+    """
+
+    method: str
+    fields: dict[str, str] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    changes: bool | str = False
+
+    def changes_cluster(self, args: dict[str, Any]) -> bool:
+        """Whether a request with these (valid) *args* changes the cluster."""
+        if isinstance(self.changes, str):
+            return args.get(self.changes) is not None
+        return self.changes
+
+
+#: every admin command -> its schema; requests are checked against it before anything runs
+REQUESTS: dict[str, Request] = {
+    "status": Request("status"),
+    "workers": Request("workers"),
+    "queue": Request("queue"),
+    "jobs": Request("list_jobs", {"everything": "bool"}),
+    "job": Request("job", {"job_id": "int"}, ("job_id",)),
+    "logs": Request("logs", {"job_id": "int?", "rank": "int?", "after": "int"}),
+    "submit": Request("submit", {"target": "str", "inputs": "[str]", "priority": "int"}, ("target", "inputs"), True),
+    "cancel": Request("cancel", {"job_id": "int"}, ("job_id",), True),
+    "priority": Request("set_priority", {"job_id": "int", "priority": "int"}, ("job_id", "priority"), True),
+    "retry": Request("retry", {"job_id": "int"}, ("job_id",), True),
+    "pause": Request("pause", changes=True),
+    "resume": Request("resume", changes=True),
+    "drain": Request("drain", {"rank": "int"}, ("rank",), True),
+    "restart": Request("restart", {"rank": "int"}, ("rank",), True),
+    "config": Request("configure", {"key": "str?", "value": "str?"}, changes="value"),
+    "shutdown": Request("shutdown", {"now": "bool"}, changes=True),
+}
+
+_INT64 = range(-(2**63), 2**63)  # what the journal (SQLite) can store
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and "\0" not in value
+
+
+#: the types of fields: name -> (check, what the refusal says is expected)
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # bool is an int in Python, but true is no job id or priority
+    "int": (lambda value: type(value) is int and value in _INT64, "an integer (64-bit)"),
+    "bool": (lambda value: type(value) is bool, "true or false"),
+    "str": (_is_text, "a string with no NUL character"),
+    "[str]": (lambda value: type(value) is list and all(map(_is_text, value)), "a list of strings"),
+}
+
+
+def validate_request(request: Any) -> tuple[str, dict[str, Any]]:
+    """The command and args of *request*, checked against :data:`REQUESTS`.
+
+    Raises :class:`ControlError` (one line) for anything else: not
+    ``{"command": NAME, "args": {...}}``, an unknown command or field, a
+    missing field, a value of the wrong type.
+    """
+    if not isinstance(request, dict) or set(request) - {"command", "args"} or "command" not in request:
+        raise ControlError('a request is {"command": NAME, "args": {...}} and nothing else')
+    name, args = request["command"], request.get("args", {})
+    if not isinstance(name, str) or not isinstance(args, dict):
+        raise ControlError('a request is {"command": NAME, "args": {...}}: NAME a string, args an object')
+    schema = REQUESTS.get(name)
+    if schema is None:
+        raise ControlError(f"unknown command {_clip(name)}: expected one of {', '.join(sorted(REQUESTS))}")
+    for key in args:
+        if key not in schema.fields:
+            takes = ", ".join(schema.fields) or "no fields"
+            raise ControlError(f"{name}: unknown field {_clip(key)} ({name} takes {takes})")
+    for key in schema.required:
+        if key not in args:
+            raise ControlError(f"{name}: missing field {key!r}")
+    for key, value in args.items():
+        kind = schema.fields[key]
+        if value is None and kind.endswith("?"):
+            continue
+        check, expected = FIELD_TYPES[kind.rstrip("?")]
+        if not check(value):
+            expected += " or null" if kind.endswith("?") else ""
+            raise ControlError(f"{name}: {key} must be {expected}, got {_clip(value)}")
+    return name, args
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """*value* as JSON, cut to *limit* characters: fit for one line of an error or a log."""
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def configure_logging() -> None:
+    """Send the endpoint's log to stderr (rank 0's, which ``pydra serve`` shows): idempotent.
+
+    What it logs is the audit trail of the admin endpoint: admins connecting
+    or refused, every command that changes the cluster, every refused request,
+    each with the admin key's fingerprint; and lines of ``authorized_keys`` it
+    skips.
+    """
+    if not _log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s pydra-control %(levelname)s %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.INFO)
+        _log.propagate = False  # task code's logging setup on rank 0 must not swallow or double it
+
+
 def connection_dir() -> Path:
     """Where running clusters leave their connection files: ``~/.pydra/run``."""
     return keys.pydra_home() / "run"
 
 
 def newest_connection_file() -> Path:
-    """The connection file of the newest local cluster that is still running."""
-    files = sorted(connection_dir().glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
+    """The connection file of the newest local cluster that is still running.
+
+    Strict modes: the directory must be yours and writable by you alone (else
+    anyone could plant a cluster there), and so must the file be:
+    :class:`~pydra.strictmodes.StrictModeError` otherwise.
+    """
+    directory = connection_dir()
+    if directory.is_dir():
+        strictmodes.check_directory(directory, private=True)
+    files = sorted(directory.glob("*.json"), key=_modified, reverse=True)
     for path in files:
         try:
-            pid = json.loads(path.read_text())["pid"]
+            pid = json.loads(strictmodes.read_bytes(path, strictmodes.Kind.OWN))["pid"]
             os.kill(pid, 0)
-        except (OSError, ValueError, KeyError):
-            continue  # unreadable, or its rank 0 is gone
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # gone, unreadable, or its rank 0 is gone
         return path
     raise ControlError(f"no running cluster has a connection file in {connection_dir()}: start one with `pydra serve`")
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile: its cluster stopped
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Admin:
+    """Who sent a request: the admin key's fingerprint and the address it came from (for the log)."""
+
+    fingerprint: str
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.fingerprint} from {self.address}"
 
 
 # -- rank 0's side --------------------------------------------------------------------------
@@ -82,7 +229,7 @@ class ControlServer:
         self.handle = handle
         self.cluster_id = cluster_id
         self.listen = listen
-        self.authorized_keys = authorized_keys
+        self.authorized_keys = authorized.AuthorizedKeysFile(authorized_keys, _log)
         self.identity = Ed25519PrivateKey.generate()  # this cluster's own: pinned by the connection file
         self.address: tuple[str, int] | None = None
         self.connection_file = connection_dir() / f"{cluster_id}.json"
@@ -94,7 +241,14 @@ class ControlServer:
         self._thread = threading.Thread(target=self._main, name="pydra-control", daemon=True)
 
     def start(self) -> Path:
-        """Listen, write the connection file; return its path."""
+        """Listen, write the connection file; return its path.
+
+        Raises :class:`~pydra.strictmodes.StrictModeError` if others could write
+        the directory of connection files, and ``OSError`` if it cannot listen.
+        """
+        connection_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A directory others could write would let them swap the file the shell follows.
+        strictmodes.check_directory(connection_dir(), private=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -145,12 +299,18 @@ class ControlServer:
         self._loop.run_forever()
         self._loop.close()
 
-    def _authorize(self, public_key: bytes, address: str) -> object:
-        return authorized.authorize(public_key, address, "admin", path=self.authorized_keys)
+    def _authorize(self, public_key: bytes, address: str) -> Admin:
+        admin = Admin(keys.sha256_fingerprint(public_key), address)
+        try:
+            line = self.authorized_keys.authorize(public_key, address, "admin")
+        except authorized.AuthorizationError as refusal:
+            _log.warning("refused admin %s: %s", admin, refusal)
+            raise
+        _log.info("admin %s connected (%s)", admin, line.location)
+        return admin
 
     def _write_connection_file(self) -> None:
         assert self.address is not None
-        connection_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
         details = {
             "cluster": self.cluster_id,
             "address": self.address[0],
@@ -175,22 +335,29 @@ class ControlServer:
                     request = await channel.recv_json()
                 except ChannelClosed:
                     return
-                await channel.send_json(await self._answer(request))
+                await channel.send_json(await self._answer(request, channel.authorization))
         finally:
             self._handlers.discard(task)
 
-    async def _answer(self, request: dict) -> dict:
-        command, args = request.get("command"), request.get("args", {})
-        if not isinstance(command, str) or not isinstance(args, dict):
-            return {"ok": False, "error": "a request is {\"command\": NAME, \"args\": {...}}"}
+    async def _answer(self, request: Any, admin: Admin) -> dict:
+        """Validate *request*, then carry it out; the reply. Refusals and changes are logged."""
+        try:
+            # Before anything runs: a malformed request must leave the cluster exactly as it was.
+            command, args = validate_request(request)
+        except ControlError as exc:
+            _log.warning("admin %s: refused request %s: %s", admin, _clip(request, 200), exc)
+            return {"ok": False, "error": str(exc)}
         try:
             # The handlers take locks and may wait on the scheduler: keep this loop free.
             result = await asyncio.get_running_loop().run_in_executor(None, self.handle, command, args)
         except PydraError as exc:
+            _log.warning("admin %s: refused %s %s: %s", admin, command, _clip(args, 200), exc)
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bug: say so rather than drop the admin's connection
-            _log.exception("control command %s failed", command)
+            _log.exception("admin %s: %s %s failed", admin, command, _clip(args, 200))
             return {"ok": False, "error": f"internal error in {command}: {type(exc).__name__}: {exc}"}
+        if REQUESTS[command].changes_cluster(args):
+            _log.info("admin %s: %s %s", admin, command, _clip(args, 200))
         return {"ok": True, "result": result}
 
 
@@ -202,11 +369,12 @@ class ControlClient:
 
     def __init__(self, connection_file: Path, identity: Ed25519PrivateKey, timeout: float = 30.0) -> None:
         try:
-            self.details = json.loads(Path(connection_file).read_text())
+            # Strict modes: only a file of yours, in a directory only you can write, says where to connect.
+            self.details = json.loads(strictmodes.read_bytes(connection_file, strictmodes.Kind.OWN))
             self.address, self.port, self.expected = (
                 self.details["address"], int(self.details["port"]), self.details["host_key"]
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ControlError(f"cannot read the connection file {connection_file}: {exc}") from None
         self.identity = identity
         self.timeout = timeout

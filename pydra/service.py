@@ -14,7 +14,7 @@ runs until told to shut down.
 from __future__ import annotations
 
 import concurrent.futures
-import inspect
+import math
 import threading
 import time
 import traceback
@@ -27,7 +27,7 @@ from pydra._core.evaluate import Walk
 from pydra._core.master import Master
 from pydra._core.scheduler import Phase
 from pydra.config import flag, setting
-from pydra.control import CONFIG
+from pydra.control import CONFIG, REQUESTS
 from pydra.errors import PydraError, RemoteTraceback, TargetError
 from pydra.journal import Journal, UnitRecorder
 
@@ -38,27 +38,6 @@ class ServiceError(PydraError):
 
 #: every state ``workers`` may show (see pydra._core.master), as ``status`` counts them
 WORKER_STATES = tuple(phase.value for phase in Phase)
-
-#: control command -> Service method (the method's parameters are the command's JSON args)
-COMMANDS = {
-    "status": "status",
-    "workers": "workers",
-    "queue": "queue",
-    "jobs": "list_jobs",
-    "job": "job",
-    "submit": "submit",
-    "cancel": "cancel",
-    "priority": "set_priority",
-    "retry": "retry",
-    "pause": "pause",
-    "resume": "resume",
-    "drain": "drain",
-    "restart": "restart",
-    "config": "configure",
-    "shutdown": "shutdown",
-    "logs": "logs",
-}
-
 
 
 @dataclass
@@ -216,16 +195,16 @@ class Service:
         ]
 
     def handle(self, command: str, args: dict) -> Any:
-        """Carry out a control request: *command* with JSON *args* (see :data:`COMMANDS`)."""
-        name = COMMANDS.get(command)
-        if name is None:
-            raise ServiceError(f"unknown command {command!r}: expected one of {', '.join(sorted(COMMANDS))}")
-        method = getattr(self, name)
-        try:
-            inspect.signature(method).bind(**args)
-        except TypeError as exc:
-            raise ServiceError(f"{command}: {exc}") from None
-        return method(**args)
+        """Carry out a control request: *command* with JSON *args*.
+
+        The request must have passed :func:`pydra.control.validate_request`
+        (the control endpoint checks every one against
+        :data:`pydra.control.REQUESTS`): a method here trusts its arguments' types.
+        """
+        request = REQUESTS.get(command)
+        if request is None:
+            raise ServiceError(f"unknown command {command!r}: expected one of {', '.join(sorted(REQUESTS))}")
+        return getattr(self, request.method)(**args)
 
     # -- observation -------------------------------------------------------------------------
 
@@ -289,6 +268,8 @@ class Service:
 
     def configure(self, key: str | None = None, value: str | None = None) -> dict[str, Any]:
         """The runtime settings, after setting *key* to *value* if given."""
+        if key is None and value is not None:
+            raise ServiceError("config: a value needs a setting to go to")
         if key is not None:
             if key not in CONFIG:
                 raise ServiceError(f"unknown setting {key!r}: expected one of {', '.join(CONFIG)}")
@@ -298,6 +279,8 @@ class Service:
                     parsed = kind(value)
                 except ValueError:
                     raise ServiceError(f"{key} expects {kind.__name__}, got {value!r}") from None
+                if not math.isfinite(parsed):  # nan passes every comparison below, inf never times out
+                    raise ServiceError(f"{key} must be a finite number, got {value}")
                 if parsed < 0 or (parsed == 0 and key != "retries"):
                     raise ServiceError(f"{key} must be {'0 or more' if key == 'retries' else 'positive'}, got {value}")
                 self._apply(key, parsed)
@@ -382,6 +365,9 @@ class Service:
         except TargetError as exc:
             self._finish(job, "failed", error=str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - e.g. TypeError from importing "..x": the job fails, the queue goes on
+            self._finish(job, "failed", error=f"cannot load {job.target}: {type(exc).__name__}: {exc}")
+            return
         if spec.source is not None:
             self.master.call_soon(self.master.load_target, spec)
         job.walk = Walk(self.master, UnitRecorder(self.journal, job.id, resumed=job.tries > 1))
@@ -438,8 +424,9 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     from pydra import journal as journals
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
-    from pydra.control import ControlServer
+    from pydra.control import ControlServer, configure_logging
     from pydra.executor import Executor
+    from pydra.strictmodes import StrictModeError
 
     comm = MPI.COMM_WORLD
     abort_on_uncaught_exit(comm)
@@ -455,11 +442,15 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         directory = Path(run_dir) if run_dir else journals.new_run_dir("service")
         journal = journals.Journal.open(directory, create=True)
         service = Service(master, journal, directory, directory.name, max_jobs)
+        configure_logging()  # the admin endpoint's audit trail, on rank 0's stderr
         server = ControlServer(service.handle, directory.name, listen)
         try:
             connection_file = server.start()
-        except OSError as exc:
-            print(f"pydra serve: error: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+        except (OSError, StrictModeError) as exc:
+            if isinstance(exc, StrictModeError):
+                print(f"pydra serve: {exc}", file=sys.stderr)
+            else:
+                print(f"pydra serve: error: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
             service.shutdown(now=True)
             journal.close()
             return 2

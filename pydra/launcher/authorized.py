@@ -4,8 +4,10 @@ Both files live in :func:`~pydra.launcher.keys.pydra_home` and use OpenSSH's
 syntax, so habits and tools carry over (``ssh-keygen -lf`` lists them,
 ``ssh-keygen -H`` hashes known_hosts).  Only ``ssh-ed25519`` keys are used.
 
-``authorized_keys`` is read by a node's agent on every connection, so edits
-take effect at once.  One user key per line, optionally preceded by options::
+``authorized_keys`` is read by a node's agent (and a service cluster's admin
+endpoint) on every connection, so edits take effect at once.  One user key
+per line, optionally preceded by options separated by commas, with no spaces
+between them, as in OpenSSH::
 
     # comment
     ssh-ed25519 AAAA... alice@laptop
@@ -19,45 +21,58 @@ take effect at once.  One user key per line, optionally preceded by options::
     pydra-role="ROLES"    what the key may do: launch, admin, or both separated
                           by | or , (default: launch only)
 
-Any other option is an error rather than being ignored: an OpenSSH option
-such as ``command=`` restricts a key, and silently dropping it would grant
-more than the file's author meant to.
+A line with any other option is skipped rather than used without it: an
+OpenSSH option such as ``command=`` restricts a key, and dropping it would
+grant more than the file's author meant to.  Every skipped line (other key
+types, unknown options, options separated by spaces, a malformed key) grants
+nothing, leaves the other lines alone, and is reported as ``path:line: skipped:
+reason``; :class:`AuthorizedKeysFile` logs these at the first read and
+whenever the file changes.
 
-``known_hosts`` is read by the launcher.  One node host key per line; entries
-for a port other than :data:`~pydra.launcher.hostfile.DEFAULT_AGENT_PORT` are
-written ``[host]:port``, and host fields may be hashed (``|1|salt|hash``)::
+Before reading either file, Pydra checks that nobody else could have written
+it (:mod:`pydra.strictmodes`, like OpenSSH's ``StrictModes``).
 
-    node01,10.0.0.1 ssh-ed25519 AAAA...
-    [node02]:7000 ssh-ed25519 AAAA...
+``known_hosts``, read by the launcher, is handled by
+:mod:`pydra.launcher.known_hosts`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
 import ipaddress
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from pydra import strictmodes
 from pydra.launcher import keys
-from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
+from pydra.launcher.known_hosts import (
+    HostKeyChanged,
+    UnknownHostKey,
+    check_host,
+    check_known_hosts,
+    glob_matches,
+    known_hosts_path,
+    matches_pattern_list,
+)
 
 __all__ = [
     "DEFAULT_ROLES",
     "ROLES",
     "AuthorizationError",
     "AuthorizedKey",
+    "AuthorizedKeysFile",
     "HostKeyChanged",
+    "SkippedLine",
     "UnknownHostKey",
     "authorize",
     "authorized_keys_path",
     "check_host",
+    "check_known_hosts",
     "known_hosts_path",
     "read_authorized_keys",
 ]
@@ -68,19 +83,11 @@ DEFAULT_ROLES = frozenset({"launch"})  #: the roles of a key without pydra-role
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _EXPIRY_FORMATS = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
 _OPTION_NAME = re.compile(r"[A-Za-z0-9-]+")
-_HASHED_HOST_PREFIX = "|1|"
+_ED25519_FIELD = re.compile(rf"(?<!\S){keys.KEY_TYPE}\s+AAAA\S+")
 
 
 class AuthorizationError(Exception):
     """A client's key is not allowed to do what it asked."""
-
-
-class UnknownHostKey(Exception):
-    """A node's host key is not in known_hosts, and was not accepted as new."""
-
-
-class HostKeyChanged(Exception):
-    """A node presented a key different from the one known_hosts records for it."""
 
 
 def authorized_keys_path() -> Path:
@@ -88,32 +95,7 @@ def authorized_keys_path() -> Path:
     return keys.pydra_home() / "authorized_keys"
 
 
-def known_hosts_path() -> Path:
-    """Return the default path of the ``known_hosts`` file."""
-    return keys.pydra_home() / "known_hosts"
-
-
-# --- OpenSSH pattern lists --------------------------------------------------
-
-
-def _matches_pattern_list(patterns: Iterable[str], matches: Callable[[str], bool]) -> bool:
-    """Apply OpenSSH's pattern-list rule: a hit on ``!pattern`` refuses, any other hit accepts."""
-    accepted = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        if matches(pattern.removeprefix("!")):
-            if negated:
-                return False
-            accepted = True
-    return accepted
-
-
-def _glob_matches(pattern: str, text: str) -> bool:
-    """Match OpenSSH wildcards: ``*`` is any run of characters, ``?`` any one."""
-    regex = "".join(
-        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
-    )
-    return re.fullmatch(regex, text, re.IGNORECASE | re.DOTALL) is not None
+# --- from= patterns ---------------------------------------------------------
 
 
 def _network(pattern: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -133,8 +115,8 @@ def _client_matches(pattern: str, address: _IPAddress, host: str | None) -> bool
     network = _network(pattern)
     if network is not None:
         return address in network
-    return _glob_matches(pattern, str(address)) or (
-        host is not None and _glob_matches(pattern, host)
+    return glob_matches(pattern, str(address)) or (
+        host is not None and glob_matches(pattern, host)
     )
 
 
@@ -164,7 +146,7 @@ class AuthorizedKey:
         if self.expires is not None and now >= self.expires:
             expiry = _describe_time(self.expires)
             return f"key {self.fingerprint} expired on {expiry} (see {self.location})"
-        if self.allowed_from is not None and not _matches_pattern_list(
+        if self.allowed_from is not None and not matches_pattern_list(
             self.allowed_from, lambda pattern: _client_matches(pattern, address, host)
         ):
             client = f"{address} ({host})" if host else str(address)
@@ -174,30 +156,32 @@ class AuthorizedKey:
         return None
 
 
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of ``authorized_keys`` that grants nothing, and why."""
+
+    location: str  #: ``path:line``
+    reason: str  #: one line
+    public_key: bytes | None  #: the ed25519 key the line names, if one could be read
+
+    def __str__(self) -> str:
+        return f"{self.location}: skipped: {self.reason}"
+
+
 def read_authorized_keys(
     path: str | os.PathLike[str] | None = None,
 ) -> tuple[list[AuthorizedKey], list[str]]:
     """Read an ``authorized_keys`` file (by default :func:`authorized_keys_path`).
 
-    Returns the ed25519 keys and a list of warnings about lines that were
-    skipped because they hold other key types.  A malformed line raises
-    :class:`~pydra.launcher.keys.KeyFileError` naming ``path:line``.
+    Returns the usable ed25519 keys, and a warning ``path:line: skipped:
+    reason`` for every other line that is neither blank nor a comment (other
+    key types, malformed options or keys). A bad line grants nothing and
+    affects no other line. Raises :class:`~pydra.strictmodes.StrictModeError`
+    if someone else could have written the file, and ``OSError`` if it cannot
+    be read.
     """
-    path = Path(path) if path is not None else authorized_keys_path()
-    entries: list[AuthorizedKey] = []
-    warnings: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        location = f"{path}:{number}"
-        try:
-            entries.append(_parse_authorized_line(line, location))
-        except keys.UnsupportedKeyTypeError as error:
-            warnings.append(f"{location}: skipped: {error}")
-        except ValueError as error:
-            raise keys.KeyFileError(f"{location}: {error}") from None
-    return entries, warnings
+    entries, skipped = _read_authorized_keys(Path(path) if path is not None else authorized_keys_path())
+    return entries, [str(line) for line in skipped]
 
 
 def authorize(
@@ -215,12 +199,126 @@ def authorize(
     its host name, both matched against from= patterns.  *now* (default: the
     current time) is compared with expiry-time.  As in OpenSSH, a key listed
     on several lines is allowed if any of its lines allows the request.
-    Raises :class:`AuthorizationError` with the reason otherwise, and
-    :class:`~pydra.launcher.keys.KeyFileError` if the file is malformed.
+    Raises :class:`AuthorizationError` with the reason otherwise (a missing
+    file refuses every key), and :class:`~pydra.strictmodes.StrictModeError`
+    if the file is not safe to trust.
     """
+    path = Path(path) if path is not None else authorized_keys_path()
+    try:
+        entries, skipped = _read_authorized_keys(path)
+    except FileNotFoundError:
+        offered = keys.sha256_fingerprint(keys.public_key_bytes(public_key_bytes))
+        raise AuthorizationError(f"key {offered} is not in {path} (the file does not exist)") from None
+    return _authorize(entries, skipped, path, public_key_bytes, client_address, role, now, client_host)
+
+
+class AuthorizedKeysFile:
+    """``authorized_keys`` as a server uses it: read at every check, so that edits apply at once.
+
+    The agent and the admin endpoint hold one. The first read, and every read
+    that finds the file changed (a *reload*), logs how many keys it holds and
+    each skipped line with ``path:line`` and the reason; a file that is
+    missing or that strict modes refuse is logged too. Every refusal is an
+    :class:`AuthorizationError` whose message says why.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, log: logging.Logger) -> None:
+        self.path = Path(path) if path is not None else authorized_keys_path()
+        self.log = log
+        self._last: object = None  # what the last read found, to log only what changed
+
+    def load(self) -> tuple[list[AuthorizedKey], list[SkippedLine]]:
+        """Read the file, logging what changed since the last read.
+
+        Raises :class:`~pydra.strictmodes.StrictModeError` or ``OSError``
+        (``FileNotFoundError`` for a missing file), after logging it.
+        """
+        try:
+            data = strictmodes.read_bytes(self.path)
+        except (strictmodes.StrictModeError, OSError) as error:
+            self._note(str(error), lambda: self.log.warning("%s: every client is refused", _describe(error)))
+            raise
+        entries, skipped = _parse_authorized_keys(data, self.path)
+
+        def report() -> None:
+            self.log.info("read %s: %d usable keys, %d lines skipped", self.path, len(entries), len(skipped))
+            for line in skipped:
+                self.log.warning("%s", line)
+
+        self._note(hashlib.sha256(data).digest(), report)
+        return entries, skipped
+
+    def authorize(
+        self, public_key_bytes: bytes, client_address: str, role: str, now: datetime | None = None
+    ) -> AuthorizedKey:
+        """Like :func:`authorize`, with this file; every refusal is an :class:`AuthorizationError`."""
+        try:
+            entries, skipped = self.load()
+        except (strictmodes.StrictModeError, OSError) as error:
+            raise AuthorizationError(_describe(error)) from None
+        return _authorize(entries, skipped, self.path, public_key_bytes, client_address, role, now, None)
+
+    def _note(self, state: object, report: Callable[[], None]) -> None:
+        if state != self._last:
+            self._last = state
+            report()
+
+
+def _describe(error: Exception) -> str:
+    """One line for a file that cannot be used."""
+    if isinstance(error, FileNotFoundError):
+        return f"{error.filename} does not exist"
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot read {error.filename}: {error.strerror.lower()}"
+    return str(error)
+
+
+def _read_authorized_keys(path: Path) -> tuple[list[AuthorizedKey], list[SkippedLine]]:
+    return _parse_authorized_keys(strictmodes.read_bytes(path), path)
+
+
+def _parse_authorized_keys(data: bytes, path: Path) -> tuple[list[AuthorizedKey], list[SkippedLine]]:
+    entries: list[AuthorizedKey] = []
+    skipped: list[SkippedLine] = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        location = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            skipped.append(SkippedLine(location, "not valid UTF-8", None))
+            continue
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entries.append(_parse_authorized_line(line, location))
+        except ValueError as error:  # UnsupportedKeyTypeError too: other key types are skipped
+            skipped.append(SkippedLine(location, str(error), _key_named_in(line)))
+    return entries, skipped
+
+
+def _key_named_in(line: str) -> bytes | None:
+    """The ed25519 key a skipped line names, if any: so a refusal can point at the line."""
+    match = _ED25519_FIELD.search(line)
+    if match is None:
+        return None
+    try:
+        return keys.public_key_bytes(keys.parse_public_key_line(match.group())[0])
+    except ValueError:
+        return None
+
+
+def _authorize(
+    entries: list[AuthorizedKey],
+    skipped: list[SkippedLine],
+    path: Path,
+    public_key_bytes: bytes,
+    client_address: str,
+    role: str,
+    now: datetime | None,
+    client_host: str | None,
+) -> AuthorizedKey:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}, expected one of {sorted(ROLES)}")
-    path = Path(path) if path is not None else authorized_keys_path()
     address = ipaddress.ip_address(client_address)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped  # an IPv4 client seen through an IPv6 socket
@@ -229,12 +327,6 @@ def authorize(
     now = now.astimezone()  # a naive `now` is taken as local time, like expiry-time
     offered_key = keys.public_key_bytes(public_key_bytes)
     key_fingerprint = keys.sha256_fingerprint(offered_key)
-    try:
-        entries, _ = read_authorized_keys(path)
-    except FileNotFoundError:
-        raise AuthorizationError(
-            f"key {key_fingerprint} is not in {path} (the file does not exist)"
-        ) from None
     refusals = []
     for entry in entries:
         if entry.public_key == offered_key:
@@ -242,7 +334,12 @@ def authorize(
             if refusal is None:
                 return entry
             refusals.append(refusal)
-    raise AuthorizationError(refusals[0] if refusals else f"key {key_fingerprint} is not in {path}")
+    if refusals:
+        raise AuthorizationError(refusals[0])
+    for line in skipped:
+        if line.public_key == offered_key:
+            raise AuthorizationError(f"key {key_fingerprint} is only on {line.location}, which is skipped: {line.reason}")
+    raise AuthorizationError(f"key {key_fingerprint} is not in {path}")
 
 
 def _parse_authorized_line(line: str, location: str) -> AuthorizedKey:
@@ -252,6 +349,13 @@ def _parse_authorized_line(line: str, location: str) -> AuthorizedKey:
     # A line starts with options unless its second field is the base64 key.
     if len(fields) < 2 or not fields[1].startswith("AAAA"):
         options, key_text = _parse_options(line)
+        rest = key_text.split()
+        if "=" in rest[0] or (len(rest) > 1 and not rest[1].startswith("AAAA")):
+            # `a="x" b="y" ssh-ed25519 ...`: taking only the first option would drop the others.
+            raise ValueError(
+                "options must be separated by commas, not spaces (OpenSSH syntax): "
+                'pydra-role="launch",from="10.0.0.0/8" ssh-ed25519 AAAA...'
+            )
     public_key, comment = keys.parse_public_key_line(key_text)
     roles = DEFAULT_ROLES
     allowed_from: tuple[str, ...] | None = None
@@ -350,123 +454,3 @@ def _describe_time(moment: datetime) -> str:
     if (moment.hour, moment.minute, moment.second) == (0, 0, 0):
         return f"{moment:%Y-%m-%d}"
     return f"{moment:%Y-%m-%d %H:%M:%S}"
-
-
-# --- known_hosts ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _KnownHost:
-    """One ed25519 line of a ``known_hosts`` file."""
-
-    patterns: tuple[str, ...]  # empty for a hashed entry
-    hashed: tuple[bytes, bytes] | None  # (salt, HMAC-SHA1 of the name) of a |1|salt|hash entry
-    public_key: bytes
-    line_number: int
-
-    def matches(self, name: str) -> bool:
-        if self.hashed is not None:
-            salt, digest = self.hashed
-            expected = hmac.new(salt, name.encode(), hashlib.sha1).digest()
-            return hmac.compare_digest(expected, digest)
-        return _matches_pattern_list(self.patterns, lambda pattern: _glob_matches(pattern, name))
-
-
-def check_host(
-    host: str,
-    port: int,
-    public_key_bytes: bytes,
-    accept_new: bool = False,
-    *,
-    path: str | os.PathLike[str] | None = None,
-) -> None:
-    """Check a node's host key against ``known_hosts`` (by default :func:`known_hosts_path`).
-
-    Returns if the key is known for *host* and *port*.  A host with no entry
-    raises :class:`UnknownHostKey`, unless *accept_new* is true: then the key
-    is appended to the file and trusted from now on.  A host whose entry holds
-    a different key always raises :class:`HostKeyChanged`.
-    """
-    path = Path(path) if path is not None else known_hosts_path()
-    offered_key = keys.public_key_bytes(public_key_bytes)
-    name = _known_hosts_name(host, port)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    entries = [entry for entry in _parse_known_hosts(text, path) if entry.matches(name)]
-    if any(entry.public_key == offered_key for entry in entries):
-        return
-    if entries:
-        raise HostKeyChanged(_changed_key_warning(name, path, entries[0], offered_key))
-    if not accept_new:
-        raise UnknownHostKey(
-            f"the host key of {name} ({keys.sha256_fingerprint(offered_key)}) "
-            f"is not in {path}; compare it with 'pydra keygen -l -f "
-            f"~/.pydra/{keys.HOST_KEY_NAME}.pub' run on {host}, then accept it"
-        )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    separator = "" if not text or text.endswith("\n") else "\n"
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(f"{separator}{name} {keys.public_key_line(offered_key)}\n")
-
-
-def _known_hosts_name(host: str, port: int) -> str:
-    """Write *host* as OpenSSH does: bare for the default port, else ``[host]:port``."""
-    host = host.lower()
-    return host if port == DEFAULT_AGENT_PORT else f"[{host}]:{port}"
-
-
-def _parse_known_hosts(text: str, path: Path) -> list[_KnownHost]:
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            entry = _parse_known_host_line(line, number)
-        except ValueError as error:
-            raise keys.KeyFileError(f"{path}:{number}: {error}") from None
-        if entry is not None:
-            entries.append(entry)
-    return entries
-
-
-def _parse_known_host_line(line: str, number: int) -> _KnownHost | None:
-    """Parse one line; return None for key types Pydra does not use."""
-    if line.startswith("@"):
-        # Skipping @revoked silently would trust a revoked key, so refuse instead.
-        raise ValueError("markers such as @revoked and @cert-authority are not supported")
-    fields = line.split(None, 1)
-    host_field, key_text = fields[0], fields[1] if len(fields) == 2 else ""
-    try:
-        public_key, _ = keys.parse_public_key_line(key_text)
-    except keys.UnsupportedKeyTypeError:
-        return None
-    raw_key = keys.public_key_bytes(public_key)
-    if host_field.startswith(_HASHED_HOST_PREFIX):
-        return _KnownHost((), _parse_hashed_host(host_field), raw_key, number)
-    return _KnownHost(tuple(host_field.split(",")), None, raw_key, number)
-
-
-def _parse_hashed_host(field: str) -> tuple[bytes, bytes]:
-    salt, _, digest = field.removeprefix(_HASHED_HOST_PREFIX).partition("|")
-    try:
-        return base64.b64decode(salt, validate=True), base64.b64decode(digest, validate=True)
-    except binascii.Error:
-        raise ValueError(f"malformed hashed host name {field!r}") from None
-
-
-def _changed_key_warning(name: str, path: Path, known: _KnownHost, offered_key: bytes) -> str:
-    banner = "@" * 64
-    location = f"{path}:{known.line_number}"
-    return "\n".join(
-        [
-            banner,
-            f"@{'WARNING: THE HOST KEY OF A PYDRA NODE HAS CHANGED!':^62}@",
-            banner,
-            f"The agent at {name} presented the key {keys.sha256_fingerprint(offered_key)},",
-            f"but {location} says its key is {keys.sha256_fingerprint(known.public_key)}.",
-            "Someone may be intercepting this connection (a man-in-the-middle attack),",
-            "or the node's host key was regenerated.  Pydra will not connect to it.",
-            "If you know that the key was changed on purpose, delete line",
-            f"{known.line_number} of {path} and connect again to record the new key.",
-        ]
-    )

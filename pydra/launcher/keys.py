@@ -28,7 +28,6 @@ import hashlib
 import os
 import re
 import socket
-import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from pydra import strictmodes
 from pydra.config import setting
 
 __all__ = [
@@ -90,7 +90,7 @@ _PUBLIC_KEY_LINE = re.compile(r"\s*\S+\s+AAAA")
 
 
 class KeyFileError(Exception):
-    """A key file is malformed, unsafe, or needs a passphrase that was not given."""
+    """A key file is malformed, or needs a passphrase that was not given (an unsafe one: StrictModeError)."""
 
 
 class UnsupportedKeyTypeError(ValueError):
@@ -248,18 +248,12 @@ def load_private_key(
 ) -> Ed25519PrivateKey:
     """Load an OpenSSH Ed25519 private key, decrypting it with *passphrase*.
 
-    Like OpenSSH, refuses a key file that its group or other users can access.
+    Like OpenSSH, refuses a key file that its group or other users can access,
+    and (strict modes) one owned by another user or in a directory others can
+    write: :class:`~pydra.strictmodes.StrictModeError`.
     """
     path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as file:
-        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
-        # Windows has no group/other permission bits to check.
-        if os.name == "posix" and mode & 0o077:
-            raise KeyFileError(
-                f"private key {path} has mode {mode:04o}, so other users can read it; "
-                f"fix it with: chmod 600 {path}"
-            )
-        text = file.read()
+    text = strictmodes.read_bytes(path, strictmodes.Kind.SECRET).decode("utf-8", "replace")
     return _decrypt_private_key(_parse_private_key_file(text, path), path, passphrase)[0]
 
 

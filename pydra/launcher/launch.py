@@ -40,6 +40,7 @@ from pydra.launcher.hostfile import Host, HostfileError, hosts_from_environment,
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec
+from pydra.strictmodes import StrictModeError
 
 CONNECT_TIMEOUT = 10.0
 
@@ -145,7 +146,12 @@ def launch_main(argv: list[str] | None = None) -> int:
 
         return run_locally(args.ranks, forwarded)
     try:
+        # Strict modes: a key or known_hosts someone else could write is refused before any connection.
         identity = keys.load_private_key(args.identity)
+        authorized.check_known_hosts(args.known_hosts)
+    except StrictModeError as exc:
+        print(f"pydra launch: {exc}", file=sys.stderr)
+        return 2
     except (keys.KeyFileError, OSError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
@@ -289,7 +295,11 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         # control connection: that is our tunnel, so it must outlive the Ctrl-C, or mpiexec
         # loses the ranks' exit statuses and may report the stopped job as a success.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
+    try:
+        identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
+    except (StrictModeError, keys.KeyFileError, OSError) as exc:
+        print(f"pydra-remote-exec: {exc}", file=sys.stderr)
+        return 255
     known_hosts = Path(setting("KNOWN_HOSTS", str(authorized.known_hosts_path())))
 
     async def run() -> int:

@@ -3,24 +3,33 @@
 It listens for channels with purpose ``launch`` (see docs/PROTOCOL.md),
 checks each client key against ``authorized_keys`` (role ``launch``,
 ``from=``, ``expiry-time=``), logs every accepted and refused connection with
-the key's fingerprint, and serves one exec or ping request per connection
-(:func:`pydra.launcher.remote.server_exec`).
+the key's fingerprint and the reason for a refusal, and serves one exec or
+ping request per connection (:func:`pydra.launcher.remote.server_exec`).
+
+It logs every line of ``authorized_keys`` it skips, with ``file:line`` and
+why, at start and whenever the file changes; and it refuses a host key or an
+``authorized_keys`` that another user could have written (strict modes,
+:mod:`pydra.strictmodes`): at start by exiting with one line, later by
+refusing every connection until the file is fixed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from pydra import strictmodes
 from pydra.comm.aio import serve_channel
 from pydra.launcher import authorized, keys
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 from pydra.launcher.remote import server_exec
+from pydra.strictmodes import StrictModeError
 
 log = logging.getLogger("pydra.node")
 
@@ -40,14 +49,24 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) -> None:
-    """Run the agent until cancelled."""
+    """Run the agent until cancelled.
+
+    Raises :class:`~pydra.strictmodes.StrictModeError` at start if the host key
+    or ``authorized_keys`` could have been written by someone else; later, such
+    a file only refuses the connections (each refusal logged with the reason).
+    """
     identity = keys.load_private_key(host_key)
     fingerprint = keys.sha256_fingerprint(identity.public_key())
+    if authorized_keys.exists():
+        strictmodes.check_file(authorized_keys)  # at start, an unsafe file stops the agent
+    keyfile = authorized.AuthorizedKeysFile(authorized_keys, log)
+    with contextlib.suppress(OSError, StrictModeError):
+        keyfile.load()  # logs its skipped lines now (or that it is missing), not at the first connection
 
     def authorize_client(public_key: bytes, address: str) -> object:
         who = keys.sha256_fingerprint(public_key)
         try:
-            line = authorized.authorize(public_key, address, "launch", path=authorized_keys)
+            line = keyfile.authorize(public_key, address, "launch")
         except authorized.AuthorizationError as refusal:
             log.warning("refused %s from %s: %s", who, address, refusal)
             raise
@@ -97,6 +116,11 @@ def node_main(argv: list[str] | None = None) -> int:
         args.pid_file.write_text(f"{os.getpid()}\n")
     try:
         asyncio.run(serve(args.listen, args.host_key, args.authorized_keys))
+    except StrictModeError as exc:
+        if args.log is not None:  # a daemon's only voice; on stderr the line below says it
+            log.error("%s", exc)
+        print(f"pydra node: {exc}", file=sys.stderr)
+        return 2
     except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
         print(f"pydra node: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from pydra.progress import progress_text
 from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
 from pydra.shell.toolbar import Toolbar
+from pydra.strictmodes import StrictModeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROMPT = "pydra> "
@@ -41,8 +42,12 @@ def shell_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print replies as JSON (for scripts)")
     args = parser.parse_args(argv)
     try:
+        # Strict modes (pydra.strictmodes): a key, or a connection file, that others could write is refused.
         identity = keys.load_private_key(args.identity)
         client = ControlClient(args.connect or newest_connection_file(), identity)
+    except StrictModeError as exc:
+        print(f"pydra shell: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ControlError, keys.KeyFileError, OSError) as exc:
         print(f"pydra shell: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,9 +3,11 @@
 import base64
 import hashlib
 import hmac
+import re
 import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -106,8 +108,8 @@ def test_roles_may_be_separated_by_a_bar(write_authorized, alice):
 def test_escaped_quote_inside_a_value(write_authorized, alice):
     # No such option is supported, but the quote must not end the value early.
     path = write_authorized(f'command="echo \\"hi, there\\"" {key_line(alice)}')
-    with pytest.raises(KeyFileError, match="unsupported option 'command'"):
-        read_authorized_keys(path)
+    entries, [warning] = read_authorized_keys(path)
+    assert entries == [] and "unsupported option 'command'" in warning
 
 
 @pytest.mark.parametrize(
@@ -126,17 +128,71 @@ def test_escaped_quote_inside_a_value(write_authorized, alice):
         ('from="a";', "expected ',' or a space"),
     ],
 )
-def test_malformed_options_name_the_line(write_authorized, alice, options, message):
-    path = write_authorized("# header", f"{options} {key_line(alice)}")
-    with pytest.raises(KeyFileError, match=message) as raised:
-        read_authorized_keys(path)
-    assert str(raised.value).startswith(f"{path}:2: ")
+def test_malformed_options_skip_only_their_line_and_name_it(write_authorized, alice, options, message):
+    bob = new_key()
+    path = write_authorized("# header", f"{options} {key_line(alice)}", key_line(bob))
+    entries, [warning] = read_authorized_keys(path)
+    assert [entry.public_key for entry in entries] == [bob]  # the line after the bad one still counts
+    assert warning.startswith(f"{path}:2: skipped: ") and message in warning
+    with pytest.raises(AuthorizationError, match=f"only on {path}:2, which is skipped: .*{re.escape(message)}"):
+        authorize(alice, "10.0.0.1", "launch", path=path)
+    assert authorize(bob, "10.0.0.1", "launch", path=path).public_key == bob
 
 
-def test_malformed_key_names_the_line(write_authorized):
-    path = write_authorized("ssh-ed25519 AAAAnot-base64")
-    with pytest.raises(KeyFileError, match=f"{path}:1: .*base64"):
-        read_authorized_keys(path)
+def test_malformed_key_names_the_line(write_authorized, alice):
+    path = write_authorized("ssh-ed25519 AAAAnot-base64", key_line(alice))
+    entries, [warning] = read_authorized_keys(path)
+    assert [entry.public_key for entry in entries] == [alice]
+    assert re.match(f"{re.escape(str(path))}:1: skipped: .*base64", warning)
+
+
+def test_options_separated_by_spaces_skip_the_line_and_say_why(write_authorized, alice):
+    # The README once showed this; taking pydra-role alone would have dropped from= and expiry-time.
+    path = write_authorized(f'pydra-role="launch" from="10.1.0.0/16" expiry-time="20271231" {key_line(alice)}')
+    entries, [warning] = read_authorized_keys(path)
+    assert entries == []
+    assert warning.startswith(f"{path}:1: skipped: options must be separated by commas, not spaces")
+    reason = "options must be separated by commas"
+    with pytest.raises(AuthorizationError, match=f"is only on {path}:1, which is skipped: {reason}"):
+        authorize(alice, "10.1.2.3", "launch", path=path)
+
+
+def test_the_same_options_separated_by_commas_work(write_authorized, alice):
+    path = write_authorized(f'pydra-role="launch",from="10.1.0.0/16",expiry-time="20271231" {key_line(alice)}')
+    [entry], warnings = read_authorized_keys(path)
+    assert warnings == [] and entry.allowed_from == ("10.1.0.0/16",) and entry.roles == {"launch"}
+    now = datetime(2027, 6, 1)
+    assert authorize(alice, "10.1.2.3", "launch", now, path=path) == entry
+    with pytest.raises(AuthorizationError, match="not allowed from 10.2.0.1"):
+        authorize(alice, "10.2.0.1", "launch", now, path=path)
+    with pytest.raises(AuthorizationError, match="expired"):
+        authorize(alice, "10.1.2.3", "launch", datetime(2028, 1, 1), path=path)
+
+
+def test_a_line_that_is_not_utf8_skips_only_itself(tmp_path, alice):
+    path = tmp_path / "authorized_keys"
+    path.write_bytes(b"\xff\xfe garbage\n" + key_line(alice).encode() + b"\n")
+    entries, [warning] = read_authorized_keys(path)
+    assert [entry.public_key for entry in entries] == [alice] and warning == f"{path}:1: skipped: not valid UTF-8"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTED = [ROOT / "README.md", ROOT / "hostfiles" / "three-loopback-hosts.txt"]
+
+
+def test_every_documented_authorized_keys_line_is_accepted_whole(tmp_path):
+    """The README once showed a line the parser skips; every example must now be read without a warning."""
+    path = tmp_path / "authorized_keys"
+    examples = [line for doc in DOCUMENTED for line in re.findall(r"(?:^#[ \t]+|`)([^`\n]*ssh-ed25519 AAAA\.\.\.[^`\n]*)", doc.read_text(), re.M)]
+    assert len(examples) == len(DOCUMENTED), examples
+    for example in examples:
+        path.write_text(example.replace("AAAA...", key_line(new_key()).split()[1]) + "\n")
+        entries, warnings = read_authorized_keys(path)
+        assert warnings == [] and len(entries) == 1 and entries[0].allowed_from, example
+
+    entries, warnings = read_authorized_keys(ROOT / "hostfiles" / "authorized_keys.example")
+    assert warnings == [] and len(entries) == 4
+    assert {"launch", "admin"} in [entry.roles for entry in entries]
 
 
 # --- authorized_keys: authorizing -----------------------------------------

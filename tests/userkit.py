@@ -1,0 +1,62 @@
+"""A second local user for the tests of who may write what: made by the test (as root), removed after it.
+
+:func:`second_user` is a context manager: ``useradd --create-home`` on entry;
+on exit every process of the user is stopped by pid (never by name), then
+``userdel -r``, retried while those processes go away. Callers skip when not
+root (:data:`CAN_ADD_USERS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+CAN_ADD_USERS = os.geteuid() == 0 and shutil.which("useradd") is not None and shutil.which("userdel") is not None
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+@contextlib.contextmanager
+def second_user() -> Iterator[User]:
+    """A new local user with a home directory, removed on exit."""
+    name = f"pydra{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--create-home", name], check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        yield User(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
+    finally:
+        remove_user(name)
+
+
+def remove_user(name: str) -> None:
+    """SIGKILL every process of *name* by pid, then ``userdel -r`` (retried while they go away)."""
+    uid = pwd.getpwnam(name).pw_uid
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in status.splitlines()):
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 30
+    while subprocess.run(["userdel", "-r", name], capture_output=True).returncode not in (0, 6):  # 6: no such user
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not remove the test user {name}")
+        time.sleep(0.2)
