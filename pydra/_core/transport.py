@@ -215,8 +215,9 @@ class LocalTransport:
                     if reply is not None:
                         self.outbox.append(RepliesReceived(0, [(*reply, None)], time.monotonic()))
                         self.master.call_soon(self.master.wake)
+                    reply = None  # no value outlives its reply, even while the next unit runs
                 stop = commands[-1][0] == protocol.STOP
-                del commands, command, reply  # no argument outlives its unit
+                del commands, command  # nor an argument its unit
                 if stop:
                     return
         except BaseException:
