@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 from pydra._core import protocol
 from pydra._core.master import Master
 from pydra._core.sources import Chunk, ChunkStream, GangRequest, RetryPolicy
-from pydra.comm import mpi
+from pydra.comm import serial
 from pydra.errors import ItemFailed, WorkerLost
 from pydra.tasks import GangTask, MapReduce, Parallel, Sequence, Task
 
@@ -92,10 +92,10 @@ class Walk:
         """*compute()*, or its result from the log of an earlier run; a new result is logged."""
         recorded = self.log.done(path) if self.log else {}
         if 0 in recorded:
-            return mpi.loads(recorded[0][1])[0]
+            return serial.loads(recorded[0][1])[0]
         value = await compute()
         if self.log:
-            self.log.record(path, 0, 1, mpi.dumps([value]), 0, 0.0)
+            self.log.record(path, 0, 1, serial.dumps([value]), 0, 0.0)
         return value
 
     def run_chunks(
@@ -103,7 +103,7 @@ class Walk:
     ) -> Awaitable[list]:
         """Apply definition *tid* to every item on the workers; the list of results in order."""
         recorded = self.log.done(path) if self.log else {}
-        sink = OrderedResults(self.master, {start: mpi.loads(blob) for start, (_, blob) in recorded.items()})
+        sink = OrderedResults(self.master, {start: serial.loads(blob) for start, (_, blob) in recorded.items()})
         record = None
         if self.log:
             log = self.log

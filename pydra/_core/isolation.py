@@ -34,7 +34,7 @@ from pydra import target as targets
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra._core.runner import UnitRunner
-from pydra.comm import mpi
+from pydra.comm import serial
 from pydra.config import setting
 from pydra.errors import TaskProcessDied, UnitTimeout
 from pydra.tasks.base import Task
@@ -58,7 +58,7 @@ class Pipe:
         self._sending = threading.Lock()  # task threads log while the main thread replies
 
     def send(self, message: Any) -> None:
-        data = mpi.dumps(message)
+        data = serial.dumps(message)
         view = memoryview(_HEADER.pack(len(data)) + data)
         with self._sending:
             while view:
@@ -73,7 +73,7 @@ class Pipe:
                 if len(self._buffer) >= _HEADER.size + size:
                     data = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
                     del self._buffer[: _HEADER.size + size]
-                    return mpi.loads(data)
+                    return serial.loads(data)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([self.read_fd], [], [], remaining)[0]:
                 raise TimeoutError
@@ -246,7 +246,7 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
     """The child's loop: run what the rank sends until the pipe closes."""
     pipe = Pipe(read_fd, write_fd)
     _exit_with_parent()
-    mpi.use_serializer(setting("SERIALIZER", "pickle"))  # as the rank does
+    serial.use(setting("SERIALIZER", "pickle"))  # as the rank does
 
     def report_progress(uid: int, done: int, total: int | None, message: str | None) -> None:
         pipe.send(("progress", uid, done, total, message))

@@ -30,7 +30,7 @@ from pydra._core.events import Dispatch, StopRequested, Tick
 from pydra._core.scheduler import Scheduler, Settings
 from pydra._core.sources import GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
-from pydra.comm import mpi
+from pydra.comm import mpi, serial
 from pydra.config import setting
 
 #: log records rank 0 keeps for ``pydra shell``'s ``logs``
@@ -54,7 +54,7 @@ class Master:
         )
         ranks = list(range(1, comm.size)) if comm.size > 1 else [0]  # no workers: rank 0 runs units itself
         now = time.monotonic()
-        self.scheduler = Scheduler(ranks, dict(enumerate(hosts)), settings, mpi.dumps, comm.size, now)
+        self.scheduler = Scheduler(ranks, dict(enumerate(hosts)), settings, serial.dumps, comm.size, now)
         # The worker ranks over MPI; rank 0 itself, in one process or once every worker is lost.
         self.remote: MpiTransport | None = MpiTransport(comm) if comm.size > 1 else None
         self.local: LocalTransport | None = None if comm.size > 1 else LocalTransport(self)

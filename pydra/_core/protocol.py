@@ -1,15 +1,33 @@
-"""What rank 0 and the workers say to each other over MPI.
+"""Every message between rank 0 and the workers: its tag, its meaning, its shape on the wire.
 
-Rank 0 sends a worker ``TAG_COMMANDS`` messages, each a list of commands
-(its share of a dispatch pass: several tiny units travel together). Every
-unit command gets exactly one reply; the worker sends replies in
-``TAG_REPLIES`` messages ``(messages read so far, [reply, ...])``, as soon as
-one fails or has waited ``_HOLD_REPLIES_SECONDS`` (even while a later unit
+This module owns them all; the two edges that touch MPI, rank 0's
+:mod:`pydra._core.transport` and a worker's :mod:`pydra._core.worker`,
+encode and decode with the pairs below and nothing else. It imports no MPI.
+
+============  =========  ========================================================================
+tag           direction  payload
+============  =========  ========================================================================
+COMMANDS 11   0 → w      a list of commands (below): a worker's share of one dispatch pass
+REPLIES 12    w → 0      ``(messages read so far, [(uid, ok, pickled value or Failure, seconds)])``
+PROGRESS 13   w → 0      :class:`ProgressReport` of the running unit
+CANCEL 14     0 → w      a list of uids whose results are no longer wanted
+HEARTBEAT 15  both       empty from rank 0; :class:`Usage` from a worker's heartbeat thread
+LOG 16        w → 0      :class:`LogRecord`: what task code logged (WARNING and up, or its level)
+BOUNCED 17    w → 0      :class:`Bounce`: a COMMANDS message the worker could not unpickle
+============  =========  ========================================================================
+
+Every unit command gets exactly one reply; the worker sends replies as soon
+as one fails or has waited ``_HOLD_REPLIES_SECONDS`` (even while a later unit
 runs), else when the message's last unit is done. Rank 0 counts each
-worker's units in flight from those replies.
+worker's units in flight from those replies, and keeps each commands
+message until the worker says (in REPLIES) that it read it: a BOUNCED
+message's units go again one per message, so that only the unit that cannot
+be loaded fails.
 
-Commands are plain tuples because they sit on the hot path (a frozen
-dataclass costs several times more to pickle); their layouts:
+Commands and replies are plain tuples, on the wire and in memory, because
+they sit on the hot path: a frozen dataclass costs several times more to
+pickle, and even building a NamedTuple costs ~15 times a tuple, per unit, on
+rank 0, which is the bottleneck. Their layouts:
 
 ==============================================  =================================================
 ``(DEFINE, tid, blob)``                         unpickle *blob* (a task, function or subtree)
@@ -38,17 +56,9 @@ dataclass costs several times more to pickle); their layouts:
 A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
 otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
 On the wire *value* is pickled on its own, so a value that cannot be
-unpickled on rank 0 fails its one unit. A ``TAG_COMMANDS`` message that the
-worker cannot unpickle (an argument whose class only rank 0 can import) comes
-back whole as ``TAG_BOUNCED`` ``(payload, failure)``; rank 0 sends its units
-again one per message, so that only the unit that cannot be loaded fails.
-A progress report (``TAG_PROGRESS``) is ``(uid, done, total, message)``, a
-cancellation (``TAG_CANCEL``) is a list of uids, a heartbeat
-(``TAG_HEARTBEAT``, sent by a worker thread while the rank lives) is empty
-from rank 0 and ``(cpu seconds, resident bytes, worker clock)`` from a
-worker, and a log record (``TAG_LOG``) is ``(uid, time, level, logger,
-message)``: what task code logged at WARNING and above (or the level the
-task set) while running unit *uid*.
+unpickled on rank 0 fails its one unit. The other messages are typed
+records (NamedTuples), sent as plain tuples: :func:`encode` and
+:func:`decode`.
 """
 
 from __future__ import annotations
@@ -56,8 +66,28 @@ from __future__ import annotations
 import pickle
 import traceback
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple, TypeVar
 
+from pydra.comm import serial
 from pydra.errors import RemoteTraceback
+
+
+class Tag(IntEnum):
+    """The MPI tag of each kind of message (see the table above)."""
+
+    COMMANDS = 11
+    REPLIES = 12
+    PROGRESS = 13
+    CANCEL = 14
+    HEARTBEAT = 15
+    LOG = 16
+    BOUNCED = 17
+
+
+#: what each tag carries, for log lines about dropped messages
+TAG_NAMES = {tag.value: tag.name.lower() for tag in Tag}
+
 
 DEFINE = "define"
 CALL = "call"
@@ -74,6 +104,88 @@ STOP = "stop"
 NO_REPLY = frozenset({DEFINE, FORGET, LOAD, RESTART})
 #: commands whose third field is a definition id: the worker must have received it first
 USES_DEFINITION = frozenset({MAP, MR_MAP, GANG, MR_REDUCE})
+
+
+# -- the hot path: commands and replies, plain tuples -----------------------------------------------
+
+
+def encode_commands(commands: list[tuple]) -> bytes:
+    """A COMMANDS payload (raises what pickle raises: the caller fails those units)."""
+    return serial.dumps(commands)
+
+
+def decode_commands(payload: bytes | bytearray) -> list[tuple]:
+    """The commands of a COMMANDS payload (raises what unpickling raised: the message bounces)."""
+    return serial.loads(payload)
+
+
+def encode_replies(read: int, packed: list[tuple]) -> bytes:
+    """A REPLIES payload: *read* commands messages read so far, and ``(uid, ok, blob, seconds)`` replies."""
+    return serial.dumps((read, packed))
+
+
+def decode_replies(payload: bytes | bytearray) -> tuple[int, list[tuple]]:
+    """*read* and the packed replies of a REPLIES payload (each value still pickled)."""
+    return serial.loads(payload)
+
+
+# -- the other messages: typed records ---------------------------------------------------------------
+
+
+class ProgressReport(NamedTuple):
+    """PROGRESS: unit *uid* has done *done* of *total* (None: unknown), with an optional *message*."""
+
+    uid: int
+    done: int
+    total: int | None
+    message: str | None
+
+
+class LogRecord(NamedTuple):
+    """LOG: a record task code logged while running unit *uid* (None: outside a unit)."""
+
+    uid: int | None
+    created: float
+    level: str
+    logger: str
+    message: str
+
+
+class Usage(NamedTuple):
+    """HEARTBEAT from a worker: its CPU seconds, resident bytes, and its clock when measured."""
+
+    cpu: float
+    rss: int
+    when: float
+
+
+class Bounce(NamedTuple):
+    """BOUNCED: the worker's commands message number *number* (counted from 0) did not unpickle there."""
+
+    number: int
+    failure: bytes  # a pickled Failure, on its own: it may not load on rank 0 either
+
+
+Record = TypeVar("Record", ProgressReport, LogRecord, Usage, Bounce)
+
+
+def encode(record: NamedTuple) -> bytes:
+    """A record's payload: its fields as a plain tuple (no class name on the wire)."""
+    return serial.dumps(tuple(record))
+
+
+def decode(kind: type[Record], payload: bytes | bytearray) -> Record:
+    """The record of type *kind* in *payload*."""
+    return kind._make(serial.loads(payload))
+
+
+def encode_cancel(uids: list[int]) -> bytes:
+    """A CANCEL payload."""
+    return serial.dumps(uids)
+
+
+def decode_cancel(payload: bytes | bytearray) -> list[int]:
+    return serial.loads(payload)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra import target as targets
-from pydra.comm import mpi
+from pydra.comm import serial
 from pydra.errors import TargetError, UnitTimeout
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
@@ -54,7 +54,7 @@ class UnitRunner:
         if op == protocol.DEFINE:
             _, tid, blob = command
             try:
-                self.defined[tid] = mpi.loads(blob)
+                self.defined[tid] = serial.loads(blob)
             except (Exception, SystemExit) as exc:  # the units that use it fail with this, not the rank
                 self.defined[tid] = _Unloadable(exc)
             return None

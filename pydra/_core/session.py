@@ -21,9 +21,10 @@ import sys
 
 from mpi4py import MPI
 
+from pydra._core import protocol
 from pydra._core.master import Master
 from pydra._core.worker import WorkerLoop
-from pydra.comm import mpi
+from pydra.comm import mpi, serial
 from pydra.config import flag, setting
 
 
@@ -41,7 +42,8 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
     mpi.start_sealing(comm)  # before any message, and before a bad setting could abort the job
-    mpi.use_serializer(setting("SERIALIZER", "pickle"))
+    serial.use(setting("SERIALIZER", "pickle"))
+    mpi.TAG_NAMES.update(protocol.TAG_NAMES)  # for log lines about dropped messages
     abort_on_uncaught_exit(comm)
     hosts = mpi.gather_object(comm, host_name(), 0, "gather-hosts", refused="?")
     # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mpi4py import MPI
 
 from pydra._core import protocol
-from pydra._core.protocol import Failure
+from pydra._core.protocol import Failure, Tag
 from pydra._core.runner import UnitRunner
 from pydra._core.events import Heard, Progress, RepliesReceived
-from pydra.comm import mpi
+from pydra.comm import mpi, serial
 
 if TYPE_CHECKING:
     from pydra._core.master import Master
@@ -72,7 +72,7 @@ class MpiTransport:
 
     def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
         try:
-            payload = mpi.dumps(commands)
+            payload = protocol.encode_commands(commands)
         except Exception:
             return self._refuse(rank, commands)
         self._post(rank, commands, payload)
@@ -81,29 +81,29 @@ class MpiTransport:
     def _post(self, rank: int, commands: list[tuple], payload: bytes) -> None:
         if rank not in self.ignored:  # (a STOP for a lost rank that may still listen is not kept)
             self.unread.setdefault(rank, deque()).append(commands)
-        self.outbox.post(payload, rank, mpi.TAG_COMMANDS)
+        self.outbox.post(payload, rank, Tag.COMMANDS)
 
     def _refuse(self, rank: int, commands: list[tuple]) -> list:
         """Some command could not be pickled: send the others; fail those units at once, with pickle's error."""
         sendable, failed = [], []
         for command in commands:
             try:
-                mpi.dumps(command)
+                protocol.encode_commands([command])
                 sendable.append(command)
             except Exception as error:  # what pickle or the object's __reduce__ raised
                 error.add_note(f"(while sending work to rank {rank})")
                 if command[0] not in protocol.NO_REPLY:
                     failed.append((command[1], False, Failure.here(error), 0.0, None))
         if sendable:
-            self._post(rank, sendable, mpi.dumps(sendable))
+            self._post(rank, sendable, protocol.encode_commands(sendable))
         return [RepliesReceived(rank, failed, time.monotonic())] if failed else []
 
     def cancel(self, rank: int, uids: list[int]) -> None:
-        self.outbox.post(mpi.dumps(uids), rank, mpi.TAG_CANCEL)
+        self.outbox.post(protocol.encode_cancel(uids), rank, Tag.CANCEL)
 
     def beat(self, ranks: list[int]) -> None:
         for rank in ranks:
-            self.outbox.post(b"", rank, mpi.TAG_HEARTBEAT)
+            self.outbox.post(b"", rank, Tag.HEARTBEAT)
 
     def forget(self, rank: int) -> None:
         self.ignored.add(rank)
@@ -124,22 +124,24 @@ class MpiTransport:
             source, tag = message.source, message.tag
             if source in self.ignored:
                 continue  # declared lost: its units are rescheduled, its word no longer counts
-            if tag == mpi.TAG_REPLIES:
-                read, packed = mpi.loads(message.payload)
+            if tag == Tag.REPLIES:
+                read, packed = protocol.decode_replies(message.payload)
                 self._read_up_to(source, read)
                 events.append(RepliesReceived(source, [self._unpack(source, *reply) for reply in packed], now))
-            elif tag == mpi.TAG_HEARTBEAT:
-                events.append(Heard(source, now, mpi.loads(message.payload) if message.payload else None))
-            elif tag == mpi.TAG_PROGRESS:
-                uid, done, total, text = mpi.loads(message.payload)
-                events += [Heard(source, now), Progress(source, uid, done, total, text)]
-            elif tag == mpi.TAG_LOG:
-                uid, created, level, name, text = mpi.loads(message.payload)
-                master.note(text, rank=source, level=level, logger=name, uid=uid, created=created)
+            elif tag == Tag.HEARTBEAT:
+                usage = protocol.decode(protocol.Usage, message.payload) if message.payload else None
+                events.append(Heard(source, now, usage))
+            elif tag == Tag.PROGRESS:
+                report = protocol.decode(protocol.ProgressReport, message.payload)
+                events += [Heard(source, now), Progress(source, *report)]
+            elif tag == Tag.LOG:
+                record = protocol.decode(protocol.LogRecord, message.payload)
+                master.note(record.message, rank=source, level=record.level, logger=record.logger, uid=record.uid,
+                            created=record.created)
                 events.append(Heard(source, now))
-            elif tag == mpi.TAG_BOUNCED:
-                number, failure = mpi.loads(message.payload)
-                events += [Heard(source, now), *self._resend_alone(master, source, number, failure, now)]
+            elif tag == Tag.BOUNCED:
+                bounce = protocol.decode(protocol.Bounce, message.payload)
+                events += [Heard(source, now), *self._resend_alone(master, source, bounce, now)]
         return events
 
     def _read_up_to(self, rank: int, read: int) -> None:
@@ -154,31 +156,31 @@ class MpiTransport:
     def _unpack(self, rank: int, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
         """A reply with its value unpickled, or a failure saying why that is impossible here."""
         try:
-            return (uid, ok, mpi.loads(blob), seconds, blob if ok else None)
+            return (uid, ok, serial.loads(blob), seconds, blob if ok else None)
         except (Exception, SystemExit) as exc:  # what unpickling raised: that unit's error, as itself
             exc.add_note(f"(while rank 0 unpickled a result from rank {rank})")
             return (uid, False, Failure.here(exc), seconds, None)
 
-    def _resend_alone(self, master: "Master", rank: int, number: int, failure_blob: bytes, now: float) -> list:
-        """*rank* could not unpickle its commands message *number*: send each unit of it in a message of its own.
+    def _resend_alone(self, master: "Master", rank: int, bounce: protocol.Bounce, now: float) -> list:
+        """*rank* could not unpickle its commands message ``bounce.number``: send each of its units alone.
 
         Then only the unit whose data cannot be loaded there fails, with the
         worker's error (a class only rank 0 can import, say); the others run.
         The message's commands were kept until the worker said it read it:
         their data may not load on rank 0 either.
         """
-        commands = self.unread[rank][number - self.first_unread.get(rank, 0)]
-        self._read_up_to(rank, number + 1)
+        commands = self.unread[rank][bounce.number - self.first_unread.get(rank, 0)]
+        self._read_up_to(rank, bounce.number + 1)
         units = [command for command in commands if command[0] not in protocol.NO_REPLY]
         others = [command for command in commands if command[0] in protocol.NO_REPLY]
         if len(units) > 1:
             if others:  # definitions first: the units need them (their blobs are pickled on their own)
-                self._post(rank, others, mpi.dumps(others))
+                self._post(rank, others, protocol.encode_commands(others))
             for command in units:
-                self._post(rank, [command], mpi.dumps([command]))
+                self._post(rank, [command], protocol.encode_commands([command]))
             return []
         try:
-            failure = mpi.loads(failure_blob)
+            failure = serial.loads(bounce.failure)
         except (Exception, SystemExit) as exc:  # the worker's error does not load here either: say so
             failure = Failure.here(RuntimeError(f"rank {rank} could not unpickle a command: {exc!r}"))
         if not units:

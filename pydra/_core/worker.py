@@ -16,9 +16,10 @@ from typing import Callable
 from mpi4py import MPI
 
 from pydra._core import context, protocol
+from pydra._core.protocol import Tag
 from pydra._core.isolation import IsolatedRunner
 from pydra._core.runner import UnitRunner
-from pydra.comm import mpi
+from pydra.comm import mpi, serial
 from pydra.config import setting
 
 # Seconds between two progress reports of one unit, and between two looks for cancellations.
@@ -132,7 +133,7 @@ class WorkerLoop:
                 thread.join()
             if self.heartbeat:
                 # Leave no message unreceived for MPI_Finalize.
-                while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT) is not None:
+                while mpi.try_receive(self.comm, 0, Tag.HEARTBEAT) is not None:
                     pass
 
     def _beat(self, stopped: threading.Event) -> None:
@@ -144,8 +145,8 @@ class WorkerLoop:
         status = MPI.Status()  # this thread's own: the main thread polls with the module's
         heard = time.monotonic()
         while not stopped.wait(self.heartbeat):
-            mpi.send(self.comm, mpi.dumps(_usage()), 0, mpi.TAG_HEARTBEAT)
-            while mpi.try_receive(self.comm, 0, mpi.TAG_HEARTBEAT, status) is not None:
+            mpi.send(self.comm, protocol.encode(_usage()), 0, Tag.HEARTBEAT)
+            while mpi.try_receive(self.comm, 0, Tag.HEARTBEAT, status) is not None:
                 heard = time.monotonic()
             silence = time.monotonic() - heard
             if silence > self.master_timeout and not stopped.is_set():
@@ -178,22 +179,22 @@ class WorkerLoop:
 
     def _next_commands(self) -> list[tuple] | None:
         """The next commands message, or None if it could not be unpickled here (it goes back to rank 0)."""
-        message = mpi.receive(self.comm, 0, mpi.TAG_COMMANDS, self.backoff)
+        message = mpi.receive(self.comm, 0, Tag.COMMANDS, self.backoff)
         number, self.read = self.read, self.read + 1
         try:
-            return mpi.loads(message.payload)
+            return protocol.decode_commands(message.payload)
         except (Exception, SystemExit) as exc:  # an argument whose class only rank 0 can import, say
-            failure = protocol.Failure.capture(exc, *self._where())
-            mpi.send(self.comm, mpi.dumps((number, mpi.dumps(failure))), 0, mpi.TAG_BOUNCED)
+            failure = serial.dumps(protocol.Failure.capture(exc, *self._where()))
+            mpi.send(self.comm, protocol.encode(protocol.Bounce(number, failure)), 0, Tag.BOUNCED)
             return None
 
     def _reply(self, packed: list[tuple]) -> None:
-        mpi.send(self.comm, mpi.dumps((self.read, packed)), 0, mpi.TAG_REPLIES)
+        mpi.send(self.comm, protocol.encode_replies(self.read, packed), 0, Tag.REPLIES)
 
     def _pack_reply(self, uid: int, ok: bool, value: object, seconds: float) -> tuple:
         """A reply with its value pickled on its own, so one bad value spoils one reply, not the message."""
         try:
-            blob = mpi.dumps(value)
+            blob = serial.dumps(value)
         except (Exception, SystemExit) as exc:  # what pickle, or the value's __reduce__, raised
             exc.add_note(f"(while sending a result from rank {self.comm.rank} to rank 0)")
             error: BaseException = exc
@@ -201,7 +202,7 @@ class WorkerLoop:
             if len(blob) <= self.max_result:
                 return (uid, ok, blob, seconds)
             error = ValueError(f"a result of {len(blob)} bytes is larger than PYDRA_MAX_RESULT_BYTES={self.max_result}")
-        return (uid, False, mpi.dumps(protocol.Failure.capture(error, *self._where())), seconds)
+        return (uid, False, serial.dumps(protocol.Failure.capture(error, *self._where())), seconds)
 
     def _where(self) -> tuple[int, int, str]:
         return self.runner.rank, self.runner.size, self.runner.host
@@ -219,11 +220,11 @@ class WorkerLoop:
         if now - self._last_progress < _PROGRESS_INTERVAL and done != total:
             return
         self._last_progress = now
-        mpi.send(self.comm, mpi.dumps((uid, done, total, message)), 0, mpi.TAG_PROGRESS)
+        mpi.send(self.comm, protocol.encode(protocol.ProgressReport(uid, done, total, message)), 0, Tag.PROGRESS)
 
     def forward_log(self, uid: int | None, created: float, level: str, name: str, message: str) -> None:
         """Send a log record of task code to rank 0 (any thread)."""
-        mpi.send(self.comm, mpi.dumps((uid, created, level, name, message)), 0, mpi.TAG_LOG)
+        mpi.send(self.comm, protocol.encode(protocol.LogRecord(uid, created, level, name, message)), 0, Tag.LOG)
 
     def _is_cancelled(self, uid: int) -> bool:
         now = time.monotonic()
@@ -233,8 +234,8 @@ class WorkerLoop:
         return uid in self.cancelled
 
     def _take_cancellations(self) -> None:
-        while (message := mpi.try_receive(self.comm, 0, mpi.TAG_CANCEL)) is not None:
-            self.cancelled.update(mpi.loads(message.payload))
+        while (message := mpi.try_receive(self.comm, 0, Tag.CANCEL)) is not None:
+            self.cancelled.update(protocol.decode_cancel(message.payload))
 
 
 def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., None]:
@@ -250,7 +251,7 @@ def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., N
     return run
 
 
-def _usage() -> tuple[float, int, float]:
+def _usage() -> protocol.Usage:
     """This process's CPU seconds so far, resident memory in bytes, and when (for the admin's ``workers``)."""
     times = os.times()
     try:
@@ -258,5 +259,5 @@ def _usage() -> tuple[float, int, float]:
             resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         resident = 0  # not Linux: memory is not reported
-    return times.user + times.system, resident, time.monotonic()
+    return protocol.Usage(times.user + times.system, resident, time.monotonic())
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from pydra.comm import mpi, seal
+from pydra.comm import mpi, seal, serial
 
 # Alltoallv counts and displacements are C ints.
 _MAX_BYTES = 2**31 - 1
@@ -32,7 +32,7 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     if len(buckets) != comm.size:
         raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
     sealer = seal.current()
-    payloads = [mpi.dumps(bucket) for bucket in buckets]
+    payloads = [serial.dumps(bucket) for bucket in buckets]
     if sealer.enabled:  # once per shuffle, not per bucket
         world = mpi.world_ranks(comm)
         payloads = [sealer.seal(payload, world[member], SHUFFLE) for member, payload in enumerate(payloads)]
@@ -57,4 +57,4 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     parts = [recv_buffer[start : start + count] for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())]
     if sealer.enabled:
         parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
-    return [mpi.loads(part) for part in parts]
+    return [serial.loads(part) for part in parts]

@@ -22,7 +22,9 @@ import numpy as np
 from mpi4py import MPI
 
 import pydra
-from pydra.comm import mpi, seal
+from pydra._core import protocol
+from pydra._core.protocol import Tag
+from pydra.comm import mpi, seal, serial
 
 #: what this process put on the wire as TAG_REPLIES, once Tap has run here
 WIRE: list[bytes] = []
@@ -47,7 +49,7 @@ class Tap(pydra.GangTask):
         send = mpi._plain_send  # what the sealed send hands to MPI: the bytes on the wire
 
         def tap(comm, payload, dest, tag):
-            if tag == mpi.TAG_REPLIES:
+            if tag == Tag.REPLIES:
                 WIRE.append(bytes(payload))
             send(comm, payload, dest, tag)
 
@@ -62,18 +64,19 @@ class Forge(pydra.GangTask):
 
     def work(self, marker):
         world = MPI.COMM_WORLD
-        world.Send([pickle.dumps([Exploit(marker)], 5), MPI.BYTE], 0, mpi.TAG_REPLIES)
+        world.Send([pickle.dumps([Exploit(marker)], 5), MPI.BYTE], 0, Tag.REPLIES)
         sealer = seal.current()
         if sealer.enabled:
-            genuine = sealer.seal(mpi.dumps([(10**9, True, mpi.dumps("forged"), 0.0)]), 0, mpi.TAG_REPLIES)
+            genuine = sealer.seal(protocol.encode_replies(0, [(10**9, True, serial.dumps("forged"), 0.0)]), 0, Tag.REPLIES)
             altered = bytearray(genuine)
             altered[len(altered) // 2] ^= 0x01
-            world.Send([altered, MPI.BYTE], 0, mpi.TAG_REPLIES)
-            world.Send([WIRE[-1], MPI.BYTE], 0, mpi.TAG_REPLIES)  # Tap's own reply, again
-            note = sealer.seal(mpi.dumps((None, time.time(), "WARNING", "forge", "sealed note")), 0, mpi.TAG_LOG)
-            world.Send([note, MPI.BYTE], 0, mpi.TAG_LOG)  # genuine: accepted
-            world.Send([note, MPI.BYTE], 0, mpi.TAG_LOG)  # replayed
-            world.Send([note, MPI.BYTE], 0, mpi.TAG_REPLIES)  # sealed as a log record, sent as a reply
+            world.Send([altered, MPI.BYTE], 0, Tag.REPLIES)
+            world.Send([WIRE[-1], MPI.BYTE], 0, Tag.REPLIES)  # Tap's own reply, again
+            record = protocol.LogRecord(None, time.time(), "WARNING", "forge", "sealed note")
+            note = sealer.seal(protocol.encode(record), 0, Tag.LOG)
+            world.Send([note, MPI.BYTE], 0, Tag.LOG)  # genuine: accepted
+            world.Send([note, MPI.BYTE], 0, Tag.LOG)  # replayed
+            world.Send([note, MPI.BYTE], 0, Tag.REPLIES)  # sealed as a log record, sent as a reply
         return list(range(20))
 
 
