@@ -54,6 +54,9 @@ class Executor(concurrent.futures.Executor):
         self._exiting = False  # shut down by the interpreter's exit
         self._walks: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()  # submit_task's
         self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
+        self._queued: deque[_Call] = deque()  # submitted, not yet taken by the scheduler thread
+        self._queue_lock = threading.Lock()
+        self._take_scheduled = False
 
     def __enter__(self) -> "Executor | None":  # type: ignore[override]
         if self._entered:
@@ -89,28 +92,23 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker; return its future."""
         master = self.master
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        name = getattr(fn, "__qualname__", repr(fn))
+        call = _Call(fn, args, kwargs)
+        # Calls submitted in a burst reach the scheduler thread together: one cross-thread wake-up
+        # per burst, not per call (each costs a self-pipe write and a hand-over of the GIL).
+        with self._queue_lock:
+            self._queued.append(call)
+            wake, self._take_scheduled = not self._take_scheduled, True
+        if wake:
+            master.call_soon(self._take_queued)
+        return call.future
 
-        def make_command(uid: int) -> tuple | None:
-            if not future.set_running_or_notify_cancel():
-                return None
-            return (protocol.CALL, uid, fn, args, kwargs)
-
-        def callback(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
-
-        def withdraw() -> bool:  # shutdown(cancel_futures=True), before any worker has the call
-            if not future.cancel():
-                return False
-            future.set_running_or_notify_cancel()  # tells wait() and as_completed() it is done
-            return True
-
-        master.call_soon(master.calls.add, make_command, callback, withdraw)
-        return future
+    def _take_queued(self) -> None:
+        """Scheduler thread: hand the calls submitted since the last time to the scheduler's queue."""
+        with self._queue_lock:
+            calls, self._queued, self._take_scheduled = self._queued, deque(), False
+        add = self._master.calls.add  # type: ignore[union-attr]
+        for call in calls:
+            add(call.command, call.reply, call.withdraw)
 
     def map(  # type: ignore[override]
         self,
@@ -215,6 +213,36 @@ class Executor(concurrent.futures.Executor):
     def statistics(self) -> dict[str, Any]:
         """A snapshot of the workers and the queue."""
         return self.master.statistics()
+
+
+class _Call:
+    """One :meth:`Executor.submit` call: its command for a worker, and its future's side of the reply."""
+
+    __slots__ = ("future", "fn", "args", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def command(self, uid: int) -> tuple | None:
+        """The CALL command, or None if the future was cancelled meanwhile."""
+        if not self.future.set_running_or_notify_cancel():
+            return None
+        return (protocol.CALL, uid, self.fn, self.args, self.kwargs)
+
+    def reply(self, ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
+        if ok:
+            self.future.set_result(value)
+        else:
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            self.future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
+
+    def withdraw(self) -> bool:
+        """``shutdown(cancel_futures=True)`` before any worker has the call: cancel it, if it still can be."""
+        if not self.future.cancel():
+            return False
+        self.future.set_running_or_notify_cancel()  # tells wait() and as_completed() it is done
+        return True
 
 
 class _OrderedFeed:
