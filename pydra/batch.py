@@ -23,6 +23,7 @@ from typing import Any
 
 from pydra.config import flag, setting
 from pydra.errors import ItemFailed, RemoteTraceback, TargetError
+from pydra.jobstates import JobState, JobStateError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -196,7 +197,7 @@ class JobRecord:
         self.log = UnitRecorder(journal, job, resumed)
 
     def finish(self, output: str | None) -> None:
-        self.journal.set_state(self.job, "done", result_path=output)
+        self.journal.set_state(self.job, JobState.DONE, result_path=output)
         self.journal.close()
 
     def fail(self, error: BaseException) -> None:
@@ -204,7 +205,7 @@ class JobRecord:
         from pydra.journal import JournalError
 
         try:
-            self.journal.set_state(self.job, "failed", error=f"{type(error).__name__}: {error}")
+            self.journal.set_state(self.job, JobState.FAILED, error=f"{type(error).__name__}: {error}")
             self.journal.close()
         except JournalError as exc:
             print(f"pydra: error: {exc}", file=sys.stderr)
@@ -222,7 +223,10 @@ def resume_record(run_dir: Path) -> JobRecord:
             raise journals.JournalError(f"the journal in {run_dir} holds no job to resume")
         job = jobs[-1]  # a batch run directory holds one job
         spec = targets.TargetSpec(**job["options"]["spec"])
-        journal.set_state(job["id"], "running")
+        try:
+            journal.set_state(job["id"], JobState.RUNNING)  # from running (rank 0 died), done or failed
+        except JobStateError as exc:
+            raise journals.JournalError(f"cannot resume the job in {run_dir}: {exc}") from exc
         record = JobRecord(journal, job["id"], spec, job["inputs"], job["options"]["output"], resumed=True)
     except BaseException:
         journal.close()
@@ -243,7 +247,7 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
     digest = hashlib.sha256(spec.source.encode()).hexdigest() if spec.source is not None else None
     options = {"spec": dataclasses.asdict(spec), "output": output, "cwd": os.getcwd()}
     job = journal.add_job(spec.text, request.inputs, options, digest)
-    journal.set_state(job, "running")
+    journal.set_state(job, JobState.RUNNING)
     print(f"pydra: run directory {run_dir} (resume with: pydra run --resume {run_dir})", file=sys.stderr)
     return JobRecord(journal, job, spec, request.inputs, output, resumed=False)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydra.errors import PydraError
+from pydra.jobstates import INITIAL, JobState, as_state, check_move
 from pydra.launcher.keys import pydra_home
 
 __all__ = [
@@ -51,8 +52,7 @@ __all__ = [
 JOURNAL_NAME = "journal.sqlite"  #: the journal's file name inside a run directory
 SCHEMA_VERSION = 1  #: stored as PRAGMA user_version; bump it when the tables change
 BATCH_ROWS = 1000  #: the writer commits as soon as this many unit rows wait
-STATES = ("queued", "running", "done", "failed", "cancelled")  #: the states of a job
-FINAL_STATES = ("done", "failed", "cancelled")  #: states that set a job's ``finished`` time
+STATES = tuple(state.value for state in JobState)  #: the states of a job (their moves: pydra.jobstates)
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -287,7 +287,7 @@ class Journal:
 
     def add_job(self, target: str, inputs: list[str], options: dict, source_sha256: str | None,
                 priority: int = 0) -> int:
-        """Record a new job in state "queued" and return its id."""
+        """Record a new job in state "queued" (:data:`~pydra.jobstates.INITIAL`) and return its id."""
         inputs_json = json.dumps(list(inputs))
         options_json = json.dumps(options, sort_keys=True)
         now = time.time()
@@ -295,42 +295,47 @@ class Journal:
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO jobs (target, inputs, options, source_sha256, priority, state, submitted)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                (target, inputs_json, options_json, source_sha256, priority, now),
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (target, inputs_json, options_json, source_sha256, priority, INITIAL.value, now),
             )
-            db.execute("INSERT INTO transitions VALUES (?, 'queued', ?)", (cursor.lastrowid, now))
+            db.execute("INSERT INTO transitions VALUES (?, ?, ?)", (cursor.lastrowid, INITIAL.value, now))
             return cursor.lastrowid
 
         return self._call(insert)
 
-    def set_state(self, job: int, state: str, error: str | None = None, result_path: str | None = None) -> None:
+    def set_state(self, job: int, state: JobState | str, error: str | None = None,
+                  result_path: str | None = None) -> None:
         """Move *job* to *state* and record the transition.
 
-        "running" sets the start time (and clears a previous finish time and
-        error: a resumed job runs again); "done", "failed" and "cancelled" set
-        the finish time. *error* and *result_path* are stored when given.
+        A move not in :data:`pydra.jobstates.TRANSITIONS` from the state the
+        journal holds raises :class:`~pydra.jobstates.JobStateError` and writes
+        nothing. "running" sets the start time (and clears a previous finish
+        time and error: a resumed job runs again); "done", "failed" and
+        "cancelled" set the finish time. *error* and *result_path* are stored when given.
         """
-        if state not in STATES:
-            raise ValueError(f"unknown job state {state!r}: expected one of {', '.join(STATES)}")
+        state = as_state(state)  # an unknown state is refused before anything is queued
         now = time.time()
 
         def update(db: sqlite3.Connection) -> None:
-            if state == "running":
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job} in {self.path}")
+            check_move(row[0], state, job)  # in the transaction: no other writer can move it meanwhile
+            if state is JobState.RUNNING:
                 sets = "state = ?, started = ?, finished = NULL, error = NULL"
-                values: list = [state, now]
-            elif state in FINAL_STATES:
-                sets, values = "state = ?, finished = ?", [state, now]
+                values: list = [state.value, now]
+            elif state.final:
+                sets, values = "state = ?, finished = ?", [state.value, now]
             else:
-                sets, values = "state = ?", [state]
+                sets, values = "state = ?", [state.value]
             if error is not None:
                 sets += ", error = ?"
                 values.append(error)
             if result_path is not None:
                 sets += ", result_path = ?"
                 values.append(str(result_path))
-            if db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values, job]).rowcount == 0:
-                raise KeyError(f"no job {job} in {self.path}")
-            db.execute("INSERT INTO transitions VALUES (?, ?, ?)", (job, state, now))
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*values, job])
+            db.execute("INSERT INTO transitions VALUES (?, ?, ?)", (job, state.value, now))
 
         self._call(update)
 
