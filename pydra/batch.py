@@ -147,11 +147,11 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
         if executor is None:
             return EXIT_OK  # a worker: rank 0 reports
         master = executor.master
-        walk = Walk(master, record.log if record else None)
-        reporter = ProgressReporter(walk.progress, target, progress_mode()).start()
+        job = Walk.start(master, root, inputs, record.log if record else None)
+        reporter = ProgressReporter(job.progress, target, progress_mode()).start()
         try:
             try:
-                result = master.submit_coroutine(walk.evaluate(root, root.root_args(tuple(inputs)))).result()
+                result = job.result()
             finally:
                 reporter.stop()
             if record is not None:

@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from pydra._core import protocol, session
 from pydra._core.evaluate import UnitLog, Walk
+from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
@@ -52,7 +53,7 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = False
         self._joined = False
         self._exiting = False  # shut down by the interpreter's exit
-        self._walks: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()  # submit_task's
+        self._jobs: weakref.WeakSet[JobHandle] = weakref.WeakSet()  # submit_task's
         self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
         self._queued: deque[_Call] = deque()  # submitted, not yet taken by the scheduler thread
         self._queue_lock = threading.Lock()
@@ -159,11 +160,9 @@ class Executor(concurrent.futures.Executor):
         With a *log* (a run's journal), finished units are recorded there and
         units it already holds are not run again.
         """
-        master = self.master
-        root = as_task(task)
-        future = master.submit_coroutine(Walk(master, log).evaluate(root, root.root_args(inputs)))
-        self._walks.add(future)
-        return future
+        job = Walk.start(self.master, as_task(task), inputs, log)
+        self._jobs.add(job)
+        return job.future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no new work; stop the workers once the work submitted so far is done.
@@ -181,8 +180,8 @@ class Executor(concurrent.futures.Executor):
             return
         self._shutdown = True
         if cancel_futures:
-            for future in list(self._walks):
-                future.cancel()  # only one not started yet is cancelled
+            for job in list(self._jobs):
+                job.cancel()  # a tree walk that has not finished, started or not: its units too
             master.call_soon(self._cancel_waiting)
         master.request_stop()
         if wait and not self._joined:

@@ -11,6 +11,10 @@ workers holding its pairs; a gang task waits for enough idle workers.
 Every node has a *path* (``r``, ``r.1``, ``r.1[3]``...), the same in every
 run of the same tree, under which a :class:`UnitLog` (the run's journal)
 records finished units; a resumed run skips what its log already holds.
+
+:meth:`Walk.start` is how a job begins: it returns the job's
+:class:`~pydra._core.jobs.JobHandle`, which is all that ``Executor.submit_task``,
+``pydra run`` and the service use of the walk.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from pydra._core import protocol
+from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.sources import Chunk, ChunkStream, GangRequest, RetryPolicy
 from pydra.comm import serial
@@ -41,12 +46,39 @@ class UnitLog(Protocol):
 
 
 class Walk:
-    """One evaluation of a task tree on *master*, journaled in *log* if given."""
+    """One evaluation of a task tree on *master*, journaled in *log* if given (start one with :meth:`start`).
+
+    Its state belongs to the scheduler thread; the readers below may be
+    called from any thread (see :mod:`pydra._core.jobs`).
+    """
 
     def __init__(self, master: Master, log: UnitLog | None = None) -> None:
         self.master = master
         self.log = log
         self.streams: list[ChunkStream] = []  # every stream this walk started, for progress and cancel
+        self.gang_units: dict[int, tuple[int, ...]] = {}  # gang units running: uid -> members
+        self.units_done = 0  # units that succeeded (chunks, gang runs)
+        self.units_failed = 0  # units that failed for good, gang runs that failed
+
+    @classmethod
+    def start(cls, master: Master, root: Task, inputs: tuple | list = (), log: UnitLog | None = None) -> JobHandle:
+        """Evaluate *root* on a run's *inputs* on *master*'s loop, journaled in *log*; the job's handle (any thread).
+
+        *inputs* are what ``pydra run`` and ``Executor.submit_task`` are given
+        (``root.root_args`` makes the root's arguments of them).
+        """
+        walk = cls(master, log)
+        future = master.submit_coroutine(walk._run(root, root.root_args(tuple(inputs))))
+        return JobHandle(master, walk, future)
+
+    async def _run(self, root: Task, args: tuple) -> Any:
+        try:
+            return await self.evaluate(root, args)
+        except BaseException:
+            # A failed or cancelled job wants none of its other units (a failing node abandons
+            # only its own stream; the items of a Parallel over subtrees each have theirs).
+            self.cancel()
+            raise
 
     def policy(self, task: Task, allow_failures: int = 0) -> RetryPolicy:
         """What to do when *task* fails: its own settings, with at least the master's ``least_retries``."""
@@ -54,10 +86,32 @@ class Walk:
 
     def progress(self) -> tuple[int, int | None]:
         """Items done so far, and the total if every input so far has a length (any thread)."""
+        done, failed, total = self.item_counts()
+        return done + failed, total
+
+    def item_counts(self) -> tuple[int, int, int | None]:
+        """Items done, items failed within their allowance, and the total as :meth:`progress` gives it (any thread)."""
         streams = list(self.streams)
-        done = sum(stream.items_done + stream.items_failed for stream in streams)
+        done = sum(stream.items_done for stream in streams)
+        failed = sum(stream.items_failed for stream in streams)
         totals = [stream.total for stream in streams]
-        return done, (None if not totals or None in totals else sum(totals))  # type: ignore[arg-type]
+        return done, failed, (None if not totals or None in totals else sum(totals))  # type: ignore[arg-type]
+
+    def running_units(self) -> dict[int, tuple[int, ...]]:
+        """This walk's units that workers run now: uid -> ranks (any thread)."""
+        units = dict(self.gang_units)
+        for stream in list(self.streams):
+            # An abandoned or failed stream's units are cancelled, though they stay in outstanding.
+            if not (stream.abandoned or stream.failed_at is not None):
+                units.update((uid, (chunk.rank,)) for uid, chunk in list(stream.outstanding.items()))
+        return units
+
+    def owns(self, uid: int) -> bool:
+        """Whether unit *uid* is one of this walk's, running now (any thread)."""
+        if uid in self.gang_units:
+            return True
+        return any(uid in stream.outstanding and not (stream.abandoned or stream.failed_at is not None)
+                   for stream in list(self.streams))
 
     def cancel(self) -> None:
         """Stop handing out this walk's units and cancel those running (scheduler thread)."""
@@ -103,7 +157,7 @@ class Walk:
     ) -> Awaitable[list]:
         """Apply definition *tid* to every item on the workers; the list of results in order."""
         recorded = self.log.done(path) if self.log else {}
-        sink = OrderedResults(self.master, {start: serial.loads(blob) for start, (_, blob) in recorded.items()})
+        sink = OrderedResults(self, {start: serial.loads(blob) for start, (_, blob) in recorded.items()})
         record = None
         if self.log:
             log = self.log
@@ -130,7 +184,7 @@ class Walk:
         run = master.new_run_id()  # the same job may be running several times at once
         policy = self.policy(job, job.allow_failures)
         make_map = lambda uid, chunk: (protocol.MR_MAP, uid, tid, chunk, run)  # noqa: E731
-        holders = MapHolders(master, self.streams)
+        holders = MapHolders(self)
         try:
             await holders.run(make_map, items, policy)
             for _ in range(GANG_LOSSES + 1):
@@ -143,7 +197,7 @@ class Walk:
                 members = sorted(holders.by_rank)
                 make_reduce = lambda uid, ranks: (protocol.MR_REDUCE, uid, tid, ranks, run)  # noqa: E731
                 try:
-                    parts = await run_gang(master, make_reduce, len(members), members)
+                    parts = await self.run_gang(make_reduce, len(members), members)
                 except WorkerLost:
                     continue
                 return _merged(parts)
@@ -158,11 +212,33 @@ class Walk:
         make_command = lambda uid, members: (protocol.GANG, uid, tid, members, args)  # noqa: E731
         for attempt in range(GANG_LOSSES + 1):
             try:
-                (value, *_) = await run_gang(master, make_command, task.ranks or master.alive_workers())
+                (value, *_) = await self.run_gang(make_command, task.ranks or master.alive_workers())
                 return value
             except WorkerLost:
                 if attempt == GANG_LOSSES:
                     raise
+
+    def run_gang(self, make_command: Callable, count: int, members: list | None = None) -> Awaitable[list]:
+        """:func:`run_gang`, with the gang's unit counted and attributed to this walk while it runs."""
+        started: list[int] = []
+
+        def command(uid: int, ranks: list) -> tuple:
+            self.gang_units[uid] = tuple(ranks)
+            started.append(uid)
+            return make_command(uid, ranks)
+
+        def ended(future: asyncio.Future) -> None:
+            for uid in started:
+                self.gang_units.pop(uid, None)
+            if started and not future.cancelled():
+                if future.exception() is None:
+                    self.units_done += 1
+                else:
+                    self.units_failed += 1
+
+        future = run_gang(self.master, command, count, members)
+        future.add_done_callback(ended)
+        return future
 
 
 def as_exception(error: BaseException) -> Exception:
@@ -237,19 +313,25 @@ async def gather_in_order(walk: Callable[[int, Any], Awaitable[Any]], items: Ite
 
 
 class _StreamResult:
-    """A sink that settles a future: the stream's result, or its first fatal error."""
+    """A sink that settles a future: the stream's result, or its first fatal error (counted in *walk*)."""
 
-    def __init__(self, master: Master) -> None:
-        self.future = master.loop.create_future()
+    def __init__(self, walk: Walk) -> None:
+        self.walk = walk
+        self.future = walk.master.loop.create_future()
         self.stream: ChunkStream | None = None
+
+    def chunk(self, chunk: Chunk, values: Any, rank: int) -> None:
+        self.walk.units_done += 1
 
     def fail(self, error: BaseException, start: int) -> None:
         if self.stream is not None:
             self.stream.abandon()  # a tree node fails whole: the chunks before the failure are not wanted either
         if not self.future.done():
+            self.walk.units_failed += 1
             self.future.set_exception(as_exception(error))
 
     def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
+        self.walk.units_failed += 1
         line = str(error).splitlines()[0] if str(error) else ""
         print(f"pydra: {chunk.describe()} failed for good, allowed: {type(error).__name__}: {line}", file=sys.stderr)
 
@@ -257,11 +339,12 @@ class _StreamResult:
 class OrderedResults(_StreamResult):
     """Collects values by item position; *parts* holds those known already (a resumed run)."""
 
-    def __init__(self, master: Master, parts: dict[int, list]) -> None:
-        super().__init__(master)
+    def __init__(self, walk: Walk, parts: dict[int, list]) -> None:
+        super().__init__(walk)
         self.parts = parts
 
     def chunk(self, chunk: Chunk, values: list, rank: int) -> None:
+        super().chunk(chunk, values, rank)
         self.parts[chunk.start] = values
 
     def unit_failed(self, chunk: Chunk, error: BaseException) -> None:
@@ -280,9 +363,10 @@ class OrderedResults(_StreamResult):
 class MapHolders:
     """Which ranks hold the pairs of which map chunks, across the map streams of one MapReduce."""
 
-    def __init__(self, master: Master, streams: list[ChunkStream]) -> None:
-        self.master = master
-        self.streams = streams
+    def __init__(self, walk: Walk) -> None:
+        self.walk = walk
+        self.master = walk.master
+        self.streams = walk.streams  # the walk's: its progress, cancel and attribution see them
         self.by_rank: dict[int, list[Chunk]] = {}
         self.ranks_used: set[int] = set()
 
@@ -300,10 +384,11 @@ class MapHolders:
 
 class _MapSink(_StreamResult):
     def __init__(self, holders: MapHolders) -> None:
-        super().__init__(holders.master)
+        super().__init__(holders.walk)
         self.holders = holders
 
     def chunk(self, chunk: Chunk, count: int, rank: int) -> None:
+        super().chunk(chunk, count, rank)
         self.holders.by_rank.setdefault(rank, []).append(chunk)
         self.holders.ranks_used.add(rank)
 

@@ -196,6 +196,7 @@ class Chunk:
     attempts: int = 0  # tries that raised
     losses: int = 0  # tries lost with their worker
     avoid: int | None = None  # the rank of the last failed try: retry elsewhere if possible
+    rank: int | None = None  # the rank of the current try: a job handle tells which workers work for it
 
     def describe(self) -> str:
         if len(self.items) == 1:
@@ -279,6 +280,7 @@ class ChunkStream(Source):
         chunk = self._take_retry(rank) or self._pull()
         if chunk is None:
             return None
+        chunk.rank = rank
         self.outstanding[uid] = chunk
 
         def callback(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
