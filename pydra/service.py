@@ -9,6 +9,11 @@ ordered by priority (higher first) then submission time, and up to
 transitions, timings, result file and error are kept in the journal of the
 service's run directory, so the history outlives the cluster. The service
 runs until told to shut down.
+
+A job moves only along :data:`pydra.jobstates.TRANSITIONS`, the table the
+journal enforces too; a running job is known by its
+:class:`~pydra._core.jobs.JobHandle` alone (progress, cancel, statistics,
+the workers running its units).
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from typing import Any
 
 from pydra import target as targets
 from pydra._core.evaluate import Walk
+from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import Phase
 from pydra.config import flag, setting
 from pydra.control import CONFIG, REQUESTS
 from pydra.errors import PydraError, RemoteTraceback, TargetError
+from pydra.jobstates import (ACTIVE, EDITABLE, INITIAL, TRANSITIONS, JobState, check_move, describe_states,
+                             sources_of)
 from pydra.journal import Journal, UnitRecorder
 
 
@@ -49,25 +57,25 @@ class Job:
     inputs: list[str]
     priority: int
     submitted: float
-    state: str = "queued"
+    state: JobState = INITIAL
     started: float | None = None
     finished: float | None = None
     error: str | None = None
     traceback: str | None = None
     result_path: str | None = None
-    walk: Walk | None = None
-    future: concurrent.futures.Future | None = None
+    #: the handle of its last run (None while queued)
+    handle: JobHandle | None = None
     tries: int = 0
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (what ``jobs`` and ``job ID`` show)."""
-        done, total = self.walk.progress() if self.walk is not None else (0, None)
+        done, total = self.handle.progress() if self.handle is not None else (0, None)
         return {
             "id": self.id,
             "target": self.target,
             "inputs": self.inputs,
             "priority": self.priority,
-            "state": self.state,
+            "state": self.state.value,
             "submitted": self.submitted,
             "started": self.started,
             "finished": self.finished,
@@ -114,20 +122,20 @@ class Service:
     def cancel(self, job_id: int) -> dict[str, Any]:
         """Cancel a queued or running job."""
         with self._lock:
-            job = self._job_in(job_id, ("queued", "running"), "a queued or running job can be cancelled")
-            running = job.state == "running"
-            self._finish(job, "cancelled", error="cancelled by the admin")  # first: _on_done then ignores it
-            if running:
-                assert job.walk is not None and job.future is not None
-                self.master.call_soon(job.walk.cancel)
-                job.future.cancel()
+            job = self._job_may_become(job_id, JobState.CANCELLED, "cancelled")
+            self._finish(job, JobState.CANCELLED, error="cancelled by the admin")  # first: _on_done then ignores it
+            if job.handle is not None:  # it was running (a queued job has none)
+                job.handle.cancel()
             self._start_ready()
             return job.describe()
 
     def set_priority(self, job_id: int, priority: int) -> dict[str, Any]:
         """Change a queued job's priority."""
         with self._lock:
-            job = self._job_in(job_id, ("queued",), "a queued job's priority can change")
+            job = self._job(job_id)
+            if job.state not in EDITABLE:
+                only = describe_states(EDITABLE)
+                raise ServiceError(f"job {job_id} is {job.state}: only {only}'s priority can change")
             job.priority = priority
             self.journal.set_priority(job_id, priority)
             return job.describe()
@@ -135,9 +143,9 @@ class Service:
     def retry(self, job_id: int) -> dict[str, Any]:
         """Queue a failed or cancelled job again (units its earlier runs journaled are not redone)."""
         with self._lock:
-            job = self._job_in(job_id, ("failed", "cancelled"), "a failed or cancelled job can be retried")
-            job.state, job.error, job.traceback, job.finished, job.walk = "queued", None, None, None, None
-            self.journal.set_state(job_id, "queued")
+            job = self._job_may_become(job_id, JobState.QUEUED, "retried")
+            self._move(job, JobState.QUEUED)
+            job.error, job.traceback, job.finished, job.handle = None, None, None, None
             self._start_ready()
             return job.describe()
 
@@ -162,7 +170,7 @@ class Service:
             self._start_ready()
             if now:
                 for job in list(self.jobs.values()):
-                    if job.state in ("queued", "running"):
+                    if job.state in ACTIVE:
                         self.cancel(job.id)
             self._check_ended()
 
@@ -212,14 +220,11 @@ class Service:
         """Per worker: host, state, the job it works for, units done, failures, heartbeat age, CPU, memory."""
         jobs_of: dict[int, set[int]] = {}
         with self._lock:
-            running = [job for job in self.jobs.values() if job.state == "running" and job.walk is not None]
-        pending = dict(self.master.pending)  # a snapshot: the scheduler thread changes it
-        for job in running:
-            for stream in list(job.walk.streams):  # type: ignore[union-attr]
-                for uid in list(stream.outstanding):
-                    unit = pending.get(uid)
-                    for rank in unit.ranks if unit is not None else ():
-                        jobs_of.setdefault(rank, set()).add(job.id)
+            running = [(job.id, job.handle) for job in self.jobs.values()
+                       if job.state is JobState.RUNNING and job.handle is not None]
+        for job_id, handle in running:
+            for rank in handle.ranks():
+                jobs_of.setdefault(rank, set()).add(job_id)
         rows = self.master.statistics()["workers"]
         for row in rows:
             row["jobs"] = sorted(jobs_of.get(row["rank"], ()))
@@ -237,11 +242,7 @@ class Service:
             "ranks": self.master.comm.size,
             "hosts": sorted({self.master.host, *(w["host"] for w in workers)}),
             "workers": {state: sum(w["state"] == state for w in workers) for state in WORKER_STATES},
-            "queued": states.count("queued"),
-            "running": states.count("running"),
-            "done": states.count("done"),
-            "failed": states.count("failed"),
-            "cancelled": states.count("cancelled"),
+            **{state.value: states.count(state) for state in JobState},  # queued, running, done, failed, cancelled
             "paused": self.paused,
             "shutting_down": self._shutting_down,
             "run_dir": str(self.run_dir),
@@ -250,19 +251,22 @@ class Service:
     def list_jobs(self, everything: bool = False) -> list[dict[str, Any]]:
         """Queued and running jobs (with *everything*, finished ones too), in queue order."""
         with self._lock:
-            jobs = [job for job in self.jobs.values() if everything or job.state in ("queued", "running")]
+            jobs = [job for job in self.jobs.values() if everything or job.state in ACTIVE]
             return [job.describe() for job in sorted(jobs, key=self._queue_order)]
 
     def queue(self) -> list[dict[str, Any]]:
         """The queued jobs, in the order they will start."""
         with self._lock:
-            queued = sorted((job for job in self.jobs.values() if job.state == "queued"), key=self._queue_order)
+            queued = sorted((job for job in self.jobs.values() if job.state is JobState.QUEUED), key=self._queue_order)
             return [job.describe() for job in queued]
 
     def job(self, job_id: int) -> dict[str, Any]:
-        """One job in detail, with its state transitions."""
+        """One job in detail, with its state transitions and the statistics of its last run."""
         with self._lock:
-            detail = self._job(job_id).describe()
+            job = self._job(job_id)
+            detail = job.describe()
+            handle = job.handle
+        detail["statistics"] = handle.statistics() if handle is not None else None
         detail["transitions"] = self.journal.transitions(job_id)
         return detail
 
@@ -318,10 +322,10 @@ class Service:
         if uid is None:
             return
         for job in list(self.jobs.values()):
-            if job.state == "running" and job.walk is not None:
-                if any(uid in stream.outstanding for stream in list(job.walk.streams)):
-                    record["job"] = job.id
-                    return
+            handle = job.handle
+            if job.state is JobState.RUNNING and handle is not None and handle.owns(uid):
+                record["job"] = job.id
+                return
 
     def _worker(self, rank: int) -> None:
         if not any(w.rank == rank for w in self.master.workers) or rank == 0:
@@ -333,75 +337,82 @@ class Service:
             raise ServiceError(f"no job {job_id}")
         return job
 
-    def _job_in(self, job_id: int, states: tuple[str, ...], only: str) -> Job:
-        """Job *job_id*, which must be in one of *states*; else say that *only* such a job qualifies."""
+    def _job_may_become(self, job_id: int, state: JobState, verb: str) -> Job:
+        """Job *job_id*, which the table of transitions must let move to *state*; else say which jobs can be *verb*."""
         job = self._job(job_id)
-        if job.state not in states:
-            raise ServiceError(f"job {job_id} is {job.state}: only {only}")
+        if (job.state, state) not in TRANSITIONS:
+            raise ServiceError(f"job {job_id} is {job.state}: only {describe_states(sources_of(state))} can be {verb}")
         return job
+
+    def _move(self, job: Job, state: JobState, error: str | None = None, result_path: str | None = None) -> None:
+        """Move *job* to *state*, in memory and in the journal (which checks the move against the table too)."""
+        check_move(job.state, state, job.id)  # a refused move changes neither
+        job.state = state
+        self.journal.set_state(job.id, state, error=error, result_path=result_path)
 
     @staticmethod
     def _queue_order(job: Job) -> tuple:
-        running_first = 0 if job.state == "running" else 1
+        running_first = 0 if job.state is JobState.RUNNING else 1
         return (running_first, -job.priority, job.submitted, job.id)
 
     def _start_ready(self) -> None:
         # Called with the lock held.
         if self.paused:
             return
-        running = sum(job.state == "running" for job in self.jobs.values())
-        for job in sorted((j for j in self.jobs.values() if j.state == "queued"), key=self._queue_order):
+        running = sum(job.state is JobState.RUNNING for job in self.jobs.values())
+        for job in sorted((j for j in self.jobs.values() if j.state is JobState.QUEUED), key=self._queue_order):
             if running >= self.max_jobs:
                 return
             self._start(job)
             running += 1
 
     def _start(self, job: Job) -> None:
-        job.state, job.started, job.finished, job.tries = "running", time.time(), None, job.tries + 1
-        self.journal.set_state(job.id, "running")
+        self._move(job, JobState.RUNNING)
+        job.started, job.finished, job.tries = time.time(), None, job.tries + 1
         try:
             spec = targets.read_target(job.target)
             root = targets.resolve(spec, targets.load_module(spec))
         except TargetError as exc:
-            self._finish(job, "failed", error=str(exc))
+            self._finish(job, JobState.FAILED, error=str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - e.g. TypeError from importing "..x": the job fails, the queue goes on
-            self._finish(job, "failed", error=f"cannot load {job.target}: {type(exc).__name__}: {exc}")
+            self._finish(job, JobState.FAILED, error=f"cannot load {job.target}: {type(exc).__name__}: {exc}")
             return
         if spec.source is not None:
             self.master.call_soon(self.master.load_target, spec)
-        job.walk = Walk(self.master, UnitRecorder(self.journal, job.id, resumed=job.tries > 1))
-        job.future = self.master.submit_coroutine(job.walk.evaluate(root, root.root_args(tuple(job.inputs))))
-        job.future.add_done_callback(lambda future: self._on_done(job, future))
+        handle = Walk.start(self.master, root, job.inputs, UnitRecorder(self.journal, job.id, resumed=job.tries > 1))
+        job.handle = handle
+        handle.future.add_done_callback(lambda _: self._on_done(job, handle))
 
-    def _on_done(self, job: Job, future: concurrent.futures.Future) -> None:
+    def _on_done(self, job: Job, handle: JobHandle) -> None:
         with self._lock:
-            if job.state != "running" or job.future is not future:
+            if job.state is not JobState.RUNNING or job.handle is not handle:
                 return  # cancelled meanwhile
+            future = handle.future
             error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
             if error is None:
                 path = self.run_dir / "results" / f"{job.id}.json"
                 try:
                     _write_result(future.result(), path)
                 except (TypeError, ValueError, OSError) as exc:
-                    self._finish(job, "failed", error=f"cannot write the result: {exc}")
+                    self._finish(job, JobState.FAILED, error=f"cannot write the result: {exc}")
                 else:
                     job.result_path = str(path)
-                    self._finish(job, "done")
+                    self._finish(job, JobState.DONE)
             else:
                 cause = error.__cause__
                 text = cause.text if isinstance(cause, RemoteTraceback) else "".join(traceback.format_exception(error))
-                self._finish(job, "failed", error=f"{type(error).__name__}: {error}", trace=text)
+                self._finish(job, JobState.FAILED, error=f"{type(error).__name__}: {error}", trace=text)
             self._start_ready()
 
-    def _finish(self, job: Job, state: str, error: str | None = None, trace: str | None = None) -> None:
-        job.state, job.finished, job.error, job.traceback = state, time.time(), error, trace
+    def _finish(self, job: Job, state: JobState, error: str | None = None, trace: str | None = None) -> None:
+        self._move(job, state, error, job.result_path)
+        job.finished, job.error, job.traceback = time.time(), error, trace
         self.master.note(f"job {job.id} ({job.target}) {state}" + (f": {error}" if error else ""))
-        self.journal.set_state(job.id, state, error=error, result_path=job.result_path)
         self._check_ended()
 
     def _check_ended(self) -> None:
-        if self._shutting_down and not any(job.state in ("queued", "running") for job in self.jobs.values()):
+        if self._shutting_down and not any(job.state in ACTIVE for job in self.jobs.values()):
             self._ended.set()
 
 
