@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import tempfile
 import textwrap
 import threading
@@ -257,6 +258,7 @@ def service_moves(ex: pydra.Executor) -> dict:
     service.shutdown(now=True)
     service.wait()
     journal.close()
+    shutil.rmtree(run_dir)
     return got
 
 
