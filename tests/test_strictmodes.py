@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from pydra import strictmodes
 from pydra.launcher import authorized, keys
 from pydra.strictmodes import Kind, StrictModeError
-from userkit import CAN_ADD_USERS, User, second_user
+from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -169,13 +168,6 @@ def test_not_a_regular_file_is_refused(home: Path) -> None:
 # -- another user's files ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def other_user() -> Iterator[User]:
-    """A second local user, made for this module and removed after it."""
-    if not CAN_ADD_USERS:
-        pytest.skip("needs root to create a second user")
-    with second_user() as user:
-        yield user
 
 
 def test_files_owned_by_another_user_are_refused(home: Path, other_user: User) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 CAN_ADD_USERS = os.geteuid() == 0 and shutil.which("useradd") is not None and shutil.which("userdel") is not None
 
 
@@ -31,10 +33,10 @@ class User:
 
 
 @contextlib.contextmanager
-def second_user() -> Iterator[User]:
-    """A new local user with a home directory, removed on exit."""
+def second_user(home: bool = True) -> Iterator[User]:
+    """A new local user (with a home directory, unless not *home*), removed on exit."""
     name = f"pydra{uuid.uuid4().hex[:8]}"
-    subprocess.run(["useradd", "--create-home", name], check=True, capture_output=True)
+    subprocess.run(["useradd", "--create-home" if home else "--no-create-home", name], check=True, capture_output=True)
     try:
         entry = pwd.getpwnam(name)
         yield User(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir))
@@ -60,3 +62,12 @@ def remove_user(name: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"could not remove the test user {name}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def other_user() -> Iterator[User]:
+    """A second local user for a test module, removed after it (skips when not root)."""
+    if not CAN_ADD_USERS:
+        pytest.skip("needs root to create a second user")
+    with second_user() as user:
+        yield user

@@ -7,13 +7,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from pydra.launcher import netns
+from userkit import CAN_ADD_USERS, second_user
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,43 +58,18 @@ def test_a_port_inside_the_namespace_is_unreachable_from_outside(tmp_path: Path)
     assert_unreachable(start_isolated(sys.executable, tmp_path))
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not shutil.which("useradd"),
+@pytest.mark.skipif(not CAN_ADD_USERS or not Path("/usr/bin/python3").exists(),
                     reason="needs root to create a second user, and a system python3")
 def test_an_ordinary_user_gets_a_private_namespace() -> None:
-    user = f"pydra{uuid.uuid4().hex[:8]}"
-    shared = Path(f"/tmp/{user}-netns")
-    subprocess.run(["useradd", "--no-create-home", user], check=True)
-    try:
-        shared.mkdir(mode=0o755)
-        shutil.copy(ROOT / "pydra" / "launcher" / "netns.py", shared / "netns.py")
-        os.chmod(shared / "netns.py", 0o644)
-        assert_unreachable(start_isolated("/usr/bin/python3", shared, user))
-    finally:
-        kill_processes_of(user)  # su may leave the isolated child in a session of its own
-        # userdel refuses while a process of the user is still going away: try for a while.
-        deadline = time.monotonic() + 30
-        while subprocess.run(["userdel", user], capture_output=True).returncode not in (0, 6):  # 6: no such user
-            assert time.monotonic() < deadline, f"could not remove the test user {user}"
-            time.sleep(0.2)
-        shutil.rmtree(shared, ignore_errors=True)
-
-
-def kill_processes_of(user: str) -> None:
-    """SIGKILL, by pid, every process running as *user*."""
-    import pwd
-
-    uid = pwd.getpwnam(user).pw_uid
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    with second_user(home=False) as user:
+        shared = Path(f"/tmp/{user.name}-netns")
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        real_uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-        if int(real_uid) == uid:
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
+            shared.mkdir(mode=0o755)
+            shutil.copy(ROOT / "pydra" / "launcher" / "netns.py", shared / "netns.py")
+            os.chmod(shared / "netns.py", 0o644)
+            assert_unreachable(start_isolated("/usr/bin/python3", shared, user.name))
+        finally:  # (second_user stops the user's processes by pid: su may leave one in a session of its own)
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_the_connector_reaches_only_the_jobs_agents(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from agentkit import free_port, keygen, pydra
 from testkit import mpi_environment, run_process
-from userkit import CAN_ADD_USERS, User, second_user
+from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
 CLI_TIMEOUT = 60  # one pydra command that refuses at once, on a loaded 2-core machine
@@ -258,12 +258,6 @@ def test_a_cluster_will_not_leave_its_connection_file_where_others_could_swap_it
 # -- strict modes: files another user owns -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def other_user() -> Iterator[User]:
-    if not CAN_ADD_USERS:
-        pytest.skip("needs root to create a second user")
-    with second_user() as user:
-        yield user
 
 
 def test_files_another_user_owns_are_refused_by_the_agent_the_launcher_and_the_shell(
