@@ -31,7 +31,7 @@ from pydra import target as targets
 from pydra._core.evaluate import Walk
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
-from pydra._core.scheduler import Phase
+from pydra._core.phases import Phase
 from pydra.config import flag, setting
 from pydra.control import CONFIG, REQUESTS
 from pydra.errors import PydraError, RemoteTraceback, TargetError

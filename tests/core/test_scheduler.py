@@ -21,7 +21,8 @@ from pydra._core.events import (
     AbortIfStuck, Beat, Dispatch, Heard, Lost, RepliesReceived, Send, SendCancel, StopRequested, TakeOver, Tick,
     WorkerGone,
 )
-from pydra._core.scheduler import MAX_INFLIGHT, TRANSITIONS, Phase, Scheduler, Settings, Trigger
+from pydra._core.phases import TRANSITIONS, Phase, Trigger
+from pydra._core.scheduler import MAX_INFLIGHT, Scheduler, Settings
 from pydra._core.sources import ChunkStream, GangRequest, RetryPolicy
 from pydra.errors import WorkerLost
 
