@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydra.config import flag, setting
+from pydra.config import setting
 from pydra.errors import ItemFailed, RemoteTraceback, TargetError
 from pydra.jobstates import JobState, JobStateError
 
@@ -41,7 +41,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     env = progress_environment()
-    if setting("SEAL", False, flag):
+    if setting("SEAL"):
         # A fresh key for this job only; the ranks read it and drop it from their environment.
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
     return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=env))

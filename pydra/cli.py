@@ -9,6 +9,7 @@ import sys
 
 from pydra import __version__
 from pydra.comm.seal import SealConfigError
+from pydra.config import check_settings
 
 DESCRIPTION = """\
 Pydra runs Python task trees over the ranks of an MPI job.
@@ -19,6 +20,9 @@ Pydra runs Python task trees over the ranks of an MPI job.
 
 
 #: subcommands that parse their own options: name -> "module:function(argv) -> status"
+#: commands that start or join an MPI job: every PYDRA_* setting is checked first, before any MPI
+JOB_COMMANDS = ("run", "serve", "launch")
+
 SELF_PARSING = {
     "keygen": "pydra.launcher.keys:keygen_main",
     "node": "pydra.launcher.node:node_main",
@@ -137,9 +141,27 @@ def check_job_arguments(args: argparse.Namespace, prog: str) -> bool:
     if not args.resume and not args.target and not getattr(args, "serve", False):
         print(f"{prog}: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
         return False
+    output = getattr(args, "output", None)
+    if output:
+        problem = _unwritable(output)
+        if problem:  # said now, not after the job has run
+            print(f"{prog}: error: --output {output}: {problem}", file=sys.stderr)
+            return False
     if args.isolate:
         os.environ["PYDRA_ISOLATE"] = "1"  # read by the worker ranks (mpiexec passes it on)
     return True
+
+
+def _unwritable(path: str) -> str | None:
+    """Why the job's result could not be written to *path*, or None."""
+    if os.path.isdir(path):
+        return "is a directory; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no such directory {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
 
 
 def job_arguments(args: argparse.Namespace) -> list[str]:
@@ -226,6 +248,10 @@ def _without_ranks(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pydra`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in JOB_COMMANDS and (problem := check_settings()) is not None:
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":  # once per job
+            print(f"pydra: error: {problem}", file=sys.stderr)
+        return 2
     if argv and argv[0] in SELF_PARSING:  # these parse their own (ssh-style) options
         module, function = SELF_PARSING[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])

@@ -1,60 +1,16 @@
-"""Settings read from ``PYDRA_*`` environment variables.
+"""Settings read from ``PYDRA_*`` environment variables, all in one table.
 
-Every environment setting Pydra honours is read through :func:`setting`, so the
-full list lives in one place (see ``SETTINGS`` below and the README).
+Every setting Pydra honours is listed in :data:`SETTINGS` with its default,
+how its text is read and what it means (the README lists the same), and is
+read through :func:`setting`. :func:`check_settings` reads them all at once,
+so that ``pydra`` refuses a bad value in one line before any MPI starts.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
-
-T = TypeVar("T")
-
-#: name (without the PYDRA_ prefix) -> what it does; the README lists the same.
-SETTINGS = {
-    "PIPELINE": "fewest units in flight per worker (default 2)",
-    "PIPELINE_SECONDS": "worker time to keep queued at each worker, for tiny units (default 0.002)",
-    "BATCH_SECONDS": "target worker time of one adaptive batch (default 0.02)",
-    "MAX_BATCH": "largest adaptive batch, in items (default 16384)",
-    "IDLE_SLEEP": "longest sleep between polls of an idle rank, in seconds (default 0.005)",
-    "SPIN_SECONDS": "how long a rank polls without sleeping after activity (default 0.0005)",
-    "HEARTBEAT": "seconds between two heartbeats of a worker rank (default 0.5)",
-    "HEARTBEAT_TIMEOUT": "seconds of silence after which rank 0 declares a worker lost (default 10)",
-    "ISOLATE": "1 to run task code in a child process of each worker rank (default 0)",
-    "MAX_RESULT_BYTES": "largest pickled result a worker sends back for one unit (default 1073741824)",
-    "PROGRESS": "bar, lines or off: how pydra run shows a long job's progress (default: bar on a terminal)",
-    "MPIEXEC": "the mpiexec that `pydra run -n` uses (default: the one of mpi4py's MPI)",
-    "HOME": "Pydra's directory for keys and runs (default ~/.pydra)",
-    "AGENTS": "set by pydra launch for pydra-remote-exec: JSON {name in the machinefile: [host, agent port]}",
-    "IDENTITY": "set by pydra launch for pydra-remote-exec: the launcher's private key",
-    "KNOWN_HOSTS": "set by pydra launch for pydra-remote-exec: the pinned host keys",
-    "CONNECTOR": "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents",
-    "IFACE": "the network interface MPI's own connections between hosts use (pydra launch --iface)",
-    "JOB_KEY": "64 hex digits: the job's key, with which every rank seals Pydra's messages (set by pydra launch)",
-    "SERIALIZER": "pickle, cloudpickle or dill (or any module with dumps/loads): how every rank pickles calls,"
-                  " arguments and results; cloudpickle sends lambdas and closures (default pickle)",
-    "SEAL": "1 to seal a single-host `pydra run -n N` with a fresh key; on ranks, 1 demands a PYDRA_JOB_KEY (default 0)",
-}
-
-
-def setting(name: str, default: T, parse: Callable[[str], T] | None = None) -> T:
-    """Return ``PYDRA_<name>`` parsed with *parse* (the type of *default* if omitted).
-
-    An unset or empty variable gives *default*; a value that does not parse is
-    the user's mistake and raises ``ValueError`` naming the variable.
-    """
-    if name not in SETTINGS:
-        raise KeyError(f"unknown setting PYDRA_{name}")
-    raw = os.environ.get(f"PYDRA_{name}", "")
-    if not raw:
-        return default
-    parse = parse or type(default)
-    try:
-        return parse(raw)
-    except ValueError:
-        kind = getattr(parse, "__name__", "value")
-        raise ValueError(f"PYDRA_{name}={raw!r}: expected {kind}") from None
+from dataclasses import dataclass
+from typing import Any, Callable
 
 
 def flag(text: str) -> bool:
@@ -64,3 +20,119 @@ def flag(text: str) -> bool:
     if text.lower() in ("0", "no", "false", "off"):
         return False
     raise ValueError(text)
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0 or value != value or value == float("inf"):  # also refuses nan and inf
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``PYDRA_<name>``: its default, how its text is read, what a value must be, and what it does."""
+
+    default: Any
+    parse: Callable[[str], Any]
+    expected: str
+    meaning: str
+
+
+_POSITIVE_INT, _POSITIVE_FLOAT = _positive(int), _positive(float)
+
+#: name (without the PYDRA_ prefix) -> the setting; the README's table lists the same.
+SETTINGS: dict[str, Setting] = {
+    "PIPELINE": Setting(2, _POSITIVE_INT, "a positive integer", "fewest units in flight per worker"),
+    "PIPELINE_SECONDS": Setting(0.002, _POSITIVE_FLOAT, "a positive number of seconds",
+                                "worker time to keep queued at each worker, for tiny units"),
+    "BATCH_SECONDS": Setting(0.02, _POSITIVE_FLOAT, "a positive number of seconds",
+                             "target worker time of one adaptive batch"),
+    "MAX_BATCH": Setting(16384, _POSITIVE_INT, "a positive integer", "largest adaptive batch, in items"),
+    "IDLE_SLEEP": Setting(0.005, _POSITIVE_FLOAT, "a positive number of seconds",
+                          "longest sleep between polls of an idle rank"),
+    "SPIN_SECONDS": Setting(0.0005, _not_negative, "0 or more seconds",
+                            "how long a rank polls without sleeping after activity"),
+    "HEARTBEAT": Setting(0.5, _POSITIVE_FLOAT, "a positive number of seconds",
+                         "seconds between two heartbeats of a worker rank"),
+    "HEARTBEAT_TIMEOUT": Setting(10.0, _POSITIVE_FLOAT, "a positive number of seconds",
+                                 "seconds of silence after which rank 0 declares a worker lost"),
+    "ISOLATE": Setting(False, flag, "1 or 0 (yes/no, true/false, on/off)",
+                       "run task code in a child process of each worker rank"),
+    "MAX_RESULT_BYTES": Setting(1 << 30, _POSITIVE_INT, "a positive number of bytes",
+                                "largest pickled result a worker sends back for one unit"),
+    "PROGRESS": Setting("", _one_of("bar", "lines", "off"), "bar, lines or off",
+                        "how pydra run shows a long job's progress (default: bar on a terminal, else lines)"),
+    "MPIEXEC": Setting("", str, "a command", "the mpiexec that `pydra run -n` uses (default: mpi4py's MPI's)"),
+    "HOME": Setting("~/.pydra", str, "a directory", "Pydra's directory for keys and runs"),
+    "AGENTS": Setting("{}", str, "JSON", "set by pydra launch for pydra-remote-exec: {name: [host, agent port]}"),
+    "IDENTITY": Setting("", str, "a key file", "set by pydra launch for pydra-remote-exec: the launcher's key"),
+    "KNOWN_HOSTS": Setting("", str, "a file", "set by pydra launch for pydra-remote-exec: the pinned host keys"),
+    "CONNECTOR": Setting("", str, "a socket path",
+                         "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents"),
+    "IFACE": Setting("", str, "an interface name",
+                     "the network interface MPI's own connections between hosts use (pydra launch --iface)"),
+    "JOB_KEY": Setting("", str, "64 hex digits",
+                       "the job's key, with which every rank seals Pydra's messages (set by pydra launch)"),
+    "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
+                          "how every rank pickles calls, arguments and results"),
+    "SEAL": Setting(False, flag, "1 or 0",
+                    "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
+}
+
+
+def setting(name: str, default: Any = None, parse: Callable[[str], Any] | None = None) -> Any:
+    """``PYDRA_<name>`` read as :data:`SETTINGS` says (an unset or empty variable: its default).
+
+    *default* and *parse*, if given, override the table's (a caller with a
+    default of its own, a path computed at run time, say). A value that does
+    not parse is the user's mistake: ``ValueError`` naming the variable, the
+    value and what is expected.
+    """
+    entry = SETTINGS.get(name)
+    if entry is None:
+        raise KeyError(f"unknown setting PYDRA_{name}")
+    raw = os.environ.get(f"PYDRA_{name}", "")
+    if not raw:
+        return entry.default if default is None else default
+    try:
+        return (parse or entry.parse)(raw)
+    except ValueError:
+        raise ValueError(f"PYDRA_{name}={raw!r}: expected {entry.expected}") from None
+
+
+def check_settings() -> str | None:
+    """The first ``PYDRA_*`` variable that is set but unusable, as one line; None if all are fine.
+
+    An unknown ``PYDRA_`` name is a typo that would otherwise be ignored.
+    """
+    for variable in sorted(os.environ):
+        if not variable.startswith("PYDRA_"):
+            continue
+        name = variable[len("PYDRA_"):]
+        if name not in SETTINGS:
+            return f"{variable}: no such setting (known: {', '.join('PYDRA_' + known for known in SETTINGS)})"
+        try:
+            setting(name)
+        except ValueError as exc:
+            return str(exc)
+    return None

@@ -21,7 +21,7 @@ from pydra._core.evaluate import UnitLog, Walk
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
-from pydra._core.sources import MAX_BATCH, Chunk, ChunkStream
+from pydra._core.sources import Chunk, ChunkStream
 from pydra.comm import mpi
 from pydra.config import setting
 from pydra.tasks.base import as_task
@@ -138,7 +138,7 @@ class Executor(concurrent.futures.Executor):
         self._feeds.add(feed)
         # Items computed ahead of the reader: enough to keep every worker's pipeline full.
         workers = len(master.workers)
-        window = max(setting("MAX_BATCH", MAX_BATCH) * (2 * workers + 2), 2 * MAX_INFLIGHT * workers)
+        window = max(setting("MAX_BATCH") * (2 * workers + 2), 2 * MAX_INFLIGHT * workers)
 
         def start() -> None:
             try:

@@ -32,7 +32,7 @@ from pydra._core.evaluate import Walk
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.phases import Phase
-from pydra.config import flag, setting
+from pydra.config import setting
 from pydra.control import CONFIG, REQUESTS
 from pydra.errors import PydraError, RemoteTraceback, TargetError
 from pydra.jobstates import (ACTIVE, EDITABLE, INITIAL, TRANSITIONS, JobState, check_move, describe_states,
@@ -187,7 +187,7 @@ class Service:
     def restart(self, rank: int) -> dict[str, Any]:
         """Restart worker *rank*'s executor: its isolated child process (needs isolation)."""
         self._worker(rank)
-        if not setting("ISOLATE", False, flag):
+        if not setting("ISOLATE"):
             raise ServiceError("workers run task code in-rank (the cluster was started without --isolate): no executor to restart")
         self.master.call_soon(self.master.restart, rank)
         return {"rank": rank, "restarted": True}

@@ -138,7 +138,7 @@ def _check_directory(
 
 def _check_directories_above(path: str | os.PathLike[str], kind: Kind) -> None:
     holding = _parents(path)
-    pydra_home = os.path.realpath(Path(setting("HOME", "~/.pydra")).expanduser())
+    pydra_home = os.path.realpath(Path(setting("HOME")).expanduser())
     for directory in _directories_above(path):
         real = os.path.realpath(directory)
         # No sticky-bit pass for the directory holding the file, nor in PYDRA_HOME: others could add what is missing.

@@ -246,7 +246,7 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
     """The child's loop: run what the rank sends until the pipe closes."""
     pipe = Pipe(read_fd, write_fd)
     _exit_with_parent()
-    serial.use(setting("SERIALIZER", "pickle"))  # as the rank does
+    serial.use(setting("SERIALIZER"))  # as the rank does
 
     def report_progress(uid: int, done: int, total: int | None, message: str | None) -> None:
         pipe.send(("progress", uid, done, total, message))

@@ -45,12 +45,12 @@ class Master:
         self.host = hosts[0]
         self.started = time.time()
         settings = Settings(
-            depth=max(1, setting("PIPELINE", 2)),
-            pipeline_seconds=setting("PIPELINE_SECONDS", 0.002),
-            batch_seconds=setting("BATCH_SECONDS", 0.02),
-            heartbeat=setting("HEARTBEAT", 0.5),
+            depth=max(1, setting("PIPELINE")),
+            pipeline_seconds=setting("PIPELINE_SECONDS"),
+            batch_seconds=setting("BATCH_SECONDS"),
+            heartbeat=setting("HEARTBEAT"),
             # Without heartbeats (an MPI without MPI_THREAD_MULTIPLE) a silent worker is only busy.
-            heartbeat_timeout=setting("HEARTBEAT_TIMEOUT", 10.0) if heartbeats and comm.size > 1 else None,
+            heartbeat_timeout=setting("HEARTBEAT_TIMEOUT") if heartbeats and comm.size > 1 else None,
         )
         ranks = list(range(1, comm.size)) if comm.size > 1 else [0]  # no workers: rank 0 runs units itself
         now = time.monotonic()

@@ -25,7 +25,7 @@ from pydra._core import protocol
 from pydra._core.master import Master
 from pydra._core.worker import WorkerLoop
 from pydra.comm import mpi, serial
-from pydra.config import flag, setting
+from pydra.config import setting
 
 
 def host_name() -> str:
@@ -42,14 +42,14 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("pydra needs MPI initialised with at least MPI_THREAD_SERIALIZED")
     mpi.start_sealing(comm)  # before any message, and before a bad setting could abort the job
-    serial.use(setting("SERIALIZER", "pickle"))
+    serial.use(setting("SERIALIZER"))
     mpi.TAG_NAMES.update(protocol.TAG_NAMES)  # for log lines about dropped messages
     abort_on_uncaught_exit(comm)
     hosts = mpi.gather_object(comm, host_name(), 0, "gather-hosts", refused="?")
     # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).
-    heartbeat = setting("HEARTBEAT", 0.5) if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
+    heartbeat = setting("HEARTBEAT") if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
     if comm.rank != 0:
-        WorkerLoop(comm, host_name(), heartbeat, isolate=setting("ISOLATE", False, flag)).serve()
+        WorkerLoop(comm, host_name(), heartbeat, isolate=setting("ISOLATE")).serve()
         return None
     master = Master(comm, hosts, heartbeats=heartbeat is not None)
     master.start()

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
-from pydra.config import setting
+from pydra.config import SETTINGS, setting
 from pydra.errors import WorkerLost
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pydra._core.protocol import Failure
 
 #: default largest adaptive chunk: per-message costs are already negligible at this size.
-MAX_BATCH = 16384
+MAX_BATCH = SETTINGS["MAX_BATCH"].default
 
 #: called with (ok, value, seconds, rank, blob) when a unit's reply arrives; *blob* is the
 #: value as pickled by the worker (None when rank 0 ran the unit itself or it failed).
@@ -133,7 +133,7 @@ class BatchSizer:
         self.workers = workers
         self.remaining = total
         self.target = target_seconds
-        self.largest = setting("MAX_BATCH", MAX_BATCH)
+        self.largest = setting("MAX_BATCH")
         self.seconds_per_item: float | None = None
 
     def next_size(self) -> int:

@@ -95,8 +95,8 @@ class WorkerLoop:
     def __init__(self, comm: MPI.Intracomm, host: str, heartbeat: float | None = None, isolate: bool = False) -> None:
         self.comm = comm
         self.heartbeat = heartbeat  # seconds between heartbeats, None for none (no thread-safe MPI)
-        self.master_timeout = setting("HEARTBEAT_TIMEOUT", 10.0)
-        self.max_result = setting("MAX_RESULT_BYTES", 1 << 30)
+        self.master_timeout = setting("HEARTBEAT_TIMEOUT")
+        self.max_result = setting("MAX_RESULT_BYTES")
         self.runner = UnitRunner(
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )

@@ -54,8 +54,8 @@ class Backoff:
     FIRST_SLEEP = 5e-5
 
     def __init__(self, longest: float | None = None) -> None:
-        self.longest = setting("IDLE_SLEEP", 0.005) if longest is None else longest
-        self.spin = setting("SPIN_SECONDS", 0.0005)
+        self.longest = setting("IDLE_SLEEP") if longest is None else longest
+        self.spin = setting("SPIN_SECONDS")
         self.delay = 0.0
         self.quiet_since: float | None = None
 

@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Union
 
-from pydra.config import flag, setting
+from pydra.config import setting
 
 #: the receiver of a collective that reaches every member (a broadcast)
 ALL = 0xFFFFFFFF
@@ -182,13 +182,13 @@ def start(rank: int) -> AnySealer:
     global _process
     if _process is not None:
         return _process
-    text = setting("JOB_KEY", "")
+    text = setting("JOB_KEY")
     # Read once, then gone: task code and the processes it starts do not inherit it.
     os.environ.pop("PYDRA_JOB_KEY", None)
     if text:
         _process = Sealer(parse_key(text), rank)
         _install_log_handler()
-    elif setting("SEAL", False, flag):
+    elif setting("SEAL"):
         raise SealConfigError(f"PYDRA_SEAL=1 needs PYDRA_JOB_KEY, the same on every rank: {KEY_HINT}")
     else:
         _process = PLAIN

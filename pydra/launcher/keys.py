@@ -99,7 +99,7 @@ class UnsupportedKeyTypeError(ValueError):
 
 def pydra_home() -> Path:
     """Return Pydra's configuration directory: ``$PYDRA_HOME``, or ``~/.pydra``."""
-    return Path(setting("HOME", "~/.pydra")).expanduser()
+    return Path(setting("HOME")).expanduser()
 
 
 def identity_path() -> Path:

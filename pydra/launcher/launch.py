@@ -61,7 +61,7 @@ async def connect(host: str, port: int, identity, known_hosts: Path, accept_new:
     Inside a sealed job's namespace (``PYDRA_CONNECTOR`` set) the TCP connection
     is made by the launcher's :class:`~pydra.launcher.netns.Connector`.
     """
-    connector = setting("CONNECTOR", "")
+    connector = setting("CONNECTOR")
     if connector:
         sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host, port)
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -120,7 +120,7 @@ def launch_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                         help="give the ranks this variable (its value here, or VALUE); repeatable. Nothing else of "
                              "this environment is forwarded but PYDRA_* and MPI's own settings")
-    parser.add_argument("--iface", metavar="IFACE", default=setting("IFACE", ""),
+    parser.add_argument("--iface", metavar="IFACE", default=setting("IFACE"),
                         help="the network interface MPI's connections between hosts use (default: MPI's choice)")
     add_job_arguments(parser)
     parser.add_argument("--serve", action="store_true", help="stay up as a service cluster (see pydra serve); TARGET, if any, is its first job")
@@ -278,10 +278,10 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     host, tail = words[0], words[1:]
     tail, control = tunnel.rewrite_control_port(tail)
     if control is not None:  # a Hydra proxy: its control connection goes through the channel
-        tail = _rewrite_iface(tail, setting("IFACE", ""))
+        tail = _rewrite_iface(tail, setting("IFACE"))
         control = ("127.0.0.1", control[1])  # mpiexec's port, on the namespace's loopback
     command = " ".join(tail)
-    agents = json.loads(setting("AGENTS", "{}"))
+    agents = json.loads(setting("AGENTS"))
     if host not in agents:
         print(f"pydra-remote-exec: no agent known for host {host!r} (PYDRA_AGENTS)", file=sys.stderr)
         return 255

@@ -71,7 +71,7 @@ def library_implementation() -> str:
 def find_mpiexec() -> MPIExec:
     """The mpiexec for mpi4py's MPI: ``PYDRA_MPIEXEC``, else the one installed beside it."""
     implementation = library_implementation()
-    explicit = setting("MPIEXEC", "")
+    explicit = setting("MPIEXEC")
     candidates = [explicit] if explicit else _candidates()
     for candidate in candidates:
         path = shutil.which(candidate)
