@@ -48,6 +48,13 @@ def shell_main(argv: list[str] | None = None) -> int:
     except StrictModeError as exc:
         print(f"pydra shell: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FileNotFoundError as exc:
+        if exc.filename != str(args.identity):
+            print(f"pydra shell: error: {exc.strerror.lower()}: {exc.filename}", file=sys.stderr)
+        else:  # the usual first stumble: say what to do
+            print(f"pydra shell: error: no key at {args.identity}: make one with `pydra keygen`, then add its .pub line,"
+                  ' with pydra-role="admin", to the authorized_keys of the host running rank 0', file=sys.stderr)
+        return EXIT_USAGE
     except (ControlError, keys.KeyFileError, OSError) as exc:
         print(f"pydra shell: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

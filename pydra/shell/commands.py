@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from pydra.control import ControlError
 from pydra.errors import PydraError
 
 
@@ -169,6 +170,13 @@ def _said(template: str) -> Callable[[Any], str]:
 # -- the commands ---------------------------------------------------------------------------------
 
 
+def _submitted(job: dict) -> str:
+    """What ``submit`` answered; a job that failed at once (its TARGET does not load) is the command failing."""
+    if job.get("state") == "failed":
+        raise ControlError(f"submitted job {job['id']}, which failed at once: {job.get('error') or 'see job ' + str(job['id'])}")
+    return f"submitted job {job['id']} ({job['state']})"
+
+
 def _build() -> dict[str, Command]:
     commands: list[Command] = []
 
@@ -203,7 +211,7 @@ def _build() -> dict[str, Command]:
 
     add("submit", "queue TARGET on INPUTs (--priority N: higher runs first)",
         lambda a: ("submit", {"target": absolute_target(a.target), "inputs": a.inputs, "priority": a.priority}),
-        _said("submitted job {id} ({state})"), "targets", submit_arguments)
+        _submitted, "targets", submit_arguments)
     add("cancel", "cancel a queued or running job", lambda a: ("cancel", {"job_id": a.job_id}),
         _said("job {id} cancelled"), "jobs", job_id)
 
@@ -249,11 +257,15 @@ LOCAL_COMMANDS = {
     "help": "list the commands, or explain one: help COMMAND",
     "exit": "leave the shell (also Ctrl-D)",
 }
+#: their usage lines, for ``help NAME``
+LOCAL_USAGE = {"progress": "usage: progress [ID]", "help": "usage: help [COMMAND]", "exit": "usage: exit"}
 
 
 def help_text(name: str | None = None) -> str:
     """``help``: every command with its one-line description, or one command's usage."""
     if name:
+        if name in LOCAL_COMMANDS:
+            return f"{LOCAL_USAGE.get(name, name)}\n\n{LOCAL_COMMANDS[name]}"
         command = COMMANDS.get(name)
         if command is None:
             raise ShellUsageError(f"no command {name!r}: type help for the list")

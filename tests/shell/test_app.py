@@ -157,3 +157,30 @@ def test_progress_lines_show_rate_and_eta():
     first = {7: (0.0, 0)}
     line = app.progress_line({**JOB, "state": "running", "items_done": 50, "items_total": 100}, first)
     assert line.startswith("job 7 running [###############...............] 50/100 50%")
+
+
+# -- the shell's own commands, a submit that fails at once, a missing key -------------------------------
+
+
+@pytest.mark.parametrize("name, usage", [("progress", "usage: progress [ID]"), ("help", "usage: help [COMMAND]"),
+                                         ("exit", "usage: exit")])
+def test_help_explains_the_shells_own_commands_too(name: str, usage: str) -> None:
+    status, _, shown = drive(f"help {name}\nexit\n")
+    assert status == 0 and usage in shown and "no command" not in shown
+
+
+def test_a_submit_whose_job_fails_at_once_is_a_failed_command(capsys) -> None:
+    class Failing(RecordedCluster):
+        def call(self, command: str, **args):
+            return {**JOB, "id": 9, "state": "failed", "error": "cannot load nosuch.py"}
+
+    assert app.run_once(Failing(), "submit nosuch.py:X", as_json=False) == 1
+    assert "submitted job 9, which failed at once: cannot load nosuch.py" in capsys.readouterr().err
+    assert app.run_once(RecordedCluster(), "submit good.py:Y", as_json=False) == 0
+
+
+def test_no_key_says_how_to_make_one(tmp_path, capsys) -> None:
+    status = app.shell_main(["-i", str(tmp_path / "id_ed25519"), "-c", "status"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert f"no key at {tmp_path / 'id_ed25519'}: make one with `pydra keygen`" in error and "Errno" not in error
