@@ -55,9 +55,6 @@ class Executor(concurrent.futures.Executor):
         self._exiting = False  # shut down by the interpreter's exit
         self._jobs: weakref.WeakSet[JobHandle] = weakref.WeakSet()  # submit_task's
         self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
-        self._queued: deque[_Call] = deque()  # submitted, not yet taken by the scheduler thread
-        self._queue_lock = threading.Lock()
-        self._take_scheduled = False
 
     def __enter__(self) -> "Executor | None":  # type: ignore[override]
         if self._entered:
@@ -94,22 +91,8 @@ class Executor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)`` on a worker; return its future."""
         master = self.master
         call = _Call(fn, args, kwargs)
-        # Calls submitted in a burst reach the scheduler thread together: one cross-thread wake-up
-        # per burst, not per call (each costs a self-pipe write and a hand-over of the GIL).
-        with self._queue_lock:
-            self._queued.append(call)
-            wake, self._take_scheduled = not self._take_scheduled, True
-        if wake:
-            master.call_soon(self._take_queued)
+        master.call_soon(master.calls.add, call)
         return call.future
-
-    def _take_queued(self) -> None:
-        """Scheduler thread: hand the calls submitted since the last time to the scheduler's queue."""
-        with self._queue_lock:
-            calls, self._queued, self._take_scheduled = self._queued, deque(), False
-        add = self._master.calls.add  # type: ignore[union-attr]
-        for call in calls:
-            add(call.command, call.reply, call.withdraw)
 
     def map(  # type: ignore[override]
         self,

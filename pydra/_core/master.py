@@ -60,6 +60,10 @@ class Master:
         self.local: LocalTransport | None = None if comm.size > 1 else LocalTransport(self)
         self.loop = asyncio.new_event_loop()
         self._wakeup = asyncio.Event()
+        # What other threads ask of the scheduler thread (see call_soon), run at the top of each
+        # pump iteration; the loop is woken only when the pump sleeps with nothing in flight.
+        self._inbox: deque[tuple[Callable, tuple]] = deque()
+        self._asleep = False
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
         self._stop_requested = False
         #: recent log records of tasks and of the scheduler, newest last (see :meth:`note`)
@@ -94,12 +98,24 @@ class Master:
         self._thread.join()
 
     def call_soon(self, function: Callable, *args: Any) -> None:
-        """Run *function(\\*args)* in the scheduler thread (nothing, once it has ended: all work is done)."""
-        try:
-            self.loop.call_soon_threadsafe(self._wake_with, function, args)
-        except RuntimeError:
-            if not self.loop.is_closed():
-                raise
+        """Run *function(\\*args)* in the scheduler thread, in the order asked (any thread).
+
+        Nothing runs once the scheduler thread has ended (all work is done then).
+        A burst of calls costs a deque append each: the loop's self-pipe is
+        written only to wake a pump asleep with nothing in flight, since each
+        write also hands the GIL over (measured: submitting 20,000 calls took
+        two to three times as long when every burst woke the loop).
+        """
+        self._inbox.append((function, args))
+        # No lock: the pump sets _asleep before it looks at the inbox a last time, and this looks
+        # at _asleep after appending, so one of the two sees the other (at worst, a spare wake-up).
+        if self._asleep:
+            self._asleep = False
+            try:
+                self.loop.call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:
+                if not self.loop.is_closed():
+                    raise
 
     def submit_coroutine(self, coroutine: Any) -> Any:
         """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``.
@@ -126,9 +142,21 @@ class Master:
         finally:
             self.loop.close()
 
-    def _wake_with(self, function: Callable, args: tuple) -> None:
-        function(*args)
-        self._wakeup.set()
+    def _run_inbox(self) -> bool:
+        """Run what other threads asked for until now; whether there was anything."""
+        inbox = self._inbox
+        asked = len(inbox)  # not what arrives meanwhile: a steady stream must not hold the pump here
+        for _ in range(asked):
+            function, args = inbox.popleft()
+            function(*args)
+        return asked > 0
+
+    def _fall_asleep(self) -> bool:
+        """Whether the pump may sleep: nothing was asked meanwhile (from now on, call_soon wakes it)."""
+        self._asleep = True
+        if self._inbox:
+            self._asleep = False
+        return self._asleep
 
     def wake(self) -> None:
         """Tell the pump there is new work (scheduler thread only)."""
@@ -160,8 +188,9 @@ class Master:
         backoff = mpi.Backoff()
         scheduler = self.scheduler
         while True:
+            progressed = self._run_inbox()
             now = time.monotonic()
-            progressed = self._take_messages(now)
+            progressed = self._take_messages(now) or progressed
             self.feed(Tick(now))
             progressed = self.feed(Dispatch(now)) or progressed
             transports = self._transports()
@@ -177,7 +206,7 @@ class Master:
                 # Replies are due: poll again soon. time.sleep is precise to microseconds,
                 # where an asyncio timer would round up to the selector's millisecond.
                 backoff.sleep()
-            else:
+            elif self._fall_asleep():
                 # Nothing in flight: sleep until new work arrives, a timer is due or the next
                 # heartbeat (a timer, not asyncio.wait_for: that would cost a task per sleep).
                 deadline = scheduler.next_deadline()
@@ -187,6 +216,7 @@ class Master:
                 await self._wakeup.wait()
                 alarm.cancel()
                 self._wakeup.clear()
+                self._asleep = False
             await asyncio.sleep(0)  # let tree walkers and cross-thread calls run
 
     def _take_messages(self, now: float) -> bool:

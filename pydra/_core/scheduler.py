@@ -52,7 +52,7 @@ from pydra.errors import WorkerLost
 MAX_INFLIGHT = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingUnit:
     """A unit sent to one or more workers whose replies are awaited."""
 
@@ -411,26 +411,32 @@ class Scheduler:
 
     def _take_replies(self, worker: Worker, replies: list[tuple]) -> None:
         worker.inflight -= len(replies)
-        gang = worker.gang_uid is not None and any(reply[0] == worker.gang_uid for reply in replies)
-        if gang:
+        if worker.gang_uid is not None and any(reply[0] == worker.gang_uid for reply in replies):
             worker.gang_uid = None
         else:
             self._adapt_pipeline(sum(reply[3] for reply in replies) / len(replies))
         if not worker.inflight:
             self._move(worker, Trigger.EMPTIED)
+        pending, progress, rank = self.pending, self.progress, worker.rank
+        done = failures = 0
+        busy = 0.0
         for uid, ok, value, seconds, blob in replies:
-            worker.busy_seconds += seconds
-            self.progress.pop(uid, None)
-            unit = self.pending.get(uid)
+            busy += seconds
+            if progress:
+                progress.pop(uid, None)
+            unit = pending.get(uid)
             if unit is None:
                 continue  # cancelled, or a STOP acknowledgement: neither done nor failed
-            worker.units_done += 1
+            done += 1
             if not ok:
-                worker.failures += 1
+                failures += 1
             unit.replies_due -= 1
             if unit.replies_due == 0:
-                del self.pending[uid]
-            unit.callback(ok, value, seconds, worker.rank, blob)
+                del pending[uid]
+            unit.callback(ok, value, seconds, rank, blob)
+        worker.busy_seconds += busy
+        worker.units_done += done
+        worker.failures += failures
 
     def _adapt_pipeline(self, seconds: float) -> None:
         """Keep about ``pipeline_seconds`` of work queued at each worker.
@@ -505,7 +511,7 @@ class Scheduler:
 
     def _work_done(self) -> bool:
         """Whether everything submitted before the stop has been answered (or given up)."""
-        if self.pending or self.gangs or self.walks or self.calls.waiting:
+        if self.pending or self.gangs or self.walks or self.calls:
             return False
         return all(source.finished for source in self.sources if source is not self.calls)
 

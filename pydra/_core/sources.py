@@ -21,6 +21,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from pydra.config import SETTINGS, setting
@@ -62,10 +63,23 @@ def is_lost(failure: "Failure") -> bool:
     return isinstance(failure.exception, WorkerLost)
 
 
+class Call(Protocol):
+    """One single call in a :class:`CallQueue` (``Executor.submit``'s ``_Call``)."""
+
+    def command(self, uid: int) -> tuple | None:
+        """Its command with id *uid*, or None to withdraw it (a cancelled future)."""
+
+    def reply(self, ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
+        """Its outcome (see :data:`Callback`)."""
+
+    def withdraw(self) -> bool:
+        """Withdraw it for :meth:`CallQueue.cancel_waiting`; whether it could be."""
+
+
 class CallQueue(Source):
     """Single function calls (``Executor.submit``) waiting for a worker.
 
-    A call whose worker is lost goes back to the front of the queue, once:
+    A call whose worker is lost goes back in front of the queue, once:
     a call that loses a second worker fails with :class:`WorkerLost` (a
     ``BrokenExecutor``, as a process pool says), since it is likely what
     kills them, and must not go on to kill the rest (rank 0 included).
@@ -75,23 +89,29 @@ class CallQueue(Source):
     LOSSES = 1
 
     def __init__(self) -> None:
-        #: (make_command, callback, cancel or None, how often it may still run again after a loss)
-        self.waiting: deque[tuple[Callable[[int], tuple | None], Callback, Callable[[], bool] | None, int]] = deque()
+        self.waiting: deque[Call] = deque()
+        #: calls to run again after a loss, served first: (call, its command, how often it may still be lost)
+        self.again: deque[tuple[Call, tuple, int]] = deque()
 
-    def add(self, make_command: Callable[[int], tuple | None], callback: Callback,
-            cancel: Callable[[], bool] | None = None) -> None:
-        """Queue a call; *make_command(uid)* may return None to withdraw it (a cancelled future).
+    def add(self, call: Call) -> None:
+        """Queue *call*."""
+        self.waiting.append(call)
 
-        *cancel()*, if given, withdraws it for :meth:`cancel_waiting` and says whether it could.
-        """
-        self.waiting.append((make_command, callback, cancel, self.LOSSES))
+    def __len__(self) -> int:
+        """How many calls wait for a worker."""
+        return len(self.waiting) + len(self.again)
 
     def next_unit(self, uid: int, rank: int) -> tuple[tuple, Callback] | None:
+        if self.again:
+            call, command, losses_left = self.again.popleft()
+            command = (command[0], uid, *command[2:])
+            return command, partial(self._reply, call, command, losses_left)
         while self.waiting:
-            make_command, callback, _, losses_left = self.waiting.popleft()
-            command = make_command(uid)
+            call = self.waiting.popleft()
+            command = call.command(uid)
             if command is not None:
-                return command, self._rescheduling(command, callback, losses_left)
+                # (a partial, not a closure: one object per unit in flight, as the GC counts them)
+                return command, partial(self._reply, call, command, self.LOSSES)
         return None
 
     def cancel_waiting(self) -> None:
@@ -100,19 +120,15 @@ class CallQueue(Source):
         A call that lost its worker and waits to run again is not withdrawn:
         its caller has seen it start.
         """
-        self.waiting = deque(entry for entry in self.waiting if entry[2] is None or not entry[2]())
+        self.waiting = deque(call for call in self.waiting if not call.withdraw())
 
-    def _rescheduling(self, command: tuple, callback: Callback, losses_left: int) -> Callback:
-        """*callback*, unless the call's worker was lost and it may run again: then it goes back in front."""
-
-        def on_reply(ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
-            if not ok and losses_left and is_lost(value):
-                again = lambda uid: (command[0], uid, *command[2:])  # noqa: E731
-                self.waiting.appendleft((again, callback, None, losses_left - 1))
-                return
-            callback(ok, value, seconds, rank, blob)
-
-        return on_reply
+    def _reply(self, call: Call, command: tuple, losses_left: int,
+               ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
+        """*call*'s outcome, unless its worker was lost and it may run again: then it goes back in front."""
+        if not ok and losses_left and is_lost(value):
+            self.again.append((call, command, losses_left - 1))
+            return
+        call.reply(ok, value, seconds, rank, blob)
 
     @property
     def finished(self) -> bool:

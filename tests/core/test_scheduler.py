@@ -62,10 +62,19 @@ class Calls:
         self.scheduler, self.results = scheduler, {}
 
     def submit(self, name: str) -> None:
-        def callback(ok, value, seconds, rank, blob):
-            self.results[name] = (ok, value if ok else type(value.exception).__name__, rank)
+        results = self.results
 
-        self.scheduler.calls.add(lambda uid: (protocol.CALL, uid, name, (), {}), callback)
+        class Call:
+            def command(self, uid):
+                return (protocol.CALL, uid, name, (), {})
+
+            def reply(self, ok, value, seconds, rank, blob):
+                results[name] = (ok, value if ok else type(value.exception).__name__, rank)
+
+            def withdraw(self):
+                return False
+
+        self.scheduler.calls.add(Call())
 
 
 class Sink:
