@@ -14,7 +14,12 @@ the ratios the project tracks:
 * Pydra ``Executor.map(chunksize=None)``: adaptive batching;
 * Pydra ``Executor.submit``: one future per call, all submitted first, then
   ``concurrent.futures.wait`` for them all and sum their results;
-* ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``.
+* ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``;
+* futures alone: the submit variant's ``concurrent.futures`` part with nothing
+  else (no MPI, no scheduler: a thread of rank 0 runs each call and resolves
+  its future). It bounds what any executor returning futures can do in one
+  Python process here; docs/ARCHITECTURE.md ("What a unit costs") explains
+  why Pydra's submit is measured against it too.
 
 With ``--seal`` it runs instead the Pydra variants twice each, without and
 with a job key (every message sealed, docs/SECURITY.md), plus a payload
@@ -35,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 RANKS = 3
 TASKS = {"raw": 200_000, "pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "pydra-submit": 20_000,
-         "mpi4py-futures": 20_000}
+         "mpi4py-futures": 20_000, "futures-alone": 20_000}
 #: the --seal comparison: each of these unsealed, then sealed
 SEALED_TASKS = {"pydra-chunksize-1": 200_000, "pydra-auto": 5_000_000, "pydra-numpy-1mib": 1_000}
 ARRAY_BYTES = 1 << 20
@@ -60,6 +65,8 @@ def measure(variant: str, tasks: int) -> float:
             started = time.perf_counter()
             assert sum(executor.map(noop, range(tasks), chunksize=1)) == tasks * (tasks - 1) // 2
             return time.perf_counter() - started
+    if variant == "futures-alone":
+        return _submit_all(_FuturesAlone(), tasks) if comm.rank == 0 else -1.0
     import pydra
 
     chunksize = 1 if variant == "pydra-chunksize-1" else None
@@ -84,6 +91,34 @@ def _submit_all(executor, tasks: int) -> float:
     _, not_done = concurrent.futures.wait(futures)
     assert not not_done and sum(future.result() for future in futures) == tasks * (tasks - 1) // 2
     return time.perf_counter() - started
+
+
+class _FuturesAlone:
+    """``submit`` with only its ``concurrent.futures`` part: one thread runs the calls and resolves their futures."""
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self.queue: collections.deque = collections.deque()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def submit(self, fn, arg):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        self.queue.append((future, fn, arg))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            try:
+                future, fn, arg = self.queue.popleft()
+            except IndexError:
+                time.sleep(0)  # let the submitting thread have the GIL
+                continue
+            future.set_running_or_notify_cancel()
+            future.set_result(fn(arg))
 
 
 def _round_trips(executor, tasks: int) -> float:
@@ -165,6 +200,9 @@ def drive(scale: float) -> None:
     print(f"pydra chunksize=1 / mpi4py.futures   = {rates['pydra-chunksize-1'] / rates['mpi4py-futures']:6.2f}x  (target >= 10)")
     print(f"pydra auto batching                  = {rates['pydra-auto']:,.0f} tasks/s  (target >= 1,000,000)")
     print(f"pydra submit / raw mpi4py loop       = {rates['pydra-submit'] / rates['raw']:6.2f}x  (target >= 0.5)")
+    print(f"  futures alone / raw mpi4py loop    = {rates['futures-alone'] / rates['raw']:6.2f}x  "
+          "(no MPI, no scheduler: submit's ceiling in one process)")
+    print(f"  pydra submit / futures alone       = {rates['pydra-submit'] / rates['futures-alone']:6.2f}x")
 
 
 def drive_sealed(scale: float) -> None:

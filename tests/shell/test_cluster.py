@@ -142,7 +142,8 @@ def test_priority_moves_a_queued_job_ahead(cluster: Cluster) -> None:
 
 def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(cluster: Cluster) -> None:
     cluster.settle()
-    running = cluster.submit(NAPS, *["1.5"] * 9)  # three rounds of 1.5 s naps over three workers
+    # Three rounds of 60 s naps over three workers: still running when cancelled, however loaded the machine.
+    running = cluster.submit(NAPS, *["60"] * 9)
     queued = cluster.submit(SQUARES, "4")  # behind it: --max-jobs 1
     assert cluster.job(running)["state"] == "running"
     assert cluster.job(queued)["state"] == "queued"
@@ -348,12 +349,13 @@ def test_shutdown_ends_the_cluster_and_the_journal_keeps_every_job(cluster: Clus
 def test_shutdown_with_a_job_still_queued_ends_the_cluster(tmp_path: Path) -> None:
     """Its own cluster (the module's is stopped by now)."""
     with serving(tmp_path) as own:
-        running, queued = own.submit(NAPS, "1"), own.submit(SQUARES, "2")  # --max-jobs 1: the second waits
+        # --max-jobs 1: the second waits; the nap keeps the cluster up while the shell checks the refusal
+        running, queued = own.submit(NAPS, "5"), own.submit(SQUARES, "2")
         assert own.ok("shutdown").strip() == "shutting down"
         assert "shutting down" in own.refused(f"submit {SQUARES} 3")
         try:
-            status = own.process.wait(timeout=15)
+            status = own.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             states = own.jobs([running, queued])
-            pytest.fail(f"still up 15 s after `shutdown`; jobs: {[(i, j['state']) for i, j in states.items()]}")
+            pytest.fail(f"still up 60 s after `shutdown`; jobs: {[(i, j['state']) for i, j in states.items()]}")
         assert status == 0, own.tail()

@@ -18,10 +18,14 @@ def square(x: str) -> int:
     return int(x) ** 2
 
 
-def nap(x: str) -> int:
-    """Sleep *x* seconds (a float), then say how many."""
-    time.sleep(float(x))
-    return 1
+class Nap(pydra.Task):
+    """Sleep *x* seconds (a float), or until cancelled; then say 1."""
+
+    def work(self, x: str) -> int:
+        deadline = time.monotonic() + float(x)
+        while time.monotonic() < deadline and not self.cancelled:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return 1
 
 
 class FailsFirstTime(pydra.Task):
@@ -42,7 +46,7 @@ def squares() -> pydra.Task:
 
 def naps() -> pydra.Task:
     """One nap per input, one item per unit: several seconds of wall time over three workers."""
-    return pydra.Parallel(nap, chunksize=1)
+    return pydra.Parallel(Nap(), chunksize=1)
 
 
 def fails_first_time() -> pydra.Task:
