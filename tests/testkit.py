@@ -89,6 +89,14 @@ def mpiexec_argv(ranks: int, program: list[str]) -> list[str]:
     return find_mpiexec().command(ranks, program)
 
 
+def survives_losses() -> bool:
+    """Whether this MPI's jobs outlive a worker's death: MPICH (under Pydra's supervisor), Open MPI with ULFM."""
+    from pydra.launcher.mpiexec import MPICH, find_mpiexec
+
+    mpiexec = find_mpiexec()
+    return mpiexec.implementation == MPICH or mpiexec.ulfm
+
+
 def run_mpi(ranks: int, program: list[str], timeout: float = 60, **kwargs) -> Finished:
     """Run a Python *program* (argv after the interpreter) on *ranks* ranks."""
     return run_process(mpiexec_argv(ranks, [sys.executable, *program]), timeout=timeout, **kwargs)

@@ -19,8 +19,8 @@ from mpi4py import MPI
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra import target as targets
-from pydra.comm import serial
-from pydra.errors import TargetError, UnitTimeout
+from pydra.comm import mpi, serial
+from pydra.errors import TargetError, UnitTimeout, WorkerLost
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
 
@@ -75,6 +75,8 @@ class UnitRunner:
         try:
             value, ok = handler(self, *command[1:]), True
         except (Exception, SystemExit) as exc:  # a task calling sys.exit() fails; the rank serves on
+            if mpi.peer_failed(exc):  # ULFM: a rank in this unit's collective died; rank 0 treats it as a loss
+                exc = WorkerLost(f"a rank in this unit's collective died ({exc.Get_error_string()})")
             value, ok = Failure.capture(exc, self.rank, self.size, self.host), False
         finally:
             context.enter(previous)

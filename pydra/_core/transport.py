@@ -24,7 +24,7 @@ from mpi4py import MPI
 from pydra._core import protocol
 from pydra._core.protocol import Failure, Tag
 from pydra._core.runner import UnitRunner
-from pydra._core.events import Heard, Progress, RepliesReceived
+from pydra._core.events import Heard, Progress, RepliesReceived, WorkerGone
 from pydra.comm import mpi, serial
 
 if TYPE_CHECKING:
@@ -120,7 +120,15 @@ class MpiTransport:
 
     def receive(self, master: "Master", now: float) -> list:
         events: list = []
-        while (message := mpi.try_receive(self.comm)) is not None:
+        while True:
+            try:
+                message = mpi.try_receive(self.comm)
+            except mpi.RanksFailed as failed:  # ULFM: MPI saw them die, no need to wait for silence
+                events += [WorkerGone(rank, "its process died") for rank in failed.ranks
+                           if rank != 0 and rank not in self.ignored]
+                continue
+            if message is None:
+                break
             source, tag = message.source, message.tag
             if source in self.ignored:
                 continue  # declared lost: its units are rescheduled, its word no longer counts

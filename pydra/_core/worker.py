@@ -126,6 +126,10 @@ class WorkerLoop:
             thread.start()
         try:
             self._serve()
+        except (mpi.RanksFailed, MPI.Exception) as error:
+            if not _master_died(error):
+                raise
+            _end_orphan(self.comm)
         finally:
             stopped.set()
             self.replies.release()
@@ -211,6 +215,11 @@ class WorkerLoop:
         # Collective only over the members, so other workers carry on undisturbed.
         group = self.comm.group.Incl(members)
         try:
+            if mpi.ulfm(self.comm):
+                # Once a rank of the job has died, ULFM refuses Create_group over the world (even
+                # for a group of survivors), on some members only; MPI-4's Create_from_group needs
+                # no parent communicator and works.
+                return MPI.Intracomm.Create_from_group(group, f"pydra-gang-{tag}")
             return self.comm.Create_group(group, tag % 32768)
         finally:
             group.Free()
@@ -244,11 +253,24 @@ def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., N
     def run(*args: object) -> None:
         try:
             body(*args)
-        except BaseException:
+        except BaseException as error:
+            if _master_died(error):
+                _end_orphan(comm)
             mpi.abort(comm, f"pydra: internal error in {threading.current_thread().name} on rank {comm.rank};"
                             f" aborting the MPI job\n{traceback.format_exc()}")
 
     return run
+
+
+def _master_died(error: BaseException) -> bool:
+    """Whether *error* is MPI saying that rank 0 died (ULFM; a worker only ever talks to rank 0 alone)."""
+    return (isinstance(error, mpi.RanksFailed) and 0 in error.ranks) or mpi.peer_failed(error)
+
+
+def _end_orphan(comm: MPI.Intracomm) -> None:
+    """Rank 0 died: say so once and end this worker (never returns)."""
+    os.write(2, f"pydra: rank 0 died; rank {comm.rank} stops\n".encode())
+    mpi.exit_without_finalize(1)
 
 
 def _usage() -> protocol.Usage:

@@ -10,6 +10,7 @@ part of it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ class MPIExec:
 
     path: str
     implementation: str
+    #: Open MPI 5 or later: its launcher starts jobs with ULFM (``--with-ft ulfm``), so a worker's death
+    #: is reported to the others as an error (MPI_ERR_PROC_FAILED) instead of ending the job
+    ulfm: bool = False
 
     def command(self, ranks: int, program: list[str]) -> list[str]:
         """The argv that starts *program* on *ranks* local ranks.
@@ -39,6 +43,7 @@ class MPIExec:
         Under MPICH each rank runs under :mod:`pydra.launcher.supervise` with
         ``-disable-auto-cleanup``, so the job survives the death of a worker
         rank (Hydra otherwise kills every rank when one dies by a signal).
+        Under Open MPI 5 the job runs with ULFM, for the same reason.
         """
         flags: list[str] = []
         if self.implementation == MPICH:
@@ -49,6 +54,8 @@ class MPIExec:
                 flags.append("--allow-run-as-root")
             if ranks > (os.cpu_count() or 1):
                 flags.append("--oversubscribe")
+            if self.ulfm:
+                flags += ["--with-ft", "ulfm"]
         return [self.path, *flags, "-n", str(ranks), *program]
 
 
@@ -77,9 +84,9 @@ def find_mpiexec() -> MPIExec:
         path = shutil.which(candidate)
         if path is None:
             continue
-        found = _launcher_implementation(path)
+        found, major = _launcher_implementation(path)
         if found == implementation or implementation not in (MPICH, OPEN_MPI):
-            return MPIExec(path, implementation)
+            return MPIExec(path, implementation, ulfm=found == OPEN_MPI and major >= 5)
         if explicit:
             raise MPIExecError(f"PYDRA_MPIEXEC={explicit} launches {found}, but mpi4py uses {implementation}")
     raise MPIExecError(
@@ -99,13 +106,16 @@ def _candidates() -> list[str]:
     return list(dict.fromkeys(places))
 
 
-def _launcher_implementation(path: str) -> str:
+def _launcher_implementation(path: str) -> tuple[str, int]:
+    """The MPI a launcher starts, and its major version (0 if it does not say)."""
     try:
         text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return "unknown", 0
+    found = re.search(r"\(Open MPI\) (\d+)\.", text)  # "mpiexec (Open MPI) 5.0.11"
+    major = int(found.group(1)) if found else 0
     if "HYDRA" in text or "MPICH" in text:
-        return MPICH
+        return MPICH, major
     if "Open MPI" in text or "OpenRTE" in text or "PRRTE" in text:
-        return OPEN_MPI
-    return "unknown"
+        return OPEN_MPI, major
+    return "unknown", 0
