@@ -97,8 +97,12 @@ class Job:
         return self.process.returncode, stdout, stderr
 
     def journaled_units(self) -> list[tuple[int, int]]:
+        """The units the journal holds so far (none while the job is still creating it)."""
         with sqlite3.connect(self.run_dir / "journal.sqlite") as db:
-            return db.execute("SELECT start, count FROM units ORDER BY start").fetchall()
+            try:
+                return db.execute("SELECT start, count FROM units ORDER BY start").fetchall()
+            except sqlite3.OperationalError:  # "no such table": the journal's schema is not written yet
+                return []
 
 
 def _running(pid: int) -> bool:
