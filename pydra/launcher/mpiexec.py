@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,6 +51,22 @@ class MPIExec:
             if ranks > (os.cpu_count() or 1):
                 flags.append("--oversubscribe")
         return [self.path, *flags, "-n", str(ranks), *program]
+
+    def local_command(self, ranks: int, program: list[str]) -> list[str]:
+        """The argv that starts *program* on *ranks* ranks of this host only, even inside an allocation.
+
+        In a Slurm or PBS allocation both launchers would otherwise spread the
+        ranks over every node of it (through srun or the PBS daemons), as
+        ``pydra launch`` does on purpose.
+        """
+        command = self.command(ranks, program)
+        if self.implementation == MPICH:
+            local = ["-launcher", "fork", "-hosts", socket.gethostname()]
+        elif self.implementation == OPEN_MPI:
+            local = ["--prtemca", "ras", "^slurm,pbs", "--prtemca", "plm", "^slurm"]
+        else:
+            local = []
+        return command[:1] + local + command[1:]
 
 
 def library_implementation() -> str:
