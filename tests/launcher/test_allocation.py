@@ -1,0 +1,95 @@
+"""Pydra in a batch allocation, simulated: Slurm's and PBS's variables set on plain processes.
+
+CI has no Slurm, so these tests give ordinary processes (and real mpiexec
+jobs) the variables Slurm and PBS set, as observed on a one-node Slurm 22.05
+(``examples/batch/check-slurm.sh`` is the check by hand on a real one).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pydra.launcher.allocation import promised_world_size, world_mismatch
+from testkit import ROOT, mpi_environment, run_process, run_pydra
+
+PI = str(ROOT / "examples" / "pi.py") + ":estimate_pi"
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "SLURM_", "PBS_")
+
+#: what `srun -n 3` gives its tasks (their SLURM_PROCID differs), and an sbatch script's own variables
+SRUN_STEP = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "3"}
+BATCH_SCRIPT = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "3", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "3"}
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """The test environment without any launcher's or batch system's variables, plus *extra*."""
+    env = {name: value for name, value in mpi_environment().items() if not name.startswith(LAUNCHER_PREFIXES)}
+    return env | extra
+
+
+def test_the_launcher_nearest_the_rank_says_how_many_ranks_there_are() -> None:
+    # Under an mpiexec inside a Slurm job, Slurm's step counts mpiexec's proxies (one per node).
+    assert promised_world_size({"PMI_SIZE": "4", "SLURM_STEP_NUM_TASKS": "1"}) == ("PMI_SIZE", 4)
+    assert promised_world_size({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_STEP_NUM_TASKS": "1"}) == ("OMPI_COMM_WORLD_SIZE", 2)
+    assert promised_world_size(SRUN_STEP) == ("SLURM_STEP_NUM_TASKS", 3)
+    # A batch script or an salloc shell is one process, whatever the allocation's task count.
+    assert promised_world_size(BATCH_SCRIPT) is None and world_mismatch(1, BATCH_SCRIPT) is None
+    assert world_mismatch(3, SRUN_STEP) is None
+    assert world_mismatch(1, SRUN_STEP) == (
+        "SLURM_STEP_NUM_TASKS=3 but this MPI job has 1 rank: srun started the tasks without a PMI they share: "
+        "with the mpich wheel use srun --mpi=pmi2"
+    )
+
+
+@pytest.mark.parametrize("size, rank", [
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),  # srun without --mpi=pmi2
+    ("PMI_SIZE", "PMI_RANK"),  # MPICH's mpiexec with an mpi4py built for Open MPI
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),  # Open MPI's mpirun with the mpich wheel
+])
+def test_copies_started_without_a_shared_pmi_are_refused_in_one_line(tmp_path: Path, size: str, rank: str) -> None:
+    """Each copy is a world of one: none may run the job, journal it or write its output."""
+    outputs = []
+    for copy in range(3):
+        variables = {size: "3", rank: str(copy)}
+        env = clean_environment(**(SRUN_STEP | variables if size.startswith("SLURM_") else variables))
+        argv = [sys.executable, "-m", "pydra", "run", PI, "2", "--output", str(tmp_path / "pi.json"),
+                "--run-dir", str(tmp_path / "run")]
+        outputs.append(run_process(argv, timeout=60, env=env))
+    assert [done.returncode for done in outputs] == [2, 2, 2]
+    lines = [line for done in outputs for line in done.stderr.splitlines() if line.startswith("pydra")]
+    assert len(lines) == 1 and lines[0].startswith(f"pydra: error: {size}=3 but this MPI job has 1 rank: "), lines
+    assert not (tmp_path / "pi.json").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("step_tasks", ["2", "1"])
+def test_ranks_that_share_a_pmi_run_whatever_slurm_counts(tmp_path: Path, step_tasks: str) -> None:
+    """2: `srun --mpi=pmi2 -n 2` (PMI and Slurm agree); 1: mpiexec inside sbatch (Slurm's step is the proxy)."""
+    env = clean_environment(SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=step_tasks, SLURM_PROCID="0")
+    done = run_pydra(2, ["run", PI, "2", "--no-journal"], timeout=90, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "on 2 ranks" in done.stdout
+
+
+def test_a_batch_script_alone_is_a_one_process_run(tmp_path: Path) -> None:
+    done = run_process([sys.executable, "-m", "pydra", "run", PI, "2", "--no-journal"], env=clean_environment(**BATCH_SCRIPT))
+    assert done.returncode == 0, done.stderr
+    assert "on 1 ranks" in done.stdout
+
+
+@pytest.mark.parametrize("allocation", ["slurm", "pbs"])
+def test_pydra_run_n_stays_on_this_host_inside_an_allocation(tmp_path: Path, allocation: str) -> None:
+    """Its help says "ranks on this host": mpiexec must not spread them over the (here unreachable) nodes."""
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("nodea\nnodea\nnodeb\nnodeb\n")
+    variables = {
+        "slurm": {"SLURM_JOB_ID": "42", "SLURM_JOBID": "42", "SLURM_JOB_NODELIST": "nodea,nodeb",
+                  "SLURM_NODELIST": "nodea,nodeb", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NNODES": "2",
+                  "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "4"},
+        "pbs": {"PBS_JOBID": "42.server", "PBS_NODEFILE": str(nodefile), "PBS_ENVIRONMENT": "PBS_BATCH"},
+    }[allocation]
+    done = run_process([sys.executable, "-m", "pydra", "run", "-n", "2", PI, "2", "--no-journal"],
+                       timeout=90, env=clean_environment(**variables))
+    assert done.returncode == 0, done.stderr
+    assert "on 2 ranks" in done.stdout
