@@ -7,12 +7,15 @@ jobs) the variables Slurm and PBS set, as observed on a one-node Slurm 22.05
 
 from __future__ import annotations
 
+import json
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from pydra.launcher.allocation import promised_world_size, world_mismatch
+from pydra.launcher.mpiexec import MPICH, library_implementation
 from testkit import ROOT, mpi_environment, run_process, run_pydra
 
 PI = str(ROOT / "examples" / "pi.py") + ":estimate_pi"
@@ -93,3 +96,58 @@ def test_pydra_run_n_stays_on_this_host_inside_an_allocation(tmp_path: Path, all
                        timeout=90, env=clean_environment(**variables))
     assert done.returncode == 0, done.stderr
     assert "on 2 ranks" in done.stdout
+
+
+SRUN_STAND_IN = """#!/bin/bash
+# Stands in for srun in CI (no Slurm there): checks the PMI option, then starts the ranks with
+# MPICH's mpiexec. It tests the script around srun; examples/batch/check-slurm.sh is the real srun.
+[ "$1" = --mpi=pmi2 ] || { echo "srun stand-in: expected --mpi=pmi2 first, got $1" >&2; exit 99; }
+shift
+exec mpiexec -disable-auto-cleanup -n "$SLURM_NTASKS" "$@"
+"""
+
+
+def batch_job(tmp_path: Path, script: str, variables: dict[str, str]):
+    """Run examples/batch/SCRIPT as its batch system would, in a work directory with the examples."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    if not (work / "examples").exists():
+        (work / "examples").symlink_to(ROOT / "examples")
+    env = clean_environment(VENV=sys.prefix, RUN_DIR=str(tmp_path / "run"), **variables)
+    return run_process(["bash", str(ROOT / "examples" / "batch" / script)], timeout=180, cwd=work, env=env)
+
+
+@pytest.mark.skipif(library_implementation() != MPICH, reason="the scripts' fault-tolerant form is MPICH's")
+def test_the_slurm_script_runs_as_shipped_and_resumes_when_requeued(tmp_path: Path) -> None:
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text(SRUN_STAND_IN)
+    (shims / "srun").chmod(0o755)
+    variables = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "3", "PATH": f"{shims}:{mpi_environment()['PATH']}"}
+    first = batch_job(tmp_path, "slurm.sh", variables)
+    assert first.returncode == 0, first.stderr
+    result = tmp_path / "work" / "wordcount-42.json"
+    counts = json.loads(result.read_text())
+    assert counts["the"] > 0 and "on 3 ranks" in first.stdout
+    result.unlink()
+    requeued = batch_job(tmp_path, "slurm.sh", variables)  # the same job id, so the same run directory
+    assert requeued.returncode == 0, requeued.stderr
+    assert f"resuming examples/wordcount.py:WordCount from {tmp_path / 'run'}" in requeued.stderr
+    assert json.loads(result.read_text()) == counts
+
+
+@pytest.mark.skipif(library_implementation() != MPICH, reason="the scripts' fault-tolerant form is MPICH's")
+def test_the_pbs_script_runs_as_shipped_and_resumes_when_rerun(tmp_path: Path) -> None:
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text(f"{socket.gethostname()}\n" * 3)
+    work = tmp_path / "work"
+    variables = {"PBS_O_WORKDIR": str(work), "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "42.server"}
+    first = batch_job(tmp_path, "pbs.sh", variables)
+    assert first.returncode == 0, first.stderr
+    assert "on 3 ranks" in first.stdout
+    pi = json.loads((work / "pi-42.server.json").read_text())
+    assert abs(pi - 3.14159) < 0.01
+    rerun = batch_job(tmp_path, "pbs.sh", variables)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming examples/pi.py:estimate_pi" in rerun.stderr
+    assert json.loads((work / "pi-42.server.json").read_text()) == pi
