@@ -44,7 +44,8 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
     if setting("SEAL"):
         # A fresh key for this job only; the ranks read it and drop it from their environment.
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
-    return wait_for(subprocess.Popen(mpiexec.local_command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=env))
+    program = [sys.executable, "-m", "pydra", command, *forwarded]
+    return wait_for(subprocess.Popen(mpiexec.local_command(ranks, program), env=env))
 
 
 def progress_environment() -> dict[str, str]:
