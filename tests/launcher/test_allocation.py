@@ -66,6 +66,14 @@ def test_copies_started_without_a_shared_pmi_are_refused_in_one_line(tmp_path: P
     assert not (tmp_path / "pi.json").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_service_started_without_a_shared_pmi_is_refused_too(tmp_path: Path) -> None:
+    env = clean_environment(**SRUN_STEP, SLURM_PROCID="0", PYDRA_HOME=str(tmp_path / "home"))
+    done = run_process([sys.executable, "-m", "pydra", "serve", "--run-dir", str(tmp_path / "run")], timeout=60, env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("pydra: error: SLURM_STEP_NUM_TASKS=3 but this MPI job has 1 rank: ")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("step_tasks", ["2", "1"])
 def test_ranks_that_share_a_pmi_run_whatever_slurm_counts(tmp_path: Path, step_tasks: str) -> None:
     """2: `srun --mpi=pmi2 -n 2` (PMI and Slurm agree); 1: mpiexec inside sbatch (Slurm's step is the proxy)."""
