@@ -93,6 +93,7 @@ def test_a_batch_script_alone_is_a_one_process_run(tmp_path: Path) -> None:
     assert "on 1 ranks" in done.stdout
 
 
+@pytest.mark.smoke  # also on Open MPI, whose flags differ
 @pytest.mark.parametrize("allocation", ["slurm", "pbs"])
 def test_pydra_run_n_stays_on_this_host_inside_an_allocation(tmp_path: Path, allocation: str) -> None:
     """Its help says "ranks on this host": mpiexec must not spread them over the (here unreachable) nodes."""
