@@ -29,7 +29,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
-    """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host and return its status.
+    """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host only and return its status.
 
     With ``PYDRA_SEAL=1`` the job gets a fresh ``PYDRA_JOB_KEY`` and seals its messages.
     """
@@ -44,7 +44,8 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
     if setting("SEAL"):
         # A fresh key for this job only; the ranks read it and drop it from their environment.
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
-    return wait_for(subprocess.Popen(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env=env))
+    program = [sys.executable, "-m", "pydra", command, *forwarded]
+    return wait_for(subprocess.Popen(mpiexec.local_command(ranks, program), env=env))
 
 
 def progress_environment() -> dict[str, str]:
@@ -99,8 +100,11 @@ def run_job(request: JobRequest) -> int:
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
     from pydra.journal import JournalError
+    from pydra.launcher.allocation import refuse_foreign_world
 
     comm = MPI.COMM_WORLD
+    if refuse_foreign_world(comm):  # N copies of a one-rank job would each run it all
+        return EXIT_USAGE
     mpi.start_sealing(comm)  # raises SealConfigError on every rank, for pydra.cli to report once
     abort_on_uncaught_exit(comm)  # from here on, no rank may leave the others waiting
     root = spec = record = None
@@ -163,8 +167,10 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
                 record.fail(exc)
             status = EXIT_FAILED
     if master.lost_ranks:
-        print(f"pydra: worker ranks {master.lost_ranks} were lost during the job; ending it with MPI_Abort({status})", file=sys.stderr)
-        mpi.end_job_after_loss(comm, status)
+        if master.stuck_ranks:
+            print(f"pydra: worker ranks {master.stuck_ranks} are blocked in MPI with a lost rank; "
+                  f"ending the job with MPI_Abort({status})", file=sys.stderr)
+        mpi.end_job_after_loss(comm, status, master.stuck_ranks)
     return status
 
 
@@ -236,20 +242,59 @@ def resume_record(run_dir: Path) -> JobRecord:
 
 
 def new_record(spec: Any, request: JobRequest) -> JobRecord:
-    """A new run directory (``--run-dir`` or the default) whose journal records the job of *spec*."""
+    """The journal entry of the job of *spec*: new, in a new run directory or in ``--run-dir DIR``.
+
+    If DIR already journals this same job (TARGET, INPUTs and the task file's
+    source unchanged: a requeued batch job, the same command run again after
+    a crash), that job is resumed instead; a journal of another job there is
+    refused, so that no run directory ever mixes two jobs.
+    """
     import dataclasses
 
     from pydra import journal as journals
 
     run_dir = Path(request.run_dir) if request.run_dir else journals.new_run_dir(spec.text)
-    journal = journals.Journal.open(run_dir, create=True)
     output = str(Path(request.output).resolve()) if request.output else None
     digest = hashlib.sha256(spec.source.encode()).hexdigest() if spec.source is not None else None
+    if request.run_dir and (run_dir / journals.JOURNAL_NAME).is_file():
+        earlier = _journaled_job(run_dir)
+        if earlier is not None:
+            different = _difference(earlier, spec.text, request.inputs, digest)
+            if different:
+                raise journals.JournalError(f"{run_dir} journals another job ({different}): give a new --run-dir, "
+                                            f"or finish that one with --resume {run_dir}")
+            record = resume_record(run_dir)
+            record.output = output  # this command's --output, as a new run would use it
+            return record
+    journal = journals.Journal.open(run_dir, create=True)
     options = {"spec": dataclasses.asdict(spec), "output": output, "cwd": os.getcwd()}
     job = journal.add_job(spec.text, request.inputs, options, digest)
     journal.set_state(job, JobState.RUNNING)
     print(f"pydra: run directory {run_dir} (resume with: pydra run --resume {run_dir})", file=sys.stderr)
     return JobRecord(journal, job, spec, request.inputs, output, resumed=False)
+
+
+def _journaled_job(run_dir: Path) -> dict | None:
+    """The job the journal in *run_dir* holds, or None if it holds none yet."""
+    from pydra import journal as journals
+
+    journal = journals.Journal.open(run_dir, create=False)
+    try:
+        jobs = journal.jobs()
+    finally:
+        journal.close()
+    return jobs[-1] if jobs else None
+
+
+def _difference(job: dict, target: str, inputs: list[str], digest: str | None) -> str | None:
+    """How the journaled *job* differs from the job of *target* on *inputs* whose source has *digest*; None if not."""
+    if job["target"] != target:
+        return f"of {job['target']}, not {target}"
+    if job["inputs"] != list(inputs):
+        return f"with the inputs {' '.join(job['inputs']) or '(none)'}"
+    if job["source_sha256"] != digest:
+        return f"of an earlier version of {target}"
+    return None
 
 
 def report_failure(target: str, exc: BaseException) -> None:

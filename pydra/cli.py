@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_arguments(run)
-    run.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    run.add_argument(
+        "-n", "--ranks", type=_positive, metavar="N",
+        help="start mpiexec with N ranks on this host (inside a Slurm or PBS allocation too: `pydra launch` "
+             "or your own mpiexec/srun use all of its nodes)",
+    )
     run.add_argument("--serve", action="store_true", help="stay up as a service cluster (see pydra serve); TARGET, if any, is its first job")
     add_service_arguments(run)
     run.set_defaults(handler=_run)
@@ -118,7 +122,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-dir",
         metavar="DIR",
-        help="keep the job's journal in DIR (default: a new directory under ~/.pydra/runs, printed at start)",
+        help="keep the job's journal in DIR (default: a new directory under ~/.pydra/runs, printed at start); "
+             "if DIR already journals this same job (TARGET, INPUTs, source), it is resumed",
     )
     parser.add_argument(
         "--resume",

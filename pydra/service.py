@@ -437,9 +437,12 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     from pydra.comm import mpi
     from pydra.control import ControlServer, configure_logging
     from pydra.executor import Executor
+    from pydra.launcher.allocation import refuse_foreign_world
     from pydra.strictmodes import StrictModeError
 
     comm = MPI.COMM_WORLD
+    if refuse_foreign_world(comm):  # N copies of a one-rank cluster, each serving alone
+        return 2
     abort_on_uncaught_exit(comm)
     if comm.rank != 0:
         # Ctrl-C in a terminal (and mpiexec's SIGTERM) reach every rank: rank 0 shuts the
@@ -487,5 +490,5 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         failed = service.status()["failed"]
         print(f"pydra: cluster {directory.name} shut down", file=sys.stderr, flush=True)
     if master.lost_ranks:
-        mpi.end_job_after_loss(comm, 0)
+        mpi.end_job_after_loss(comm, 0, master.stuck_ranks)
     return 1 if failed and first_job else 0

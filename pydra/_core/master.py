@@ -312,6 +312,11 @@ class Master:
         """
         return self.scheduler.lost_ranks
 
+    @property
+    def stuck_ranks(self) -> list[int]:
+        """The lost workers known to be blocked in a collective (only MPI_Abort ends them)."""
+        return self.scheduler.stuck_ranks
+
     def alive_workers(self) -> int:
         """How many workers can still take work."""
         return self.scheduler.alive_workers()

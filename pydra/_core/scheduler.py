@@ -127,6 +127,8 @@ class Scheduler:
         self.stopping = False
         self.stop_sent = False
         self.broken: str | None = None  # why a gang failed: some members may never answer again
+        #: lost ranks known to be blocked in a collective with another lost rank: only MPI_Abort frees them
+        self.stuck_ranks: list[int] = []
         self._out: list = []
 
     # -- events ---------------------------------------------------------------------------------
@@ -398,7 +400,8 @@ class Scheduler:
                     # Those still in the gang's collectives wait for the lost rank forever, and
                     # MPI cannot free them: they are lost too. (The gang runs again elsewhere.)
                     for member in members:
-                        if member != rank and member not in results:
+                        if member != rank and member not in results and self._by_rank[member].alive:
+                            self.stuck_ranks.append(member)
                             self.lose_worker(member, f"was in a collective with lost rank {rank}")
                 return
             results[rank] = value

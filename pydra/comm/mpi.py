@@ -411,13 +411,19 @@ def abort(comm: MPI.Comm, message: str) -> None:
     comm.Abort(1)
 
 
-def end_job_after_loss(comm: MPI.Comm, status: int) -> None:
+def end_job_after_loss(comm: MPI.Comm, status: int, stuck: list[int]) -> None:
     """Rank 0, after ranks were lost: end the whole MPI job with *status* (never returns).
 
-    MPI_Finalize would wait for the lost ranks forever, and a rank declared
-    lost may still be running, stuck in a collective with a dead one; only
-    MPI_Abort stops it. The healthy workers have been told to exit first.
+    MPI_Finalize would wait for the lost ranks forever, so rank 0 leaves
+    without it, as the healthy workers (told to exit first) do. A lost rank
+    is dead, or was told to stop too and exits once it reads that, or gives
+    up when rank 0 falls silent; but one blocked in a collective with a dead
+    rank (*stuck*) never runs again, and only MPI_Abort stops it. MPI_Abort
+    is kept for that case alone: launchers report an aborted job as failed
+    whatever its status (Slurm's srun kills the step: exit 137).
     """
+    if not stuck:
+        exit_without_finalize(status)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

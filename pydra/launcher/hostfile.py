@@ -25,12 +25,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "DEFAULT_AGENT_PORT",
     "Host",
     "HostfileError",
+    "allocation_source",
     "expand_nodelist",
     "expand_tasks_per_node",
     "hosts_from_environment",
@@ -129,21 +130,33 @@ def _merge_duplicates(hosts: Iterable[Host]) -> list[Host]:
 # --- batch schedulers -------------------------------------------------------
 
 
-def hosts_from_environment(env: Mapping[str, str] = os.environ) -> list[Host] | None:
+def hosts_from_environment(env: Mapping[str, str] = os.environ, port: int = DEFAULT_AGENT_PORT) -> list[Host] | None:
     """Return the hosts of the batch allocation this process runs in, or None.
 
     Slurm: ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``) names the nodes and
     ``SLURM_TASKS_PER_NODE`` gives their slots (one each if it is unset).
     PBS/Torque: ``PBS_NODEFILE`` names a file listing each node once per slot.
-    Returns None outside of such an allocation.
+    Every host's agent is taken to listen on *port*. Returns None outside of
+    such an allocation.
     """
+    hosts = None
     for variable in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
         if env.get(variable):
-            return _slurm_hosts(variable, env[variable], env.get("SLURM_TASKS_PER_NODE"))
-    if env.get("PBS_NODEFILE"):
-        # One line per slot: merging the repeated names adds up their slots.
-        return read_hostfile(env["PBS_NODEFILE"])
-    return None
+            hosts = _slurm_hosts(variable, env[variable], env.get("SLURM_TASKS_PER_NODE"))
+            break
+    else:
+        if env.get("PBS_NODEFILE"):
+            # One line per slot: merging the repeated names adds up their slots.
+            hosts = read_hostfile(env["PBS_NODEFILE"])
+    return None if hosts is None else [replace(host, port=port) for host in hosts]
+
+
+def allocation_source(env: Mapping[str, str] = os.environ) -> str:
+    """The variable that describes this process's allocation, to name it in messages."""
+    for variable in ("SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "PBS_NODEFILE"):
+        if env.get(variable):
+            return f"{variable}={env[variable]}"
+    return "the allocation"
 
 
 def _slurm_hosts(variable: str, nodelist: str, tasks_per_node: str | None) -> list[Host]:

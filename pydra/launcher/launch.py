@@ -36,7 +36,9 @@ from pydra.comm.channel import ChannelError
 from pydra.config import setting
 from pydra.launcher import authorized, keys, netns, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
-from pydra.launcher.hostfile import Host, HostfileError, hosts_from_environment, read_hostfile
+from pydra.launcher.hostfile import (
+    DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
+)
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec
@@ -107,10 +109,15 @@ def launch_main(argv: list[str] | None = None) -> int:
         prog="pydra launch",
         description="Authenticate every host's Pydra agent, then run TARGET as an MPI job through them.",
         epilog="TARGET, INPUT and the job options are as in `pydra run`. Without a hostfile (and outside a "
-               "Slurm or PBS allocation) the job runs on this host alone, like `pydra run -n N`.",
+               "Slurm or PBS allocation) the job runs on this host alone, like `pydra run -n N`. Inside an "
+               "allocation the hosts and, without -n, the number of ranks are the allocation's.",
     )
     parser.add_argument("-f", "--hostfile", type=Path, metavar="HOSTFILE", help="hosts to run on")
-    parser.add_argument("-n", "--ranks", type=int, required=True, metavar="N", help="number of MPI ranks")
+    parser.add_argument("-n", "--ranks", type=int, metavar="N",
+                        help="number of MPI ranks (default: the slots of the hostfile or of the allocation)")
+    parser.add_argument("--agent-port", type=_port, default=DEFAULT_AGENT_PORT, metavar="PORT",
+                        help=f"the port of the agent on every host of a Slurm or PBS allocation (default "
+                             f"{DEFAULT_AGENT_PORT}; a hostfile says port=P per host instead)")
     parser.add_argument("-i", "--identity", type=Path, default=keys.identity_path(), metavar="PATH",
                         help="your private key (default ~/.pydra/id_ed25519)")
     parser.add_argument("--known-hosts", type=Path, default=authorized.known_hosts_path(), metavar="PATH",
@@ -137,9 +144,13 @@ def launch_main(argv: list[str] | None = None) -> int:
     forwarded = job_arguments(args)
 
     try:
-        hosts = read_hostfile(args.hostfile) if args.hostfile else hosts_from_environment()
+        hosts = read_hostfile(args.hostfile) if args.hostfile else hosts_from_environment(port=args.agent_port)
     except (HostfileError, OSError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
+        return 2
+    problem = check_ranks(args, hosts)
+    if problem:
+        print(f"pydra launch: error: {problem}", file=sys.stderr)
         return 2
     if not hosts:
         from pydra.batch import run_locally
@@ -166,6 +177,35 @@ def launch_main(argv: list[str] | None = None) -> int:
         return 1
     launch = Launch(hosts, args.ranks, args.identity, args.known_hosts, args.env, args.iface)
     return launch.run(forwarded)
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and 0 < int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def check_ranks(args: argparse.Namespace, hosts: list[Host] | None) -> str | None:
+    """Settle ``args.ranks`` against *hosts*: the hosts' slots if not given; why not, as one line.
+
+    Ranks beyond an allocation's tasks would share cores the batch system gave
+    to other jobs, so they are refused; beyond a hostfile's slots, which are
+    the user's own figure, they are only warned about.
+    """
+    if args.ranks is not None and not 0 < args.ranks <= 65535:
+        return f"-n {args.ranks}: expected a positive number of ranks"
+    if not hosts:
+        return None if args.ranks is not None else "give -n N: there is no hostfile (-f) or allocation to take it from"
+    slots = sum(host.slots for host in hosts)
+    if args.ranks is None:
+        args.ranks = slots
+    elif args.ranks > slots and not args.hostfile:
+        return (f"-n {args.ranks} is more than the {slots} tasks of this allocation ({allocation_source()}): "
+                f"ask the batch system for more, or give -n {slots} or less")
+    elif args.ranks > slots:
+        print(f"pydra launch: warning: -n {args.ranks} is more than the {slots} slots of {args.hostfile}: "
+              "some hosts run more ranks than their slots", file=sys.stderr)
+    return None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,23 @@ class MPIExec:
             if self.ulfm:
                 flags += ["--with-ft", "ulfm"]
         return [self.path, *flags, "-n", str(ranks), *program]
+
+    def local_command(self, ranks: int, program: list[str]) -> list[str]:
+        """The argv that starts *program* on *ranks* ranks of this host only, even inside an allocation.
+
+        In a Slurm or PBS allocation both launchers would otherwise spread the
+        ranks over every node of it (through srun or the PBS daemons), as
+        ``pydra launch`` does on purpose. Hydra is told to fork every proxy
+        here; Open MPI 5's prterun (the wheel's) to ignore the batch system.
+        """
+        command = self.command(ranks, program)
+        if self.implementation == MPICH:
+            local = ["-launcher", "fork", "-hosts", socket.gethostname()]
+        elif self.implementation == OPEN_MPI:
+            local = ["--prtemca", "ras", "^slurm,pbs", "--prtemca", "plm", "^slurm"]
+        else:
+            local = []
+        return command[:1] + local + command[1:]
 
 
 def library_implementation() -> str:

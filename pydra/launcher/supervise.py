@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 
-#: environment variables holding a process's rank in the job, per MPI launcher
-_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+#: environment variables holding a process's rank in the job, per MPI launcher (Slurm's last:
+#: under an mpiexec in a Slurm job it numbers mpiexec's proxies, not the ranks)
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
 def world_rank() -> int | None:

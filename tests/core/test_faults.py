@@ -171,6 +171,39 @@ def test_a_journaled_run_records_each_item_once_and_resumes_without_recomputing(
     assert tried(tmp_path, "raise") == markers
 
 
+@pytest.mark.parametrize("ranks", rank_params(1, 3))
+def test_the_same_command_again_resumes_the_job_its_run_dir_journals(tmp_path, ranks):
+    """A requeued batch job runs its script again: --run-dir DIR finds its own journal and resumes it."""
+    items = [str(x) for x in range(40)]
+    run_dir = tmp_path / "run"
+    first, result = run_target(tmp_path, ranks, "raises_once", items, "--run-dir", str(run_dir), journal=True)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "result.json").unlink()
+    markers = tried(tmp_path, "raise")
+    again, resumed = run_target(tmp_path, ranks, "raises_once", items, "--run-dir", str(run_dir), journal=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {TARGETS}:raises_once from {run_dir}" in again.stderr
+    assert resumed == result and tried(tmp_path, "raise") == markers  # nothing computed twice
+    with sqlite3.connect(run_dir / "journal.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+
+    # Another job (other inputs, another target, an edited task file) is refused, not mixed in.
+    other, _ = run_target(tmp_path, ranks, "raises_once", items[:5], "--run-dir", str(run_dir), journal=True)
+    assert other.returncode == 2
+    assert last_pydra_line(other.stderr) == (
+        f"pydra: error: {run_dir} journals another job (with the inputs {' '.join(items)}): "
+        f"give a new --run-dir, or finish that one with --resume {run_dir}"
+    )
+    copy, copy_dir = tmp_path / "copied_tasks.py", tmp_path / "copy-run"
+    copy.write_text(TARGETS.read_text())
+    command = ["run", f"{copy}:raises_once", "7", "--run-dir", str(copy_dir)]
+    env = mpi_environment() | {"FAULT_DIR": str(tmp_path / "faults")}
+    assert run_pydra(1, command, env=env).returncode == 0
+    copy.write_text(TARGETS.read_text() + "\n# edited\n")
+    edited = run_pydra(1, command, env=env)
+    assert edited.returncode == 2 and f"journals another job (of an earlier version of {copy}:raises_once)" in edited.stderr
+
+
 def test_resume_needs_a_journal(tmp_path):
     finished = run_pydra(1, ["run", "--resume", str(tmp_path)])
     assert finished.returncode == 2
@@ -198,6 +231,8 @@ def test_a_mapreduce_survives_losing_a_rank_that_held_pairs(tmp_path, ranks, mon
     assert "pydra: lost worker rank" in finished.stderr
     # MPICH: Pydra's supervisor saw the SIGKILL; Open MPI: ULFM reported the death
     assert "was killed by SIGKILL" in finished.stderr or "(its process died)" in finished.stderr
+    # Nothing is stuck: rank 0 ends without MPI_Abort, which srun would turn into a failed step (137).
+    assert "MPI_Abort" not in finished.stderr
 
 
 @pytest.mark.smoke
@@ -212,6 +247,7 @@ def test_a_gang_that_loses_a_member_runs_again_on_what_is_left(tmp_path, ranks, 
     assert result == {"sum": 5, "size": 1}
     assert "was in a collective with lost rank" in finished.stderr
     assert "no worker rank is left; rank 0 runs the remaining work itself" in finished.stderr
+    assert "are blocked in MPI with a lost rank; ending the job with MPI_Abort(0)" in finished.stderr
 
 
 @pytest.mark.smoke

@@ -270,6 +270,13 @@ def test_a_gang_member_lost_takes_the_members_still_in_its_collective_with_it() 
     assert isinstance(outcome["e"], WorkerLost)
     assert sorted(i.rank for i in out if isinstance(i, Lost)) == [1, 2]  # rank 2 waits for rank 1 forever
     assert TakeOver() in out and uid not in scheduler.pending
+    assert scheduler.stuck_ranks == [2]  # only MPI_Abort ends it; rank 1 is merely gone
+
+
+def test_a_worker_lost_to_silence_is_not_taken_for_stuck() -> None:
+    scheduler = make(heartbeat_timeout=1.0)
+    scheduler.handle(Tick(5.0))
+    assert scheduler.lost_ranks == [1, 2] and scheduler.stuck_ranks == []
 
 
 def test_a_gang_larger_than_the_workers_is_refused() -> None:

@@ -163,6 +163,13 @@ def test_slurm_old_variable_and_no_tasks_per_node():
     assert hosts_from_environment({"SLURM_NODELIST": "n[1-2]"}) == [Host("n1"), Host("n2")]
 
 
+def test_allocation_agents_on_another_port(tmp_path):
+    assert hosts_from_environment({"SLURM_NODELIST": "n[1-2]"}, port=7000) == [Host("n1", port=7000), Host("n2", port=7000)]
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("a\na\nb\n")
+    assert hosts_from_environment({"PBS_NODEFILE": str(nodefile)}, port=7001) == [Host("a", 2, port=7001), Host("b", port=7001)]
+
+
 def test_slurm_count_mismatch_is_reported():
     env = {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "2(x2)"}
     expected = r"describes 2 nodes, but SLURM_JOB_NODELIST='n\[1-3\]' names 3"

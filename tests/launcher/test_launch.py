@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
-from testkit import ROOT, run_process, survives_losses
+from testkit import ROOT, mpi_environment, run_process, survives_losses
 
 WORD = re.compile(r"[a-z']+")
 
@@ -275,3 +275,35 @@ def test_this_host_by_a_loopback_name_runs_through_its_agent_too(cluster: Cluste
     assert done.returncode == 0, done.stderr
     assert "28" in done.stdout
     assert "started pid" in cluster.log("127.0.0.1")
+
+
+def test_in_an_allocation_launch_takes_its_hosts_tasks_and_agent_port(cluster: Cluster, tmp_path: Path) -> None:
+    """A simulated Slurm allocation of 127.0.0.2 (1 task) and 127.0.0.3 (2 tasks), agents on one shared port."""
+    port = free_port("127.0.0.2")
+    for host in ("127.0.0.2", "127.0.0.3"):
+        cluster.start_agent(host, tmp_path / f"host-{host}", port)
+    cluster.env.update(SLURM_JOB_ID="42", SLURM_JOB_NODELIST="127.0.0.2,127.0.0.3", SLURM_TASKS_PER_NODE="1,2",
+                       SLURM_NTASKS="3")
+    done = run_process(pydra("launch", "--agent-port", str(port), "--accept-new", "examples/pi.py:estimate_pi", "3",
+                             "--no-journal"), timeout=120, env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    assert "on 3 ranks" in done.stdout  # -n from the allocation
+    assert re.search(rf"^127\.0\.0\.3\s+127\.0\.0\.3:{port}\s.*\s2\s.*\sok$", done.stderr, re.M), done.stderr
+
+    # More ranks than the allocation's tasks: refused before any agent is asked.
+    over = run_process(pydra("launch", "-n", "4", "--agent-port", str(port), "examples/pi.py:estimate_pi"),
+                       env=cluster.env)
+    assert over.returncode == 2
+    assert over.stderr.strip() == ("pydra launch: error: -n 4 is more than the 3 tasks of this allocation "
+                                   "(SLURM_TASKS_PER_NODE=1,2): ask the batch system for more, or give -n 3 or less")
+    # A hostfile's slots are the user's own figure: going beyond them is only worth a warning.
+    warned = cluster.launch("-n", "5", "--accept-new", "examples/pipeline.py:pipeline", "3", "--no-journal")
+    assert warned.returncode == 0, warned.stderr
+    assert f"pydra launch: warning: -n 5 is more than the 4 slots of {cluster.hostfile}" in warned.stderr
+
+
+def test_without_hosts_launch_needs_n() -> None:
+    outside = {name: value for name, value in mpi_environment().items() if not name.startswith(("SLURM_", "PBS_"))}
+    done = run_process(pydra("launch", "examples/pipeline.py:pipeline", "3"), env=outside)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "pydra launch: error: give -n N: there is no hostfile (-f) or allocation to take it from"
