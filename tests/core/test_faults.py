@@ -243,10 +243,12 @@ def test_a_gang_that_loses_a_member_runs_again_on_what_is_left(tmp_path, ranks, 
     finished, result = run_target(tmp_path, ranks, "gang_loses_a_member", ["5"])
     assert finished.returncode == 0, finished.stderr
     # Rank 1 of the gang died; the other two were stuck in its allreduce and are lost too,
-    # so rank 0 runs the gang again by itself.
+    # so rank 0 runs the gang again by itself. (Under ULFM the allreduce raises instead: the
+    # first member to report it stays, and runs the gang again alone, if rank 0 hears it first.)
     assert result == {"sum": 5, "size": 1}
     assert "was in a collective with lost rank" in finished.stderr
-    assert "no worker rank is left; rank 0 runs the remaining work itself" in finished.stderr
+    if not find_mpiexec().ulfm:
+        assert "no worker rank is left; rank 0 runs the remaining work itself" in finished.stderr
     assert "are blocked in MPI with a lost rank; ending the job with MPI_Abort(0)" in finished.stderr
 
 
