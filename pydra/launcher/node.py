@@ -74,7 +74,7 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
         return line
 
     server = await serve_channel(
-        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client
+        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
     )
     log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
     # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0.
