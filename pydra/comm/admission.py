@@ -218,12 +218,12 @@ class Admission:
 
 
 class QuietLog:
-    """A log that says at most *burst* lines per *interval* seconds and counts the rest.
+    """A log that says at most *burst* lines of each kind per *interval* seconds and counts the rest.
 
-    The first line after a quiet interval, or :meth:`flush`, reports what was suppressed, by
+    Once an interval is over, :meth:`tick` (or the next line) reports what was suppressed, by
     kind: ``suppressed 1234 lines in the last 10 s: 1200 source penalised, 34 handshake failed``.
-    A listener calls :meth:`flush` when :attr:`flush_due` says so, so the count is told even
-    when the flood stops.
+    A listener calls :meth:`tick` at :attr:`flush_due`, so the count is told even when the flood
+    stops.
     """
 
     def __init__(
@@ -234,26 +234,30 @@ class QuietLog:
         self.burst = burst
         self._clock = clock
         self._window_start = clock()
-        self._said = 0
+        self._said: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
 
     @property
     def flush_due(self) -> float | None:
-        """When (on the clock) :meth:`flush` has a count to report, or None."""
+        """When (on the clock) there will be a count of suppressed lines to report, or None."""
         return self._window_start + self.interval if self._suppressed else None
 
     def note(self, level: int, kind: str, message: str, *args: object) -> None:
-        """Log *message* % *args* at *level*, unless this interval's lines are used up; then count *kind*."""
-        if self._clock() >= self._window_start + self.interval:
-            self.flush()
-        if self._said < self.burst:
-            self._said += 1
+        """Log *message* % *args* at *level*, unless this interval's lines of *kind* are used up: then count it."""
+        self.tick()
+        if self._said[kind] < self.burst:
+            self._said[kind] += 1
             self.log.log(level, message, *args)
         else:
             self._suppressed[kind] += 1
 
+    def tick(self) -> None:
+        """If the interval is over: report what was suppressed (if anything) and start a new one."""
+        if self._clock() >= self._window_start + self.interval:
+            self.flush()
+
     def flush(self) -> None:
-        """Report what was suppressed (if anything) and start a new interval."""
+        """Report what was suppressed (if anything) now, and start a new interval."""
         now = self._clock()
         if self._suppressed:
             kinds = ", ".join(f"{count} {kind}" for kind, count in self._suppressed.most_common())
@@ -263,4 +267,4 @@ class QuietLog:
             )
             self._suppressed.clear()
         self._window_start = now
-        self._said = 0
+        self._said.clear()

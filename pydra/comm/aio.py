@@ -345,7 +345,7 @@ class ChannelServer:
     def _penalise(self, source: str, failure: Failure) -> None:
         seconds = self.admission.failed(source, failure)
         if seconds is not None:
-            self._note(logging.WARNING, "source penalised",
+            self._note(logging.WARNING, "penalty started",
                        "refusing %s for %.0f s: its handshakes keep failing (last: %s)", source, seconds, failure.value)
 
     def _note(self, level: int, kind: str, message: str, *args: object) -> None:
@@ -356,7 +356,10 @@ class ChannelServer:
 
     def _flush_log(self) -> None:
         self._flush = None
-        self._quiet.flush()
+        self._quiet.tick()
+        due = self._quiet.flush_due
+        if due is not None:  # suppressed since the interval began anew: report that at its end
+            self._flush = self._loop.call_later(max(0.0, due - time.monotonic()), self._flush_log)
 
 
 async def serve_channel(
