@@ -30,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from pydra.comm.admission import Policy
+
 HERE = Path(__file__).resolve()
 CONNECTIONS = {"slowloris": 300, "handshake": 100}
 SOURCES = {"slowloris": "127.0.0.66", "handshake": "127.0.0.77"}  # each attacker's own address
@@ -154,6 +156,21 @@ def stop(attack: Attack) -> None:
     """End *attack* now (SIGTERM to its process group): it still reports its counts."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(attack.process.pid, signal.SIGTERM)
+
+
+def assert_attack_was_real_and_mostly_refused(stats: dict[str, int], kind: str, targets: int, seconds: float) -> None:
+    """The attacker had all its connections up and was refused; a handshake flood got little crypto.
+
+    With the default policy a penalty cycle answers one address at most min/noauth handshakes
+    plus the per-source startups in flight, then refuses it for at least min seconds.
+    Undefended, the same flood is answered thousands of times.
+    """
+    assert stats["connections"] >= CONNECTIONS[kind] and stats.get("refused", 0) > 0, stats
+    if kind == "handshake":
+        policy = Policy()
+        cycles = 1 + seconds // policy.penalties.min
+        per_cycle = policy.penalties.min / policy.penalties.noauth + policy.per_source
+        assert stats.get("answered", 0) <= cycles * per_cycle * targets, stats
 
 
 if __name__ == "__main__":

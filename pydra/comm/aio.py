@@ -26,9 +26,11 @@ A node agent (the responder) serves channels::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
+import resource
 import socket
 import struct
 import time
@@ -37,7 +39,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pydra.comm.admission import Admission, Failure, Policy, QuietLog, source_of
+from pydra.comm.admission import Admission, Failure, Policy, QuietLog, Refusal, source_of
 from pydra.comm.channel import (
     DEFAULT_MAX_FRAME_LENGTH,
     NEED_DATA,
@@ -73,6 +75,7 @@ _READ_SIZE = 64 * 1024
 _BACKLOG = 1024  # a burst of connections waits in the kernel, not refused by it, while we sort them
 _ACCEPT_BATCH = 256  # connections accepted in one go before the event loop runs anything else
 _ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() itself failed (no descriptors left)
+_TARPIT_MAX = 512  # refused connections held open at most (see Tarpit)
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _RETRY_PAUSE = 0.05  # seconds before the first retry of a refused connection; doubled each time
 
@@ -200,6 +203,57 @@ def listener_policy() -> Policy:
     )
 
 
+class Tarpit:
+    """Refused connections held open, unread, for *hold* seconds, then reset.
+
+    A reconnecting flooder whose refused connection is closed at once opens the next one at
+    once, as fast as its CPU allows, and ours goes on refusing them.  Held, the connection costs
+    a descriptor and a small receive buffer, no task and no crypto; the flooder waits.  At most
+    `capacity` are held (a quarter of the descriptors this process may open, up to 512); beyond,
+    a refused connection is reset at once.
+    """
+
+    def __init__(self, hold: float) -> None:
+        self.hold_seconds = hold
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.capacity = min(_TARPIT_MAX, soft // 4) if soft != resource.RLIM_INFINITY else _TARPIT_MAX
+        self._held: collections.deque[tuple[float, socket.socket]] = collections.deque()  # oldest first
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def hold(self, sock: socket.socket) -> bool:
+        """Hold *sock* (True), or False if the tarpit is full."""
+        if len(self._held) >= self.capacity:
+            return False
+        with contextlib.suppress(OSError):  # a small window: what the flooder sends costs little memory
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        loop = asyncio.get_running_loop()
+        self._held.append((loop.time() + self.hold_seconds, sock))
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.hold_seconds, self._release_due)
+        return True
+
+    def close(self) -> None:
+        """Reset every held connection."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        while self._held:
+            _reset(self._held.popleft()[1])
+
+    def _release_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._held and self._held[0][0] <= loop.time():
+            _reset(self._held.popleft()[1])
+        self._sweep = loop.call_at(self._held[0][0], self._release_due) if self._held else None
+
+
+def _reset(sock: socket.socket) -> None:
+    # A reset rather than a close: no TIME_WAIT left behind for each refused connection.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    sock.close()
+
+
 class ChannelServer:
     """A listening socket that admits connections before any crypto and serves their channels.
 
@@ -232,6 +286,7 @@ class ChannelServer:
         self._authorize_client = authorize_client
         self._max_frame_length = max_frame_length
         self.admission = Admission(policy)
+        self._tarpit = Tarpit(policy.grace)
         self._quiet = QuietLog(log)
         self._log = log
         self._loop = asyncio.get_running_loop()
@@ -249,6 +304,7 @@ class ChannelServer:
         self._sock.close()
         for task in self._startups:
             task.cancel()
+        self._tarpit.close()
         if self._flush is not None:
             self._flush.cancel()
         self._quiet.flush()
@@ -286,9 +342,10 @@ class ChannelServer:
             source = source_of(address)
             refusal = self.admission.admit(source)
             if refusal is not None:
-                # A reset rather than a close: no TIME_WAIT left behind for each refused connection.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                sock.close()
+                # A flooder's connections are held, unread, rather than closed: closed, each would
+                # be back at once.  One dropped at random is closed at once: it may be a client's.
+                if refusal is Refusal.STARTUPS or not self._tarpit.hold(sock):
+                    _reset(sock)
                 self._note(logging.INFO, refusal.value, "refused a connection from %s: %s", address, refusal.value)
                 continue
             task = self._loop.create_task(self._startup(sock, address, source))

@@ -557,20 +557,24 @@ async def _flood(port, count, source=lambda n: "127.0.0.1"):
     return refused + sum(closed), [writer for writer, gone in zip((w for _, w in streams), closed) if not gone]
 
 
-def test_one_source_gets_only_its_share_of_the_startups_and_is_refused_before_any_crypto():
+def test_one_source_gets_only_its_share_of_the_startups_and_its_excess_is_held_unread():
     async def main():
-        server, port = await _serve(policy=Policy(per_source=4))
+        server, port = await _serve(policy=Policy(per_source=4, grace=1.0))
         async with server:
-            refused, flood = await _flood(port, 10)
-            assert refused == 6  # refused at once: only 4 may be pending from 127.0.0.1
-            assert server.admission.pending == 4
+            streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+            await asyncio.sleep(0.2)
+            assert server.admission.pending == 4  # 6 refused: held open, unread, so they do not reconnect
+            closed = await asyncio.gather(*(_closed_within(reader, 0.3) for reader, _ in streams))
+            assert not any(closed)
 
             with pytest.raises((Refused, ConnectionResetError)):
                 await _connect(port)  # 127.0.0.1 has used up its share, even for a real client
             async with await _connect(port, local="127.0.0.2") as channel:  # another host has not
                 await channel.send_json({"hello": 1})
                 assert (await channel.recv_json())["echo"] == {"hello": 1}
-            for writer in flood:
+            closed = await asyncio.gather(*(_closed_within(reader, 3.0) for reader, _ in streams))
+            assert all(closed)  # the held ones after the grace time, the pending ones at it
+            for _, writer in streams:
                 writer.close()
 
     asyncio.run(main())
