@@ -56,17 +56,20 @@ def main() -> int:
                     "pydra launch (3 agents)": (
                         [f"{h}:{agents.ports[h]}" for h in HOSTS],
                         lambda: agents.launch("-n", "4", "--accept-new", "examples/pipeline.py:pipeline", "3"),
+                        lambda: sum(len(agents.log(h).encode()) for h in HOSTS),
                     ),
                     "pydra shell -c status": (
                         [f"{details['address']}:{details['port']}"], lambda: service.shell("status"),
+                        lambda: service.log.stat().st_size,
                     ),
                 }
                 print(f"load before: {os.getloadavg()[0]:.2f} (1 min average), {os.cpu_count()} cores")
-                for name, (targets, run) in commands.items():
+                for name, (targets, run, log_bytes) in commands.items():
                     run()  # warm up: known_hosts written, caches filled
                     unloaded = statistics.median(timed(run) for _ in range(args.runs))
                     print(f"{name}: unloaded {unloaded:.2f} s (median of {args.runs})")
                     for kind in ("slowloris", "handshake"):
+                        logged, started = log_bytes(), time.monotonic()
                         with attacking(kind, targets, ATTACK_SECONDS) as attack:
                             time.sleep(1.0)  # let it reach full speed
                             times = [timed(run) for _ in range(args.runs)]
@@ -75,7 +78,8 @@ def main() -> int:
                         attacked = statistics.median(times)
                         print(f"{name}: under {kind}: {attacked:.2f} s, {attacked / unloaded:.2f}x unloaded "
                               f"(runs {', '.join(f'{t:.2f}' for t in times)}; attack still running at the end: "
-                              f"{running}; attacker: {attack.stats})")
+                              f"{running}; attacker: {attack.stats}; the listeners logged {log_bytes() - logged} "
+                              f"bytes in {time.monotonic() - started:.0f} s)")
                 print(f"load after: {os.getloadavg()[0]:.2f}")
         finally:
             agents.stop()
