@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydra.comm.admission import Penalties, Startups
+
 
 def flag(text: str) -> bool:
     """Parse an on/off setting: 1/yes/true/on or 0/no/false/off."""
@@ -97,6 +99,17 @@ SETTINGS: dict[str, Setting] = {
                           "how every rank pickles calls, arguments and results"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
+    # The defences of pydra node's and pydra serve's listeners against floods (docs/SECURITY.md).
+    "MAX_STARTUPS": Setting(Startups(), Startups.parse, "START:RATE:FULL or FULL (like sshd's MaxStartups)",
+                            "unauthenticated connections at which a listener starts dropping new ones (10:30:100)"),
+    "PER_SOURCE_MAX_STARTUPS": Setting(8, _POSITIVE_INT, "a positive integer",
+                                       "unauthenticated connections a listener allows from one address (IPv6: one /64)"),
+    "PER_SOURCE_PENALTIES": Setting(Penalties(), Penalties.parse,
+                                    "NAME:SECONDS ... (authfail, noauth, grace-exceeded, min, max) or no",
+                                    "how long a listener refuses an address whose handshakes fail "
+                                    "(authfail:5 noauth:1 grace-exceeded:10 min:15 max:600)"),
+    "LOGIN_GRACE_TIME": Setting(5.0, _POSITIVE_FLOAT, "a positive number of seconds",
+                                "seconds a client has to complete its handshake with a listener"),
 }
 
 

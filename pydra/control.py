@@ -29,8 +29,8 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pydra import strictmodes
-from pydra.comm.aio import Channel, ChannelClosed, open_channel, serve_channel
-from pydra.comm.channel import ChannelError
+from pydra.comm.aio import Channel, ChannelClosed, open_channel, retry_refused, serve_channel
+from pydra.comm.channel import ChannelError, Refused
 from pydra.errors import PydraError
 from pydra.launcher import authorized, keys
 
@@ -286,6 +286,7 @@ class ControlServer:
                     identity=self.identity,
                     purpose=PURPOSE,
                     authorize_client=self._authorize,
+                    log=_log,
                 )
             )
             self._server = server
@@ -414,14 +415,19 @@ class ControlClient:
             if found != self.expected:
                 raise ControlError(f"the cluster's key is {found}, but its connection file says {self.expected}")
 
+        async def open_once() -> Channel:
+            try:
+                reader, writer = await asyncio.open_connection(self.address, self.port)
+            except ConnectionResetError:
+                raise  # refused before the handshake (a flood, say): retry_refused tries again
+            except OSError as exc:
+                raise ControlError(f"cannot reach the cluster at {self.address}:{self.port}: {exc.strerror or exc}") from None
+            return await open_channel(reader, writer, identity=self.identity, purpose=PURPOSE, verify_server=verify_server)
+
         try:
-            reader, writer = await asyncio.open_connection(self.address, self.port)
-        except OSError as exc:
-            raise ControlError(f"cannot reach the cluster at {self.address}:{self.port}: {exc.strerror or exc}") from None
-        try:
-            self._channel = await open_channel(
-                reader, writer, identity=self.identity, purpose=PURPOSE, verify_server=verify_server
-            )
+            self._channel = await retry_refused(open_once)
+        except Refused as exc:
+            raise ControlError(f"the cluster at {self.address}:{self.port} would not talk to us: {exc}") from None
         except ChannelError as exc:
             raise ControlError(f"the cluster refused this key ({keys.sha256_fingerprint(self.identity.public_key())}): {exc}") from None
 

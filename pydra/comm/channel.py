@@ -48,6 +48,7 @@ __all__ = [
     "HandshakeError",
     "NeedData",
     "ProtocolError",
+    "Refused",
     "Role",
     "State",
     "UsageError",
@@ -75,6 +76,10 @@ class ChannelError(Exception):
 
 class HandshakeError(ChannelError):
     """The Noise handshake failed: wrong purpose, tampering, or a timeout."""
+
+
+class Refused(HandshakeError):
+    """The server closed the connection before answering the handshake: busy, or refusing our address."""
 
 
 class AuthenticationError(ChannelError):
@@ -228,6 +233,7 @@ class Connection:
         self._authorization: object = None
         self._received = bytearray()
         self._outgoing = bytearray()
+        self._received_any = False  # a server that refuses us closes before sending a byte
         self._eof = False
         self._sent_close = False
         self._terminal_event: Closed | Failed | None = None
@@ -249,6 +255,7 @@ class Connection:
             self._fail(UsageError("received data after end of file"))
         else:
             self._received += data
+            self._received_any = True
 
     def next_event(self) -> Event | NeedData:
         """Return the next event from the peer, or `NEED_DATA`.
@@ -306,6 +313,9 @@ class Connection:
                         raise ProtocolError("connection ended mid-frame")
                     if self.state is State.OPEN:
                         raise ProtocolError("connection ended without a close frame")
+                    if self.role is Role.INITIATOR and not self._received_any:
+                        raise Refused("the server closed the connection before the handshake "
+                                      "(busy, or refusing this address)")
                     raise ProtocolError("connection ended before the channel was established")
                 return NEED_DATA
             header, body = frame

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments
-from pydra.comm.aio import Channel, open_channel
+from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError
 from pydra.config import setting
 from pydra.launcher import authorized, keys, netns, tunnel
@@ -64,15 +64,20 @@ async def connect(host: str, port: int, identity, known_hosts: Path, accept_new:
     is made by the launcher's :class:`~pydra.launcher.netns.Connector`.
     """
     connector = setting("CONNECTOR")
-    if connector:
-        sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host, port)
-        reader, writer = await asyncio.open_connection(sock=sock)
-    else:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-    return await open_channel(
-        reader, writer, identity=identity, purpose=PURPOSE,
-        verify_server=lambda key: authorized.check_host(host, port, key, accept_new, path=known_hosts),
-    )
+
+    async def open_once() -> Channel:
+        if connector:
+            sock = await asyncio.get_running_loop().run_in_executor(None, netns.connect_through, connector, host, port)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        return await open_channel(
+            reader, writer, identity=identity, purpose=PURPOSE,
+            verify_server=lambda key: authorized.check_host(host, port, key, accept_new, path=known_hosts),
+        )
+
+    # An agent under a flood drops some new connections before their handshake: try again.
+    return await retry_refused(open_once)
 
 
 async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) -> HostCheck:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydra import strictmodes
 from pydra.comm.aio import serve_channel
+from pydra.config import check_settings
 from pydra.launcher import authorized, keys
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 from pydra.launcher.remote import server_exec
@@ -74,7 +75,7 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
         return line
 
     server = await serve_channel(
-        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client
+        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
     )
     log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
     # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0.
@@ -88,6 +89,9 @@ def node_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pydra node",
         description="Run the Pydra agent: start processes on this host for launchers whose keys are authorized.",
+        epilog="Against connection floods it refuses, before any crypto, what sshd would: see PYDRA_MAX_STARTUPS, "
+               "PYDRA_PER_SOURCE_MAX_STARTUPS, PYDRA_PER_SOURCE_PENALTIES and PYDRA_LOGIN_GRACE_TIME in the "
+               "README and docs/SECURITY.md.",
     )
     parser.add_argument(
         "--listen", type=parse_address, default=("127.0.0.1", DEFAULT_AGENT_PORT), metavar="ADDR:PORT",
@@ -101,6 +105,9 @@ def node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid-file", type=Path, metavar="PATH", help="write the agent's pid here")
     parser.add_argument("--daemon", action="store_true", help="detach and run in the background (needs --log)")
     args = parser.parse_args(argv)
+    if (problem := check_settings()) is not None:  # PYDRA_MAX_STARTUPS and the like, before listening
+        print(f"pydra node: error: {problem}", file=sys.stderr)
+        return 2
     if args.daemon:
         if args.log is None:
             parser.error("--daemon needs --log PATH: a daemon has no terminal to log to")

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydra.comm.aio import ChannelClosed, open_channel, serve_channel
+from pydra.comm.admission import Policy, Startups
+from pydra.comm.aio import ChannelClosed, open_channel, retry_refused, serve_channel
 from pydra.comm.channel import (
     NEED_DATA,
     AuthenticationError,
@@ -25,6 +26,7 @@ from pydra.comm.channel import (
     Failed,
     HandshakeError,
     ProtocolError,
+    Refused,
     Role,
     State,
     UsageError,
@@ -450,8 +452,8 @@ async def _serve(handler=None, **options):
     return server, server.sockets[0].getsockname()[1]
 
 
-async def _connect(port, identity=CLIENT_KEY):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _connect(port, identity=CLIENT_KEY, local=None):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local and (local, 0))
     return await open_channel(
         reader, writer, identity=identity, purpose="launch", verify_server=pin(SERVER_KEY)
     )
@@ -525,7 +527,7 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
 
 def test_slowloris_is_cut_at_the_handshake_deadline():
     async def main():
-        server, port = await _serve(handshake_timeout=0.3)
+        server, port = await _serve(policy=Policy(grace=0.3))
         async with server:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             started = time.monotonic()
@@ -543,24 +545,76 @@ def test_slowloris_is_cut_at_the_handshake_deadline():
     asyncio.run(main())
 
 
-def test_flood_of_unauthenticated_connections_does_not_lock_out_a_client():
-    async def main():
-        server, port = await _serve(max_pending=4, handshake_timeout=5.0)
-        async with server:
-            flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
-            closed = await asyncio.gather(*(_closed_within(reader, 0.5) for reader, _ in flood))
-            assert sum(closed) == 6  # only max_pending stay pending
+async def _flood(port, count, source=lambda n: "127.0.0.1"):
+    """*count* idle connections; how many the server closed at once, and the writers of the others."""
+    streams, refused = [], 0
+    for n in range(count):
+        try:
+            streams.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(source(n), 0)))
+        except ConnectionResetError:  # the refusal came before connect() returned
+            refused += 1
+    closed = await asyncio.gather(*(_closed_within(reader, 0.5) for reader, _ in streams))
+    return refused + sum(closed), [writer for writer, gone in zip((w for _, w in streams), closed) if not gone]
 
-            async with await _connect(port) as channel:
+
+def test_one_source_gets_only_its_share_of_the_startups_and_its_excess_is_held_unread():
+    async def main():
+        server, port = await _serve(policy=Policy(per_source=4, grace=1.0))
+        async with server:
+            streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+            await asyncio.sleep(0.2)
+            assert server.admission.pending == 4  # 6 refused: held open, unread, so they do not reconnect
+            closed = await asyncio.gather(*(_closed_within(reader, 0.3) for reader, _ in streams))
+            assert not any(closed)
+
+            with pytest.raises((Refused, ConnectionResetError)):
+                await _connect(port)  # 127.0.0.1 has used up its share, even for a real client
+            async with await _connect(port, local="127.0.0.2") as channel:  # another host has not
                 await channel.send_json({"hello": 1})
                 assert (await channel.recv_json())["echo"] == {"hello": 1}
-
-            still_open = [pair for pair, gone in zip(flood, closed, strict=True) if not gone]
-            closed = await asyncio.gather(
-                *(_closed_within(reader, 0.2) for reader, _ in still_open)
-            )
-            assert sum(closed) == 1  # the client took the oldest one's place
-            for _, writer in flood:
+            closed = await asyncio.gather(*(_closed_within(reader, 3.0) for reader, _ in streams))
+            assert all(closed)  # the held ones after the grace time, the pending ones at it
+            for _, writer in streams:
                 writer.close()
+
+    asyncio.run(main())
+
+
+def test_an_accepted_channel_is_never_evicted_by_a_flood():
+    async def main():
+        server, port = await _serve(policy=Policy(startups=Startups.parse("3")))  # 3 startups at most
+        async with server:
+            channel = await _connect(port, local="127.0.0.2")
+            assert server.admission.pending == 0  # it stopped counting the moment its key was authorized
+            # from 10 addresses, so no per-source limit is reached: up to "full", then refused
+            refused, flood = await _flood(port, 30, lambda n: f"127.0.1.{n % 10}")
+            assert refused == 27 and server.admission.pending == 3
+            async with channel:
+                await channel.send_json({"still": "here"})
+                assert (await channel.recv_json())["echo"] == {"still": "here"}
+            for writer in flood:
+                writer.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_tries_again_when_dropped_at_random():
+    async def main():
+        server, port = await _serve(policy=Policy(startups=Startups(1, 50, 100)))
+        async with server:
+            idle = await asyncio.open_connection("127.0.0.1", port)  # one pending: half of new ones dropped
+            await asyncio.sleep(0.1)
+            attempts = []
+
+            async def open_once():
+                attempts.append(1)
+                return await _connect(port, local="127.0.0.2")
+
+            for _ in range(8):
+                async with await retry_refused(open_once, attempts=20) as channel:
+                    await channel.send_json({"n": 1})
+                    await channel.recv_json()
+            assert len(attempts) > 8  # some were dropped, and tried again
+            idle[1].close()
 
     asyncio.run(main())
