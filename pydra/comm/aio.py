@@ -44,6 +44,7 @@ from pydra.comm.channel import (
     Event,
     Failed,
     HandshakeError,
+    Identity,
     Role,
     decode_json,
     encode_json,
@@ -84,6 +85,12 @@ class Channel:
         self._writer = writer
         self.peer_key: bytes = established.peer_key  #: the peer's raw Ed25519 public key
         self.authorization: object = established.authorization  #: what the peer check returned
+
+    @property
+    def peer_address(self) -> str:
+        """The peer's IP address ("" if the connection is already gone)."""
+        peer = self._writer.get_extra_info("peername")
+        return peer[0] if peer else ""
 
     async def send(self, data: bytes) -> None:
         """Send application bytes."""
@@ -127,7 +134,7 @@ async def open_channel(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     *,
-    identity: Ed25519PrivateKey,
+    identity: Identity,
     purpose: str,
     verify_server: Callable[[bytes], None],
     handshake_timeout: float = 10.0,
