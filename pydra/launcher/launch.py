@@ -90,7 +90,7 @@ async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) 
             if reply.get("type") != "pong":
                 raise ChannelError(f"expected pong, got {reply.get('type')!r}")
             return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
-    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         return HostCheck(host, "-", None, str(exc) or type(exc).__name__)
 
 
@@ -329,7 +329,7 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(run())
-    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         # The host or its agent is gone: MPI may take minutes to notice a silent peer, so we
         # stop the job now by telling mpiexec (our parent) to shut it down everywhere.
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
