@@ -93,6 +93,8 @@ def node_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pydra node",
         description="Run the Pydra agent: start processes on this host for launchers whose keys are authorized.",
+        epilog="Signals: SIGHUP rereads authorized_keys and stops the running launches of keys it no longer "
+               "allows; SIGTERM stops the agent.",
     )
     parser.add_argument(
         "--listen", type=parse_address, default=("127.0.0.1", DEFAULT_AGENT_PORT), metavar="ADDR:PORT",

@@ -60,7 +60,8 @@ def test_a_passphrase_file_unlocks_the_key(cluster: Cluster, tmp_path: Path) -> 
     fingerprint = authorize(cluster, Path(f"{key}.pub"))
     env = {name: value for name, value in cluster.env.items() if name != "SSH_AUTH_SOCK"}
     # Without a passphrase, a terminal or ssh-agent: one line saying what to do, and no connection.
-    refused = run_process(pydra("launch", "-f", str(cluster.hostfile), "-i", str(key), *JOB), env=env)
+    refused = run_process(pydra("launch", "-f", str(cluster.hostfile), "-i", str(key), *JOB), env=env,
+                          stdin=subprocess.DEVNULL)
     assert refused.returncode == 2
     assert f"{key} is protected by a passphrase" in refused.stderr and "--passphrase-file" in refused.stderr
     secret = tmp_path / "passphrase"

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from agentkit import HOSTS, Cluster, keygen, pydra
+from agentkit import HOSTS, Cluster, keygen
 from pydra.launcher import keys
 from testkit import ROOT
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from clusterkit import SHELL_TIMEOUT, Cluster, pydra
@@ -31,7 +32,7 @@ def test_the_shell_unlocks_a_key_with_a_passphrase_file(cluster: Cluster, tmp_pa
     authorize_admin(cluster, Path(f"{key}.pub"))
     env = {name: value for name, value in cluster.env.items() if name != "SSH_AUTH_SOCK"}
     argv = pydra("shell", "--connect", str(cluster.connection_file), "-i", str(key), "-c", "status")
-    locked = run_process(argv, timeout=SHELL_TIMEOUT, env=env)
+    locked = run_process(argv, timeout=SHELL_TIMEOUT, env=env, stdin=subprocess.DEVNULL)
     assert locked.returncode == 2 and "protected by a passphrase" in locked.stderr, locked.stderr
     secret = tmp_path / "passphrase"
     secret.write_text("file pass\n")
