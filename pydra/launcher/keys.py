@@ -12,6 +12,10 @@ re-encrypt Pydra keys, and Pydra can use keys made by ``ssh-keygen``:
 Keys live in :func:`pydra_home` (``~/.pydra`` unless ``$PYDRA_HOME`` is set):
 ``id_ed25519`` identifies the user and ``host_ed25519`` identifies a node.
 
+Which key signs for a user, and how a passphrase is obtained (a file, a
+prompt, or ``ssh-agent`` holding the key instead), is
+:mod:`pydra.launcher.identity`'s job.
+
 Reading passphrase-protected keys needs the optional ``bcrypt`` package
 (``pip install pydra-mpi[bcrypt]``); everything else needs only
 ``cryptography``.
@@ -506,8 +510,9 @@ def keygen_main(argv: list[str] | None = None) -> int:
         dest="passphrase",
         metavar="PASSPHRASE",
         default="",
-        help="protect the private key with PASSPHRASE (needs bcrypt); the default "
-        "is no passphrase, so agents and launchers can start unattended",
+        help="protect the private key with PASSPHRASE (needs bcrypt); pydra launch and "
+        "pydra shell unlock it with --passphrase-file, ssh-agent or a prompt. The default is "
+        "no passphrase, which a host key needs: pydra node starts unattended",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing key at PATH")
     parser.add_argument(

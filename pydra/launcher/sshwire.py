@@ -27,7 +27,7 @@ class WireReader:
     def _take(self, length: int) -> bytes:
         end = self._position + length
         if end > len(self._data):
-            raise ValueError("the key data is truncated")
+            raise ValueError("the data is truncated")
         chunk = self._data[self._position : end]
         self._position = end
         return chunk
@@ -51,4 +51,4 @@ class WireReader:
     def expect_end(self) -> None:
         """Raise ValueError if anything is left unread."""
         if self._position != len(self._data):
-            raise ValueError("unexpected bytes after the key data")
+            raise ValueError("unexpected bytes after the data")
