@@ -64,12 +64,18 @@ def load_identity(path: str | os.PathLike[str] | None = None, passphrase_file: P
     except keys.PassphraseRequired as locked:
         if passphrase_file is not None:
             return keys.load_private_key(path, read_passphrase_file(passphrase_file))
-        held = _agent_key(locked.public_key)
+        agent_problem = ""
+        try:
+            held = _agent_key(locked.public_key)
+        except sshagent.AgentError as error:  # a stale SSH_AUTH_SOCK: the terminal may still do
+            held, agent_problem = None, f" ({error})"
         if held is not None:
             return held
         if sys.stdin is not None and sys.stdin.isatty():
             return _prompt(path)
-        raise keys.KeyFileError(f"{locked}: use --passphrase-file FILE, a terminal, or ssh-add it to ssh-agent") from None
+        raise keys.KeyFileError(
+            f"{locked}: use --passphrase-file FILE, a terminal, or ssh-add it to ssh-agent{agent_problem}"
+        ) from None
 
 
 def read_passphrase_file(path: Path) -> str:
@@ -93,7 +99,11 @@ def _agent_key(public_key: Ed25519PublicKey) -> sshagent.AgentKey | None:
 def _prompt(path: Path) -> Ed25519PrivateKey:
     tries = PROMPT_TRIES
     while True:
-        passphrase = getpass.getpass(f"Enter passphrase for {path}: ")
+        try:
+            passphrase = getpass.getpass(f"Enter passphrase for {path}: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)  # the prompt's line was not ended
+            raise keys.KeyFileError(f"no passphrase given for {path}") from None
         try:
             return keys.load_private_key(path, passphrase)
         except keys.WrongPassphrase:

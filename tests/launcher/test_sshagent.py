@@ -138,3 +138,15 @@ def test_a_locked_key_without_a_way_to_unlock_it_says_what_to_do(tmp_path, monke
     message = str(raised.value)
     assert "protected by a passphrase" in message and "--passphrase-file" in message and "ssh-add" in message
     assert "\n" not in message
+
+
+def test_a_stale_agent_socket_is_named_but_does_not_stop_the_other_ways(tmp_path, monkeypatch):
+    path = ssh_keygen(tmp_path / "id_ed25519", "alice", passphrase="pw")
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "gone"))
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    with pytest.raises(keys.KeyFileError, match=r"ssh-add it to ssh-agent \(cannot use ssh-agent at .*gone"):
+        load_identity(path)
+    secret = tmp_path / "passphrase"
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    assert isinstance(load_identity(path, secret), Ed25519PrivateKey)
