@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pydra import strictmodes
 from pydra.comm.aio import Channel, ChannelClosed, open_channel, retry_refused, serve_channel
-from pydra.comm.channel import ChannelError, Refused
+from pydra.comm.channel import ChannelError, Identity, Refused
 from pydra.errors import PydraError
 from pydra.launcher import authorized, keys
 
@@ -368,7 +368,7 @@ class ControlServer:
 class ControlClient:
     """A blocking connection to a cluster's control endpoint (from its connection file)."""
 
-    def __init__(self, connection_file: Path, identity: Ed25519PrivateKey, timeout: float = 30.0) -> None:
+    def __init__(self, connection_file: Path, identity: Identity, timeout: float = 30.0) -> None:
         try:
             # Strict modes: only a file of yours, in a directory only you can write, says where to connect.
             self.details = json.loads(strictmodes.read_bytes(connection_file, strictmodes.Kind.OWN))

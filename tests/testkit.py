@@ -42,10 +42,17 @@ def mpi_environment() -> dict[str, str]:
     return env
 
 
-def run_process(argv: list[str], timeout: float = 60, cwd: Path | None = None, env: dict | None = None) -> Finished:
-    """Run *argv* in a new session; on timeout kill its whole process group and fail the test."""
+def run_process(
+    argv: list[str], timeout: float = 60, cwd: Path | None = None, env: dict | None = None, stdin: int | None = None
+) -> Finished:
+    """Run *argv* in a new session; on timeout kill its whole process group and fail the test.
+
+    *stdin* (default: ours) is given to Popen: ``subprocess.DEVNULL`` keeps a
+    command from finding a terminal to prompt on when pytest runs in one.
+    """
     process = subprocess.Popen(
         argv,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

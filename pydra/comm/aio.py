@@ -51,6 +51,7 @@ from pydra.comm.channel import (
     Event,
     Failed,
     HandshakeError,
+    Identity,
     Refused,
     Role,
     decode_json,
@@ -114,6 +115,12 @@ class Channel:
         self.peer_key: bytes = established.peer_key  #: the peer's raw Ed25519 public key
         self.authorization: object = established.authorization  #: what the peer check returned
 
+    @property
+    def peer_address(self) -> str:
+        """The peer's IP address ("" if the connection is already gone)."""
+        peer = self._writer.get_extra_info("peername")
+        return peer[0] if peer else ""
+
     async def send(self, data: bytes) -> None:
         """Send application bytes."""
         await _write(self._writer, self._connection.send(Data(data)))
@@ -156,7 +163,7 @@ async def open_channel(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     *,
-    identity: Ed25519PrivateKey,
+    identity: Identity,
     purpose: str,
     verify_server: Callable[[bytes], None],
     handshake_timeout: float = 10.0,

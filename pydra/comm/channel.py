@@ -27,10 +27,10 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pydra.comm.noise import TAGLEN, CipherState, DecryptError, HandshakeState, NoiseError
 
@@ -46,6 +46,7 @@ __all__ = [
     "Event",
     "Failed",
     "HandshakeError",
+    "Identity",
     "NeedData",
     "ProtocolError",
     "Refused",
@@ -92,6 +93,21 @@ class ProtocolError(ChannelError):
 
 class UsageError(ChannelError):
     """This side used the connection wrongly, for instance sending before it was established."""
+
+
+class Identity(Protocol):
+    """What proves one end's identity: an `Ed25519PrivateKey`, or a key held elsewhere.
+
+    A key in ssh-agent (`pydra.launcher.sshagent.AgentKey`) signs the same bytes without this
+    process ever holding the private key.  `sign` is called from `next_event`, so it must be
+    quick; it raises `ChannelError` if it cannot sign.
+    """
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The Ed25519 public key whose signatures `sign` makes."""
+
+    def sign(self, data: bytes) -> bytes:
+        """A 64-byte Ed25519 signature of *data*."""
 
 
 class Role(enum.Enum):
@@ -196,9 +212,10 @@ def prologue(purpose: str) -> bytes:
 class Connection:
     """One end of a Pydra channel.
 
-    `identity` is this side's Ed25519 key.  `check_peer` receives the peer's raw public key
-    once the peer has proven it holds the matching private key; it raises to reject the peer
-    and may return anything (carried in `Established.authorization`).  For an initiator it
+    `identity` is this side's Ed25519 key, or anything else that signs with one (`Identity`).
+    `check_peer` receives the peer's raw public key once the peer has proven it holds the
+    matching private key; it raises to reject the peer and may return anything (carried in
+    `Established.authorization`).  For an initiator it
     is the known-hosts check of the server; for a responder the authorized-keys check of the
     client.
 
@@ -210,7 +227,7 @@ class Connection:
     def __init__(
         self,
         role: Role,
-        identity: Ed25519PrivateKey,
+        identity: Identity,
         purpose: str,
         check_peer: Callable[[bytes], object],
         *,

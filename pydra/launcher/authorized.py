@@ -14,9 +14,11 @@ between them, as in OpenSSH::
     from="10.0.0.0/8,!10.0.0.5",pydra-role="launch|admin" ssh-ed25519 AAAA... bob
     expiry-time="20261231" ssh-ed25519 AAAA... visitor
 
-    from="PATTERNS"       client IP addresses or host names the key may come
-                          from: comma-separated, with * and ? wildcards, CIDR
-                          networks such as 10.0.0.0/8, and !PATTERN to exclude
+    from="PATTERNS"       client IP addresses the key may come from:
+                          comma-separated, with * and ? wildcards, CIDR
+                          networks such as 10.0.0.0/8, and !PATTERN to exclude.
+                          Host names are not supported: a line with one is
+                          skipped (below), as DNS is not what Pydra trusts
     expiry-time="TIME"    YYYYMMDD[HHMM[SS]] in local time; refused from then on
     pydra-role="ROLES"    what the key may do: launch, admin, or both separated
                           by | or , (default: launch only)
@@ -52,6 +54,8 @@ from pydra import strictmodes
 from pydra.launcher import keys
 from pydra.launcher.known_hosts import (
     HostKeyChanged,
+    HostKeyError,
+    RevokedHostKey,
     UnknownHostKey,
     check_host,
     check_known_hosts,
@@ -67,6 +71,8 @@ __all__ = [
     "AuthorizedKey",
     "AuthorizedKeysFile",
     "HostKeyChanged",
+    "HostKeyError",
+    "RevokedHostKey",
     "SkippedLine",
     "UnknownHostKey",
     "authorize",
@@ -83,6 +89,8 @@ DEFAULT_ROLES = frozenset({"launch"})  #: the roles of a key without pydra-role
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _EXPIRY_FORMATS = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
 _OPTION_NAME = re.compile(r"[A-Za-z0-9-]+")
+# Address wildcards, as OpenSSH matches them against the client's address text.
+_ADDRESS_WILDCARD = re.compile(r"[0-9.*?]+|[0-9A-Fa-f:.*?]*:[0-9A-Fa-f:.*?]*")
 _ED25519_FIELD = re.compile(rf"(?<!\S){keys.KEY_TYPE}\s+AAAA\S+")
 
 
@@ -99,7 +107,13 @@ def authorized_keys_path() -> Path:
 
 
 def _network(pattern: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    """Return the network a from= pattern names, or None for a host name or wildcard."""
+    """Return the network a from= pattern names, or None for an address wildcard.
+
+    Raises ValueError for a malformed network and for a host name: OpenSSH
+    matches those only with ``UseDNS yes`` (off by default), after a reverse
+    lookup confirmed forward, which trusts whoever controls the client's
+    reverse DNS zone; Pydra refuses the line at load instead.
+    """
     try:
         return ipaddress.ip_network(pattern)  # a bare address becomes a /32 or /128
     except ValueError:
@@ -108,16 +122,19 @@ def _network(pattern: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | No
                 f"{pattern!r} is not a network: expected an address/prefix "
                 "with no host bits set, such as 10.0.0.0/8"
             ) from None
-        return None
+    if not _ADDRESS_WILDCARD.fullmatch(pattern):
+        raise ValueError(
+            f"from= host name {pattern!r} is not supported (pydra matches client addresses only, "
+            "as OpenSSH does without UseDNS): use an address or network such as 10.1.0.0/16"
+        )
+    return None
 
 
-def _client_matches(pattern: str, address: _IPAddress, host: str | None) -> bool:
+def _client_matches(pattern: str, address: _IPAddress) -> bool:
     network = _network(pattern)
     if network is not None:
         return address in network
-    return glob_matches(pattern, str(address)) or (
-        host is not None and glob_matches(pattern, host)
-    )
+    return glob_matches(pattern, str(address))
 
 
 # --- authorized_keys --------------------------------------------------------
@@ -139,18 +156,15 @@ class AuthorizedKey:
         """The key's ``SHA256:...`` fingerprint."""
         return keys.sha256_fingerprint(self.public_key)
 
-    def refusal(
-        self, address: _IPAddress, host: str | None, role: str, now: datetime
-    ) -> str | None:
+    def refusal(self, address: _IPAddress, role: str, now: datetime) -> str | None:
         """Return why this line refuses the request, or None if it allows it."""
         if self.expires is not None and now >= self.expires:
             expiry = _describe_time(self.expires)
             return f"key {self.fingerprint} expired on {expiry} (see {self.location})"
         if self.allowed_from is not None and not matches_pattern_list(
-            self.allowed_from, lambda pattern: _client_matches(pattern, address, host)
+            self.allowed_from, lambda pattern: _client_matches(pattern, address)
         ):
-            client = f"{address} ({host})" if host else str(address)
-            return f"key {self.fingerprint} is not allowed from {client} (see {self.location})"
+            return f"key {self.fingerprint} is not allowed from {address} (see {self.location})"
         if role not in self.roles:
             return f"key {self.fingerprint} lacks role {role} (see {self.location})"
         return None
@@ -190,13 +204,11 @@ def authorize(
     role: str,
     now: datetime | None = None,
     *,
-    client_host: str | None = None,
     path: str | os.PathLike[str] | None = None,
 ) -> AuthorizedKey:
     """Check that a client's key may act in *role*; return the line that allows it.
 
-    *client_address* is the client's IP address and *client_host*, if known,
-    its host name, both matched against from= patterns.  *now* (default: the
+    *client_address* is the client's IP address, matched against from= patterns.  *now* (default: the
     current time) is compared with expiry-time.  As in OpenSSH, a key listed
     on several lines is allowed if any of its lines allows the request.
     Raises :class:`AuthorizationError` with the reason otherwise (a missing
@@ -209,7 +221,7 @@ def authorize(
     except FileNotFoundError:
         offered = keys.sha256_fingerprint(keys.public_key_bytes(public_key_bytes))
         raise AuthorizationError(f"key {offered} is not in {path} (the file does not exist)") from None
-    return _authorize(entries, skipped, path, public_key_bytes, client_address, role, now, client_host)
+    return _authorize(entries, skipped, path, public_key_bytes, client_address, role, now)
 
 
 class AuthorizedKeysFile:
@@ -256,7 +268,7 @@ class AuthorizedKeysFile:
             entries, skipped = self.load()
         except (strictmodes.StrictModeError, OSError) as error:
             raise AuthorizationError(_describe(error)) from None
-        return _authorize(entries, skipped, self.path, public_key_bytes, client_address, role, now, None)
+        return _authorize(entries, skipped, self.path, public_key_bytes, client_address, role, now)
 
     def _note(self, state: object, report: Callable[[], None]) -> None:
         if state != self._last:
@@ -315,7 +327,6 @@ def _authorize(
     client_address: str,
     role: str,
     now: datetime | None,
-    client_host: str | None,
 ) -> AuthorizedKey:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}, expected one of {sorted(ROLES)}")
@@ -330,7 +341,7 @@ def _authorize(
     refusals = []
     for entry in entries:
         if entry.public_key == offered_key:
-            refusal = entry.refusal(address, client_host, role, now)
+            refusal = entry.refusal(address, role, now)
             if refusal is None:
                 return entry
             refusals.append(refusal)

@@ -17,7 +17,7 @@ OWN = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR"
 #: prefixes of the settings of Pydra and of the MPI libraries, forwarded to every rank
 PREFIXES = ("PYDRA_", "MPIR_CVAR_", "MPICH_", "HYDRA_", "UCX_", "FI_", "OMPI_MCA_", "PRTE_MCA_", "PMIX_MCA_")
 #: Pydra settings meant for pydra-remote-exec on the launching host only
-LAUNCHER_ONLY = ("PYDRA_AGENTS", "PYDRA_IDENTITY", "PYDRA_KNOWN_HOSTS", "PYDRA_CONNECTOR")
+LAUNCHER_ONLY = ("PYDRA_AGENTS", "PYDRA_IDENTITY", "PYDRA_IDENTITY_AGENT", "PYDRA_KNOWN_HOSTS", "PYDRA_CONNECTOR")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 

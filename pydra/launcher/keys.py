@@ -12,6 +12,10 @@ re-encrypt Pydra keys, and Pydra can use keys made by ``ssh-keygen``:
 Keys live in :func:`pydra_home` (``~/.pydra`` unless ``$PYDRA_HOME`` is set):
 ``id_ed25519`` identifies the user and ``host_ed25519`` identifies a node.
 
+Which key signs for a user, and how a passphrase is obtained (a file, a
+prompt, or ``ssh-agent`` holding the key instead), is
+:mod:`pydra.launcher.identity`'s job.
+
 Reading passphrase-protected keys needs the optional ``bcrypt`` package
 (``pip install pydra-mpi[bcrypt]``); everything else needs only
 ``cryptography``.
@@ -28,7 +32,6 @@ import hashlib
 import os
 import re
 import socket
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +45,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pydra import strictmodes
 from pydra.config import setting
+from pydra.launcher.sshwire import WireReader, ssh_string, uint32
 
 __all__ = [
     "HOST_KEY_NAME",
     "IDENTITY_NAME",
     "KEY_TYPE",
     "KeyFileError",
+    "PassphraseRequired",
+    "WrongPassphrase",
     "UnsupportedKeyTypeError",
     "fingerprint",
     "generate_keypair",
@@ -56,7 +62,9 @@ __all__ = [
     "keygen_main",
     "load_private_key",
     "load_public_key",
+    "parse_public_key_blob",
     "parse_public_key_line",
+    "public_key_blob",
     "public_key_bytes",
     "public_key_line",
     "pydra_home",
@@ -91,6 +99,18 @@ _PUBLIC_KEY_LINE = re.compile(r"\s*\S+\s+AAAA")
 
 class KeyFileError(Exception):
     """A key file is malformed, or needs a passphrase that was not given (an unsafe one: StrictModeError)."""
+
+
+class PassphraseRequired(KeyFileError):
+    """A key file is encrypted and no passphrase was given; ``public_key`` is its (clear) public key."""
+
+    def __init__(self, message: str, public_key: Ed25519PublicKey) -> None:
+        super().__init__(message)
+        self.public_key = public_key
+
+
+class WrongPassphrase(KeyFileError):
+    """The passphrase given does not decrypt the key file."""
 
 
 class UnsupportedKeyTypeError(ValueError):
@@ -132,7 +152,7 @@ def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey | bytes) -> bytes
 
 def sha256_fingerprint(public_key: Ed25519PublicKey | bytes) -> str:
     """Return the short fingerprint of a public key, ``SHA256:<base64>``."""
-    digest = hashlib.sha256(_public_key_blob(public_key_bytes(public_key))).digest()
+    digest = hashlib.sha256(public_key_blob(public_key_bytes(public_key))).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
@@ -146,7 +166,7 @@ def fingerprint(public_key: Ed25519PublicKey | bytes, comment: str = "") -> str:
 
 def public_key_line(public_key: Ed25519PublicKey | bytes, comment: str = "") -> str:
     """Return the one-line text form of a public key, as in ``.pub`` files."""
-    blob = _public_key_blob(public_key_bytes(public_key))
+    blob = public_key_blob(public_key_bytes(public_key))
     return f"{KEY_TYPE} {base64.b64encode(blob).decode()} {comment}".rstrip()
 
 
@@ -167,7 +187,7 @@ def parse_public_key_line(line: str) -> tuple[Ed25519PublicKey, str]:
     except binascii.Error:
         raise ValueError("the key is not valid base64") from None
     comment = fields[2] if len(fields) == 3 else ""
-    return _parse_public_key_blob(blob), comment
+    return parse_public_key_blob(blob), comment
 
 
 def load_public_key(path_or_line: str | os.PathLike[str]) -> Ed25519PublicKey:
@@ -192,12 +212,14 @@ def _read_public_key_file(path: Path) -> tuple[Ed25519PublicKey, str]:
         raise KeyFileError(f"{path}: {error}") from None
 
 
-def _public_key_blob(raw_key: bytes) -> bytes:
-    return _ssh_string(KEY_TYPE.encode()) + _ssh_string(raw_key)
+def public_key_blob(raw_key: bytes) -> bytes:
+    """The SSH wire form of a raw Ed25519 public key (what ``.pub`` lines hold in base64)."""
+    return ssh_string(KEY_TYPE.encode()) + ssh_string(raw_key)
 
 
-def _parse_public_key_blob(blob: bytes) -> Ed25519PublicKey:
-    reader = _WireReader(blob)
+def parse_public_key_blob(blob: bytes) -> Ed25519PublicKey:
+    """Parse the SSH wire form of an Ed25519 public key; ValueError for anything else."""
+    reader = WireReader(blob)
     key_type = reader.string().decode("ascii", "replace")
     if key_type != KEY_TYPE:
         raise ValueError(f"the key data holds a {key_type} key, not {KEY_TYPE}")
@@ -288,15 +310,15 @@ def _encode_private_key(key: Ed25519PrivateKey, comment: str, passphrase: str | 
     section = (
         check
         + check
-        + _ssh_string(KEY_TYPE.encode())
-        + _ssh_string(public)
-        + _ssh_string(key.private_bytes_raw() + public)  # OpenSSH stores seed + public key
-        + _ssh_string(comment.encode())
+        + ssh_string(KEY_TYPE.encode())
+        + ssh_string(public)
+        + ssh_string(key.private_bytes_raw() + public)  # OpenSSH stores seed + public key
+        + ssh_string(comment.encode())
     )
     if passphrase:
         cipher, kdf, block_size = _CIPHER, _KDF, _AES_BLOCK_SIZE
         salt = os.urandom(_SALT_LENGTH)
-        kdf_options = _ssh_string(salt) + struct.pack(">I", _KDF_ROUNDS)
+        kdf_options = ssh_string(salt) + uint32(_KDF_ROUNDS)
     else:
         cipher, kdf, block_size = "none", "none", _PLAIN_BLOCK_SIZE
         kdf_options = b""
@@ -306,12 +328,12 @@ def _encode_private_key(key: Ed25519PrivateKey, comment: str, passphrase: str | 
         section = encryptor.update(section) + encryptor.finalize()
     blob = (
         _MAGIC
-        + _ssh_string(cipher.encode())
-        + _ssh_string(kdf.encode())
-        + _ssh_string(kdf_options)
-        + struct.pack(">I", 1)  # number of keys in the file
-        + _ssh_string(_public_key_blob(public))
-        + _ssh_string(section)
+        + ssh_string(cipher.encode())
+        + ssh_string(kdf.encode())
+        + ssh_string(kdf_options)
+        + uint32(1)  # number of keys in the file
+        + ssh_string(public_key_blob(public))
+        + ssh_string(section)
     )
     encoded = base64.b64encode(blob).decode()
     lines = [encoded[i : i + _LINE_LENGTH] for i in range(0, len(encoded), _LINE_LENGTH)]
@@ -326,13 +348,13 @@ def _parse_private_key_file(text: str, path: Path) -> _PrivateKeyFile:
         blob = base64.b64decode("".join(body[len(_BEGIN) : -len(_END)].split()), validate=True)
         if not blob.startswith(_MAGIC):
             raise ValueError("not an OpenSSH private key (bad magic bytes)")
-        reader = _WireReader(blob[len(_MAGIC) :])
+        reader = WireReader(blob[len(_MAGIC) :])
         cipher = reader.string().decode("ascii", "replace")
         kdf = reader.string().decode("ascii", "replace")
         kdf_options = reader.string()
         if reader.uint32() != 1:
             raise ValueError("files holding several keys are not supported")
-        public_key = _parse_public_key_blob(reader.string())
+        public_key = parse_public_key_blob(reader.string())
         private_section = reader.string()
         reader.expect_end()
     except binascii.Error:
@@ -355,9 +377,9 @@ def _decrypt_private_key(
     encrypted = file.cipher != "none"
     if encrypted:
         if not passphrase:
-            raise KeyFileError(f"{path} is protected by a passphrase, but none was given")
+            raise PassphraseRequired(f"{path} is protected by a passphrase, but none was given", file.public_key)
         try:
-            options = _WireReader(file.kdf_options)
+            options = WireReader(file.kdf_options)
             salt, rounds = options.string(), options.uint32()
             if not salt or rounds < 1:
                 raise ValueError("empty salt or zero rounds")
@@ -365,7 +387,7 @@ def _decrypt_private_key(
             raise KeyFileError(f"{path}: malformed bcrypt parameters") from None
         decryptor = _passphrase_cipher(passphrase, salt, rounds).decryptor()
         section = decryptor.update(section) + decryptor.finalize()
-    reader = _WireReader(section)
+    reader = WireReader(section)
     try:
         if reader.uint32() != reader.uint32():
             raise ValueError("check bytes differ")
@@ -376,7 +398,7 @@ def _decrypt_private_key(
         padding = reader.rest()
     except ValueError:
         if encrypted:
-            raise KeyFileError(f"wrong passphrase for {path}") from None
+            raise WrongPassphrase(f"wrong passphrase for {path}") from None
         raise KeyFileError(f"{path}: the private key is corrupt") from None
     if key_type != KEY_TYPE:
         raise KeyFileError(f"{path} holds a {key_type} key, not {KEY_TYPE}")
@@ -417,42 +439,6 @@ def _import_bcrypt() -> ModuleType:
             "install it with: pip install pydra-mpi[bcrypt]"
         ) from None
     return bcrypt
-
-
-# --- the SSH wire encoding (RFC 4251, section 5) ----------------------------
-
-
-def _ssh_string(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-class _WireReader:
-    """Reads big-endian uint32s and length-prefixed strings; ValueError when short."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._position = 0
-
-    def _take(self, length: int) -> bytes:
-        end = self._position + length
-        if end > len(self._data):
-            raise ValueError("the key data is truncated")
-        chunk = self._data[self._position : end]
-        self._position = end
-        return chunk
-
-    def uint32(self) -> int:
-        return struct.unpack(">I", self._take(4))[0]
-
-    def string(self) -> bytes:
-        return self._take(self.uint32())
-
-    def rest(self) -> bytes:
-        return self._take(len(self._data) - self._position)
-
-    def expect_end(self) -> None:
-        if self._position != len(self._data):
-            raise ValueError("unexpected bytes after the key data")
 
 
 # --- the `pydra keygen` command ---------------------------------------------
@@ -524,8 +510,9 @@ def keygen_main(argv: list[str] | None = None) -> int:
         dest="passphrase",
         metavar="PASSPHRASE",
         default="",
-        help="protect the private key with PASSPHRASE (needs bcrypt); the default "
-        "is no passphrase, so agents and launchers can start unattended",
+        help="protect the private key with PASSPHRASE (needs bcrypt); pydra launch and "
+        "pydra shell unlock it with --passphrase-file, ssh-agent or a prompt. The default is "
+        "no passphrase, which a host key needs: pydra node starts unattended",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing key at PATH")
     parser.add_argument(

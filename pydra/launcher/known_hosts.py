@@ -10,6 +10,13 @@ than :data:`~pydra.launcher.hostfile.DEFAULT_AGENT_PORT` are written
     [node02]:7000 ssh-ed25519 AAAA...
 
 Only ``ssh-ed25519`` lines are used; lines with other key types are ignored.
+A line marked ``@revoked`` (as in OpenSSH) names a key that is refused for the
+hosts its patterns match (``*`` for all), even if another line trusts it::
+
+    @revoked * ssh-ed25519 AAAA...
+
+Other markers (``@cert-authority``) are refused with the line's number: Pydra
+has no host certificates.
 The file is refused if someone else could have written it
 (:mod:`pydra.strictmodes`).  OpenSSH's pattern lists, shared with
 ``authorized_keys``'s ``from=``, are here too.
@@ -33,6 +40,8 @@ from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 
 __all__ = [
     "HostKeyChanged",
+    "HostKeyError",
+    "RevokedHostKey",
     "UnknownHostKey",
     "check_host",
     "check_known_hosts",
@@ -42,14 +51,23 @@ __all__ = [
 ]
 
 _HASHED_HOST_PREFIX = "|1|"
+_REVOKED = "@revoked"
 
 
-class UnknownHostKey(Exception):
+class HostKeyError(Exception):
+    """A node's host key is not to be trusted."""
+
+
+class UnknownHostKey(HostKeyError):
     """A node's host key is not in known_hosts, and was not accepted as new."""
 
 
-class HostKeyChanged(Exception):
+class HostKeyChanged(HostKeyError):
     """A node presented a key different from the one known_hosts records for it."""
+
+
+class RevokedHostKey(HostKeyError):
+    """A node presented a key that an ``@revoked`` line of known_hosts refuses."""
 
 
 def known_hosts_path() -> Path:
@@ -91,6 +109,7 @@ class _KnownHost:
     hashed: tuple[bytes, bytes] | None  # (salt, HMAC-SHA1 of the name) of a |1|salt|hash entry
     public_key: bytes
     line_number: int
+    revoked: bool = False  # an @revoked line: this key is refused for these hosts
 
     def matches(self, name: str) -> bool:
         if self.hashed is not None:
@@ -110,7 +129,9 @@ def check_host(
 ) -> None:
     """Check a node's host key against ``known_hosts`` (by default :func:`known_hosts_path`).
 
-    Returns if the key is known for *host* and *port*.  A host with no entry
+    Returns if the key is known for *host* and *port*.  A key that an
+    ``@revoked`` line refuses for the host raises :class:`RevokedHostKey`,
+    whatever other lines say.  A host with no entry
     raises :class:`UnknownHostKey`, unless *accept_new* is true: then the key
     is appended to the file and trusted from now on.  A host whose entry holds
     a different key always raises :class:`HostKeyChanged`.  A file (or, for
@@ -125,6 +146,13 @@ def check_host(
     except FileNotFoundError:
         text = ""
     entries = [entry for entry in _parse_known_hosts(text, path) if entry.matches(name)]
+    for entry in entries:
+        if entry.revoked and entry.public_key == offered_key:
+            raise RevokedHostKey(
+                f"the host key of {name} ({keys.sha256_fingerprint(offered_key)}) is revoked by "
+                f"{path}:{entry.line_number}; pydra will not connect to it"
+            )
+    entries = [entry for entry in entries if not entry.revoked]
     if any(entry.public_key == offered_key for entry in entries):
         return
     if entries:
@@ -178,9 +206,13 @@ def _parse_known_hosts(text: str, path: Path) -> list[_KnownHost]:
 
 def _parse_known_host_line(line: str, number: int) -> _KnownHost | None:
     """Parse one line; return None for key types Pydra does not use."""
-    if line.startswith("@"):
-        # Skipping @revoked silently would trust a revoked key, so refuse instead.
-        raise ValueError("markers such as @revoked and @cert-authority are not supported")
+    marker = line.split(None, 1)[0] if line.startswith("@") else ""
+    revoked = marker == _REVOKED
+    if marker and not revoked:
+        raise ValueError(f"the marker {marker} is not supported (only {_REVOKED} is)")
+    line = line[len(marker) :].strip()
+    if not line:
+        raise ValueError(f"expected hosts and a key after {marker}")
     fields = line.split(None, 1)
     host_field, key_text = fields[0], fields[1] if len(fields) == 2 else ""
     try:
@@ -189,8 +221,8 @@ def _parse_known_host_line(line: str, number: int) -> _KnownHost | None:
         return None
     raw_key = keys.public_key_bytes(public_key)
     if host_field.startswith(_HASHED_HOST_PREFIX):
-        return _KnownHost((), _parse_hashed_host(host_field), raw_key, number)
-    return _KnownHost(tuple(host_field.split(",")), None, raw_key, number)
+        return _KnownHost((), _parse_hashed_host(host_field), raw_key, number, revoked)
+    return _KnownHost(tuple(host_field.split(",")), None, raw_key, number, revoked)
 
 
 def _parse_hashed_host(field: str) -> tuple[bytes, bytes]:

@@ -4,8 +4,12 @@ Every remote process of the job is started through an authenticated agent:
 MPICH's ``mpiexec`` is told to use ``pydra-remote-exec`` instead of ssh
 (``-launcher ssh -launcher-exec``), and Open MPI's ``prterun`` the same
 through ``plm_rsh_agent``. That helper reads where the agents are, and which
-identity and known_hosts to use, from ``PYDRA_AGENTS``, ``PYDRA_IDENTITY``
-and ``PYDRA_KNOWN_HOSTS``, which ``pydra launch`` sets for it.
+identity and known_hosts to use, from ``PYDRA_AGENTS``, ``PYDRA_IDENTITY``,
+``PYDRA_IDENTITY_AGENT`` and ``PYDRA_KNOWN_HOSTS``, which ``pydra launch``
+sets for it. The helper never reads your key file: it signs through
+``ssh-agent`` if your key is there, else through the launcher, which lends
+the key it holds (decrypted once, if it has a passphrase) over the same
+protocol for the job's lifetime (:mod:`pydra.launcher.sshagent`).
 
 Under MPICH the job is sealed (docs/SECURITY.md): mpiexec runs in a private
 network namespace (:mod:`pydra.launcher.netns`), each proxy's control
@@ -32,13 +36,14 @@ from pathlib import Path
 
 from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments
 from pydra.comm.aio import Channel, open_channel, retry_refused
-from pydra.comm.channel import ChannelError
+from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
-from pydra.launcher import authorized, keys, netns, tunnel
+from pydra.launcher import authorized, keys, netns, sshagent, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
 )
+from pydra.launcher.identity import load_identity
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec
@@ -92,7 +97,7 @@ async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) 
             if reply.get("type") != "pong":
                 raise ChannelError(f"expected pong, got {reply.get('type')!r}")
             return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
-    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         return HostCheck(host, "-", None, str(exc) or type(exc).__name__)
 
 
@@ -123,8 +128,12 @@ def launch_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-port", type=_port, default=DEFAULT_AGENT_PORT, metavar="PORT",
                         help=f"the port of the agent on every host of a Slurm or PBS allocation (default "
                              f"{DEFAULT_AGENT_PORT}; a hostfile says port=P per host instead)")
-    parser.add_argument("-i", "--identity", type=Path, default=keys.identity_path(), metavar="PATH",
-                        help="your private key (default ~/.pydra/id_ed25519)")
+    parser.add_argument("-i", "--identity", type=Path, metavar="PATH",
+                        help="your private key, or the .pub of a key in ssh-agent (default ~/.pydra/id_ed25519, "
+                             "or without it the first ed25519 key in ssh-agent)")
+    parser.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                        help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
+                             "ssh-agent signs if it holds the key, else you are asked on a terminal")
     parser.add_argument("--known-hosts", type=Path, default=authorized.known_hosts_path(), metavar="PATH",
                         help="pinned host keys (default ~/.pydra/known_hosts)")
     parser.add_argument("--accept-new", action="store_true",
@@ -163,12 +172,12 @@ def launch_main(argv: list[str] | None = None) -> int:
         return run_locally(args.ranks, forwarded)
     try:
         # Strict modes: a key or known_hosts someone else could write is refused before any connection.
-        identity = keys.load_private_key(args.identity)
+        identity = load_identity(args.identity, args.passphrase_file)
         authorized.check_known_hosts(args.known_hosts)
     except StrictModeError as exc:
         print(f"pydra launch: {exc}", file=sys.stderr)
         return 2
-    except (keys.KeyFileError, OSError) as exc:
+    except (keys.KeyFileError, sshagent.AgentError, OSError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
 
@@ -180,7 +189,7 @@ def launch_main(argv: list[str] | None = None) -> int:
     if any(c.problem for c in checks):
         print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
         return 1
-    launch = Launch(hosts, args.ranks, args.identity, args.known_hosts, args.env, args.iface)
+    launch = Launch(hosts, args.ranks, identity, args.known_hosts, args.env, args.iface)
     return launch.run(forwarded)
 
 
@@ -219,13 +228,17 @@ class Launch:
 
     hosts: list[Host]
     ranks: int
-    identity: Path
+    identity: Identity
     known_hosts: Path
     named_env: list[str]
     iface: str
 
     def run(self, forwarded: list[str]) -> int:
         """Run ``python -m pydra run FORWARDED...`` and return mpiexec's status."""
+        with sshagent.signing_socket(self.identity) as agent:
+            return self._run(forwarded, agent)
+
+    def _run(self, forwarded: list[str], agent: str) -> int:
         from pydra.batch import wait_for
         from pydra.progress import progress_mode
 
@@ -242,7 +255,8 @@ class Launch:
         settings = {
             "PYDRA_PROGRESS": progress_mode(),
             "PYDRA_AGENTS": json.dumps(agents),
-            "PYDRA_IDENTITY": str(self.identity),
+            "PYDRA_IDENTITY": keys.public_key_line(self.identity.public_key()),
+            "PYDRA_IDENTITY_AGENT": agent,
             "PYDRA_KNOWN_HOSTS": str(self.known_hosts),
             "PYDRA_JOB_KEY": secrets.token_hex(32),  # fresh for every job; seals Pydra's messages
         }
@@ -341,8 +355,8 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         # loses the ranks' exit statuses and may report the stopped job as a success.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        identity = keys.load_private_key(setting("IDENTITY", str(keys.identity_path())))
-    except (StrictModeError, keys.KeyFileError, OSError) as exc:
+        identity = remote_identity()
+    except (StrictModeError, keys.KeyFileError, sshagent.AgentError, OSError) as exc:
         print(f"pydra-remote-exec: {exc}", file=sys.stderr)
         return 255
     known_hosts = Path(setting("KNOWN_HOSTS", str(authorized.known_hosts_path())))
@@ -360,12 +374,20 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(run())
-    except (OSError, asyncio.TimeoutError, ChannelError, authorized.UnknownHostKey, authorized.HostKeyChanged) as exc:
+    except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         # The host or its agent is gone: MPI may take minutes to notice a silent peer, so we
         # stop the job now by telling mpiexec (our parent) to shut it down everywhere.
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
         os.kill(os.getppid(), signal.SIGTERM)
         return 255
+
+
+def remote_identity() -> Identity:
+    """What ``pydra-remote-exec`` signs with: the key in ``PYDRA_IDENTITY_AGENT``, else ``PYDRA_IDENTITY``'s file."""
+    agent = setting("IDENTITY_AGENT")
+    if agent:
+        return sshagent.AgentKey(agent, keys.load_public_key(setting("IDENTITY")))
+    return load_identity(setting("IDENTITY") or None)
 
 
 def _rewrite_iface(words: list[str], iface: str) -> list[str]:

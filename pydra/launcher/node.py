@@ -7,7 +7,9 @@ the key's fingerprint and the reason for a refusal, and serves one exec or
 ping request per connection (:func:`pydra.launcher.remote.server_exec`).
 
 It logs every line of ``authorized_keys`` it skips, with ``file:line`` and
-why, at start and whenever the file changes; and it refuses a host key or an
+why, at start and whenever the file changes. On ``SIGHUP`` it reloads the
+file and stops the running launches of keys it no longer allows
+(:mod:`pydra.launcher.sessions`). It refuses a host key or an
 ``authorized_keys`` that another user could have written (strict modes,
 :mod:`pydra.strictmodes`): at start by exiting with one line, later by
 refusing every connection until the file is fixed.
@@ -30,6 +32,7 @@ from pydra.config import check_settings
 from pydra.launcher import authorized, keys
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 from pydra.launcher.remote import server_exec
+from pydra.launcher.sessions import Sessions
 from pydra.strictmodes import StrictModeError
 
 log = logging.getLogger("pydra.node")
@@ -74,12 +77,14 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
         log.info("accepted %s from %s (%s)", who, address, line.location)
         return line
 
+    sessions = Sessions(keyfile, "launch", server_exec, log)
     server = await serve_channel(
-        listen[0], listen[1], server_exec, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
+        listen[0], listen[1], sessions.serve, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
     )
     log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
     # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sessions.reload)
     async with server:
         await server.serve_forever()
 
@@ -91,7 +96,8 @@ def node_main(argv: list[str] | None = None) -> int:
         description="Run the Pydra agent: start processes on this host for launchers whose keys are authorized.",
         epilog="Against connection floods it refuses, before any crypto, what sshd would: see PYDRA_MAX_STARTUPS, "
                "PYDRA_PER_SOURCE_MAX_STARTUPS, PYDRA_PER_SOURCE_PENALTIES and PYDRA_LOGIN_GRACE_TIME in the "
-               "README and docs/SECURITY.md.",
+               "README and docs/SECURITY.md. Signals: SIGHUP rereads authorized_keys and stops the running launches "
+               "of keys it no longer allows; SIGTERM stops the agent.",
     )
     parser.add_argument(
         "--listen", type=parse_address, default=("127.0.0.1", DEFAULT_AGENT_PORT), metavar="ADDR:PORT",

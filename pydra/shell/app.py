@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
-from pydra.launcher import keys
+from pydra.launcher import keys, sshagent
+from pydra.launcher.identity import load_identity
 from pydra.progress import progress_text
 from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
@@ -36,26 +37,30 @@ def shell_main(argv: list[str] | None = None) -> int:
                "or failed the command, 2 bad usage or no cluster to attach to.",
     )
     parser.add_argument("--connect", type=Path, metavar="FILE", help="a cluster's connection file (default: the newest local cluster)")
-    parser.add_argument("-i", "--identity", type=Path, default=keys.identity_path(), metavar="PATH",
-                        help="your private key, authorized for the admin role (default ~/.pydra/id_ed25519)")
+    parser.add_argument("-i", "--identity", type=Path, metavar="PATH",
+                        help="your private key, authorized for the admin role, or the .pub of such a key in ssh-agent "
+                             "(default ~/.pydra/id_ed25519, or without it the first ed25519 key in ssh-agent)")
+    parser.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                        help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
+                             "ssh-agent signs if it holds the key, else you are asked on a terminal")
     parser.add_argument("-c", dest="command", metavar="COMMAND", help="run COMMAND and exit with its status")
     parser.add_argument("--json", action="store_true", help="print replies as JSON (for scripts)")
     args = parser.parse_args(argv)
     try:
         # Strict modes (pydra.strictmodes): a key, or a connection file, that others could write is refused.
-        identity = keys.load_private_key(args.identity)
+        identity = load_identity(args.identity, args.passphrase_file)
         client = ControlClient(args.connect or newest_connection_file(), identity)
     except StrictModeError as exc:
         print(f"pydra shell: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as exc:
-        if exc.filename != str(args.identity):
+        if exc.filename != str(args.identity or keys.identity_path()):
             print(f"pydra shell: error: {exc.strerror.lower()}: {exc.filename}", file=sys.stderr)
         else:  # the usual first stumble: say what to do
-            print(f"pydra shell: error: no key at {args.identity}: make one with `pydra keygen`, then add its .pub line,"
+            print(f"pydra shell: error: no key at {exc.filename}: make one with `pydra keygen`, then add its .pub line,"
                   ' with pydra-role="admin", to the authorized_keys of the host running rank 0', file=sys.stderr)
         return EXIT_USAGE
-    except (ControlError, keys.KeyFileError, OSError) as exc:
+    except (ControlError, keys.KeyFileError, sshagent.AgentError, OSError) as exc:
         print(f"pydra shell: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
