@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -136,3 +137,8 @@ def check_settings() -> str | None:
         except ValueError as exc:
             return str(exc)
     return None
+
+
+def pydra_home() -> Path:
+    """Return Pydra's directory for keys and runs: ``$PYDRA_HOME``, or ``~/.pydra``."""
+    return Path(setting("HOME")).expanduser()

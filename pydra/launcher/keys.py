@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pydra import strictmodes
-from pydra.config import setting
+from pydra.config import pydra_home  # noqa: F401  (callers find it here too)
 
 __all__ = [
     "HOST_KEY_NAME",
@@ -95,11 +95,6 @@ class KeyFileError(Exception):
 
 class UnsupportedKeyTypeError(ValueError):
     """A public key of a type other than ssh-ed25519, which Pydra does not use."""
-
-
-def pydra_home() -> Path:
-    """Return Pydra's configuration directory: ``$PYDRA_HOME``, or ``~/.pydra``."""
-    return Path(setting("HOME")).expanduser()
 
 
 def identity_path() -> Path:

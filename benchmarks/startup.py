@@ -1,0 +1,99 @@
+"""Start-up cost: ``pydra run -n 3`` of a trivial tree against a bare ``mpiexec -n 3``, side by side.
+
+    python benchmarks/startup.py                  # 9 runs of each, interleaved
+    python benchmarks/startup.py --runs 21        # more runs, steadier medians
+    python benchmarks/startup.py --no-bytecode    # every process compiles Pydra's source again
+
+Both commands are timed as whole processes, from fork to exit, alternately
+so that the machine's load falls on both alike:
+
+* the yardstick: ``mpiexec -n 3 python -c "from mpi4py import MPI;
+  MPI.COMM_WORLD.Barrier()"`` (MPI's own start-up and shutdown);
+* Pydra: ``python -m pydra run -n 3 tiny.py:Tiny a b c``, a Parallel of an
+  identity function over three items, with its journal (in a scratch
+  ``PYDRA_HOME``) as a user's run has one, and its ranks supervised.
+
+It prints both medians, their difference and whether the difference meets
+the target (issue 12: at most 0.5 s). One run of each comes first and is not
+counted: it leaves the bytecode caches as an installed Pydra has them.
+``--no-bytecode`` keeps ``PYTHONDONTWRITEBYTECODE=1`` for every process
+instead, so that each compiles Pydra's modules from source (an editable
+install in a read-only tree, or an environment that sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RANKS = 3
+TARGET_SECONDS = 0.5
+TASK_FILE = '''\
+import pydra
+
+
+def identity(x):
+    return x
+
+
+def Tiny():
+    return pydra.Parallel(identity)
+'''
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: str) -> float:
+    """Seconds *argv* takes from start to exit; exits with its output if it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=9, help="timed runs of each command (default 9)")
+    parser.add_argument("--no-bytecode", action="store_true", help="keep PYTHONDONTWRITEBYTECODE=1 for every process")
+    args = parser.parse_args()
+
+    from pydra.launcher.mpiexec import find_mpiexec
+
+    mpiexec = find_mpiexec()
+    with tempfile.TemporaryDirectory(prefix="pydra-startup-") as scratch:
+        Path(scratch, "tiny.py").write_text(TASK_FILE)
+        env = dict(os.environ, PYDRA_HOME=str(Path(scratch, "home")), OMPI_ALLOW_RUN_AS_ROOT="1",
+                   OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+        if args.no_bytecode:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        else:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+        commands = {
+            "mpiexec": [mpiexec.path, "-n", str(RANKS), sys.executable, "-c",
+                        "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
+            "pydra": [sys.executable, "-m", "pydra", "run", "-n", str(RANKS), "tiny.py:Tiny", "a", "b", "c"],
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        for run in range(args.runs + 1):
+            for name, argv in commands.items():
+                elapsed = timed(argv, env, scratch)
+                if run:  # the first run of each only warms the caches
+                    seconds[name].append(elapsed)
+    bare, pydra = (statistics.median(seconds[name]) for name in commands)
+    for name, values in seconds.items():
+        print(f"{name:>8}: median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f})")
+    cost = pydra - bare
+    print(f"\n{mpiexec.implementation}, {RANKS} ranks on {os.cpu_count()} cores, {args.runs} runs of each, "
+          f"bytecode {'not cached' if args.no_bytecode else 'cached'}")
+    print(f"pydra run -n {RANKS} - bare mpiexec = {cost:.3f} s  (target <= {TARGET_SECONDS}: "
+          f"{'met' if cost <= TARGET_SECONDS else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
