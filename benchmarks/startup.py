@@ -13,7 +13,8 @@ so that the machine's load falls on both alike:
   identity function over three items, with its journal (in a scratch
   ``PYDRA_HOME``) as a user's run has one, and its ranks supervised.
 
-It prints both medians, their difference and whether the difference meets
+It prints both medians (and the median CPU time of all the processes of a
+run, which the machine's load does not inflate), their difference and whether the difference meets
 the target (issue 12: at most 0.5 s). One run of each comes first and is not
 counted: it leaves the bytecode caches as an installed Pydra has them.
 ``--no-bytecode`` keeps ``PYTHONDONTWRITEBYTECODE=1`` for every process
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,14 +49,19 @@ def Tiny():
 '''
 
 
-def timed(argv: list[str], env: dict[str, str], cwd: str) -> float:
-    """Seconds *argv* takes from start to exit; exits with its output if it fails."""
+def timed(argv: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
+    """Seconds *argv* takes from start to exit, and the CPU seconds it and its descendants used.
+
+    Exits with the command's output if it fails.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -80,14 +87,17 @@ def main() -> None:
             "pydra": [sys.executable, "-m", "pydra", "run", "-n", str(RANKS), "tiny.py:Tiny", "a", "b", "c"],
         }
         seconds: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
         for run in range(args.runs + 1):
             for name, argv in commands.items():
-                elapsed = timed(argv, env, scratch)
+                elapsed, used = timed(argv, env, scratch)
                 if run:  # the first run of each only warms the caches
                     seconds[name].append(elapsed)
+                    cpu[name].append(used)
     bare, pydra = (statistics.median(seconds[name]) for name in commands)
     for name, values in seconds.items():
-        print(f"{name:>8}: median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f})")
+        print(f"{name:>8}: median {statistics.median(values):.3f} s  (min {min(values):.3f}, max {max(values):.3f}); "
+              f"CPU {statistics.median(cpu[name]):.3f} s")
     cost = pydra - bare
     print(f"\n{mpiexec.implementation}, {RANKS} ranks on {os.cpu_count()} cores, {args.runs} runs of each, "
           f"bytecode {'not cached' if args.no_bytecode else 'cached'}")

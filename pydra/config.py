@@ -96,6 +96,8 @@ SETTINGS: dict[str, Setting] = {
                        "the job's key, with which every rank seals Pydra's messages (set by pydra launch)"),
     "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
                           "how every rank pickles calls, arguments and results"),
+    "STARTUP_FD": Setting("", str, "a file descriptor number",
+                          "set by pydra run -n for each rank: the pipe on which it tells its supervisor its start-up steps"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
 }
