@@ -54,6 +54,7 @@ def test_a_rank_lost_at_start_up_ends_the_job_with_one_line(rank: int, step: str
     said = re.findall(rf"^pydra: rank {rank} \(pid \d+\) was killed by SIGKILL during start-up, (.*); ending the job$",
                       job.stderr, re.M)
     assert len(said) == 1, job.stderr[-3000:]
+    # Rank 0 loads the TARGET before it ships it: still in the step after sealing's agreement.
     expected = STEPS[step] if rank != 0 or step != "load" else startup.STEPS["start-sealing"]
     if expected is not None:
         assert said[0] == expected
