@@ -348,7 +348,7 @@ def test_shutdown_ends_the_cluster_and_the_journal_keeps_every_job(cluster: Clus
 def test_shutdown_with_a_job_still_queued_ends_the_cluster(tmp_path: Path) -> None:
     """Its own cluster (the module's is stopped by now)."""
     with serving(tmp_path) as own:
-        running, queued = own.submit(NAPS, "1"), own.submit(SQUARES, "2")  # --max-jobs 1: the second waits
+        running, queued = own.submit(NAPS, "5"), own.submit(SQUARES, "2")  # --max-jobs 1: the second waits
         assert own.ok("shutdown").strip() == "shutting down"
         assert "shutting down" in own.refused(f"submit {SQUARES} 3")
         try:
