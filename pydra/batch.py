@@ -7,14 +7,10 @@ prints or writes the result. ``pydra run -n N`` starts that mpiexec itself.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -42,6 +38,8 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
         return EXIT_FAILED
     env = progress_environment()
     if setting("SEAL"):
+        import secrets
+
         # A fresh key for this job only; the ranks read it and drop it from their environment.
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
     program = [sys.executable, "-m", "pydra", command, *forwarded]
@@ -99,7 +97,6 @@ def run_job(request: JobRequest) -> int:
     from pydra import target as targets
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
-    from pydra.journal import JournalError
     from pydra.launcher.allocation import refuse_foreign_world
 
     comm = MPI.COMM_WORLD
@@ -109,6 +106,8 @@ def run_job(request: JobRequest) -> int:
     abort_on_uncaught_exit(comm)  # from here on, no rank may leave the others waiting
     root = spec = record = None
     if comm.rank == 0:
+        from pydra.journal import JournalError  # rank 0 keeps the journal; the workers never load it
+
         try:
             record = resume_record(Path(request.resume)) if request.resume else None
             spec = record.spec if record is not None else targets.read_target(request.target or "")
@@ -141,6 +140,11 @@ def run_job(request: JobRequest) -> int:
 
 def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "JobRecord | None", output: str | None) -> int:
     """Collective: run *root* on *inputs*, journaled in *record*; report the result on rank 0."""
+    if comm.rank != 0:
+        from pydra._core.session import run_session
+
+        run_session(comm)  # what an Executor does on a worker, without loading rank 0's half
+        return EXIT_OK  # rank 0 reports
     from pydra._core.evaluate import Walk
     from pydra.comm import mpi
     from pydra.executor import Executor
@@ -148,8 +152,7 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
 
     started = time.monotonic()
     with Executor(comm) as executor:
-        if executor is None:
-            return EXIT_OK  # a worker: rank 0 reports
+        assert executor is not None  # rank 0
         master = executor.master
         job = Walk.start(master, root, inputs, record.log if record else None)
         reporter = ProgressReporter(job.progress, target, progress_mode()).start()
@@ -250,6 +253,7 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
     refused, so that no run directory ever mixes two jobs.
     """
     import dataclasses
+    import hashlib
 
     from pydra import journal as journals
 
@@ -321,6 +325,9 @@ def summarise(result: Any, limit: int = 200) -> str:
 
 def write_json(result: Any, path: Path) -> None:
     """Write *result* as JSON, atomically: a reader never sees half a file."""
+    import json
+    import tempfile
+
     text = json.dumps(result, default=_json_default, indent=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:

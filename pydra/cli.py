@@ -8,8 +8,8 @@ import os
 import sys
 
 from pydra import __version__
-from pydra.comm.seal import SealConfigError
 from pydra.config import check_settings
+from pydra.errors import SealConfigError
 
 DESCRIPTION = """\
 Pydra runs Python task trees over the ranks of an MPI job.

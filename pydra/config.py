@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from pydra.comm.admission import Penalties, Startups
@@ -100,6 +101,8 @@ SETTINGS: dict[str, Setting] = {
                        "the job's key, with which every rank seals Pydra's messages (set by pydra launch)"),
     "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
                           "how every rank pickles calls, arguments and results"),
+    "STARTUP_FD": Setting("", str, "a file descriptor number",
+                          "set by pydra run -n for each rank: the pipe on which it tells its supervisor its start-up steps"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
     # The defences of pydra node's and pydra serve's listeners against floods (docs/SECURITY.md).
@@ -152,3 +155,8 @@ def check_settings() -> str | None:
         except ValueError as exc:
             return str(exc)
     return None
+
+
+def pydra_home() -> Path:
+    """Return Pydra's directory for keys and runs: ``$PYDRA_HOME``, or ``~/.pydra``."""
+    return Path(setting("HOME")).expanduser()

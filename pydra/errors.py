@@ -62,3 +62,15 @@ class TaskProcessDied(PydraError):
 
     The rank survives and starts a new child; the unit counts as a failed try.
     """
+
+
+class SealConfigError(RuntimeError):
+    """This rank cannot start sealing as configured (:mod:`pydra.comm.seal`; a one-line reason for the user).
+
+    *report* is True on the one rank that should print it, so an N-rank job
+    says it once.
+    """
+
+    def __init__(self, message: str, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pydra.config import pydra_home
 from pydra.errors import PydraError
 from pydra.jobstates import INITIAL, JobState, as_state, check_move
-from pydra.launcher.keys import pydra_home
 
 __all__ = [
     "BATCH_ROWS",

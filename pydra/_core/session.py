@@ -18,14 +18,17 @@ from __future__ import annotations
 import atexit
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from mpi4py import MPI
 
+from pydra import startup
 from pydra._core import protocol
-from pydra._core.master import Master
-from pydra._core.worker import WorkerLoop
 from pydra.comm import mpi, serial
 from pydra.config import setting
+
+if TYPE_CHECKING:
+    from pydra._core.master import Master
 
 
 def host_name() -> str:
@@ -46,11 +49,17 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
     mpi.TAG_NAMES.update(protocol.TAG_NAMES)  # for log lines about dropped messages
     abort_on_uncaught_exit(comm)
     hosts = mpi.gather_object(comm, host_name(), 0, "gather-hosts", refused="?")
+    startup.joined()  # from here on, the heartbeats notice a lost rank
     # A heartbeat thread calls MPI while the main thread may be in user code (even in MPI).
     heartbeat = setting("HEARTBEAT") if MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
+    # Each side imports only its own half: a worker rank never loads the scheduler (nor asyncio).
     if comm.rank != 0:
+        from pydra._core.worker import WorkerLoop
+
         WorkerLoop(comm, host_name(), heartbeat, isolate=setting("ISOLATE")).serve()
         return None
+    from pydra._core.master import Master
+
     master = Master(comm, hosts, heartbeats=heartbeat is not None)
     master.start()
     return master

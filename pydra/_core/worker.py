@@ -17,7 +17,6 @@ from mpi4py import MPI
 
 from pydra._core import context, protocol
 from pydra._core.protocol import Tag
-from pydra._core.isolation import IsolatedRunner
 from pydra._core.runner import UnitRunner
 from pydra.comm import mpi, serial
 from pydra.config import setting
@@ -101,6 +100,8 @@ class WorkerLoop:
             comm.rank, comm.size, host, self._make_group, self._report_progress, self._is_cancelled
         )
         if isolate:
+            from pydra._core.isolation import IsolatedRunner  # only then: it needs subprocess and more
+
             self.runner = IsolatedRunner(self.runner, self.forward_log)
         logging.getLogger().addHandler(context.LogForwarder(self.forward_log))
         self.backoff = mpi.Backoff()

@@ -11,12 +11,13 @@ message that fails to pickle or unpickle is reported by whoever owns it
 rather than deep inside mpi4py (:mod:`pydra.comm.serial` pickles them).
 
 When the job has a key (:mod:`pydra.comm.seal`), :func:`start_sealing`
-rebinds :func:`send`, :func:`try_receive`, :meth:`Outbox.post`,
-:func:`bcast_object` and :func:`gather_object` once to versions that seal
-what leaves and open what arrives, dropping (and logging) what does not
-open; callers still see plaintext payloads. Without a key nothing is
-rebound, so unsealed jobs pay nothing per message. Call them through the
-module (``mpi.send(...)``), never ``from pydra.comm.mpi import send``.
+rebinds :func:`send`, :func:`try_receive` and :meth:`Outbox.post` once to
+versions that seal what leaves and open what arrives, dropping (and logging)
+what does not open; callers still see plaintext payloads (the start-up
+collectives :func:`bcast_object` and :func:`gather_object` seal too).
+Without a key nothing is rebound, so unsealed jobs pay nothing per
+message. Call them through the module (``mpi.send(...)``), never
+``from pydra.comm.mpi import send``.
 Associated data names ranks by their ``COMM_WORLD`` rank
 (:func:`world_ranks`), whatever communicator carries the message.
 """
@@ -33,6 +34,7 @@ from typing import Any, NamedTuple, Sequence
 
 from mpi4py import MPI
 
+from pydra import startup
 from pydra.comm import seal, serial
 from pydra.comm.seal import SealConfigError, SealError
 from pydra.config import setting
@@ -216,6 +218,9 @@ class Outbox:
 
 
 # -- collectives of Python objects --------------------------------------------------------------
+# Only at the start of a session. Each is a nonblocking collective waited for with a Backoff: MPI's
+# blocking ones spin, and a rank waiting for a slower one (rank 0 loading the TARGET, say) would
+# take the core it needs. Each tells the rank's supervisor which start-up step it is in.
 
 
 def bcast_object(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
@@ -224,7 +229,18 @@ def bcast_object(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
     A member whose copy does not open logs it and raises :class:`SealError`:
     it cannot go on without the value, and the others would wait for it.
     """
-    return comm.bcast(obj, root=root)
+    startup.reached(label)
+    data = _seal_for(serial.dumps(obj), seal.ALL, label) if comm.rank == root else None
+    size = array("q", [len(data) if data is not None else 0])
+    wait(comm.Ibcast([size, MPI.INT64_T], root))
+    if data is None:
+        data = bytearray(size[0])
+    wait(comm.Ibcast([data, MPI.BYTE], root))
+    if comm.rank == root:
+        return obj
+    if _started_sealed:
+        data = open_sealed(data, world_ranks(comm)[root], label, dest=seal.ALL)
+    return serial.loads(data)
 
 
 def gather_object(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused: Any = None) -> list[Any] | None:
@@ -233,47 +249,45 @@ def gather_object(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused:
     Sealed under *label* when the job seals; a member's value that does not
     open is logged and replaced by *refused*.
     """
-    return comm.gather(obj, root=root)
-
-
-def _sealed_bcast(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
-    data = _sealer.seal(serial.dumps(obj), seal.ALL, label) if comm.rank == root else None
-    size = array("q", [len(data) if data is not None else 0])
-    comm.Bcast([size, MPI.INT64_T], root)
-    if data is None:
-        data = bytearray(size[0])
-    comm.Bcast([data, MPI.BYTE], root)
-    if comm.rank == root:
-        return obj
-    return serial.loads(open_sealed(data, world_ranks(comm)[root], label, dest=seal.ALL))
-
-
-def _sealed_gather(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused: Any = None) -> list[Any] | None:
+    startup.reached(label)
     world = world_ranks(comm)
-    data = _sealer.seal(serial.dumps(obj), world[root], label)
-    sizes = array("q", [0] * comm.size)
-    comm.Gather([array("q", [len(data)]), MPI.INT64_T], [sizes, MPI.INT64_T], root)
+    data = _seal_for(serial.dumps(obj), world[root], label)
+    size, sizes = array("q", [len(data)]), array("q", [0] * comm.size)
+    wait(comm.Igather([size, MPI.INT64_T], [sizes, MPI.INT64_T], root))
     if comm.rank != root:
-        comm.Gatherv([data, MPI.BYTE], None, root)
+        wait(comm.Igatherv([data, MPI.BYTE], None, root))
         return None
     counts, displacements = list(sizes), [0] * comm.size
     for member in range(1, comm.size):
         displacements[member] = displacements[member - 1] + counts[member - 1]
     buffer = bytearray(sum(counts))
-    comm.Gatherv([data, MPI.BYTE], [buffer, (counts, displacements), MPI.BYTE], root)
+    wait(comm.Igatherv([data, MPI.BYTE], [buffer, (counts, displacements), MPI.BYTE], root))
     values = []
     for member, (start, count) in enumerate(zip(displacements, counts)):
+        part = memoryview(buffer)[start : start + count]
         try:
-            values.append(serial.loads(open_sealed(memoryview(buffer)[start : start + count], world[member], label)))
+            values.append(serial.loads(open_sealed(part, world[member], label) if _started_sealed else part))
         except SealError:
             values.append(refused)
     return values
+
+
+def wait(request: MPI.Request) -> None:
+    """Wait for a nonblocking operation to complete, sleeping between polls rather than spinning."""
+    backoff = Backoff()
+    while not request.Test():
+        backoff.sleep()
+
+
+def _seal_for(payload: bytes, dest: int, label: str) -> bytes:
+    return _sealer.seal(payload, dest, label) if _started_sealed else payload
 
 
 # -- sealing -------------------------------------------------------------------------------------
 
 _sealer: seal.Sealer  # set by start_sealing when the job seals
 _started = False
+_started_sealed = False
 # One lock per tag, held while a message is sealed and handed to MPI (or received and opened):
 # two threads with one tag (task threads logging, say) could otherwise put their counters on
 # the wire out of order, and the receiver would refuse the later one as a replay.
@@ -354,9 +368,10 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
     raises :class:`SealConfigError`, which one of them reports. Later calls
     return at once.
     """
-    global _started, _sealer, send, try_receive, bcast_object, gather_object
+    global _started, _started_sealed, _sealer, send, try_receive
     if _started:
         return seal.current()
+    startup.reached("start-sealing")
     error: SealConfigError | None = None
     try:
         sealer = seal.start(MPI.COMM_WORLD.Get_rank())
@@ -364,7 +379,7 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
         error, sealer = exc, seal.PLAIN
     on = int(sealer.enabled)
     votes = array("i", [comm.rank if error else comm.size, on, 1 - on])
-    comm.Allreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN)
+    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN))
     first_failing, all_on, all_off = votes
     if first_failing < comm.size:
         if error is None:
@@ -379,9 +394,8 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
         if not _same_key(comm, sealer):
             raise SealConfigError("the ranks do not share one PYDRA_JOB_KEY: every rank needs the same key",
                                   report=comm.rank == 0)
-        _sealer = sealer
+        _sealer, _started_sealed = sealer, True
         send, try_receive = _sealed_send, _sealed_try_receive
-        bcast_object, gather_object = _sealed_bcast, _sealed_gather
         Outbox.post = Outbox._post_sealed  # type: ignore[method-assign]
     _started = True
     return sealer
@@ -390,7 +404,7 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
 def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:
     """Collective: whether every member opens a probe sealed by member 0 (else they would hang, all dropped)."""
     probe = sealer.seal(b"", seal.ALL, "key-check") if comm.rank == 0 else bytearray(seal.OVERHEAD)
-    comm.Bcast([probe, MPI.BYTE], 0)
+    wait(comm.Ibcast([probe, MPI.BYTE], 0))
     ok = 1
     if comm.rank != 0:
         try:
@@ -398,7 +412,7 @@ def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:
         except SealError:
             ok = 0
     votes = array("i", [ok])
-    comm.Allreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN)
+    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN))
     return bool(votes[0])
 
 

@@ -44,6 +44,7 @@ import time
 from typing import Union
 
 from pydra.config import setting
+from pydra.errors import SealConfigError  # there so that pydra.cli catches it without loading this module
 
 #: the receiver of a collective that reaches every member (a broadcast)
 ALL = 0xFFFFFFFF
@@ -61,18 +62,6 @@ KEY_HINT = "export PYDRA_JOB_KEY=$(python -c 'import secrets; print(secrets.toke
 
 class SealError(Exception):
     """A message that does not open (forged, altered, replayed, for another rank or tag): drop it."""
-
-
-class SealConfigError(RuntimeError):
-    """This rank cannot start sealing as configured (a one-line reason for the user).
-
-    *report* is True on the one rank that should print it, so an N-rank job
-    says it once.
-    """
-
-    def __init__(self, message: str, report: bool = True) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 class Sealer:

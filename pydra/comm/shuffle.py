@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from mpi4py import MPI
 
 from pydra.comm import mpi, seal, serial
@@ -31,6 +30,8 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     """Send ``buckets[i]`` to member *i*; return what each member sent here, by member."""
     if len(buckets) != comm.size:
         raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
+    import numpy as np  # here, not at the top: a run without a MapReduce never loads it
+
     sealer = seal.current()
     payloads = [serial.dumps(bucket) for bucket in buckets]
     if sealer.enabled:  # once per shuffle, not per bucket

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pydra import strictmodes
-from pydra.config import setting
+from pydra.config import pydra_home  # noqa: F401  (callers find it here too)
 from pydra.launcher.sshwire import WireReader, ssh_string, uint32
 
 __all__ = [
@@ -115,11 +115,6 @@ class WrongPassphrase(KeyFileError):
 
 class UnsupportedKeyTypeError(ValueError):
     """A public key of a type other than ssh-ed25519, which Pydra does not use."""
-
-
-def pydra_home() -> Path:
-    """Return Pydra's configuration directory: ``$PYDRA_HOME``, or ``~/.pydra``."""
-    return Path(setting("HOME")).expanduser()
 
 
 def identity_path() -> Path:

@@ -22,6 +22,8 @@ from pydra.config import setting
 
 MPICH = "MPICH"
 OPEN_MPI = "Open MPI"
+#: the supervisor of one rank (run by path: it starts without site-packages)
+SUPERVISOR = str(Path(__file__).with_name("supervise.py"))
 
 
 class MPIExecError(RuntimeError):
@@ -45,11 +47,14 @@ class MPIExec:
         ``-disable-auto-cleanup``, so the job survives the death of a worker
         rank (Hydra otherwise kills every rank when one dies by a signal).
         Under Open MPI 5 the job runs with ULFM, for the same reason.
+        The supervisor runs as a script with ``-I -S``: without ``site`` (and
+        an editable install's import hooks) a Python starts in a third of the
+        time, and it needs nothing but the standard library.
         """
         flags: list[str] = []
         if self.implementation == MPICH:
             flags.append("-disable-auto-cleanup")
-            program = [sys.executable, "-m", "pydra.launcher.supervise", *program]
+            program = [sys.executable, "-I", "-S", SUPERVISOR, *program]
         if self.implementation == OPEN_MPI:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 flags.append("--allow-run-as-root")

@@ -60,10 +60,11 @@ def descendants_of(root: int) -> set[int]:
     return found
 
 
-def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = None) -> Tracked:
+def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = None,
+                env: dict[str, str] | None = None) -> Tracked:
     """Like conftest.run_process (own session, group stopped on timeout), but report the pgid instead of failing."""
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_environment(),
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or mpi_environment(),
         start_new_session=True,
     )
     seen: set[int] = set()

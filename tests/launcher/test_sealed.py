@@ -268,7 +268,7 @@ def test_a_recording_of_a_whole_launch_holds_no_secret(cluster: Cluster, job: Ru
     assert len(recorded) > 100_000, "MPI's traffic should be in the recording"
     forbidden = [
         b"exported-secret-1a2b", b"named-secret-5e6f",  # environment: not forwarded / inside the channel
-        b"hydra_pmi_proxy", b"pydra.launcher.supervise", b"sealed_job", b"--output",  # command lines
+        b"hydra_pmi_proxy", b"supervise", b"sealed_job", b"--output",  # command lines
         *(item.encode() for item in ITEMS),
         b"SOURCE-MARKER", b"RESULT-MARKER", b"class Sealed",  # the task source and the result
     ]

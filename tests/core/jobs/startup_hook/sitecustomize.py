@@ -1,0 +1,13 @@
+"""Test hook, on PYTHONPATH only for tests/core/test_startup_losses.py: a rank that kills itself at once.
+
+Python imports ``sitecustomize`` while it starts, long before MPI does. If
+``FAULT_STEP`` is ``start`` and this process is rank ``FAULT_RANK`` of the
+job, it dies by SIGKILL there: a rank lost before MPI's start-up completes.
+Supervisors start without site (``-I -S``) and never get here.
+"""
+
+import os
+import signal
+
+if os.environ.get("FAULT_STEP") == "start" and os.environ.get("PMI_RANK") == os.environ.get("FAULT_RANK"):
+    os.kill(os.getpid(), signal.SIGKILL)

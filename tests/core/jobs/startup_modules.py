@@ -1,0 +1,27 @@
+"""TARGET for tests/core/test_startup_imports.py: which heavy modules a rank has loaded.
+
+Each item runs on a worker and returns the modules of :data:`HEAVY` loaded
+there at that moment; rank 0 prints its own at exit, on stderr.
+"""
+
+import atexit
+import os
+import sys
+
+import pydra
+
+#: modules a plain `pydra run` has no use for on a worker (rank 0 needs asyncio and sqlite3)
+HEAVY = ("numpy", "cryptography", "prompt_toolkit", "sqlite3", "asyncio", "pydra._core.master",
+         "pydra._core.scheduler", "pydra.journal", "pydra.executor", "pydra._core.isolation")
+
+
+def loaded(_item: str) -> list[str]:
+    return [name for name in HEAVY if name in sys.modules]
+
+
+def Loaded():
+    return pydra.Parallel(loaded)
+
+
+if os.environ.get("PMI_RANK") == "0":
+    atexit.register(lambda: print(f"rank 0 loaded: {loaded('')}", file=sys.stderr))

@@ -1,0 +1,51 @@
+"""Start-up loads only what a run uses (issue 12, item 3): guards on the lazy imports, not on time.
+
+Every module loaded costs each of the job's processes its import time, and
+on a machine with fewer cores than ranks the ranks start one after another.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+
+from mpijobs import JOBS, mpi_environment, run_process
+
+#: never needed to launch a job or to run a plain tree
+HEAVY = ["numpy", "cryptography", "prompt_toolkit"]
+
+
+def loaded_after(code: str) -> list[str]:
+    """Which modules of HEAVY (and more) a fresh interpreter has loaded after running *code*."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=mpi_environment(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_process_that_launches_a_job_loads_nothing_heavy() -> None:
+    """What `pydra run -n N` loads before it starts mpiexec: the CLI and the launcher."""
+    modules = loaded_after(
+        "import pydra.cli, pydra.batch, pydra.progress\n"
+        "from pydra.launcher.mpiexec import find_mpiexec\n"
+        "find_mpiexec()"
+    )
+    unwanted = HEAVY + ["asyncio", "sqlite3", "pydra.journal", "pydra._core.master", "pydra.comm.seal"]
+    assert [name for name in unwanted if name in modules] == []
+
+
+def test_a_worker_rank_loads_neither_rank_0s_half_nor_heavy_libraries(tmp_path) -> None:
+    """A real `pydra run -n 3` of a Parallel: each worker reports what it has loaded when its item runs."""
+    argv = [sys.executable, "-m", "pydra", "run", "-n", "3", "--no-journal", f"{JOBS / 'startup_modules.py'}:Loaded",
+            "a", "b", "c", "d", "--output", str(tmp_path / "result.json")]
+    done = run_process(argv, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "result.json").read_text()) == [[], [], [], []]
+    # Rank 0 runs the scheduler (asyncio) but needs no numpy, cryptography or prompt_toolkit either.
+    rank_0 = ast.literal_eval(re.search(r"^rank 0 loaded: (.*)$", done.stderr, re.M).group(1))
+    assert "pydra._core.master" in rank_0  # the probe sees what is loaded
+    assert [name for name in HEAVY if name in rank_0] == []
