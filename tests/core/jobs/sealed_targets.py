@@ -26,8 +26,8 @@ from pydra._core import protocol
 from pydra._core.protocol import Tag
 from pydra.comm import mpi, seal, serial
 
-#: what this process put on the wire as TAG_REPLIES, once Tap has run here
-WIRE: list[bytes] = []
+#: the MPI messages of each TAG_REPLIES message this process sent, once Tap has run here
+WIRE: list[list[bytes]] = []
 
 
 class Exploit:
@@ -46,14 +46,14 @@ class Tap(pydra.GangTask):
     ranks = None
 
     def work(self, marker):
-        send = mpi._plain_send  # what the sealed send hands to MPI: the bytes on the wire
+        put = mpi._put  # what the sealed send hands to MPI: the MPI messages on the wire
 
-        def tap(comm, payload, dest, tag):
+        def tap(comm, messages, dest, tag):
             if tag == Tag.REPLIES:
-                WIRE.append(bytes(payload))
-            send(comm, payload, dest, tag)
+                WIRE.append([bytes(message) for message in messages])
+            put(comm, messages, dest, tag)
 
-        mpi._plain_send = tap
+        mpi._put = tap
         return marker
 
 
@@ -67,11 +67,12 @@ class Forge(pydra.GangTask):
         world.Send([pickle.dumps([Exploit(marker)], 5), MPI.BYTE], 0, Tag.REPLIES)
         sealer = seal.current()
         if sealer.enabled:
-            genuine = sealer.seal(protocol.encode_replies(0, [(10**9, True, serial.dumps("forged"), 0.0)]), 0, Tag.REPLIES)
+            genuine = sealer.seal(protocol.encode_replies(0, [(10**9, True, serial.dumps("forged"), 0.0, ())])[0], 0,
+                                  Tag.REPLIES)
             altered = bytearray(genuine)
             altered[len(altered) // 2] ^= 0x01
             world.Send([altered, MPI.BYTE], 0, Tag.REPLIES)
-            world.Send([WIRE[-1], MPI.BYTE], 0, Tag.REPLIES)  # Tap's own reply, again
+            world.Send([WIRE[-1][0], MPI.BYTE], 0, Tag.REPLIES)  # Tap's own reply, again
             record = protocol.LogRecord(None, time.time(), "WARNING", "forge", "sealed note")
             note = sealer.seal(protocol.encode(record), 0, Tag.LOG)
             world.Send([note, MPI.BYTE], 0, Tag.LOG)  # genuine: accepted
