@@ -62,7 +62,8 @@ def make_array(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return np.arange(int(np.prod(shape)), dtype=np.float64).astype(dtype).reshape(shape)
 
 
-def raw_round_trips(comm: MPI.Intracomm, array: np.ndarray | None, shape, dtype, trips: int, reuse: bool) -> list[float]:
+def raw_round_trips(comm: MPI.Intracomm, array: np.ndarray | None, shape: tuple, dtype: str, trips: int,
+                    reuse: bool) -> list[float]:
     """Collective: *trips* raw Send/Recv round trips of *array* between ranks 0 and 1; rank 0's seconds per trip."""
     fresh: Callable[[], np.ndarray] = lambda: np.empty(shape, dtype)  # noqa: E731
     kept = fresh() if reuse else None

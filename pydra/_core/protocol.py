@@ -134,7 +134,10 @@ def pack_value(value: object) -> tuple[bytes, tuple]:
 
 
 def encode_replies(read: int, packed: list[tuple]) -> tuple[bytes, list]:
-    """A REPLIES payload and its buffers: *read* commands messages read so far, and ``(uid, ok, blob, seconds, buffers)`` replies."""
+    """A REPLIES payload and its buffers: *read* commands messages read so far, and the packed replies.
+
+    Each packed reply is ``(uid, ok, blob, seconds, buffers)``, as :func:`pack_value` made *blob* and *buffers*.
+    """
     return serial.dumps_oob((read, packed))
 
 

@@ -6,9 +6,12 @@ between polls with an exponential :class:`Backoff` that resets as soon as a
 message arrives: busy ranks react within microseconds, idle ranks cost
 almost nothing.
 
-Messages are pickled here (protocol 5) and moved as raw bytes, so that a
-message that fails to pickle or unpickle is reported by whoever owns it
-rather than deep inside mpi4py (:mod:`pydra.comm.serial` pickles them).
+Messages are pickled by their owners (:mod:`pydra.comm.serial`, protocol 5)
+and moved here as raw bytes, so that a message that fails to pickle or
+unpickle is reported by whoever owns it rather than deep inside mpi4py. A
+message's large buffers (numpy arrays' data) stay out of its pickle and
+travel as MPI messages of their own, straight from the sender's memory into
+a receive buffer of their own (see "the wire form of a message" below).
 
 When the job has a key (:mod:`pydra.comm.seal`), :func:`start_sealing`
 rebinds :func:`send`, :func:`try_receive`, :meth:`Outbox.post`,
@@ -109,10 +112,13 @@ def _framed(payload: bytes, sizes: list[int], counters: list[int]) -> bytes:
 def _unframed(first: bytes | bytearray) -> tuple[memoryview, list[tuple[int, int]]]:
     """The pickle in a first MPI message, and the (size, counter) of each of its parts."""
     (count,) = _COUNT.unpack_from(first, len(_PARTS))
-    table = list(_PART.iter_unpack(memoryview(first)[len(_PARTS) + _COUNT.size : len(_PARTS) + _COUNT.size + count * _PART.size]))
+    start = len(_PARTS) + _COUNT.size
+    end = start + count * _PART.size
+    view = memoryview(first)
+    table = list(_PART.iter_unpack(view[start:end]))
     if len(table) != count:
         raise ValueError("a truncated parts table")
-    return memoryview(first)[len(_PARTS) + _COUNT.size + count * _PART.size :], table
+    return view[end:], table
 
 
 def _wire(payload: bytes, buffers: Sequence) -> list:
@@ -249,9 +255,10 @@ class Outbox:
         self._pending: deque[tuple[MPI.Request | _Parts, Any, int]] = deque()
 
     def post(self, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
-        """Start sending a pickle and its out-of-band *buffers* to *dest* (sealed, once :func:`start_sealing` found a key).
+        """Start sending a pickle and its out-of-band *buffers* to *dest*.
 
-        The buffers must not change until the send completes.
+        Sealed, once :func:`start_sealing` found a key. The buffers must not
+        change until the send completes.
         """
         if buffers:
             self._post_all(_wire(payload, buffers), dest, tag)

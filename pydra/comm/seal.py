@@ -165,13 +165,15 @@ class Sealer:
         already (so replays were refused there). Raises :class:`SealError`.
         """
         try:
-            nonce, aad = source.to_bytes(4, "big") + _COUNTER.pack(counter), self._part_aad(source, self.rank, counter, tag)
+            nonce = source.to_bytes(4, "big") + _COUNTER.pack(counter)
+            aad = self._part_aad(source, self.rank, counter, tag)
             if self._decrypt_into is None:  # cryptography < 45
                 out[:] = self._aead.decrypt(nonce, data, aad)
             else:
                 self._decrypt_into(nonce, data, aad, out)
         except Exception:  # InvalidTag; also a source out of range
-            raise SealError("a part does not authenticate: forged, altered, or not the part its message names") from None
+            raise SealError("a part does not authenticate: forged, altered, or not the part its message names") \
+                from None
 
     def _part_aad(self, source: int, dest: int, counter: int, tag: int) -> bytes:
         return _HEADER.pack(source, dest, counter) + self._label(tag) + b" part"

@@ -61,7 +61,8 @@ def test_forged_altered_swapped_and_replayed_parts_are_dropped(tmp_path: Path) -
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads(out.read_text()) == [i * i for i in range(20)]
     assert not marker.exists(), "rank 0 unpickled a message whose part was forged"
-    dropped = re.findall(r"pydra: rank 0 dropped a message from rank (\d), tag 12 \(replies\): (.*?); it was not", finished.stderr)
+    line = r"pydra: rank 0 dropped a message from rank (\d), tag 12 \(replies\): (.*?); it was not"
+    dropped = re.findall(line, finished.stderr)
     part = "a part does not authenticate: forged, altered, or not the part its message names"
     forged = sorted([part, part, "a part of 262166 bytes where its message named 262160"])
     replayed = sorted(["replayed: its counter is not above the last one opened from that rank and tag",

@@ -87,7 +87,7 @@ def large_arrays(value: object) -> list[np.ndarray]:
 
 
 def exposes_buffer(value: object) -> list[bool]:
-    """For each large array of an original: whether it exposes its buffer to pickle protocol 5, so must travel out of band.
+    """For each large array of an original: whether it exposes its buffer to pickle protocol 5 (so goes out of band).
 
     numpy does for contiguous arrays (C or Fortran order), except datetime
     and timedelta ones, which it always copies into the pickle.
