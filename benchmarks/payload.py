@@ -162,6 +162,14 @@ def report(rows: list, sealed: bool) -> None:
           f"load average {os.getloadavg()[0]:.2f}; GB/s counts the bytes of both directions; medians of every trip")
     for line in met:
         print(line)
+    medians = {name: median for name, _, _, median in rows}
+    if "1KiB" in medians:
+        # What a call costs whatever it carries bounds the ratio of a round trip that raw MPI makes in R seconds.
+        fixed = medians["1KiB"]["pydra"] - medians["1KiB"]["new"]
+        bounds = ", ".join(f"{name} {medians[name]['new'] / (medians[name]['new'] + fixed):.2f}x"
+                           for name in TARGETS if name in medians)
+        print(f"a call's fixed cost (1 KiB round trip, Pydra less raw) {fixed * 1e3:.3f} ms; with no other cost "
+              f"the ratios could reach at most: {bounds}")
 
 
 if __name__ == "__main__":
