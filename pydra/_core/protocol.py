@@ -8,7 +8,7 @@ encode and decode with the pairs below and nothing else. It imports no MPI.
 tag           direction  payload
 ============  =========  ========================================================================
 COMMANDS 11   0 → w      a list of commands (below): a worker's share of one dispatch pass
-REPLIES 12    w → 0      ``(messages read so far, [(uid, ok, pickled value or Failure, seconds)])``
+REPLIES 12    w → 0      ``(messages read so far, [(uid, ok, pickled value or Failure, seconds, buffers)])``
 PROGRESS 13   w → 0      :class:`ProgressReport` of the running unit
 CANCEL 14     0 → w      a list of uids whose results are no longer wanted
 HEARTBEAT 15  both       empty from rank 0; :class:`Usage` from a worker's heartbeat thread
@@ -56,9 +56,14 @@ rank 0, which is the bottleneck. Their layouts:
 A reply is ``(uid, ok, value, seconds)``: on success *value* is the result,
 otherwise a :class:`Failure`; *seconds* is the worker time the unit took.
 On the wire *value* is pickled on its own, so a value that cannot be
-unpickled on rank 0 fails its one unit. The other messages are typed
-records (NamedTuples), sent as plain tuples: :func:`encode` and
-:func:`decode`.
+unpickled on rank 0 fails its one unit, and its large buffers (numpy
+arrays' data) follow as *buffers*. The other messages are typed records
+(NamedTuples), sent as plain tuples: :func:`encode` and :func:`decode`.
+
+Commands and replies are pickled with their large buffers out of band
+(:func:`pydra.comm.serial.dumps_oob`): their encoders return the pickle
+and the buffers, which :mod:`pydra.comm.mpi` sends as MPI messages of
+their own, and their decoders take both. The other messages have none.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ import pickle
 import traceback
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Sequence, TypeVar, Union
 
 from pydra.comm import serial
 from pydra.errors import RemoteTraceback
@@ -100,6 +105,9 @@ LOAD = "load"
 RESTART = "restart"
 STOP = "stop"
 
+#: a received pickle
+Payload = Union[bytes, bytearray, memoryview]
+
 #: commands that get no reply (every other command gets exactly one)
 NO_REPLY = frozenset({DEFINE, FORGET, LOAD, RESTART})
 #: commands whose third field is a definition id: the worker must have received it first
@@ -109,24 +117,33 @@ USES_DEFINITION = frozenset({MAP, MR_MAP, GANG, MR_REDUCE})
 # -- the hot path: commands and replies, plain tuples -----------------------------------------------
 
 
-def encode_commands(commands: list[tuple]) -> bytes:
-    """A COMMANDS payload (raises what pickle raises: the caller fails those units)."""
-    return serial.dumps(commands)
+def encode_commands(commands: list[tuple]) -> tuple[bytes, list]:
+    """A COMMANDS payload and its out-of-band buffers (raises what pickle raises: the caller fails those units)."""
+    return serial.dumps_oob(commands)
 
 
-def decode_commands(payload: bytes | bytearray) -> list[tuple]:
+def decode_commands(payload: Payload, buffers: Sequence = ()) -> list[tuple]:
     """The commands of a COMMANDS payload (raises what unpickling raised: the message bounces)."""
-    return serial.loads(payload)
+    return serial.loads(payload, buffers=buffers)
 
 
-def encode_replies(read: int, packed: list[tuple]) -> bytes:
-    """A REPLIES payload: *read* commands messages read so far, and ``(uid, ok, blob, seconds)`` replies."""
-    return serial.dumps((read, packed))
+def pack_value(value: object) -> tuple[bytes, tuple]:
+    """A reply's value pickled on its own, and its out-of-band buffers (raises what pickle raises)."""
+    blob, buffers = serial.dumps_oob(value)
+    return blob, tuple(buffers)
 
 
-def decode_replies(payload: bytes | bytearray) -> tuple[int, list[tuple]]:
-    """*read* and the packed replies of a REPLIES payload (each value still pickled)."""
-    return serial.loads(payload)
+def encode_replies(read: int, packed: list[tuple]) -> tuple[bytes, list]:
+    """A REPLIES payload and its buffers: *read* commands messages read so far, and the packed replies.
+
+    Each packed reply is ``(uid, ok, blob, seconds, buffers)``, as :func:`pack_value` made *blob* and *buffers*.
+    """
+    return serial.dumps_oob((read, packed))
+
+
+def decode_replies(payload: Payload, buffers: Sequence = ()) -> tuple[int, list[tuple]]:
+    """*read* and the packed replies of a REPLIES payload (each value still pickled, beside its buffers)."""
+    return serial.loads(payload, buffers=buffers)
 
 
 # -- the other messages: typed records ---------------------------------------------------------------

@@ -72,16 +72,17 @@ class MpiTransport:
 
     def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
         try:
-            payload = protocol.encode_commands(commands)
+            payload, buffers = protocol.encode_commands(commands)
         except Exception:
             return self._refuse(rank, commands)
-        self._post(rank, commands, payload)
+        self._post(rank, commands, payload, buffers)
         return []
 
-    def _post(self, rank: int, commands: list[tuple], payload: bytes) -> None:
+    def _post(self, rank: int, commands: list[tuple], payload: bytes, buffers: list) -> None:
         if rank not in self.ignored:  # (a STOP for a lost rank that may still listen is not kept)
             self.unread.setdefault(rank, deque()).append(commands)
-        self.outbox.post(payload, rank, Tag.COMMANDS)
+        # The arguments' arrays go from where they are: the caller must not change them meanwhile.
+        self.outbox.post(payload, rank, Tag.COMMANDS, buffers)
 
     def _refuse(self, rank: int, commands: list[tuple]) -> list:
         """Some command could not be pickled: send the others; fail those units at once, with pickle's error."""
@@ -95,7 +96,7 @@ class MpiTransport:
                 if command[0] not in protocol.NO_REPLY:
                     failed.append((command[1], False, Failure.here(error), 0.0, None))
         if sendable:
-            self._post(rank, sendable, protocol.encode_commands(sendable))
+            self._post(rank, sendable, *protocol.encode_commands(sendable))
         return [RepliesReceived(rank, failed, time.monotonic())] if failed else []
 
     def cancel(self, rank: int, uids: list[int]) -> None:
@@ -133,7 +134,7 @@ class MpiTransport:
             if source in self.ignored:
                 continue  # declared lost: its units are rescheduled, its word no longer counts
             if tag == Tag.REPLIES:
-                read, packed = protocol.decode_replies(message.payload)
+                read, packed = protocol.decode_replies(message.payload, message.buffers)
                 self._read_up_to(source, read)
                 events.append(RepliesReceived(source, [self._unpack(source, *reply) for reply in packed], now))
             elif tag == Tag.HEARTBEAT:
@@ -161,10 +162,13 @@ class MpiTransport:
             first += 1
         self.first_unread[rank] = first
 
-    def _unpack(self, rank: int, uid: int, ok: bool, blob: bytes, seconds: float) -> tuple:
-        """A reply with its value unpickled, or a failure saying why that is impossible here."""
+    def _unpack(self, rank: int, uid: int, ok: bool, blob: bytes, seconds: float, buffers: tuple) -> tuple:
+        """A reply with its value unpickled, or a failure saying why that is impossible here.
+
+        Its last field is the pickle for the journal, when the value's buffers are all in it.
+        """
         try:
-            return (uid, ok, serial.loads(blob), seconds, blob if ok else None)
+            return (uid, ok, serial.loads(blob, buffers=buffers), seconds, blob if ok and not buffers else None)
         except (Exception, SystemExit) as exc:  # what unpickling raised: that unit's error, as itself
             exc.add_note(f"(while rank 0 unpickled a result from rank {rank})")
             return (uid, False, Failure.here(exc), seconds, None)
@@ -183,9 +187,9 @@ class MpiTransport:
         others = [command for command in commands if command[0] in protocol.NO_REPLY]
         if len(units) > 1:
             if others:  # definitions first: the units need them (their blobs are pickled on their own)
-                self._post(rank, others, protocol.encode_commands(others))
+                self._post(rank, others, *protocol.encode_commands(others))
             for command in units:
-                self._post(rank, [command], protocol.encode_commands([command]))
+                self._post(rank, [command], *protocol.encode_commands([command]))
             return []
         try:
             failure = serial.loads(bounce.failure)

@@ -187,27 +187,33 @@ class WorkerLoop:
         message = mpi.receive(self.comm, 0, Tag.COMMANDS, self.backoff)
         number, self.read = self.read, self.read + 1
         try:
-            return protocol.decode_commands(message.payload)
+            return protocol.decode_commands(message.payload, message.buffers)
         except (Exception, SystemExit) as exc:  # an argument whose class only rank 0 can import, say
             failure = serial.dumps(protocol.Failure.capture(exc, *self._where()))
             mpi.send(self.comm, protocol.encode(protocol.Bounce(number, failure)), 0, Tag.BOUNCED)
             return None
 
     def _reply(self, packed: list[tuple]) -> None:
-        mpi.send(self.comm, protocol.encode_replies(self.read, packed), 0, Tag.REPLIES)
+        payload, buffers = protocol.encode_replies(self.read, packed)
+        mpi.send(self.comm, payload, 0, Tag.REPLIES, buffers)
 
     def _pack_reply(self, uid: int, ok: bool, value: object, seconds: float) -> tuple:
-        """A reply with its value pickled on its own, so one bad value spoils one reply, not the message."""
+        """A reply with its value pickled on its own, so one bad value spoils one reply, not the message.
+
+        The value's large buffers stay out of the pickle: they are sent from
+        where they are.
+        """
         try:
-            blob = serial.dumps(value)
+            blob, buffers = protocol.pack_value(value)
         except (Exception, SystemExit) as exc:  # what pickle, or the value's __reduce__, raised
             exc.add_note(f"(while sending a result from rank {self.comm.rank} to rank 0)")
             error: BaseException = exc
         else:
-            if len(blob) <= self.max_result:
-                return (uid, ok, blob, seconds)
-            error = ValueError(f"a result of {len(blob)} bytes is larger than PYDRA_MAX_RESULT_BYTES={self.max_result}")
-        return (uid, False, serial.dumps(protocol.Failure.capture(error, *self._where())), seconds)
+            size = len(blob) + sum(memoryview(buffer).nbytes for buffer in buffers)
+            if size <= self.max_result:
+                return (uid, ok, blob, seconds, buffers)
+            error = ValueError(f"a result of {size} bytes is larger than PYDRA_MAX_RESULT_BYTES={self.max_result}")
+        return (uid, False, serial.dumps(protocol.Failure.capture(error, *self._where())), seconds, ())
 
     def _where(self) -> tuple[int, int, str]:
         return self.runner.rank, self.runner.size, self.runner.host

@@ -6,9 +6,12 @@ between polls with an exponential :class:`Backoff` that resets as soon as a
 message arrives: busy ranks react within microseconds, idle ranks cost
 almost nothing.
 
-Messages are pickled here (protocol 5) and moved as raw bytes, so that a
-message that fails to pickle or unpickle is reported by whoever owns it
-rather than deep inside mpi4py (:mod:`pydra.comm.serial` pickles them).
+Messages are pickled by their owners (:mod:`pydra.comm.serial`, protocol 5)
+and moved here as raw bytes, so that a message that fails to pickle or
+unpickle is reported by whoever owns it rather than deep inside mpi4py. A
+message's large buffers (numpy arrays' data) stay out of its pickle and
+travel as MPI messages of their own, straight from the sender's memory into
+a receive buffer of their own (see "the wire form of a message" below).
 
 When the job has a key (:mod:`pydra.comm.seal`), :func:`start_sealing`
 rebinds :func:`send`, :func:`try_receive` and :meth:`Outbox.post` once to
@@ -25,6 +28,7 @@ Associated data names ranks by their ``COMM_WORLD`` rank
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import threading
 import time
@@ -114,23 +118,95 @@ class Received(NamedTuple):
 
     source: int
     tag: int
-    #: the plaintext (opened already, when the job seals)
-    payload: bytes | bytearray
+    #: the pickle (opened already, when the job seals)
+    payload: bytes | bytearray | memoryview
+    #: its out-of-band buffers, for ``serial.loads(payload, buffers=...)`` (writable numpy byte arrays)
+    buffers: Sequence = ()
+
+
+# -- the wire form of a message ------------------------------------------------------------------
+#
+# A message without out-of-band buffers is one MPI message: its pickle (protocol 5: its first byte
+# is 0x80, never _PARTS's). A message with buffers is one MPI message holding _PARTS, the number of
+# buffers, each buffer's size and seal counter (0 unsealed), then the pickle; then one MPI message
+# per buffer, straight from the sender's memory into a receive buffer of its own. All carry the
+# message's tag; one sending thread per tag at a time (_send_locks) keeps them together.
+
+_PARTS = b"\x00parts"
+_COUNT = struct.Struct(">I")
+_PART = struct.Struct(">QQ")  # size, seal counter
+
+
+def _framed(payload: bytes, sizes: list[int], counters: list[int]) -> bytes:
+    """The first MPI message of a message with out-of-band parts of *sizes* bytes."""
+    return b"".join([_PARTS, _COUNT.pack(len(sizes)), *map(_PART.pack, sizes, counters), payload])
+
+
+def _unframed(first: bytes | bytearray) -> tuple[memoryview, list[tuple[int, int]]]:
+    """The pickle in a first MPI message, and the (size, counter) of each of its parts."""
+    (count,) = _COUNT.unpack_from(first, len(_PARTS))
+    start = len(_PARTS) + _COUNT.size
+    end = start + count * _PART.size
+    view = memoryview(first)
+    table = list(_PART.iter_unpack(view[start:end]))
+    if len(table) != count:
+        raise ValueError("a truncated parts table")
+    return view[end:], table
+
+
+def _wire(payload: bytes, buffers: Sequence) -> list:
+    """The MPI messages of an unsealed message."""
+    if not buffers:
+        return [payload]
+    parts = [memoryview(buffer).cast("B") for buffer in buffers]
+    return [_framed(payload, [part.nbytes for part in parts], [0] * len(parts)), *parts]
+
+
+def _sealed_wire(payload: bytes, buffers: Sequence, dest: int, tag: int) -> list:
+    """The MPI messages of a message sealed for world rank *dest*: each part first, under counters its header names."""
+    if not buffers:
+        return [_sealer.seal(payload, dest, tag)]
+    parts, sizes, counters = [], [], []
+    for buffer in buffers:
+        plain = memoryview(buffer).cast("B")
+        sealed = allocate(plain.nbytes + seal.TAG_BYTES)
+        counters.append(_sealer.seal_part(plain, dest, tag, sealed))
+        parts.append(sealed)
+        sizes.append(plain.nbytes)
+    return [_sealer.seal(_framed(payload, sizes, counters), dest, tag), *parts]
+
+
+def allocate(nbytes: int) -> Any:
+    """A receive buffer of *nbytes*: numpy's (no byte written before MPI's, huge pages for large ones)."""
+    import numpy  # here: a job that sends no buffer need not import it
+
+    return numpy.empty(nbytes, numpy.uint8)
+
+
+def _receive_parts(comm: MPI.Comm, source: int, tag: int, sizes: list[int]) -> list:
+    """The parts that follow a first MPI message, each received into a buffer of its own.
+
+    The sender sends them right after the first, so this waits only for the
+    copy (as a ``Recv`` of one large message would). A part of another size
+    than its first message named (a forgery) raises :class:`SealError`.
+    """
+    parts, status = [], MPI.Status()
+    for size in sizes:
+        message = comm.Mprobe(source, tag, status)
+        count = status.Get_count(MPI.BYTE)
+        part = allocate(count)  # whatever its size: it is taken off the wire
+        message.Recv([part, MPI.BYTE])
+        if count != size:
+            raise SealError(f"a part of {count} bytes where its message named {size}")
+        parts.append(part)
+    return parts
 
 
 _status = MPI.Status()  # reused: each process polls from one thread
 
 
-def try_receive(
-    comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, status: MPI.Status = _status
-) -> Received | None:
-    """Receive one pending message matching *source* and *tag*, or return None at once.
-
-    A second thread that polls must bring its own *status*. When the job
-    seals, a message that does not open is taken off the wire, logged and
-    skipped. Raises :class:`RanksFailed` when MPI reports that peers died
-    (only under ULFM; MPICH's ranks die silently, see the heartbeats).
-    """
+def _take(comm: MPI.Comm, source: int, tag: int, status: MPI.Status) -> tuple[int, int, bytearray] | None:
+    """The source, tag and bytes of one pending MPI message matching *source* and *tag*, or None at once."""
     # MPICH's first probe after a message lands often only moves it along: probe once more before
     # saying there is none, or each message waits out one more (growing) backoff sleep. (Measured
     # on rank 0 of a 40k-unit map: asleep 778 ms of 1,570 with one probe, 30 ms of 694 with two.)
@@ -144,10 +220,27 @@ def try_receive(
     source, tag = status.Get_source(), status.Get_tag()
     buffer = bytearray(status.Get_count(MPI.BYTE))
     comm.Recv([buffer, MPI.BYTE], source, tag)
-    return Received(source, tag, buffer)
+    return source, tag, buffer
 
 
-_plain_try_receive = try_receive
+def try_receive(
+    comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, status: MPI.Status = _status
+) -> Received | None:
+    """Receive one pending message matching *source* and *tag* (and its parts), or return None at once.
+
+    A second thread that polls must bring its own *status*. When the job
+    seals, a message that does not open is taken off the wire, logged and
+    skipped. Raises :class:`RanksFailed` when MPI reports that peers died
+    (only under ULFM; MPICH's ranks die silently, see the heartbeats).
+    """
+    taken = _take(comm, source, tag, status)
+    if taken is None:
+        return None
+    source, tag, first = taken
+    if not first.startswith(_PARTS):
+        return Received(source, tag, first)
+    payload, table = _unframed(first)
+    return Received(source, tag, payload, _receive_parts(comm, source, tag, [size for size, _ in table]))
 
 
 def receive(comm: MPI.Comm, source: int, tag: int, backoff: Backoff) -> Received:
@@ -160,12 +253,31 @@ def receive(comm: MPI.Comm, source: int, tag: int, backoff: Backoff) -> Received
         backoff.sleep()
 
 
-def send(comm: MPI.Comm, payload: bytes, dest: int, tag: int) -> None:
-    """Send already serialised bytes, blocking until the buffer may be reused."""
-    comm.Send([payload, MPI.BYTE], dest, tag)
+def send(comm: MPI.Comm, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
+    """Send a pickle and its out-of-band *buffers*, blocking until they may be reused (any thread)."""
+    with _lock(_send_locks, tag):
+        _put(comm, _wire(payload, buffers), dest, tag)
 
 
-_plain_send = send
+def _put(comm: MPI.Comm, messages: list, dest: int, tag: int) -> None:
+    """Hand a message's MPI messages to MPI, in order (the tag's send lock held)."""
+    for message in messages:
+        comm.Send([message, MPI.BYTE], dest, tag)
+
+
+class _Parts:
+    """The requests of one message sent in several MPI messages, tested together."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self, requests: list[MPI.Request]) -> None:
+        self.requests = requests
+
+    def Test(self) -> bool:  # noqa: N802 (as MPI.Request's)
+        return MPI.Request.Testall(self.requests)
+
+    def Wait(self) -> None:  # noqa: N802
+        MPI.Request.Waitall(self.requests)
 
 
 class Outbox:
@@ -173,24 +285,34 @@ class Outbox:
 
     The master must never block on a worker busy in user code (a large message
     needs the receiver's cooperation to complete), so it only ever ``Isend``s.
+    An outbox is used by one thread (rank 0's scheduler), so it needs no lock.
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
         self._abandoned: list = []
-        self._pending: deque[tuple[MPI.Request, bytes, int]] = deque()
+        self._pending: deque[tuple[MPI.Request | _Parts, Any, int]] = deque()
 
-    def post(self, payload: bytes, dest: int, tag: int) -> None:
-        """Start sending *payload* to *dest* (sealed, once :func:`start_sealing` found a key)."""
+    def post(self, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
+        """Start sending a pickle and its out-of-band *buffers* to *dest*.
+
+        Sealed, once :func:`start_sealing` found a key. The buffers must not
+        change until the send completes.
+        """
+        if buffers:
+            self._post_all(_wire(payload, buffers), dest, tag)
+            return
         request = self.comm.Isend([payload, MPI.BYTE], dest, tag)
         if not request.Test():  # small messages usually complete at once
             self._pending.append((request, payload, dest))
 
-    _post_plain = post
+    def _post_sealed(self, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
+        self._post_all(_sealed_wire(payload, buffers, world_ranks(self.comm)[dest], tag), dest, tag)
 
-    def _post_sealed(self, payload: bytes, dest: int, tag: int) -> None:
-        # No lock, unlike _sealed_send: an outbox is used by one thread (rank 0's scheduler).
-        self._post_plain(_sealer.seal(payload, world_ranks(self.comm)[dest], tag), dest, tag)
+    def _post_all(self, messages: list, dest: int, tag: int) -> None:
+        requests = [self.comm.Isend([message, MPI.BYTE], dest, tag) for message in messages]
+        if not MPI.Request.Testall(requests):
+            self._pending.append((_Parts(requests), messages, dest))
 
     def forget(self, dest: int) -> None:
         """Stop waiting for the sends to *dest*, a rank that is gone: they may never complete.
@@ -209,9 +331,8 @@ class Outbox:
 
     def flush(self) -> None:
         """Wait for every send to complete (sends to forgotten ranks excepted)."""
-        if self._pending:
-            MPI.Request.Waitall([entry[0] for entry in self._pending])
-            self._pending.clear()
+        while self._pending:
+            self._pending.popleft()[0].Wait()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -338,9 +459,9 @@ def _lock(locks: dict[int, threading.Lock], tag: int) -> threading.Lock:
     return lock
 
 
-def _sealed_send(comm: MPI.Comm, payload: bytes, dest: int, tag: int) -> None:
+def _sealed_send(comm: MPI.Comm, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
     with _lock(_send_locks, tag):
-        _plain_send(comm, _sealer.seal(payload, world_ranks(comm)[dest], tag), dest, tag)
+        _put(comm, _sealed_wire(payload, buffers, world_ranks(comm)[dest], tag), dest, tag)
 
 
 def _sealed_try_receive(
@@ -348,14 +469,31 @@ def _sealed_try_receive(
 ) -> Received | None:
     with _lock(_receive_locks, tag):
         while True:  # a dropped message is taken off the wire; look for the next one
-            message = _plain_try_receive(comm, source, tag, status)
-            if message is None:
+            taken = _take(comm, source, tag, status)
+            if taken is None:
                 return None
+            sender, kind, first = taken
+            world = world_ranks(comm)[sender]
             try:
-                payload = open_sealed(message.payload, world_ranks(comm)[message.source], message.tag)
+                plain = open_sealed(first, world, kind)
             except SealError:
                 continue
-            return Received(message.source, message.tag, payload)
+            if not plain.startswith(_PARTS):
+                return Received(sender, kind, plain)
+            payload, table = _unframed(plain)
+            try:
+                wire = _receive_parts(comm, sender, kind, [size + seal.TAG_BYTES for size, _ in table])
+                # Every part is off the wire before any is opened, so the next message starts in step.
+                return Received(sender, kind, payload, [_open_part(part, world, kind, counter)
+                                                        for part, (_, counter) in zip(wire, table)])
+            except SealError as exc:  # the whole message is dropped
+                seal.report_dropped(_sealer.rank, world, describe(kind), exc)
+
+
+def _open_part(data: Any, source: int, tag: int, counter: int) -> Any:
+    opened = allocate(len(data) - seal.TAG_BYTES)
+    _sealer.open_part(data, source, tag, counter, opened)
+    return opened
 
 
 def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:

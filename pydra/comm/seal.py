@@ -23,6 +23,14 @@ is unpickled. A message that does not open is dropped and logged (logger
   (``"bcast-spec"``, ``"shuffle"``...). So a message cannot be redirected to
   another rank or passed off as another kind.
 * **Wire form**: the counter (8 bytes), then ciphertext and Poly1305 tag.
+* **Parts**: a message's out-of-band buffers (:mod:`pydra.comm.mpi`) are
+  sealed one by one (:meth:`Sealer.seal_part`), each under a counter of its
+  own and the kind ``"tag N part"``, and go on the wire as ciphertext and
+  Poly1305 tag only (so each opens into a buffer of its own, aligned). Their
+  sizes and counters travel in the message's first MPI message, sealed as
+  above, which binds them to it: a part opens only as the part that
+  message names, so parts cannot be replayed, swapped or moved to another
+  message.
 * **Replays**: per (sender, tag or label) the receiver keeps the highest
   counter it opened and accepts only a greater one. MPI delivers messages
   from one sender with one tag on one communicator in the order they were
@@ -49,8 +57,10 @@ from pydra.errors import SealConfigError  # there so that pydra.cli catches it w
 #: the receiver of a collective that reaches every member (a broadcast)
 ALL = 0xFFFFFFFF
 KEY_BYTES = 32
+#: bytes a sealed part is longer than its payload: the Poly1305 tag
+TAG_BYTES = 16
 #: bytes a sealed message is longer than its payload: the counter and the Poly1305 tag
-OVERHEAD = 8 + 16
+OVERHEAD = 8 + TAG_BYTES
 
 _COUNTER = struct.Struct(">Q")
 _HEADER = struct.Struct(">IIQ")  # sender, receiver, counter: the fixed part of the associated data
@@ -78,6 +88,7 @@ class Sealer:
         self.rank = rank
         self._aead = ChaCha20Poly1305(key)
         self._encrypt_into = getattr(self._aead, "encrypt_into", None)
+        self._decrypt_into = getattr(self._aead, "decrypt_into", None)
         self._rank_bytes = rank.to_bytes(4, "big")
         # next() on itertools.count is atomic under the GIL: threads never share a counter value.
         self._counter = itertools.count(time.time_ns() if first_counter is None else first_counter)
@@ -121,6 +132,40 @@ class Sealer:
             raise SealError("does not authenticate: forged, altered, or sent to another rank or with another tag") from None
         self._seen[stream] = counter
         return payload
+
+    def seal_part(self, payload: memoryview, dest: int, tag: int, out: memoryview) -> int:
+        """Seal *payload*, an out-of-band part of a message of kind *tag* for world rank *dest*, into *out*.
+
+        *out* holds ``len(payload) + TAG_BYTES`` bytes. Returns the counter
+        it was sealed under, for the message's first MPI message to name.
+        """
+        counter = next(self._counter)
+        nonce, aad = self._rank_bytes + _COUNTER.pack(counter), self._part_aad(self.rank, dest, counter, tag)
+        if self._encrypt_into is None:  # cryptography < 45
+            out[:] = self._aead.encrypt(nonce, payload, aad)
+        else:
+            self._encrypt_into(nonce, payload, aad, out)
+        return counter
+
+    def open_part(self, data: memoryview, source: int, tag: int, counter: int, out: memoryview) -> None:
+        """Open *data*, the part sealed under *counter* of a message of kind *tag* from world rank *source*, into *out*.
+
+        The counter comes from the message's first MPI message, opened
+        already (so replays were refused there). Raises :class:`SealError`.
+        """
+        try:
+            nonce = source.to_bytes(4, "big") + _COUNTER.pack(counter)
+            aad = self._part_aad(source, self.rank, counter, tag)
+            if self._decrypt_into is None:  # cryptography < 45
+                out[:] = self._aead.decrypt(nonce, data, aad)
+            else:
+                self._decrypt_into(nonce, data, aad, out)
+        except Exception:  # InvalidTag; also a source out of range
+            raise SealError("a part does not authenticate: forged, altered, or not the part its message names") \
+                from None
+
+    def _part_aad(self, source: int, dest: int, counter: int, tag: int) -> bytes:
+        return _HEADER.pack(source, dest, counter) + self._label(tag) + b" part"
 
     def _label(self, tag: int | str) -> bytes:
         label = self._labels.get(tag)

@@ -1,31 +1,59 @@
 """How every message of a job becomes bytes and back: pickle protocol 5, or the job's ``PYDRA_SERIALIZER``.
 
-Call :func:`dumps` and :func:`loads` through the module (``serial.dumps``):
-:func:`use` rebinds them once, at the start of a session, on every rank.
-This module imports no MPI, so the sans-IO scheduler may use it.
+Call :func:`dumps`, :func:`dumps_oob` and :func:`loads` through the module
+(``serial.dumps``): :func:`use` rebinds them once, at the start of a
+session, on every rank. This module imports no MPI, so the sans-IO
+scheduler may use it.
+
+Out of band: :func:`dumps_oob` leaves out of the pickle every buffer of
+:data:`OUT_OF_BAND_BYTES` or more that an object exposes through protocol 5
+(``PickleBuffer``: numpy arrays, ``bytearray``, ``pickle.PickleBuffer`` of
+anything with the buffer protocol) and returns them beside it, so that
+:mod:`pydra.comm.mpi` can send each one with MPI's buffer calls instead of
+copying it into the pickle; ``loads(data, buffers=...)`` takes them back.
 """
 
 from __future__ import annotations
 
 import importlib
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 PICKLE_PROTOCOL = 5
 
 #: ``PYDRA_SERIALIZER`` values that are installable extras of pydra-mpi
 SERIALIZERS = ("pickle", "cloudpickle", "dill")
 
+#: buffers smaller than this are copied into the pickle: for them another MPI message costs more than the copy
+OUT_OF_BAND_BYTES = 1 << 16
+
+
+class Buffers(list):
+    """The out-of-band buffers of one pickle, collected as pickle's ``buffer_callback``."""
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool | None:
+        view = memoryview(buffer)
+        if view.nbytes < OUT_OF_BAND_BYTES or not view.contiguous:
+            return True  # in band
+        self.append(buffer)
+        return None  # out of band
+
 
 def dumps(obj: Any) -> bytes:
-    """Serialise *obj* for the wire (rebound by :func:`use`)."""
+    """Serialise *obj* for the wire, every buffer in band (rebound by :func:`use`)."""
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
-#: Deserialise a message (rebound by :func:`use`).
-loads = pickle.loads
+def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Serialise *obj* for the wire: the pickle, and the large buffers left out of it (rebound by :func:`use`)."""
+    buffers = Buffers()
+    return pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=buffers), buffers
 
-_pickle_dumps = dumps
+
+#: Deserialise a message, given its out-of-band buffers as ``buffers=`` (rebound by :func:`use`).
+loads: Callable[..., Any] = pickle.loads
+
+_pickle_dumps, _pickle_dumps_oob = dumps, dumps_oob
 
 
 def use(name: str) -> None:
@@ -34,12 +62,14 @@ def use(name: str) -> None:
     ``pickle`` is the default; ``cloudpickle`` and ``dill`` also send lambdas,
     closures and classes defined in ``__main__``. Every rank must use the same
     one: its output is read with its own ``loads``. Raises ``ValueError`` (one
-    line) if the module cannot be imported or lacks the two functions.
+    line) if the module cannot be imported or lacks the two functions. A
+    module whose functions take no ``buffer_callback`` and ``buffers``
+    (pickle's out-of-band arguments) pickles every buffer in band.
     mpi4py's own object messages (``comm.bcast`` in a gang task) follow suit.
     """
-    global dumps, loads
+    global dumps, dumps_oob, loads
     if name == "pickle":
-        dumps, loads = _pickle_dumps, pickle.loads
+        dumps, dumps_oob, loads = _pickle_dumps, _pickle_dumps_oob, pickle.loads
         return
     try:
         module = importlib.import_module(name)
@@ -50,8 +80,28 @@ def use(name: str) -> None:
     if not (callable(module_dumps) and callable(module_loads)):
         raise ValueError(f"PYDRA_SERIALIZER={name}: the module has no dumps() and loads()")
     dumps = lambda obj: module_dumps(obj, protocol=PICKLE_PROTOCOL)  # noqa: E731
-    loads = module_loads
+    if _takes_buffers(module_dumps, module_loads):
+        def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+            buffers = Buffers()
+            return module_dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers), buffers
+
+        loads = module_loads
+    else:
+        dumps_oob = lambda obj: (dumps(obj), [])  # noqa: E731
+        loads = lambda data, buffers=(): module_loads(data)  # noqa: E731
     # mpi4py's object collectives too: a gang task's self.comm.bcast(lambda) then works.
     from mpi4py import MPI
 
     MPI.pickle.__init__(module_dumps, module_loads, PICKLE_PROTOCOL)
+
+
+def _takes_buffers(module_dumps: Callable, module_loads: Callable) -> bool:
+    """Whether this pair moves a buffer out of band and back, as pickle's own functions do."""
+    buffers: list = []
+    try:
+        data = module_dumps(pickle.PickleBuffer(bytearray(b"x")), protocol=PICKLE_PROTOCOL,
+                            buffer_callback=buffers.append)
+        return len(buffers) == 1 and bytes(module_loads(data, buffers=buffers)) == b"x"
+    except Exception:  # the module's functions take other arguments
+        return False
+

@@ -48,7 +48,24 @@ def test_records_round_trip_as_plain_tuples(record) -> None:
 
 def test_commands_replies_and_cancels_round_trip() -> None:
     commands = [(protocol.DEFINE, 1, b"blob"), (protocol.CALL, 2, abs, (-1,), {}), (protocol.STOP, 3, False)]
-    assert protocol.decode_commands(protocol.encode_commands(commands)) == commands
-    replies = [(2, True, serial.dumps(1), 0.5)]
-    assert protocol.decode_replies(protocol.encode_replies(5, replies)) == (5, replies)
+    payload, buffers = protocol.encode_commands(commands)
+    assert buffers == [] and protocol.decode_commands(payload) == commands
+    replies = [(2, True, serial.dumps(1), 0.5, ())]
+    assert protocol.decode_replies(*protocol.encode_replies(5, replies)) == (5, replies)
     assert protocol.decode_cancel(protocol.encode_cancel([4, 5])) == [4, 5]
+
+
+def test_large_arrays_travel_beside_the_pickle_and_small_ones_inside() -> None:
+    """What the wire carries, in one process: large buffers out of band (as received: fresh byte buffers)."""
+    np = pytest.importorskip("numpy")
+    large, small = np.arange(serial.OUT_OF_BAND_BYTES // 8, dtype=np.float64), np.arange(10)
+    payload, buffers = protocol.encode_commands([(protocol.CALL, 1, abs, (large, small), {})])
+    assert len(payload) < serial.OUT_OF_BAND_BYTES and [memoryview(b).nbytes for b in buffers] == [large.nbytes]
+    arrived = [bytearray(memoryview(b)) for b in buffers]  # what a receiver holds: a copy, writable
+    (_, _, _, (got_large, got_small), _), = protocol.decode_commands(payload, arrived)
+    assert np.array_equal(got_large, large) and np.array_equal(got_small, small) and got_large.flags.writeable
+    blob, value_buffers = protocol.pack_value(large)
+    payload, buffers = protocol.encode_replies(3, [(1, True, blob, 0.1, value_buffers)])
+    assert len(buffers) == 1
+    read, [(uid, ok, blob, seconds, value_buffers)] = protocol.decode_replies(payload, [bytearray(memoryview(buffers[0]))])
+    assert (read, uid, ok) == (3, 1, True) and np.array_equal(serial.loads(blob, buffers=value_buffers), large)

@@ -5,7 +5,10 @@ rank and tag) what a worker's task sends it behind Pydra's back: a raw
 pickle (never unpickled: its marker file is not created, though it is
 without a key), an altered sealed reply, a replay of a genuine reply
 recorded off the wire, a replayed log record and a log record passed off as
-a reply; the job still gives the right answer. A sealed job gives the same
+a reply; the job still gives the right answer. So does one whose messages
+carry out-of-band parts (a large array), when a part is altered, taken from
+another message, of another size than its sealed header names, or replayed
+with its header: never unpickled either. A sealed job gives the same
 results as the serial computation for a Parallel, a MapReduce (the shuffle)
 and a GangTask, under ``mpiexec``, under ``PYDRA_SEAL=1 pydra run -n 3``
 (which makes the key) and with ``--isolate``; its workers seal and no longer
@@ -46,6 +49,28 @@ def test_forged_altered_and_replayed_messages_are_dropped(tmp_path: Path) -> Non
         # raw pickle, altered reply, log record sent as a reply; a replayed reply; a replayed log record
         assert sorted(mine) == sorted([("12", "does not authenticate")] * 3 + [("12", "replayed"), ("16", "replayed")]), finished.stderr
     assert "it was not unpickled" in finished.stderr
+
+
+def test_forged_altered_swapped_and_replayed_parts_are_dropped(tmp_path: Path) -> None:
+    """Messages with out-of-band buffers: a part that is not exactly the one its sealed header names is refused."""
+    marker, out = tmp_path / "unpickled-a-forgery", tmp_path / "result.json"
+    finished = run_pydra(
+        3, ["run", f"{TARGETS}:part_forgeries", str(marker), "--output", str(out), "--no-journal"],
+        env=keyed_environment(),
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads(out.read_text()) == [i * i for i in range(20)]
+    assert not marker.exists(), "rank 0 unpickled a message whose part was forged"
+    line = r"pydra: rank 0 dropped a message from rank (\d), tag 12 \(replies\): (.*?); it was not"
+    dropped = re.findall(line, finished.stderr)
+    part = "a part does not authenticate: forged, altered, or not the part its message names"
+    forged = sorted([part, part, "a part of 262166 bytes where its message named 262160"])
+    replayed = sorted(["replayed: its counter is not above the last one opened from that rank and tag",
+                       "does not authenticate: forged, altered, or sent to another rank or with another tag"])
+    mine = {worker: sorted(why for rank, why in dropped if rank == worker) for worker in ("1", "2")}
+    # Both workers forge; the one that sent Large's reply (gang rank 0) also replays it: its header is refused
+    # as a replay, then its part, taken for a message of its own, does not open.
+    assert sorted(mine.values()) == [forged, sorted(forged + replayed)], finished.stderr
 
 
 def test_without_a_key_the_forgery_would_have_run(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ rank's own code could send behind Pydra's back (with mpi4py on
 ``COMM_WORLD``): a raw pickle that would create MARKER when unpickled, an
 altered copy of a sealed reply, a replay of a genuine reply recorded off the
 wire, a replayed log record and a sealed log record passed off as a reply.
-The job must finish as if none of them had been sent.
+``part_forgeries`` does the same with messages that carry out-of-band parts
+(a large array): a part altered, a part of another message, a part of the
+wrong size, and a replay of a genuine reply with a part. Either job must
+finish as if none of them had been sent.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pydra._core import protocol
 from pydra._core.protocol import Tag
 from pydra.comm import mpi, seal, serial
 
-#: what this process put on the wire as TAG_REPLIES, once Tap has run here
-WIRE: list[bytes] = []
+#: the MPI messages of each TAG_REPLIES message this process sent, once Tap has run here
+WIRE: list[list[bytes]] = []
 
 
 class Exploit:
@@ -46,14 +49,14 @@ class Tap(pydra.GangTask):
     ranks = None
 
     def work(self, marker):
-        send = mpi._plain_send  # what the sealed send hands to MPI: the bytes on the wire
+        put = mpi._put  # what the sealed send hands to MPI: the MPI messages on the wire
 
-        def tap(comm, payload, dest, tag):
+        def tap(comm, messages, dest, tag):
             if tag == Tag.REPLIES:
-                WIRE.append(bytes(payload))
-            send(comm, payload, dest, tag)
+                WIRE.append([bytes(message) for message in messages])
+            put(comm, messages, dest, tag)
 
-        mpi._plain_send = tap
+        mpi._put = tap
         return marker
 
 
@@ -67,17 +70,70 @@ class Forge(pydra.GangTask):
         world.Send([pickle.dumps([Exploit(marker)], 5), MPI.BYTE], 0, Tag.REPLIES)
         sealer = seal.current()
         if sealer.enabled:
-            genuine = sealer.seal(protocol.encode_replies(0, [(10**9, True, serial.dumps("forged"), 0.0)]), 0, Tag.REPLIES)
+            genuine = sealer.seal(protocol.encode_replies(0, [(10**9, True, serial.dumps("forged"), 0.0, ())])[0], 0,
+                                  Tag.REPLIES)
             altered = bytearray(genuine)
             altered[len(altered) // 2] ^= 0x01
             world.Send([altered, MPI.BYTE], 0, Tag.REPLIES)
-            world.Send([WIRE[-1], MPI.BYTE], 0, Tag.REPLIES)  # Tap's own reply, again
+            world.Send([WIRE[-1][0], MPI.BYTE], 0, Tag.REPLIES)  # Tap's own reply, again
             record = protocol.LogRecord(None, time.time(), "WARNING", "forge", "sealed note")
             note = sealer.seal(protocol.encode(record), 0, Tag.LOG)
             world.Send([note, MPI.BYTE], 0, Tag.LOG)  # genuine: accepted
             world.Send([note, MPI.BYTE], 0, Tag.LOG)  # replayed
             world.Send([note, MPI.BYTE], 0, Tag.REPLIES)  # sealed as a log record, sent as a reply
         return list(range(20))
+
+
+class Large(pydra.GangTask):
+    """Every worker: gang rank 0 returns an array large enough to travel out of band (Tap records that reply)."""
+
+    ranks = None
+
+    def work(self, marker):
+        return (marker, np.arange(1 << 15, dtype=np.float64)) if self.comm.rank == 0 else None
+
+
+class ForgeParts(pydra.GangTask):
+    """On every worker: send rank 0 messages whose out-of-band parts were altered, swapped, resized or replayed.
+
+    Each forged first MPI message is genuinely sealed and names a pickle
+    that would create MARKER when unpickled; only its parts are wrong.
+    """
+
+    ranks = None
+
+    def work(self, previous):
+        marker, array = previous
+        world = MPI.COMM_WORLD
+
+        def framed(value):
+            """The MPI messages of a sealed reply carrying *value*, as the worker's own send makes them."""
+            blob, buffers = protocol.pack_value(value)
+            payload, buffers = protocol.encode_replies(0, [(10**9, True, blob, 0.0, buffers)])
+            return mpi._sealed_wire(payload, buffers, 0, Tag.REPLIES)
+
+        def send(*messages):
+            for message in messages:
+                world.Send([message, MPI.BYTE], 0, Tag.REPLIES)
+
+        header, part = framed([Exploit(marker), array])
+        altered = bytearray(part)
+        altered[len(altered) // 2] ^= 0x01
+        send(header, altered)  # a part altered on the wire
+        header, _ = framed([Exploit(marker), array])
+        _, other = framed([Exploit(marker), array + 1])
+        send(header, other)  # the part of another message
+        header, part = framed([Exploit(marker), array])
+        send(header, bytes(part) + b"longer")  # a part of another size than its header names
+        for messages in WIRE:
+            if len(messages) > 1:  # a genuine reply with a part, recorded by Tap, sent again
+                send(*messages)
+        return list(range(20))
+
+
+def part_forgeries():
+    """Tap, Large, ForgeParts, then a Parallel that must still give the right answer: [0, 1, 4, ..., 361]."""
+    return pydra.Sequence(Tap(), Large(), ForgeParts(), pydra.Parallel(Square(), chunksize=1))
 
 
 class Square(pydra.Task):

@@ -1,0 +1,117 @@
+"""numpy arrays as arguments and results, under real mpiexec: exact, and their buffers out of band.
+
+Proves, with tests/core/jobs/job_payload.py, on 2 and 3 ranks, in one
+process, sealed, and with each serializer: every value of
+``job_payload.values()`` (large and small arrays, Fortran order,
+non-contiguous and transposed views, 0-size arrays, big-endian, complex,
+structured, datetime and object dtypes, read-only arrays, a bytearray,
+arrays nested in dicts, lists and tuples) reaches the worker and comes back
+with the same type, dtype, shape, memory order, writability and bytes,
+through ``Executor.submit``, ``Executor.map`` and a GangTask's arguments and
+result; and every large contiguous array travels out of band (it lands in a
+receive buffer of its own) unless the serializer cannot do that. One array
+over 2 GiB goes there and back (slow; skipped with less than 8 GiB free).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+from mpijobs import IN_PROCESS, mpi_environment, rank_params, result_line, run_script
+
+def run_exact(ranks: int, **env: str):
+    finished = run_script(ranks, "job_payload.py", ["exact"], timeout=180, env=dict(mpi_environment(), **env))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "dropped" not in finished.stderr, finished.stderr[-3000:]
+    return result_line(finished)
+
+
+def assert_exact(result: dict, unlike: frozenset = frozenset()) -> None:
+    """Every value (but those named *unlike*) arrived, and came back, exactly as it left rank 0, by every path."""
+    expected, report = result["expected"], result["report"]
+    for name, original in expected.items():
+        if name in unlike:
+            continue
+        there, back = report[name]["submit"]
+        assert there == original, f"{name}: the worker got something else"
+        assert back == original, f"{name}: rank 0 got something else back"
+        assert report[name]["map"] == [original, original], f"{name} in a map chunk"
+    seen, back = report["nested"]["gang"]
+    assert seen == [expected["nested"]] * result["members"] and back == expected["nested"]
+    assert report["nested"]["same object twice"]
+
+
+def assert_out_of_band(result: dict, expected: bool) -> None:
+    """Each large array that exposes its buffer landed in a receive buffer of its own (*expected* False: none did).
+
+    A strided view is copied into the pickle on its way there and arrives
+    contiguous, so it comes back out of band; numpy copies datetime arrays
+    into the pickle both ways.
+    """
+    report, exposes = result["report"], result["exposes buffer"]
+    for name, flags in exposes.items():
+        assert report[name]["oob there"] == [flag and expected for flag in flags], name
+        back = [expected and name != "datetime64"] * len(flags)
+        assert report[name]["oob back"] == back, name
+    # Not vacuous: these hold large arrays that expose their buffer (a transposed one in Fortran order)...
+    assert all(any(exposes[name]) for name in (
+        "float64-1MiB", "uint8-64KiB", "fortran-float32", "transposed", "4d-float32", "complex128", "structured",
+        "readonly", "nested"))
+    # ... these do not: a strided view, and an array one byte under the 64 KiB threshold is not even counted.
+    assert exposes["non-contiguous"] == [False] and exposes["uint8-64KiB-less-1"] == []
+
+
+@pytest.mark.parametrize("ranks", rank_params(2, 3))
+def test_arrays_arrive_exact_and_out_of_band(ranks: int) -> None:
+    result = run_exact(ranks)
+    assert_exact(result)
+    assert_out_of_band(result, True)
+
+
+def test_arrays_in_one_process() -> None:
+    """No workers: rank 0 runs the units itself (nothing is pickled) with the same results."""
+    assert_exact(run_exact(IN_PROCESS))
+
+
+def test_sealed_arrays_arrive_exact() -> None:
+    """With a job key every part is sealed and opened into a buffer of its own."""
+    result = run_exact(3, PYDRA_JOB_KEY=secrets.token_hex(32))
+    assert_exact(result)
+    assert_out_of_band(result, True)
+
+
+@pytest.mark.parametrize("serializer, out_of_band, unlike", [
+    ("cloudpickle", True, frozenset()),
+    # dill pickles numpy arrays with a reducer of its own, with or without Pydra: into the pickle, and
+    # big-endian ones come out native (equal values, another dtype), read-only ones writable.
+    ("dill", False, frozenset({"big-endian", "readonly"})),
+    ("inband_serializer", False, frozenset()),  # tests/core/jobs/inband_serializer.py: no out-of-band arguments
+])
+def test_serializers(serializer: str, out_of_band: bool, unlike: frozenset) -> None:
+    pytest.importorskip(serializer)
+    result = run_exact(2, PYDRA_SERIALIZER=serializer)
+    assert_exact(result, unlike)
+    assert_out_of_band(result, out_of_band)
+
+
+def free_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(free_bytes() < 8 << 30, reason="needs 8 GiB of free memory (three 2 GiB copies)")
+def test_an_array_over_2_gib_goes_there_and_back() -> None:
+    env = dict(mpi_environment(), PYDRA_MAX_RESULT_BYTES=str(3 << 30))
+    finished = run_script(2, "job_payload.py", ["huge"], timeout=600, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert result_line(finished) == {"bytes": 2**31 + 2**20, "right there": True, "back equal": True}
