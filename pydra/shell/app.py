@@ -9,6 +9,7 @@ above the prompt through ``patch_stdout``; history persists in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -198,8 +199,11 @@ def interact(client: Any, as_json: bool, session: Any = None, echo: Callable[[st
                     continue
                 if line in ("exit", "quit"):
                     return EXIT_OK
+                # A line announced while progress redraws its bars would throw its count of lines out.
+                quiet = toolbar.held() if line.split()[0] == "progress" else contextlib.nullcontext()
                 try:
-                    output = answer(client, line, as_json)
+                    with quiet:
+                        output = answer(client, line, as_json)
                 except PydraError as exc:  # usage errors and the cluster's refusals: one line, then the prompt
                     echo(f"error: {exc}")
                     continue

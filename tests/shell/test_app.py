@@ -139,6 +139,16 @@ def test_the_toolbar_shows_health_and_announces_finished_jobs():
     assert said == ["job 7 (t.py:T) failed"]
 
 
+def test_the_toolbar_holds_announcements_back_while_progress_draws():
+    said: list[str] = []
+    toolbar = Toolbar(RecordedCluster(), ClusterFacts(), said.append)
+    toolbar._states[7] = "running"
+    with toolbar.held():
+        toolbar.refresh()
+        assert said == []  # not between the bars
+    assert said == ["job 7 (t.py:T) failed"]  # said once they are drawn
+
+
 @pytest.mark.parametrize(
     "line, status",
     [("status", 0), ("cancel 99", 1), ("bogus", 2), ("job", 2)],
