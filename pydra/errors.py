@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import sysconfig
 import traceback
 from concurrent.futures import BrokenExecutor
 
@@ -48,17 +48,23 @@ def user_traceback(exception: BaseException) -> tuple[str, bool]:
     return "".join(report.format()), bool(frames)
 
 
-_PYDRA = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_PATHS = sysconfig.get_paths()
-_STDLIB = _PATHS["stdlib"] + os.sep
-_INSTALLED = tuple({_PATHS["purelib"] + os.sep, _PATHS["platlib"] + os.sep})
+@functools.cache
+def _standard_paths() -> tuple[str, str, tuple[str, ...]]:
+    """Pydra's directory, the standard library's, and where installed packages go (looked up on first use:
+    sysconfig costs every process a few milliseconds to import)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return (os.path.dirname(os.path.abspath(__file__)) + os.sep, paths["stdlib"] + os.sep,
+            tuple({paths["purelib"] + os.sep, paths["platlib"] + os.sep}))
 
 
 def _is_machinery(filename: str) -> bool:
     """Whether *filename* is Pydra's or the standard library's (not an installed package's)."""
-    if filename.startswith(_PYDRA) or filename.startswith("<frozen "):
+    pydra, stdlib, installed = _standard_paths()
+    if filename.startswith(pydra) or filename.startswith("<frozen "):
         return True
-    return filename.startswith(_STDLIB) and not filename.startswith(_INSTALLED) and "-packages" + os.sep not in filename
+    return filename.startswith(stdlib) and not filename.startswith(installed) and "-packages" + os.sep not in filename
 
 
 class WorkerLost(PydraError, BrokenExecutor):
