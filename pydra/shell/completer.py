@@ -8,6 +8,7 @@ that completing never waits on the network.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 from typing import Iterable, Iterator
@@ -32,14 +33,18 @@ class TaskFileCompleter(Completer):
 
     The whole word before the cursor is the path (prompt-toolkit's own word
     stops at ``/``). Names come from the file's syntax tree, never from
-    importing it: completing must not run the admin's code.
+    importing it: completing must not run the admin's code. *valued* are the
+    command's options that take a value (``--priority N``): neither is TARGET.
     """
+
+    def __init__(self, valued: frozenset[str]) -> None:
+        self.valued = valued
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
         text = document.text_before_cursor
         words = text.split()
         word = "" if not text or text[-1].isspace() else words.pop()
-        if _positionals(words):
+        if self._positionals(words):
             return  # past TARGET: the INPUTs are the user's own
         where, colon, name = word.rpartition(":")
         if colon and where.endswith(".py"):
@@ -69,21 +74,26 @@ class TaskFileCompleter(Completer):
                                  display=entry.name + suffix)
 
 
+    def _positionals(self, words: list[str]) -> list[str]:
+        """The words that are neither options nor an option's value."""
+        kept, skip = [], False
+        for word in words:
+            if skip:
+                skip = False
+            elif word.startswith("-"):
+                skip = word in self.valued
+            else:
+                kept.append(word)
+        return kept
+
+
 #: most paths offered at once (a directory of thousands is no list to read)
 _MOST_OFFERED = 200
 
 
-def _positionals(words: list[str]) -> list[str]:
-    """The words that are not options (nor ``--priority``'s value)."""
-    kept, skip = [], False
-    for word in words:
-        if skip:
-            skip = False
-        elif word.startswith("-"):
-            skip = word == "--priority"
-        else:
-            kept.append(word)
-    return kept
+def _valued_options(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """The option strings of *parser* that take a value (argparse lists its actions only privately)."""
+    return frozenset(option for action in parser._actions for option in action.option_strings if action.nargs != 0)
 
 
 def _defined_names(path: str) -> list[str]:
@@ -118,7 +128,7 @@ class ShellCompleter(Completer):
             "jobs": {str(job): None for job in self.facts.job_ids},
             "ranks": {str(rank): None for rank in self.facts.ranks},
             "settings": {key: None for key in CONFIG},
-            "targets": TaskFileCompleter(),
+            "targets": TaskFileCompleter(_valued_options(COMMANDS["submit"].parser)),
             None: None,
         }
         grammar: dict = {name: values[command.completes] for name, command in COMMANDS.items()}
