@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydra.config import setting
-from pydra.errors import ItemFailed, RemoteTraceback, TargetError
+from pydra.errors import ItemFailed, RemoteTraceback, TargetError, user_traceback
 from pydra.jobstates import JobState, JobStateError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -302,12 +301,21 @@ def _difference(job: dict, target: str, inputs: list[str], digest: str | None) -
 
 
 def report_failure(target: str, exc: BaseException) -> None:
-    """Print a task failure: the worker's traceback when there is one, then a one-line summary."""
+    """Print a task failure: the traceback of the user's code, if it has one, then a one-line summary.
+
+    A one-process run reports as a run on many ranks does: the failing rank's
+    traceback headed ``Worker {rank} of {size} on {host}``, from the user's
+    first frame; a failure in no frame of the user's (a gang larger than the
+    job, a result that cannot be pickled) is the summary line alone.
+    """
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback):
-        print(cause.text.strip("\n"), file=sys.stderr)
+        if cause.frames:
+            print(cause.text.strip("\n"), file=sys.stderr)
     else:
-        traceback.print_exception(exc, file=sys.stderr)
+        text, frames = user_traceback(exc)  # raised on rank 0 itself
+        if frames:
+            print(text.rstrip("\n"), file=sys.stderr)
     notes = "; ".join(getattr(exc, "__notes__", []))
     where = f" ({notes})" if notes else ""
     print(f"pydra: {target} failed: {type(exc).__name__}: {exc}{where}", file=sys.stderr)

@@ -92,6 +92,7 @@ REQUESTS: dict[str, Request] = {
     "pause": Request("pause", changes=True),
     "resume": Request("resume", changes=True),
     "drain": Request("drain", {"rank": "int"}, ("rank",), True),
+    "undrain": Request("undrain", {"rank": "int"}, ("rank",), True),
     "restart": Request("restart", {"rank": "int"}, ("rank",), True),
     "config": Request("configure", {"key": "str?", "value": "str?"}, changes="value"),
     "shutdown": Request("shutdown", {"now": "bool"}, changes=True),

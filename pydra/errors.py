@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import traceback
 from concurrent.futures import BrokenExecutor
 
 
@@ -17,16 +20,51 @@ class RemoteTraceback(Exception):
     """The traceback of an exception raised on a worker, attached as ``__cause__``.
 
     Its text starts with ``Worker {rank} of {size} on {host}`` so the failing
-    rank is the first thing a reader sees under the local traceback.
+    rank is the first thing a reader sees under the local traceback. *frames*
+    is False when no frame of it is the user's (see :func:`user_traceback`):
+    the exception's own line then says it all.
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, frames: bool = True) -> None:
         super().__init__(text)
-        self.text = text
+        self.text, self.frames = text, frames
 
     def __str__(self) -> str:
         return self.text
 
+
+def user_traceback(exception: BaseException) -> tuple[str, bool]:
+    """*exception* formatted from the first frame of the user's; and whether any frame was left.
+
+    The frames before it are Pydra's own machinery (a worker's serve loop,
+    rank 0's tree walk) or the standard library's (``concurrent.futures``
+    under it), which tell the user nothing about their code.
+    """
+    report = traceback.TracebackException.from_exception(exception)
+    frames = list(report.stack)
+    while frames and _is_machinery(frames[0].filename):
+        frames.pop(0)
+    report.stack = traceback.StackSummary.from_list(frames)
+    return "".join(report.format()), bool(frames)
+
+
+@functools.cache
+def _standard_paths() -> tuple[str, str, tuple[str, ...]]:
+    """Pydra's directory, the standard library's, and where installed packages go (looked up on first use:
+    sysconfig costs every process a few milliseconds to import)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return (os.path.dirname(os.path.abspath(__file__)) + os.sep, paths["stdlib"] + os.sep,
+            tuple({paths["purelib"] + os.sep, paths["platlib"] + os.sep}))
+
+
+def _is_machinery(filename: str) -> bool:
+    """Whether *filename* is Pydra's or the standard library's (not an installed package's)."""
+    pydra, stdlib, installed = _standard_paths()
+    if filename.startswith(pydra) or filename.startswith("<frozen "):
+        return True
+    return filename.startswith(stdlib) and not filename.startswith(installed) and "-packages" + os.sep not in filename
 
 
 class WorkerLost(PydraError, BrokenExecutor):

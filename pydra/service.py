@@ -184,6 +184,12 @@ class Service:
         self.master.call_soon(self.master.drain, rank)
         return {"rank": rank, "draining": True}
 
+    def undrain(self, rank: int) -> dict[str, Any]:
+        """Let worker *rank*, drained or draining, take work again (a worker that takes work already is left so)."""
+        self._worker(rank)
+        self.master.call_soon(self.master.undrain, rank)
+        return {"rank": rank, "draining": False}
+
     def restart(self, rank: int) -> dict[str, Any]:
         """Restart worker *rank*'s executor: its isolated child process (needs isolation)."""
         self._worker(rank)

@@ -274,6 +274,9 @@ class Master:
     def drain(self, rank: int) -> None:
         self.scheduler.drain(rank)
 
+    def undrain(self, rank: int) -> None:
+        self.scheduler.undrain(rank)
+
     def restart(self, rank: int) -> None:
         self.scheduler.restart(rank)
 

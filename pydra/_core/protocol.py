@@ -69,13 +69,12 @@ their own, and their decoders take both. The other messages have none.
 from __future__ import annotations
 
 import pickle
-import traceback
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple, Sequence, TypeVar, Union
 
 from pydra.comm import serial
-from pydra.errors import RemoteTraceback
+from pydra.errors import RemoteTraceback, user_traceback
 
 
 class Tag(IntEnum):
@@ -214,6 +213,7 @@ class Failure:
     rank: int
     size: int
     host: str
+    frames: bool = True  # whether *traceback* has a frame of the user's (see user_traceback)
 
     @classmethod
     def capture(cls, exception: BaseException, rank: int, size: int, host: str) -> "Failure":
@@ -222,14 +222,15 @@ class Failure:
         It is kept as it is, ``SystemExit`` included (as ``concurrent.futures``
         does), unless it would not survive the trip: many exception classes
         pickle but cannot be rebuilt from their args, and those travel as a
-        RuntimeError carrying their text.
+        RuntimeError carrying their text. Its traceback starts at the user's
+        first frame: the worker's own machinery above it is the same every time.
         """
-        text = "".join(traceback.format_exception(exception))
+        text, frames = user_traceback(exception)
         try:
             pickle.loads(pickle.dumps(exception))
         except Exception:
             exception = RuntimeError(f"{type(exception).__name__}: {exception} (cannot be rebuilt here, sent as text)")
-        return cls(exception, text, rank, size, host)
+        return cls(exception, text, rank, size, host, frames)
 
     @classmethod
     def here(cls, exception: BaseException) -> "Failure":
@@ -240,7 +241,7 @@ class Failure:
         """The exception to raise on rank 0, with the remote traceback (if it has one) as its cause."""
         exception = self.exception
         if self.traceback:
-            exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}")
+            exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}", self.frames)
         if note:
             exception.add_note(note)
         return exception

@@ -74,7 +74,7 @@ class UnitRunner:
         started = time.perf_counter()
         try:
             value, ok = handler(self, *command[1:]), True
-        except (Exception, SystemExit) as exc:  # a task calling sys.exit() fails; the rank serves on
+        except BaseException as exc:  # sys.exit() or KeyboardInterrupt raised by a task fails it; the rank serves on
             if mpi.peer_failed(exc):  # ULFM: a rank in this unit's collective died; rank 0 treats it as a loss
                 exc = WorkerLost(f"a rank in this unit's collective died ({exc.Get_error_string()})")
             value, ok = Failure.capture(exc, self.rank, self.size, self.host), False

@@ -9,16 +9,17 @@ above the prompt through ``patch_stdout``; history persists in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
 from pydra.launcher import keys, sshagent
 from pydra.launcher.identity import load_identity
-from pydra.progress import progress_text
+from pydra.progress import LINE_SECONDS, progress_text
 from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
 from pydra.shell.toolbar import Toolbar
@@ -113,22 +114,54 @@ def follow_logs(client: Any, line: str, interval: float = 0.5) -> str:
         return ""
 
 
-def follow_progress(client: Any, words: list[str], interval: float = 0.5) -> str:
-    """``progress [ID]``: a live bar per running job (or for job ID) until they end or Ctrl-C."""
+def follow_progress(client: Any, words: list[str], interval: float = 0.5, stream: TextIO | None = None) -> str:
+    """``progress [ID]``: a bar per running job (or for job ID) until they end or Ctrl-C.
+
+    On a terminal the bars are redrawn in place; elsewhere (a pipe, a log)
+    the lines are printed when first seen, every ``LINE_SECONDS`` and at the end.
+    """
     if len(words) > 1 or (words and not words[0].isdigit()):
         raise ShellUsageError("progress: usage: progress [ID]")
+    if stream is None:
+        # The real terminal: the interactive loop's patched stdout would escape the redrawing codes.
+        sys.stdout.flush()
+        stream = sys.__stdout__ if sys.__stdout__ is not None and sys.__stdout__.isatty() else sys.stdout
+    board = _ProgressBoard(stream)
     first: dict[int, tuple[float, int]] = {}
     try:
         while True:
             jobs = [client.call("job", job_id=int(words[0]))] if words else client.call("jobs")
             running = [job for job in jobs if job["state"] in ("queued", "running")]
-            for job in jobs:
-                print(progress_line(job, first), flush=True)
+            board.show([progress_line(job, first) for job in jobs], final=not running)
             if not running:
                 return ""
             time.sleep(interval)
     except KeyboardInterrupt:
         return ""
+
+
+class _ProgressBoard:
+    """The lines of ``progress``: redrawn in place on a terminal, printed now and then elsewhere."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.redraw = stream.isatty()
+        self.drawn = 0  # lines drawn last time (terminal)
+        self.printed_at: float | None = None  # when lines were last printed (not a terminal)
+
+    def show(self, lines: list[str], final: bool) -> None:
+        if self.redraw:
+            up = f"\x1b[{self.drawn}A\r" if self.drawn else ""
+            # Each line cleared before it is written, and whatever was below the last one after.
+            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines) + "\x1b[J")
+            self.drawn = len(lines)
+        else:
+            now = time.monotonic()
+            if not final and self.printed_at is not None and now - self.printed_at < LINE_SECONDS:
+                return
+            self.printed_at = now
+            self.stream.write("".join(f"{line}\n" for line in lines))
+        self.stream.flush()
 
 
 def progress_line(job: dict, first: dict[int, tuple[float, int]]) -> str:
@@ -171,8 +204,11 @@ def interact(client: Any, as_json: bool, session: Any = None, echo: Callable[[st
                     continue
                 if line in ("exit", "quit"):
                     return EXIT_OK
+                # A line announced while progress redraws its bars would throw its count of lines out.
+                quiet = toolbar.held() if line.split()[0] == "progress" else contextlib.nullcontext()
                 try:
-                    output = answer(client, line, as_json)
+                    with quiet:
+                        output = answer(client, line, as_json)
                 except PydraError as exc:  # usage errors and the cluster's refusals: one line, then the prompt
                     echo(f"error: {exc}")
                     continue

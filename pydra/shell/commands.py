@@ -227,6 +227,8 @@ def _build() -> dict[str, Command]:
     add("resume", "start queued jobs again", lambda a: ("resume", {}), _said("queue resumed"))
     add("drain", "let a worker finish its units and take no more", lambda a: ("drain", {"rank": a.rank}),
         _said("rank {rank} draining"), "ranks", rank)
+    add("undrain", "let a drained (or draining) worker take work again", lambda a: ("undrain", {"rank": a.rank}),
+        _said("rank {rank} takes work again"), "ranks", rank)
     add("restart", "restart a worker's executor (its isolated child process)", lambda a: ("restart", {"rank": a.rank}),
         _said("rank {rank} will start a new executor process"), "ranks", rank)
 

@@ -8,8 +8,9 @@ ranks, and reports a job's end above the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydra.shell.completer import ClusterFacts
 
@@ -27,6 +28,8 @@ class Toolbar:
         self.status: dict | None = None
         self.problem: str | None = None
         self._states: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._held: list[str] | None = None  # announcements kept back (see held)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="pydra-shell-toolbar", daemon=True)
 
@@ -65,8 +68,28 @@ class Toolbar:
         for job in jobs:
             previous = self._states.get(job["id"])
             if previous is not None and previous != job["state"] and job["state"] in ("done", "failed"):
-                self.announce(f"job {job['id']} ({job['target']}) {job['state']}")
+                self._announce(f"job {job['id']} ({job['target']}) {job['state']}")
             self._states[job["id"]] = job["state"]
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep announcements back while the caller draws on the terminal itself (``progress``); then say them."""
+        with self._lock:
+            self._held = []
+        try:
+            yield
+        finally:
+            with self._lock:
+                held, self._held = self._held or [], None
+            for text in held:
+                self.announce(text)
+
+    def _announce(self, text: str) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(text)
+                return
+        self.announce(text)
 
     def _poll(self) -> None:
         while not self._stopped.is_set():

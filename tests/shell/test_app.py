@@ -9,7 +9,10 @@ The shell against real clusters is in test_cluster.py and test_terminal.py.
 
 from __future__ import annotations
 
+import io
 import json
+import threading
+import time
 
 import pytest
 from prompt_toolkit.completion import CompleteEvent
@@ -59,6 +62,7 @@ class RecordedCluster:
             "workers": [WORKER],
             "cancel": {**JOB, "state": "cancelled"},
             "submit": {**JOB, "id": 8, "state": "queued"},
+            "undrain": {"rank": args.get("rank"), "draining": False},
         }.get(command)
 
 
@@ -135,6 +139,16 @@ def test_the_toolbar_shows_health_and_announces_finished_jobs():
     assert said == ["job 7 (t.py:T) failed"]
 
 
+def test_the_toolbar_holds_announcements_back_while_progress_draws():
+    said: list[str] = []
+    toolbar = Toolbar(RecordedCluster(), ClusterFacts(), said.append)
+    toolbar._states[7] = "running"
+    with toolbar.held():
+        toolbar.refresh()
+        assert said == []  # not between the bars
+    assert said == ["job 7 (t.py:T) failed"]  # said once they are drawn
+
+
 @pytest.mark.parametrize(
     "line, status",
     [("status", 0), ("cancel 99", 1), ("bogus", 2), ("job", 2)],
@@ -184,3 +198,125 @@ def test_no_key_says_how_to_make_one(tmp_path, capsys) -> None:
     error = capsys.readouterr().err
     assert status == 2
     assert f"no key at {tmp_path / 'id_ed25519'}: make one with `pydra keygen`" in error and "Errno" not in error
+
+
+# -- completing task files, at any depth -------------------------------------------------------------
+
+
+@pytest.fixture
+def task_tree(tmp_path, monkeypatch):
+    """A directory with task files two levels down (and a hidden one), as the current directory."""
+    (tmp_path / "examples" / "deep" / "deeper").mkdir(parents=True)
+    (tmp_path / "examples" / "wordcount.py").write_text("class WordCount:\n    pass\n\ndef words():\n    pass\n_hidden = 1\n")
+    (tmp_path / "examples" / "words.txt").write_text("not a task file\n")
+    (tmp_path / "examples" / "deep" / "deeper" / "gang.py").write_text("Norm = None\nasync def norms():\n    pass\n")
+    (tmp_path / ".secret").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_completion_of_task_files_goes_past_the_first_path_segment(task_tree):
+    facts = ClusterFacts()
+    assert completions("submit ex", facts) == ["examples/"]
+    assert completions("submit examples/", facts) == ["examples/deep/", "examples/wordcount.py:"]
+    assert completions("submit examples/wo", facts) == ["examples/wordcount.py:"]
+    assert completions("submit examples/deep/deeper/g", facts) == ["examples/deep/deeper/gang.py:"]
+    assert completions("submit --priority 3 examples/wo", facts) == ["examples/wordcount.py:"]
+    assert completions("submit ./examples/wo", facts) == ["./examples/wordcount.py:"]
+    assert completions(f"submit {task_tree}/examples/wo", facts) == [f"{task_tree}/examples/wordcount.py:"]
+    assert completions("submit .s", facts) == [".secret/"]
+    assert completions("submit ", facts) == ["examples/"]  # hidden entries only when asked for
+    assert completions("submit nowhere/x", facts) == []
+
+
+def test_completion_offers_the_names_a_task_file_defines(task_tree):
+    facts = ClusterFacts()
+    assert completions("submit examples/wordcount.py:", facts) == ["WordCount", "words"]
+    assert completions("submit examples/wordcount.py:W", facts) == ["WordCount"]
+    assert completions("submit examples/deep/deeper/gang.py:", facts) == ["Norm", "norms"]
+    assert completions("submit examples/wordcount.py:WordCount ", facts) == []  # the INPUTs are the user's
+
+
+def test_tab_completes_a_nested_task_file_at_the_prompt(task_tree):
+    """Tab, then (once the completion is in the line: it runs after the key) Enter."""
+    cluster = RecordedCluster()
+    with create_pipe_input() as pipe:
+        session = PromptSession(input=pipe, output=DummyOutput())
+
+        def type_the_rest() -> None:
+            deadline = time.monotonic() + 30
+            while not session.default_buffer.text.endswith(".py:") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pipe.send_text("\nexit\n")
+
+        pipe.send_text("submit examples/deep/deeper/ga\t")
+        typist = threading.Thread(target=type_the_rest)
+        typist.start()
+        status = app.interact(cluster, as_json=False, session=session, echo=lambda text: None)
+        typist.join()
+    assert status == 0
+    submitted = [args for command, args in cluster.asked if command == "submit"]
+    assert submitted == [{"target": f"{task_tree}/examples/deep/deeper/gang.py:", "inputs": [], "priority": 0}]
+
+
+def test_help_completes_the_shells_own_commands_too():
+    assert completions("help pro", ClusterFacts()) == ["progress"]
+    assert "undrain" in completions("help un", ClusterFacts())
+
+
+# -- undrain ---------------------------------------------------------------------------------------------
+
+
+def test_undrain_asks_the_cluster_and_completes_ranks():
+    facts = ClusterFacts()
+    facts.ranks = [1, 2, 3]
+    assert completions("undr", facts) == ["undrain"]
+    assert completions("undrain ", facts) == ["1", "2", "3"]
+    status, cluster, out = drive("undrain 2\nundrain two\nexit\n")
+    assert status == 0
+    assert ("undrain", {"rank": 2}) in cluster.asked
+    assert "rank 2 takes work again" in out
+    assert "error: undrain: argument RANK: invalid int value: 'two'" in out
+
+
+# -- progress: redrawn in place on a terminal, plain lines elsewhere ---------------------------------------
+
+
+class ProgressingCluster:
+    """A job that advances by 25 items at each look, from 0 to 100, then is done."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def call(self, command: str, **args):
+        done = min(25 * self.looks, 100)
+        self.looks += 1
+        return [{**JOB, "state": "done" if done == 100 else "running", "items_done": done, "items_total": 100}]
+
+
+class Screen(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+def test_progress_redraws_its_bars_in_place_on_a_terminal():
+    screen = Screen(terminal=True)
+    assert app.follow_progress(ProgressingCluster(), [], interval=0, stream=screen) == ""
+    drawn = screen.getvalue()
+    assert drawn.count("\n") == 5  # five looks at one job, each line drawn over the last
+    assert drawn.count("\x1b[1A\r") == 4  # back up one line before each redraw
+    last = drawn.split("\x1b[1A\r")[-1]
+    assert last.startswith("\x1b[2Kjob 7 done [" + "#" * 30 + "] 100/100 100%") and last.endswith("\n\x1b[J"), last
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal():
+    screen = Screen(terminal=False)
+    app.follow_progress(ProgressingCluster(), [], interval=0, stream=screen)
+    lines = screen.getvalue().splitlines()
+    assert "\x1b" not in screen.getvalue()
+    assert len(lines) == 2, lines  # when first seen and at the end: the looks between came within LINE_SECONDS
+    assert lines[0].startswith("job 7 running [") and lines[1].startswith("job 7 done [")

@@ -305,6 +305,23 @@ def test_status_still_counts_a_drained_worker(cluster: Cluster) -> None:
     assert sum(cluster.call("status")["workers"].values()) == 3
 
 
+def test_undrain_puts_a_drained_worker_back_to_work(cluster: Cluster) -> None:
+    cluster.ok("drain 2")
+    rows = wait_until("rank 2 drained", lambda: cluster.call("workers"), lambda rows: rows[1]["state"] == "drained",
+                      timeout=20)
+    done_before = rows[1]["units_done"]
+    assert cluster.ok("undrain 2").strip() == "rank 2 takes work again"
+    wait_until("rank 2 idle", lambda: cluster.call("workers"), lambda rows: rows[1]["state"] == "idle", timeout=20)
+    assert "no worker rank 0" in cluster.refused("undrain 0")
+    assert cluster.ok("undrain 2").strip() == "rank 2 takes work again"  # a worker taking work already: no change
+
+    job_id = cluster.submit(NAPS, *["0.2"] * 12)
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "done" and result_of(job) == [1] * 12, job
+    rows = cluster.call("workers")
+    assert rows[1]["rank"] == 2 and rows[1]["units_done"] > done_before, rows  # it ran some of the job
+
+
 # -- the end -------------------------------------------------------------------------------------
 
 

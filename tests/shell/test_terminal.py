@@ -2,7 +2,8 @@
 
 Tab completes a command, a command answers above the prompt, bad input
 gives one line and the prompt again, the bottom toolbar shows the cluster's
-health, a job that ends is announced, and ``exit`` leaves with status 0.
+health, a job that ends is announced, ``progress`` redraws its bar in place,
+and ``exit`` leaves with status 0.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import re
 import sys
 
 import pexpect
-from clusterkit import ROOT, SQUARES, Cluster
+from clusterkit import NAPS, ROOT, SQUARES, Cluster
 
 #: what prompt-toolkit asks a terminal (where is the cursor?) and a terminal's answer
 CURSOR_QUESTION, CURSOR_ANSWER = "\x1b[6n", "\x1b[1;1R"
+#: any run of terminal control sequences (prompt-toolkit draws only what changed, between them)
+ESCAPES = "(?:\x1b\\[[0-9;?]*[A-Za-z])*"
 
 
 def expect(shell: pexpect.spawn, pattern: str, timeout: float = 20) -> re.Match:
@@ -33,8 +36,8 @@ def test_the_interactive_shell_in_a_terminal(cluster: Cluster) -> None:
     try:
         expect(shell, "pydra>")
         expect(shell, "ranks 4  workers: \\d+ idle")  # the bottom toolbar, drawn under the prompt
-        shell.send("stat\t")  # Tab completes the command name
-        expect(shell, "status")
+        shell.send("stat\t")  # Tab completes the command name: the terminal gets "us" after "stat"
+        expect(shell, "stat" + ESCAPES + "us")
         shell.send("\r")
         expect(shell, "ranks +4 on ")
         shell.sendline("bogus")
@@ -44,6 +47,13 @@ def test_the_interactive_shell_in_a_terminal(cluster: Cluster) -> None:
         shell.sendline(f"submit {SQUARES} 1 2 3")
         job_id = expect(shell, "submitted job (\\d+)").group(1)
         expect(shell, f"job {job_id} \\(.*\\) done", timeout=30)  # announced above the prompt
+        shell.sendline(f"submit {NAPS} " + " 0.5" * 12)
+        job_id = expect(shell, "submitted job (\\d+)").group(1)
+        shell.sendline(f"progress {job_id}")
+        # The bar is drawn over itself (cursor up one line, line cleared), not on a new line each time.
+        expect(shell, re.escape(f"\x1b[1A\r\x1b[2Kjob {job_id} "), timeout=30)
+        expect(shell, re.escape(f"job {job_id} done [") + "#+" + re.escape("] 12/12 100%"), timeout=60)
+        expect(shell, "pydra>")
         shell.sendline("exit")
         shell.expect(pexpect.EOF)
     finally:
