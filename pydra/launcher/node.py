@@ -78,13 +78,14 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
         return line
 
     sessions = Sessions(keyfile, "launch", server_exec, log)
+    # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0. Both
+    # handlers are in place before the agent listens: an early SIGHUP must not end it.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sessions.reload)
     server = await serve_channel(
         listen[0], listen[1], sessions.serve, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
     )
     log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
-    # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sessions.reload)
     async with server:
         await server.serve_forever()
 
