@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 from pydra import __version__
@@ -175,6 +176,11 @@ def job_arguments(args: argparse.Namespace) -> list[str]:
     return words + (["--no-journal"] if args.no_journal else []) + (["--isolate"] if args.isolate else [])
 
 
+def resume_with(launcher: list[str], args: argparse.Namespace) -> str:
+    """The command that resumes this job, less ``--resume DIR``: *launcher*, and ``--isolate`` if given."""
+    return shlex.join([*launcher, *(["--isolate"] if args.isolate else [])])
+
+
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a service cluster (``pydra serve``, ``pydra run --serve``, ``pydra launch --serve``)."""
     parser.add_argument(
@@ -221,7 +227,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if not check_job_arguments(args, "pydra run"):
         return batch.EXIT_USAGE
     if args.ranks is not None:
-        return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
+        return batch.run_locally(args.ranks, _without_ranks(argv[1:]), resume_with=resume_with(["pydra", "run", "-n", str(args.ranks)], args))
     request = batch.JobRequest(args.target, args.inputs, args.output, args.run_dir, args.resume, not args.no_journal)
     return batch.run_job(request)
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments
+from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments, resume_with
 from pydra.comm.aio import Channel, open_channel
 from pydra.comm.channel import ChannelError
 from pydra.config import setting
@@ -141,10 +141,11 @@ def launch_main(argv: list[str] | None = None) -> int:
     except (HostfileError, OSError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
+    resume = resume_with(launch_words(args), args)
     if not hosts:
         from pydra.batch import run_locally
 
-        return run_locally(args.ranks, forwarded)
+        return run_locally(args.ranks, forwarded, resume_with=resume)
     try:
         # Strict modes: a key or known_hosts someone else could write is refused before any connection.
         identity = keys.load_private_key(args.identity)
@@ -165,7 +166,22 @@ def launch_main(argv: list[str] | None = None) -> int:
         print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
         return 1
     launch = Launch(hosts, args.ranks, args.identity, args.known_hosts, args.env, args.iface)
-    return launch.run(forwarded)
+    return launch.run(forwarded, resume)
+
+
+def launch_words(args: argparse.Namespace) -> list[str]:
+    """``pydra launch`` and the options that say where and how this job runs (for its resume command)."""
+    words = ["pydra", "launch"]
+    if args.hostfile:
+        words += ["-f", str(args.hostfile.resolve())]
+    words += ["-n", str(args.ranks)]
+    if args.identity != keys.identity_path():
+        words += ["-i", str(args.identity)]
+    if args.known_hosts != authorized.known_hosts_path():
+        words += ["--known-hosts", str(args.known_hosts)]
+    for text in args.env:
+        words += ["--env", text]
+    return words + (["--iface", args.iface] if args.iface else [])
 
 
 @dataclass(frozen=True)
@@ -179,8 +195,11 @@ class Launch:
     named_env: list[str]
     iface: str
 
-    def run(self, forwarded: list[str]) -> int:
-        """Run ``python -m pydra run FORWARDED...`` and return mpiexec's status."""
+    def run(self, forwarded: list[str], resume_with: str) -> int:
+        """Run ``python -m pydra run FORWARDED...`` and return its exit status (see :func:`pydra.batch.wait_for`).
+
+        *resume_with* is the command that resumes the job, less ``--resume DIR``.
+        """
         from pydra.batch import wait_for
         from pydra.progress import progress_mode
 
@@ -200,6 +219,7 @@ class Launch:
             "PYDRA_IDENTITY": str(self.identity),
             "PYDRA_KNOWN_HOSTS": str(self.known_hosts),
             "PYDRA_JOB_KEY": secrets.token_hex(32),  # fresh for every job; seals Pydra's messages
+            "PYDRA_RESUME_WITH": resume_with,
         }
         if self.iface:
             settings.update(PYDRA_IFACE=self.iface, **interface_settings(self.iface))
@@ -213,14 +233,15 @@ class Launch:
             if mpiexec.implementation != MPICH:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
-                return wait_for(subprocess.Popen(self.open_mpi_command(mpiexec, machinefile.name, env, program), env=env))
+                command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
+                return wait_for(subprocess.Popen(command, env=env, start_new_session=True))
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector(agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
-                    process = subprocess.Popen(command, env=env, preexec_fn=netns.isolate)
+                    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=netns.isolate)
                 except (netns.NamespaceError, subprocess.SubprocessError):
                     # (subprocess reports a failing preexec_fn without its message)
                     print("pydra launch: error: this host refuses a private network namespace (are unprivileged "

@@ -8,19 +8,38 @@ rank's death by a signal (SIGKILL, a segfault) as a message and a normal
 exit, so rank 0 can reschedule that worker's units on the survivors. The
 death of rank 0, the master, still ends the job with status 128 + signal.
 
-It ignores Hydra's SIGUSR1 (sent to every rank when one dies) and passes
-SIGINT and SIGTERM on to the rank. It imports nothing of Pydra or MPI.
+A worker's unexpected end is also told to rank 0 at once when rank 0 runs on
+the same host: the supervisors of one job on one host share a parent (the
+launcher's proxy), which names a Unix datagram socket that rank 0 listens on
+(:class:`DeathNotices`); rank 0 then reschedules that worker's units without
+waiting for ``PYDRA_HEARTBEAT_TIMEOUT``. A worker on another host is
+declared lost when its heartbeats stop.
+
+It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
+SIGINT, SIGTERM and SIGHUP on to the rank: a rank stopped that way ends
+without a word (the job is being stopped), and one that has not ended
+:data:`STOP_GRACE` seconds later is killed. It imports nothing of Pydra or MPI.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 #: environment variables holding a process's rank in the job, per MPI launcher
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+#: the variable that tells a supervised rank where its job's death notices go on this host
+NOTICES_VARIABLE = "PYDRA_DEATH_NOTICES"
+
+#: seconds a rank told to stop has before it is killed
+STOP_GRACE = 10.0
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def world_rank() -> int | None:
@@ -35,18 +54,94 @@ def world_rank() -> int | None:
 def supervise(program: list[str]) -> int:
     """Run *program* as a child and return the status this process should exit with."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    child = subprocess.Popen(program, close_fds=False)  # the rank needs the launcher's fds (MPICH's PMI_FD)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: child.send_signal(signum))
+    # The ranks of this job on this host are all children of one launcher process: its pid names the socket.
+    address = f"pydra-death-notices-{os.getuid()}-{os.getppid()}"
+    child = subprocess.Popen(program, close_fds=False, env={**os.environ, NOTICES_VARIABLE: address})
+    # (close_fds=False: the rank needs the launcher's fds, MPICH's PMI_FD)
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        child.send_signal(signum)
+        killer = threading.Timer(STOP_GRACE, child.kill)
+        killer.daemon = True
+        killer.start()
+
+    for signum in _STOPS:
+        signal.signal(signum, stop)
     status = child.wait()
+    rank = world_rank()
+    if stopping:
+        return status if status >= 0 else 128 - status  # stopped as asked: the job is ending, quietly
+    if status > 0 and rank not in (0, None):
+        tell_rank_zero(address, rank, f"exited with status {status}")
     if status >= 0:
         return status
     name = signal.Signals(-status).name
-    rank = world_rank()
     print(f"pydra: rank {rank} (pid {child.pid}) was killed by {name}", file=sys.stderr, flush=True)
     if rank == 0:
         return 128 - status  # the master is gone: the job has failed
+    tell_rank_zero(address, rank, f"killed by {name}")
     return 0  # a worker: rank 0 carries on without it
+
+
+def tell_rank_zero(address: str, rank: int, how: str) -> None:
+    """Tell rank 0, if it listens on this host, that worker *rank* ended (*how*); best effort."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"{rank} {how}".encode(), "\0" + address)
+    except OSError:
+        pass  # rank 0 is on another host, or gone: its heartbeat check will notice
+
+
+class DeathNotices:
+    """Rank 0's end of the death notices: a datagram socket (Linux abstract namespace) at *address*.
+
+    Only a process of this user can be heard (the kernel vouches for the
+    sender's uid), so no one else can make rank 0 drop a healthy worker.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sock.bind("\0" + address)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    @classmethod
+    def open(cls) -> "DeathNotices | None":
+        """Rank 0's socket if this rank runs under the supervisor (and no other rank 0 took it), else None."""
+        address = os.environ.get(NOTICES_VARIABLE, "")
+        if not address or not hasattr(socket, "SO_PASSCRED"):
+            return None
+        try:
+            return cls(address)
+        except OSError:
+            return None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def take(self) -> list[tuple[int, str]]:
+        """The notices that have arrived: ``(rank, how it ended)`` each."""
+        notices = []
+        space = socket.CMSG_SPACE(3 * 4)  # struct ucred: pid, uid, gid
+        while True:
+            try:
+                data, ancillary, _flags, _sender = self.sock.recvmsg(256, space)
+            except (BlockingIOError, InterruptedError):
+                return notices
+            uid = next((int.from_bytes(body[4:8], sys.byteorder) for level, kind, body in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            rank, _, how = data.decode(errors="replace").partition(" ")
+            if uid == os.getuid() and rank.isdigit():
+                notices.append((int(rank), how))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def main() -> None:

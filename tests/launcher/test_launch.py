@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
 from pydra.launcher.mpiexec import MPICH, library_implementation
-from testkit import ROOT, run_process
+from testkit import ROOT, Running, run_process
 
 WORD = re.compile(r"[a-z']+")
 
@@ -275,3 +276,38 @@ def test_this_host_by_a_loopback_name_runs_through_its_agent_too(cluster: Cluste
     assert done.returncode == 0, done.stderr
     assert "28" in done.stdout
     assert "started pid" in cluster.log("127.0.0.1")
+
+
+@pytest.mark.skipif(library_implementation() != MPICH, reason="rank 0's quiet stop is passed on by MPICH's Hydra")
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_launch_says_how_to_resume_and_resumes(cluster: Cluster, tmp_path: Path, signum: int,
+                                                             status: int) -> None:
+    started = tmp_path / "started"
+    started.mkdir()
+    cluster.env.update(STARTED_DIR=str(started), PYDRA_PROGRESS="off")
+    run_dir, output = tmp_path / "run", tmp_path / "out.json"
+    target = str(ROOT / "tests" / "core" / "jobs" / "interrupt_tasks.py") + ":squares"
+    items = [str(x) for x in range(40)]
+    job = Running(pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", "--env", "STARTED_DIR",
+                        target, *items, "--run-dir", str(run_dir), "-o", str(output)), cluster.env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(started)) < 4:
+            assert job.process.poll() is None and time.monotonic() < deadline, "".join(job.stderr)
+            time.sleep(0.1)
+        pids = set(job.processes())
+        said = len(job.stderr)
+        os.killpg(job.process.pid, signum)  # the launcher's group: what a terminal's Ctrl-C reaches
+        assert job.wait(timeout=60) == status, "".join(job.stderr)
+    finally:
+        job.close()
+    deadline = time.monotonic() + 20
+    while (left := {pid for pid in pids if Path(f"/proc/{pid}").exists()}):
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.1)
+    lines = job.stderr[said:]
+    resume = f"pydra launch -f {cluster.hostfile} -n 4 --env STARTED_DIR --resume {run_dir}"
+    assert len(lines) <= 2 and lines[-1].strip() == f"pydra: interrupted; resume with: {resume}", "".join(job.stderr)
+    done = run_process(pydra(*shlex.split(resume)[1:]), timeout=240, env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(output.read_text()) == [x * x for x in range(40)]
