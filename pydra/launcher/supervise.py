@@ -37,7 +37,7 @@ _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 NOTICES_VARIABLE = "PYDRA_DEATH_NOTICES"
 
 #: seconds a rank told to stop has before it is killed
-STOP_GRACE = 10.0
+STOP_GRACE = 30.0
 
 _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
