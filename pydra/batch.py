@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydra import interrupts
 from pydra.config import setting
@@ -48,8 +48,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
     if resume_with:
         env["PYDRA_RESUME_WITH"] = resume_with
-    program = mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded])
-    return wait_for(subprocess.Popen(program, env=env, start_new_session=True))
+    return wait_for(mpiexec.command(ranks, [sys.executable, "-m", "pydra", command, *forwarded]), env)
 
 
 def progress_environment() -> dict[str, str]:
@@ -62,22 +61,28 @@ def progress_environment() -> dict[str, str]:
     return {**os.environ, "PYDRA_PROGRESS": progress_mode()}
 
 
-def wait_for(process: subprocess.Popen) -> int:
-    """Wait for a launched mpiexec and return the job's exit status; stop the job on a signal.
+def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None) -> int:
+    """Start mpiexec's *command* in a session of its own, wait for it and return the job's exit status.
 
-    *process* runs in a session of its own, so a terminal's Ctrl-C reaches us
-    alone. On SIGINT, SIGTERM or SIGHUP, mpiexec gets SIGTERM and passes it to
-    every rank (rank 0 then says how to resume); we wait while it stops them,
-    so that nothing is left behind, and return 128 + the signal we got.
+    In its own session, a terminal's Ctrl-C reaches us alone. On SIGINT,
+    SIGTERM or SIGHUP, mpiexec gets SIGTERM and passes it to every rank (rank
+    0 then says how to resume); we wait while it stops them, so that nothing
+    is left behind, and return 128 + the signal we got.
     """
     received: list[int] = []
+    process: subprocess.Popen | None = None
 
     def stop(signum: int, frame: Any) -> None:
         received.append(signum)
-        process.send_signal(signal.SIGTERM)  # (nothing, if mpiexec has ended)
+        if process is not None:
+            process.send_signal(signal.SIGTERM)  # (nothing, if mpiexec has ended)
 
+    # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
     previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn)
+        if received:
+            process.send_signal(signal.SIGTERM)
         status = process.wait()
     finally:
         for signum, handler in previous.items():

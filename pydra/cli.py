@@ -227,7 +227,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if not check_job_arguments(args, "pydra run"):
         return batch.EXIT_USAGE
     if args.ranks is not None:
-        return batch.run_locally(args.ranks, _without_ranks(argv[1:]), resume_with=resume_with(["pydra", "run", "-n", str(args.ranks)], args))
+        resume = resume_with(["pydra", "run", "-n", str(args.ranks)], args)
+        return batch.run_locally(args.ranks, _without_ranks(argv[1:]), resume_with=resume)
     request = batch.JobRequest(args.target, args.inputs, args.output, args.run_dir, args.resume, not args.no_journal)
     return batch.run_job(request)
 

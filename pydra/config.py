@@ -95,10 +95,10 @@ SETTINGS: dict[str, Setting] = {
                        "the job's key, with which every rank seals Pydra's messages (set by pydra launch)"),
     "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
                           "how every rank pickles calls, arguments and results"),
-    "DEATH_NOTICES": Setting("", str, "a socket name",
-                             "set by pydra.launcher.supervise for its rank: where this host's supervisors report a rank's end"),
-    "RESUME_WITH": Setting("", str, "a command line",
-                           "set by pydra run -n and pydra launch for rank 0: the command that resumes the job, less --resume DIR"),
+    "DEATH_NOTICES": Setting("", str, "a socket name", "set by pydra.launcher.supervise for its rank: "
+                             "where the supervisors on this host report a worker's death"),
+    "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n and pydra launch for rank 0: "
+                           "the command that resumes the job, less --resume DIR"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
 }

@@ -233,22 +233,20 @@ class Launch:
             if mpiexec.implementation != MPICH:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
-                command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
-                return wait_for(subprocess.Popen(command, env=env, start_new_session=True))
+                return wait_for(self.open_mpi_command(mpiexec, machinefile.name, env, program), env)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector(agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
-                    process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=netns.isolate)
+                    return wait_for(command, env, preexec_fn=netns.isolate)
                 except (netns.NamespaceError, subprocess.SubprocessError):
                     # (subprocess reports a failing preexec_fn without its message)
                     print("pydra launch: error: this host refuses a private network namespace (are unprivileged "
                           "user namespaces disabled?); the job is not started, since mpiexec's control port would "
                           "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
-                return wait_for(process)
 
     def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
         """Hydra's mpiexec, in its namespace: control port on the private loopback, ranks via agents."""

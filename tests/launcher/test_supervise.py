@@ -18,13 +18,30 @@ import pytest
 from testkit import ROOT
 from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
-from pydra.launcher.supervise import DeathNotices, tell_rank_zero
+from pydra.launcher.supervise import STOP_GRACE, DeathNotices, tell_rank_zero
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_was_started():
+    """Whatever a failing test leaves running is stopped by its process group (supervisor and rank)."""
+    yield
+    while _started:
+        child = _started.pop()
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
 def supervised(rank: int, code: str) -> subprocess.Popen:
+    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, in a session of its own."""
     env = {**os.environ, "PMI_RANK": str(rank), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", code], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", code], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _started.append(child)
+    return child
 
 
 def notices() -> DeathNotices:
@@ -62,6 +79,15 @@ def test_a_rank_stopped_by_a_signal_it_was_passed_ends_without_a_word() -> None:
         with_rank_zero.close()
 
 
+def test_a_rank_that_does_not_stop_when_told_is_killed() -> None:
+    child = supervised(1, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(600)")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=STOP_GRACE + 60)  # not the 600 s the rank would take
+    assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
 def test_rank_zero_hears_only_well_formed_notices() -> None:
     with_rank_zero = notices()
     try:
@@ -81,7 +107,8 @@ def test_rank_zero_does_not_hear_another_user(other_user: User) -> None:
     with_rank_zero = notices()
     try:
         address = f"pydra-death-notices-{os.getuid()}-{os.getpid()}"
-        code = f"import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'1 killed', {chr(0) + address!r})"
+        code = ("import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)"
+                f".sendto(b'1 killed', {chr(0) + address!r})")
         done = subprocess.run(["/usr/bin/python3", "-c", code], user=other_user.uid, group=other_user.gid,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr  # it could send...
