@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Every run keeps a journal in a run directory (printed at start); after a\n"
             "crash, --resume DIR computes only what the journal lacks. Under `pydra launch`\n"
             "the run directory is on the host of rank 0.\n\n"
-            "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET."
+            "Ctrl-C (SIGINT, SIGTERM) stops every rank; rank 0 prints the command that\n"
+            "resumes the job.\n\n"
+            "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET, 130\n"
+            "interrupted (143 by SIGTERM)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -160,7 +160,11 @@ def launch_main(argv: list[str] | None = None) -> int:
     async def check_all() -> list[HostCheck]:
         return await asyncio.gather(*(check_host(h, identity, args.known_hosts, args.accept_new) for h in hosts))
 
-    checks = asyncio.run(check_all())
+    try:
+        checks = asyncio.run(check_all())
+    except KeyboardInterrupt:
+        print("pydra launch: interrupted before the job started", file=sys.stderr)
+        return 128 + signal.SIGINT
     print_table(checks)
     if any(c.problem for c in checks):
         print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
