@@ -14,8 +14,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from pydra import interrupts
 from pydra.config import setting
 from pydra.errors import ItemFailed, RemoteTraceback, TargetError, user_traceback
 from pydra.jobstates import JobState, JobStateError
@@ -23,10 +24,11 @@ from pydra.jobstates import JobState, JobStateError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
+def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_with: str | None = None) -> int:
     """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host only and return its status.
 
     With ``PYDRA_SEAL=1`` the job gets a fresh ``PYDRA_JOB_KEY`` and seals its messages.
+    *resume_with* is the command that resumes the job, less ``--resume DIR`` (rank 0 says it).
     """
     from pydra.launcher.mpiexec import MPIExecError, find_mpiexec
 
@@ -41,8 +43,10 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run") -> int:
 
         # A fresh key for this job only; the ranks read it and drop it from their environment.
         env["PYDRA_JOB_KEY"] = secrets.token_hex(32)
+    if resume_with:
+        env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
-    return wait_for(subprocess.Popen(mpiexec.local_command(ranks, program), env=env))
+    return wait_for(mpiexec.local_command(ranks, program), env)
 
 
 def progress_environment() -> dict[str, str]:
@@ -55,22 +59,33 @@ def progress_environment() -> dict[str, str]:
     return {**os.environ, "PYDRA_PROGRESS": progress_mode()}
 
 
-def wait_for(process: subprocess.Popen) -> int:
-    """Wait for a launched mpiexec and return its status, passing SIGTERM and Ctrl-C on to it."""
-    # A SIGTERM for us goes to mpiexec, and we wait while it stops its ranks: dying at once
-    # would leave whoever stops us free to SIGKILL mpiexec halfway through that cleanup.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
-    interrupted = False
+def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None) -> int:
+    """Start mpiexec's *command* in a session of its own, wait for it and return the job's exit status.
+
+    In its own session, a terminal's Ctrl-C reaches us alone. On SIGINT,
+    SIGTERM or SIGHUP, mpiexec gets SIGTERM and passes it to every rank (rank
+    0 then says how to resume); we wait while it stops them, so that nothing
+    is left behind, and return 128 + the signal we got.
+    """
+    received: list[int] = []
+    process: subprocess.Popen | None = None
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if process is not None:
+            process.send_signal(signal.SIGTERM)  # (nothing, if mpiexec has ended)
+
+    # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
+    previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
-        while True:
-            try:
-                status = process.wait()
-                # A job stopped by Ctrl-C did not succeed, whatever mpiexec makes of its ranks' ends.
-                return status or (128 + signal.SIGINT if interrupted else 0)
-            except KeyboardInterrupt:
-                interrupted = True  # mpiexec got the same Ctrl-C and is stopping its ranks
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn)
+        if received:
+            process.send_signal(signal.SIGTERM)
+        status = process.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 + received[0] if received else status
 
 
 @dataclass
@@ -91,6 +106,7 @@ def run_job(request: JobRequest) -> int:
     Raises :class:`~pydra.comm.seal.SealConfigError` on every rank if the
     sealing settings are unusable.
     """
+    interrupts.stop_quietly()  # before MPI starts: an interrupted job ends without a traceback
     from mpi4py import MPI
 
     from pydra import target as targets
@@ -101,6 +117,7 @@ def run_job(request: JobRequest) -> int:
     comm = MPI.COMM_WORLD
     if refuse_foreign_world(comm):  # N copies of a one-rank job would each run it all
         return EXIT_USAGE
+    interrupts.joined(comm.rank, comm.size)
     mpi.start_sealing(comm)  # raises SealConfigError on every rank, for pydra.cli to report once
     abort_on_uncaught_exit(comm)  # from here on, no rank may leave the others waiting
     root = spec = record = None
@@ -240,6 +257,7 @@ def resume_record(run_dir: Path) -> JobRecord:
         journal.close()
         raise
     print(f"pydra: resuming {spec.text} from {run_dir} ({record.log.units_recorded()} units journaled)", file=sys.stderr)
+    interrupts.journaling(run_dir, journal)
     return record
 
 
@@ -273,7 +291,8 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
     options = {"spec": dataclasses.asdict(spec), "output": output, "cwd": os.getcwd()}
     job = journal.add_job(spec.text, request.inputs, options, digest)
     journal.set_state(job, JobState.RUNNING)
-    print(f"pydra: run directory {run_dir} (resume with: pydra run --resume {run_dir})", file=sys.stderr)
+    print(f"pydra: run directory {run_dir} (resume with: {interrupts.resume_command(run_dir)})", file=sys.stderr)
+    interrupts.journaling(run_dir, journal)
     return JobRecord(journal, job, spec, request.inputs, output, resumed=False)
 
 

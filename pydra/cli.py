@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 from pydra import __version__
@@ -56,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Every run keeps a journal in a run directory (printed at start); after a\n"
             "crash, --resume DIR computes only what the journal lacks. Under `pydra launch`\n"
             "the run directory is on the host of rank 0.\n\n"
-            "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET."
+            "Ctrl-C (SIGINT, SIGTERM) stops every rank; rank 0 prints the command that\n"
+            "resumes the job.\n\n"
+            "Exit status: 0 success, 1 the job failed, 2 bad usage or TARGET, 130\n"
+            "interrupted (143 by SIGTERM)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -180,6 +184,11 @@ def job_arguments(args: argparse.Namespace) -> list[str]:
     return words + (["--no-journal"] if args.no_journal else []) + (["--isolate"] if args.isolate else [])
 
 
+def resume_with(launcher: list[str], args: argparse.Namespace) -> str:
+    """The command that resumes this job, less ``--resume DIR``: *launcher*, and ``--isolate`` if given."""
+    return shlex.join([*launcher, *(["--isolate"] if args.isolate else [])])
+
+
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a service cluster (``pydra serve``, ``pydra run --serve``, ``pydra launch --serve``)."""
     parser.add_argument(
@@ -226,7 +235,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if not check_job_arguments(args, "pydra run"):
         return batch.EXIT_USAGE
     if args.ranks is not None:
-        return batch.run_locally(args.ranks, _without_ranks(argv[1:]))
+        resume = resume_with(["pydra", "run", "-n", str(args.ranks)], args)
+        return batch.run_locally(args.ranks, _without_ranks(argv[1:]), resume_with=resume)
     request = batch.JobRequest(args.target, args.inputs, args.output, args.run_dir, args.resume, not args.no_journal)
     return batch.run_job(request)
 

@@ -103,6 +103,10 @@ SETTINGS: dict[str, Setting] = {
                           "how every rank pickles calls, arguments and results"),
     "STARTUP_FD": Setting("", str, "a file descriptor number",
                           "set by pydra run -n for each rank: the pipe on which it tells its supervisor its start-up steps"),
+    "DEATH_NOTICES": Setting("", str, "a socket name", "set by pydra.launcher.supervise for its rank: "
+                             "where the supervisors on this host report a worker's death"),
+    "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n and pydra launch for rank 0: "
+                           "the command that resumes the job, less --resume DIR"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
     # The defences of pydra node's and pydra serve's listeners against floods (docs/SECURITY.md).

@@ -129,3 +129,71 @@ def first_try(tag: str, item: object) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+class Running:
+    """A job started in a session of its own that a test signals while it runs; its stderr read as it comes.
+
+    Its processes are found by parent links from its pid (mpiexec's proxies
+    and the ranks sit in sessions of their own), never by name; :meth:`close`
+    stops whatever is left by process group.
+    """
+
+    def __init__(self, argv: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+        import threading
+
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or ROOT,
+            env=env or mpi_environment(), start_new_session=True,
+        )
+        self.stderr: list[str] = []
+        self.stdout: list[str] = []
+        self._readers = [threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
+                         for s, into in ((self.process.stderr, self.stderr), (self.process.stdout, self.stdout))]
+        for reader in self._readers:
+            reader.start()
+
+    def processes(self) -> dict[int, str]:
+        """pid -> command line of the job's processes now: the job's own and all below it."""
+        table: dict[int, tuple[int, str]] = {}
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), b" ".join(argv).decode(errors="replace"))
+        found, frontier = set(), {self.process.pid}
+        while frontier:
+            found |= frontier
+            frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
+        return {pid: table[pid][1] for pid in found if pid in table}
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of MPI rank *rank* (the ``pydra run`` process itself, not its supervisor)."""
+        for pid, command in self.processes().items():
+            if "-m pydra run" not in command or "supervise" in command:
+                continue
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in environ or f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
+                return pid
+        raise LookupError(f"no rank {rank} among {self.processes()}")
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; fail the test if the job has not ended within *timeout* seconds."""
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            pytest.fail(f"the job did not end in {timeout} s\nstderr:\n{''.join(self.stderr)}")
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return status
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            stop_group(self.process)
+            self.process.wait()

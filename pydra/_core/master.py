@@ -32,6 +32,7 @@ from pydra._core.sources import GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
 from pydra.comm import mpi, serial
 from pydra.config import setting
+from pydra.launcher.supervise import DeathNotices
 
 #: log records rank 0 keeps for ``pydra shell``'s ``logs``
 LOG_RECORDS = 10_000
@@ -134,12 +135,20 @@ class Master:
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
+        # A worker's supervisor on this host tells us at once when the worker dies (its heartbeats
+        # would take PYDRA_HEARTBEAT_TIMEOUT to say so).
+        notices = DeathNotices.open() if self.comm.size > 1 else None
+        if notices is not None:
+            self.loop.add_reader(notices.fileno(), self._take_notices, notices)
         try:
             self.loop.run_until_complete(self._pump())
         except BaseException:
             # The futures of rank 0's callers would never complete, and the workers would wait forever.
             mpi.abort(self.comm, f"pydra: internal error in rank 0's scheduler; aborting the MPI job\n{traceback.format_exc()}")
         finally:
+            if notices is not None:
+                self.loop.remove_reader(notices.fileno())
+                notices.close()
             self.loop.close()
 
     def _run_inbox(self) -> bool:
@@ -157,6 +166,12 @@ class Master:
         if self._inbox:
             self._asleep = False
         return self._asleep
+
+    def _take_notices(self, notices: DeathNotices) -> None:
+        for rank, how in notices.take():
+            if 0 < rank < self.comm.size:
+                self.lose_worker(rank, f"{how}, says its supervisor")
+        self._wakeup.set()
 
     def wake(self) -> None:
         """Tell the pump there is new work (scheduler thread only)."""

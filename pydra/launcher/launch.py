@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments
+from pydra.cli import add_job_arguments, add_service_arguments, check_job_arguments, job_arguments, resume_with
 from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
@@ -166,10 +166,11 @@ def launch_main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"pydra launch: error: {problem}", file=sys.stderr)
         return 2
+    resume = resume_with(launch_words(args), args)
     if not hosts:
         from pydra.batch import run_locally
 
-        return run_locally(args.ranks, forwarded)
+        return run_locally(args.ranks, forwarded, resume_with=resume)
     try:
         # Strict modes: a key or known_hosts someone else could write is refused before any connection.
         identity = load_identity(args.identity, args.passphrase_file)
@@ -184,13 +185,34 @@ def launch_main(argv: list[str] | None = None) -> int:
     async def check_all() -> list[HostCheck]:
         return await asyncio.gather(*(check_host(h, identity, args.known_hosts, args.accept_new) for h in hosts))
 
-    checks = asyncio.run(check_all())
+    try:
+        checks = asyncio.run(check_all())
+    except KeyboardInterrupt:
+        print("pydra launch: interrupted before the job started", file=sys.stderr)
+        return 128 + signal.SIGINT
     print_table(checks)
     if any(c.problem for c in checks):
         print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
         return 1
     launch = Launch(hosts, args.ranks, identity, args.known_hosts, args.env, args.iface)
-    return launch.run(forwarded)
+    return launch.run(forwarded, resume)
+
+
+def launch_words(args: argparse.Namespace) -> list[str]:
+    """``pydra launch`` and the options that say where and how this job runs (for its resume command)."""
+    words = ["pydra", "launch"]
+    if args.hostfile:
+        words += ["-f", str(args.hostfile.resolve())]
+    words += ["-n", str(args.ranks)]
+    if args.identity:
+        words += ["-i", str(args.identity)]
+    if args.passphrase_file:
+        words += ["--passphrase-file", str(args.passphrase_file)]
+    if args.known_hosts != authorized.known_hosts_path():
+        words += ["--known-hosts", str(args.known_hosts)]
+    for text in args.env:
+        words += ["--env", text]
+    return words + (["--iface", args.iface] if args.iface else [])
 
 
 def _port(text: str) -> int:
@@ -233,12 +255,15 @@ class Launch:
     named_env: list[str]
     iface: str
 
-    def run(self, forwarded: list[str]) -> int:
-        """Run ``python -m pydra run FORWARDED...`` and return mpiexec's status."""
-        with sshagent.signing_socket(self.identity) as agent:
-            return self._run(forwarded, agent)
+    def run(self, forwarded: list[str], resume_with: str) -> int:
+        """Run ``python -m pydra run FORWARDED...`` and return its exit status (see :func:`pydra.batch.wait_for`).
 
-    def _run(self, forwarded: list[str], agent: str) -> int:
+        *resume_with* is the command that resumes the job, less ``--resume DIR``.
+        """
+        with sshagent.signing_socket(self.identity) as agent:
+            return self._run(forwarded, resume_with, agent)
+
+    def _run(self, forwarded: list[str], resume_with: str, agent: str) -> int:
         from pydra.batch import wait_for
         from pydra.progress import progress_mode
 
@@ -259,6 +284,7 @@ class Launch:
             "PYDRA_IDENTITY_AGENT": agent,
             "PYDRA_KNOWN_HOSTS": str(self.known_hosts),
             "PYDRA_JOB_KEY": secrets.token_hex(32),  # fresh for every job; seals Pydra's messages
+            "PYDRA_RESUME_WITH": resume_with,
         }
         if self.iface:
             settings.update(PYDRA_IFACE=self.iface, **interface_settings(self.iface))
@@ -272,21 +298,20 @@ class Launch:
             if mpiexec.implementation != MPICH:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
-                return wait_for(subprocess.Popen(self.open_mpi_command(mpiexec, machinefile.name, env, program), env=env))
+                return wait_for(self.open_mpi_command(mpiexec, machinefile.name, env, program), env)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector(agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
-                    process = subprocess.Popen(command, env=env, preexec_fn=netns.isolate)
+                    return wait_for(command, env, preexec_fn=netns.isolate)
                 except (netns.NamespaceError, subprocess.SubprocessError):
                     # (subprocess reports a failing preexec_fn without its message)
                     print("pydra launch: error: this host refuses a private network namespace (are unprivileged "
                           "user namespaces disabled?); the job is not started, since mpiexec's control port would "
                           "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
-                return wait_for(process)
 
     def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
         """Hydra's mpiexec, in its namespace: control port on the private loopback, ranks via agents."""

@@ -8,6 +8,13 @@ rank's death by a signal (SIGKILL, a segfault) as a message and a normal
 exit, so rank 0 can reschedule that worker's units on the survivors. The
 death of rank 0, the master, still ends the job with status 128 + signal.
 
+A worker's unexpected end is also told to rank 0 at once when rank 0 runs on
+the same host: the supervisors of one job on one host share a parent (the
+launcher's proxy), which names a Unix datagram socket that rank 0 listens on
+(:class:`DeathNotices`); rank 0 then reschedules that worker's units without
+waiting for ``PYDRA_HEARTBEAT_TIMEOUT``. A worker on another host is
+declared lost when its heartbeats stop.
+
 A rank lost during start-up is different: until it has joined the session
 the others wait for it inside MPI's start-up or a collective, and nothing
 would ever tell them it is gone. The rank reports each start-up step on a
@@ -15,8 +22,10 @@ pipe (``PYDRA_STARTUP_FD``, see :mod:`pydra.startup`); if it dies before
 ``joined``, the supervisor prints which rank was lost and in which step, and
 kills itself with SIGKILL, so that Hydra ends the whole job.
 
-It ignores Hydra's SIGUSR1 (sent to every rank when one dies) and passes
-SIGINT and SIGTERM on to the rank. It imports nothing of Pydra or MPI:
+It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
+SIGINT, SIGTERM and SIGHUP on to the rank: a rank stopped that way ends
+without a word (the job is being stopped), and one that has not ended
+:data:`STOP_GRACE` seconds later is killed. It imports nothing of Pydra or MPI:
 ``pydra run -n`` starts it as ``python -I -S .../supervise.py``, without
 site-packages, because that is three times quicker.
 """
@@ -25,14 +34,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 #: what a rank reports once its start-up is over (pydra.startup.JOINED)
 JOINED = "joined"
 #: environment variables holding a process's rank in the job, per MPI launcher (Slurm's last:
 #: under an mpiexec in a Slurm job it numbers mpiexec's proxies, not the ranks)
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+#: the variable that tells a supervised rank where its job's death notices go on this host
+NOTICES_VARIABLE = "PYDRA_DEATH_NOTICES"
+
+#: seconds a rank told to stop has before it is killed
+STOP_GRACE = 30.0
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def world_rank() -> int | None:
@@ -49,17 +68,32 @@ def supervise(program: list[str]) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     steps, report = os.pipe()  # the rank writes its start-up steps to *report* (pydra.startup)
     os.set_inheritable(report, True)
-    env = dict(os.environ, PYDRA_STARTUP_FD=str(report))
+    # The ranks of this job on this host are all children of one launcher process: its pid names the socket.
+    address = f"pydra-death-notices-{os.getuid()}-{os.getppid()}"
+    env = {**os.environ, "PYDRA_STARTUP_FD": str(report), NOTICES_VARIABLE: address}
     # close_fds=False: the rank needs the launcher's fds (MPICH's PMI_FD), and *report*.
     child = subprocess.Popen(program, close_fds=False, env=env)
     os.close(report)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: child.send_signal(signum))
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        child.send_signal(signum)
+        killer = threading.Timer(STOP_GRACE, child.kill)
+        killer.daemon = True
+        killer.start()
+
+    for signum in _STOPS:
+        signal.signal(signum, stop)
     status = child.wait()
+    rank = world_rank()
+    if stopping:
+        return status if status >= 0 else 128 - status  # stopped as asked: the job is ending, quietly
+    if status > 0 and rank not in (0, None):
+        tell_rank_zero(address, rank, f"exited with status {status}")
     if status >= 0:
         return status
     name = signal.Signals(-status).name
-    rank = world_rank()
     step = _last_step(steps)
     if step != JOINED:
         # The other ranks wait for this one inside MPI's start-up or a collective, and would
@@ -71,6 +105,7 @@ def supervise(program: list[str]) -> int:
     print(f"pydra: rank {rank} (pid {child.pid}) was killed by {name}", file=sys.stderr, flush=True)
     if rank == 0:
         return 128 - status  # the master is gone: the job has failed
+    tell_rank_zero(address, rank, f"killed by {name}")
     return 0  # a worker: rank 0 carries on without it
 
 
@@ -85,6 +120,65 @@ def _last_step(steps: int) -> str:
         pass
     lines = data.decode(errors="replace").splitlines()
     return lines[-1] if lines else ""
+
+
+def tell_rank_zero(address: str, rank: int, how: str) -> None:
+    """Tell rank 0, if it listens on this host, that worker *rank* ended (*how*); best effort."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"{rank} {how}".encode(), "\0" + address)
+    except OSError:
+        pass  # rank 0 is on another host, or gone: its heartbeat check will notice
+
+
+class DeathNotices:
+    """Rank 0's end of the death notices: a datagram socket (Linux abstract namespace) at *address*.
+
+    Only a process of this user can be heard (the kernel vouches for the
+    sender's uid), so no one else can make rank 0 drop a healthy worker.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sock.bind("\0" + address)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    @classmethod
+    def open(cls) -> "DeathNotices | None":
+        """Rank 0's socket if this rank runs under the supervisor (and no other rank 0 took it), else None."""
+        address = os.environ.get(NOTICES_VARIABLE, "")
+        if not address or not hasattr(socket, "SO_PASSCRED"):
+            return None
+        try:
+            return cls(address)
+        except OSError:
+            return None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def take(self) -> list[tuple[int, str]]:
+        """The notices that have arrived: ``(rank, how it ended)`` each."""
+        notices = []
+        space = socket.CMSG_SPACE(3 * 4)  # struct ucred: pid, uid, gid
+        while True:
+            try:
+                data, ancillary, _flags, _sender = self.sock.recvmsg(256, space)
+            except (BlockingIOError, InterruptedError):
+                return notices
+            uid = next((int.from_bytes(body[4:8], sys.byteorder) for level, kind, body in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            rank, _, how = data.decode(errors="replace").partition(" ")
+            if uid == os.getuid() and rank.isdigit():
+                notices.append((int(rank), how))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def main() -> None:

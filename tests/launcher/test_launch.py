@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
-from testkit import ROOT, mpi_environment, run_process, survives_losses
+from pydra.launcher.mpiexec import MPICH, library_implementation
+from testkit import ROOT, Running, mpi_environment, run_process, survives_losses
 
 WORD = re.compile(r"[a-z']+")
 
@@ -307,3 +309,36 @@ def test_without_hosts_launch_needs_n() -> None:
     done = run_process(pydra("launch", "examples/pipeline.py:pipeline", "3"), env=outside)
     assert done.returncode == 2
     assert done.stderr.strip() == "pydra launch: error: give -n N: there is no hostfile (-f) or allocation to take it from"
+@pytest.mark.skipif(library_implementation() != MPICH, reason="rank 0's quiet stop is passed on by MPICH's Hydra")
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_launch_says_how_to_resume_and_resumes(cluster: Cluster, tmp_path: Path, signum: int,
+                                                             status: int) -> None:
+    started = tmp_path / "started"
+    started.mkdir()
+    cluster.env.update(STARTED_DIR=str(started), PYDRA_PROGRESS="off")
+    run_dir, output = tmp_path / "run", tmp_path / "out.json"
+    target = str(ROOT / "tests" / "core" / "jobs" / "interrupt_tasks.py") + ":squares"
+    items = [str(x) for x in range(40)]
+    job = Running(pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", "--env", "STARTED_DIR",
+                        target, *items, "--run-dir", str(run_dir), "-o", str(output)), cluster.env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(started)) < 4:
+            assert job.process.poll() is None and time.monotonic() < deadline, "".join(job.stderr)
+            time.sleep(0.1)
+        pids = set(job.processes())
+        said = len(job.stderr)
+        os.killpg(job.process.pid, signum)  # the launcher's group: what a terminal's Ctrl-C reaches
+        assert job.wait(timeout=60) == status, "".join(job.stderr)
+    finally:
+        job.close()
+    deadline = time.monotonic() + 20
+    while (left := {pid for pid in pids if Path(f"/proc/{pid}").exists()}):
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.1)
+    lines = job.stderr[said:]
+    resume = f"pydra launch -f {cluster.hostfile} -n 4 --env STARTED_DIR --resume {run_dir}"
+    assert len(lines) <= 2 and lines[-1].strip() == f"pydra: interrupted; resume with: {resume}", "".join(job.stderr)
+    done = run_process(pydra(*shlex.split(resume)[1:]), timeout=240, env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(output.read_text()) == [x * x for x in range(40)]

@@ -1,0 +1,118 @@
+"""The rank supervisor (pydra/launcher/supervise.py), without MPI: the rank is a small Python child.
+
+Run as a child of this test, the supervisor's parent (the launcher's proxy in
+a real job) is the test process, so the test can listen where a rank 0 of
+the same job on the same host would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from testkit import ROOT
+from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
+
+from pydra.launcher.supervise import STOP_GRACE, DeathNotices, tell_rank_zero
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_was_started():
+    """Whatever a failing test leaves running is stopped by its process group (supervisor and rank)."""
+    yield
+    while _started:
+        child = _started.pop()
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def supervised(rank: int, code: str) -> subprocess.Popen:
+    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, in a session of its own."""
+    env = {**os.environ, "PMI_RANK": str(rank), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", code], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _started.append(child)
+    return child
+
+
+def notices() -> DeathNotices:
+    return DeathNotices(f"pydra-death-notices-{os.getuid()}-{os.getpid()}")
+
+
+def test_a_worker_killed_by_a_signal_is_told_to_rank_zero_and_ends_the_supervisor_well() -> None:
+    with_rank_zero = notices()
+    try:
+        child = supervised(2, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 0  # a worker: the job goes on without it
+        assert "pydra: rank 2" in stderr and "was killed by SIGKILL" in stderr
+        assert with_rank_zero.take() == [(2, "killed by SIGKILL")]
+        child = supervised(1, "raise SystemExit(3)")
+        child.communicate(timeout=60)
+        assert child.returncode == 3 and with_rank_zero.take() == [(1, "exited with status 3")]
+        child = supervised(1, "pass")
+        child.communicate(timeout=60)
+        assert child.returncode == 0 and with_rank_zero.take() == []  # a worker's normal end is no news
+    finally:
+        with_rank_zero.close()
+
+
+def test_a_rank_stopped_by_a_signal_it_was_passed_ends_without_a_word() -> None:
+    with_rank_zero = notices()
+    try:
+        child = supervised(1, "import time; print('ready', flush=True); time.sleep(120)")
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 128 + signal.SIGTERM and stderr == ""
+        assert with_rank_zero.take() == []  # the job is being stopped: no worker is lost
+    finally:
+        with_rank_zero.close()
+
+
+def test_a_rank_that_does_not_stop_when_told_is_killed() -> None:
+    child = supervised(1, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(600)")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=STOP_GRACE + 60)  # not the 600 s the rank would take
+    assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
+def test_rank_zero_hears_only_well_formed_notices() -> None:
+    with_rank_zero = notices()
+    try:
+        address = f"pydra-death-notices-{os.getuid()}-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for junk in (b"", b"two killed", b"\xff\xfe", b"-1 gone"):
+                sock.sendto(junk, "\0" + address)
+        tell_rank_zero(address, 3, "killed by SIGSEGV")
+        assert with_rank_zero.take() == [(3, "killed by SIGSEGV")]
+        tell_rank_zero("pydra-death-notices-nobody-listens", 1, "killed by SIGKILL")  # no error: best effort
+    finally:
+        with_rank_zero.close()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs a Python the other user may run")
+def test_rank_zero_does_not_hear_another_user(other_user: User) -> None:
+    with_rank_zero = notices()
+    try:
+        address = f"pydra-death-notices-{os.getuid()}-{os.getpid()}"
+        code = ("import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)"
+                f".sendto(b'1 killed', {chr(0) + address!r})")
+        done = subprocess.run(["/usr/bin/python3", "-c", code], user=other_user.uid, group=other_user.gid,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr  # it could send...
+        tell_rank_zero(address, 2, "killed by SIGKILL")
+        assert with_rank_zero.take() == [(2, "killed by SIGKILL")]  # ...but only this user was heard
+    finally:
+        with_rank_zero.close()
