@@ -387,8 +387,8 @@ class _MapSink(_StreamResult):
         super().__init__(holders.walk)
         self.holders = holders
 
-    def chunk(self, chunk: Chunk, count: int, rank: int) -> None:
-        super().chunk(chunk, count, rank)
+    def chunk(self, chunk: Chunk, keys: int, rank: int) -> None:
+        super().chunk(chunk, keys, rank)
         self.holders.by_rank.setdefault(rank, []).append(chunk)
         self.holders.ranks_used.add(rank)
 
