@@ -60,7 +60,21 @@ EXPECTED = {
     "empty_input_mapping": dict,
     "no_pairs": dict,
     "no_pairs_mapping": dict,
+    "array_values": lambda: array_values(range(60)),
 }
+
+
+def array_values(items: range) -> dict:
+    """What ArrayValues reduces to, computed without numpy."""
+    out: dict = {}
+    for n in items:
+        for key, count, total, shape in ((n % 5, 1, sum(range(n, n + 1000)), (1000,)), ("f", 1, 12 * n, (3, 4)),
+                                         ("strided", 1, sum(range(n, n + 40, 4)), (10,))):
+            seen = out.setdefault(key, [0, 0, set()])
+            seen[0] += count
+            seen[1] += total
+            seen[2].add(shape)
+    return {key: (count, total, sorted(shapes)) for key, (count, total, shapes) in out.items()}
 
 
 def exact_sums(items: range) -> dict[int, tuple[int, int]]:

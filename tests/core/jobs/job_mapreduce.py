@@ -186,6 +186,19 @@ class MedianLength(pydra.MapReduce):
         return statistics.median(lengths)
 
 
+class ArrayValues(pydra.MapReduce):
+    """numpy arrays as values (out of band in the shuffle): contiguous, Fortran-ordered and strided."""
+
+    def map(self, n):
+        yield n % 5, np.arange(n, n + 1000, dtype=np.int64)
+        yield "f", np.asfortranarray(np.full((3, 4), n, dtype=np.int32))
+        yield "strided", np.arange(n, n + 40)[::4]
+
+    def reduce(self, key, arrays):
+        assert all(a.flags.writeable for a in arrays), "arrays from the shuffle are writable"
+        return len(arrays), int(sum(int(a.sum()) for a in arrays)), sorted({a.shape for a in arrays})
+
+
 class LinesTask(pydra.Task):
     """Makes the lines on a worker: the MapReduce's items are the previous child's result."""
 
@@ -228,6 +241,7 @@ CASES = {
     "empty_input_mapping": lambda: pydra.run(CounterWordCount()),
     "no_pairs": lambda: pydra.run(WordCount(), *([""] * 50)),
     "no_pairs_mapping": lambda: pydra.run(CounterWordCount(), *([""] * 50)),
+    "array_values": lambda: pydra.run(ArrayValues(), *range(60)),
 }
 
 
