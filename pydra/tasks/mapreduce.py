@@ -44,8 +44,8 @@ class MapReduce(OverItems):
                 return sum(counts)
     """
 
-    def map(self, item: Any) -> Iterable[tuple[Hashable, Any]]:
-        """Yield the (key, value) pairs of one item. Override this."""
+    def map(self, item: Any) -> Iterable[tuple[Hashable, Any]] | Mapping[Hashable, Any]:
+        """Yield the (key, value) pairs of one item, or return a mapping whose items are the pairs. Override this."""
         raise NotImplementedError(f"{type(self).__name__} must override map()")
 
     def combine(self, key: Hashable, values: list[Any]) -> Any:
@@ -53,7 +53,10 @@ class MapReduce(OverItems):
 
         Define it when it is cheaper to ship one partial result than many
         values; it must return a value that :meth:`reduce` (and a later
-        combine) accepts among the others.
+        combine) accepts among the others. It may be given any part of a
+        key's values, even one. Written exactly ``return sum(values)``, it
+        is not called: each rank keeps a running total per key instead
+        (:func:`sums_its_values`).
         """
         raise NotImplementedError
 
