@@ -163,16 +163,10 @@ class MapBuffer:
 
     def _merge(self, lists: dict[Hashable, list[Any]], pairs: int) -> None:
         """Add *lists* (of *pairs* values not combined yet) to this buffer's lists."""
-        mine = self.values
-        if not mine:
+        if not self.values:
             self.values = lists
         else:
-            for key, more in lists.items():
-                bucket = mine.get(key)
-                if bucket is None:
-                    mine[key] = more
-                else:
-                    bucket.extend(more)
+            _merge_lists(self.values, lists)
         self._since_combine += pairs
         if self._since_combine >= _COMBINE_EVERY:
             self.combine()
@@ -189,11 +183,11 @@ class MapBuffer:
             if len(values) > 1:
                 lists[key] = [combine(key, values)]
 
-    def partitions(self, count: int) -> list[dict[Hashable, list[Any]]]:
-        """Split the pairs into *count* dicts of value lists by :func:`stable_hash` of the key."""
-        parts: list[dict[Hashable, list[Any]]] = [{} for _ in range(count)]
+    def partitions(self, count: int) -> list[dict[Hashable, Any]]:
+        """Split ``values`` into *count* dicts by :func:`stable_hash` of the key."""
+        parts: list[dict[Hashable, Any]] = [{} for _ in range(count)]
         for key, values in self.values.items():
-            parts[stable_hash(key) % count][key] = [values] if self.running else values
+            parts[stable_hash(key) % count][key] = values
         return parts
 
 
@@ -207,6 +201,16 @@ def _add_up(totals: dict[Hashable, Any], pairs: Iterable[tuple[Hashable, Any]]) 
     get = totals.get
     for key, value in pairs:  # the hot loop of a word count: nothing else in it, not even a count
         totals[key] = get(key, 0) + value
+
+
+def _merge_lists(lists: dict[Hashable, list[Any]], more: dict[Hashable, list[Any]]) -> None:
+    """Extend each key's list in *lists* by its list in *more* (taken over, for a key new to *lists*)."""
+    for key, values in more.items():
+        bucket = lists.get(key)
+        if bucket is None:
+            lists[key] = values
+        else:
+            bucket.extend(values)
 
 
 def _collect(lists: dict[Hashable, list[Any]], pairs: Iterable[tuple[Hashable, Any]]) -> int:
@@ -237,14 +241,17 @@ def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable,
         raise
     if not _all_ready(comm, True):
         return {}
+    received = exchange(comm, parts)
+    if buffer.running and sums_its_values(type(buffer.job).reduce):
+        totals: dict[Hashable, Any] = {}  # reduce(key, [t0, t1, ...]) is 0 + t0 + t1 ...: add them up as they come
+        for part in received:
+            _add_up(totals, part.items())
+        return totals
     merged: dict[Hashable, list[Any]] = {}
-    for part in exchange(comm, parts):
-        for key, values in part.items():
-            bucket = merged.get(key)
-            if bucket is None:
-                merged[key] = values
-            else:
-                bucket.extend(values)
+    for part in received:
+        if buffer.running:
+            part = {key: [total] for key, total in part.items()}
+        _merge_lists(merged, part)
     reduce = buffer.job.reduce
     return {key: reduce(key, values) for key, values in merged.items()}
 

@@ -186,6 +186,14 @@ class MedianLength(pydra.MapReduce):
         return statistics.median(lengths)
 
 
+class DoubledWordCount(WordCount):
+    """Running totals, but a reduce that is not a plain sum: it is called on each rank's total."""
+
+    def reduce(self, word, counts):
+        assert all(type(count) is int and count > 0 for count in counts)
+        return 2 * sum(counts)
+
+
 class ArrayValues(pydra.MapReduce):
     """numpy arrays as values (out of band in the shuffle): contiguous, Fortran-ordered and strided."""
 
@@ -242,6 +250,7 @@ CASES = {
     "no_pairs": lambda: pydra.run(WordCount(), *([""] * 50)),
     "no_pairs_mapping": lambda: pydra.run(CounterWordCount(), *([""] * 50)),
     "array_values": lambda: pydra.run(ArrayValues(), *range(60)),
+    "running_totals_other_reduce": lambda: pydra.run(DoubledWordCount(), *lines()),
 }
 
 
