@@ -217,13 +217,15 @@ class Master:
                 return
             if progressed:
                 backoff.reset()
-            elif scheduler.inflight():
+            elif scheduler.inflight() and self.remote is not None:
                 # Replies are due: poll again soon. time.sleep is precise to microseconds,
                 # where an asyncio timer would round up to the selector's millisecond.
                 backoff.sleep()
             elif self._fall_asleep():
-                # Nothing in flight: sleep until new work arrives, a timer is due or the next
-                # heartbeat (a timer, not asyncio.wait_for: that would cost a task per sleep).
+                # Nothing in flight, or only on rank 0's own thread, which wakes us with each reply
+                # (polling would take the GIL from its unit every few ms): sleep until new work
+                # arrives, a timer is due or the next heartbeat (a timer, not asyncio.wait_for: that
+                # would cost a task per sleep).
                 deadline = scheduler.next_deadline()
                 delay = scheduler.settings.heartbeat if deadline is None else min(scheduler.settings.heartbeat,
                                                                                    max(0.0, deadline - now))

@@ -37,7 +37,7 @@ rank 0, which is the bottleneck. Their layouts:
                                                 where ``f`` is definition *tid* (a Task's work)
 ``(MR_MAP, uid, tid, chunk, run)``              run MapReduce *tid*'s map (and combine) over
                                                 *chunk*, keep the pairs here under *run* (one
-                                                run of the job), reply their count
+                                                run of the job), reply how many keys it holds
 ``(GANG, uid, tid, members, args)``             with the other *members* (world ranks), run gang
                                                 task *tid*; gang rank 0 replies its result
 ``(MR_REDUCE, uid, tid, members, run)``         with the other *members*: shuffle the pairs of

@@ -6,6 +6,13 @@ here and moved with two collectives, ``Alltoall`` for the byte counts and
 ``Alltoallv`` for the bytes themselves, so intermediate data flows directly
 between workers and never through rank 0.
 
+Buffers a bucket's values expose to pickle protocol 5 (numpy arrays' data)
+travel out of band: after the pickle in the bucket's payload, not copied
+into it, and each is copied once out of the received bytes into memory of
+its own (writable, and not pinning the whole exchange). With a
+``PYDRA_SERIALIZER`` other than pickle, the serializer's one pickle holds
+everything, as before.
+
 When the job seals (:mod:`pydra.comm.seal`), each bucket is sealed for its
 receiver's world rank under the label ``"shuffle"``; one that does not open
 is logged and fails this member's reduce with :class:`SealError` (dropping
@@ -14,6 +21,8 @@ it would silently lose keys).
 
 from __future__ import annotations
 
+import pickle
+import struct
 from typing import Any
 
 from mpi4py import MPI
@@ -24,6 +33,8 @@ from pydra.comm import mpi, seal, serial
 _MAX_BYTES = 2**31 - 1
 #: the label that binds a sealed bucket to the shuffle
 SHUFFLE = "shuffle"
+#: a payload starts with the pickle's size and the number of out-of-band buffers, then their sizes
+_HEAD = struct.Struct("<QI")
 
 
 def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
@@ -33,11 +44,11 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     import numpy as np  # here, not at the top: a run without a MapReduce never loads it
 
     sealer = seal.current()
-    payloads = [serial.dumps(bucket) for bucket in buckets]
+    payloads = [_pack(bucket) for bucket in buckets]
     if sealer.enabled:  # once per shuffle, not per bucket
         world = mpi.world_ranks(comm)
-        payloads = [sealer.seal(payload, world[member], SHUFFLE) for member, payload in enumerate(payloads)]
-    send_counts = np.array([len(p) for p in payloads], dtype=np.int64)
+        payloads = [[sealer.seal(b"".join(pieces), world[member], SHUFFLE)] for member, pieces in enumerate(payloads)]
+    send_counts = np.array([sum(len(piece) for piece in pieces) for pieces in payloads], dtype=np.int64)
     if send_counts.sum() > _MAX_BYTES:
         raise ValueError(f"shuffle sends {send_counts.sum()} bytes from one rank; the limit is {_MAX_BYTES}")
     recv_counts = np.empty(comm.size, dtype=np.int64)
@@ -49,7 +60,7 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     recv_counts32 = recv_counts.astype(np.int32)
     send_displs = np.concatenate(([0], np.cumsum(send_counts32)[:-1])).astype(np.int32)
     recv_displs = np.concatenate(([0], np.cumsum(recv_counts32)[:-1])).astype(np.int32)
-    send_buffer = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    send_buffer = np.frombuffer(b"".join(piece for pieces in payloads for piece in pieces), dtype=np.uint8)
     recv_buffer = np.empty(int(recv_counts.sum()), dtype=np.uint8)
     comm.Alltoallv(
         [send_buffer, (send_counts32, send_displs), MPI.BYTE],
@@ -58,4 +69,31 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     parts = [recv_buffer[start : start + count] for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())]
     if sealer.enabled:
         parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
-    return [serial.loads(part) for part in parts]
+    return [_unpack(memoryview(part)) for part in parts]
+
+
+def _pack(bucket: Any) -> list[bytes | memoryview]:
+    """*bucket* as the pieces of one payload: head and sizes, the pickle, then the buffers it left out of band."""
+    buffers: list[pickle.PickleBuffer] = []
+    if serial.loads is pickle.loads:
+        data = pickle.dumps(bucket, serial.PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    else:  # another PYDRA_SERIALIZER: its own pickle, everything in band
+        data = serial.dumps(bucket)
+    raws = [buffer.raw() for buffer in buffers]
+    sizes = [raw.nbytes for raw in raws]
+    return [_HEAD.pack(len(data), len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes), data, *raws]
+
+
+def _unpack(payload: memoryview) -> Any:
+    """The bucket of a payload made by :func:`_pack`."""
+    size, count = _HEAD.unpack_from(payload)
+    at = _HEAD.size + 8 * count
+    data = payload[at : at + size]
+    if not count:
+        return serial.loads(data)
+    buffers = []
+    at += size
+    for length in struct.unpack_from(f"<{count}Q", payload, _HEAD.size):
+        buffers.append(bytearray(payload[at : at + length]))
+        at += length
+    return pickle.loads(data, buffers=buffers)

@@ -7,12 +7,14 @@ exchange among those workers (:mod:`pydra.comm.shuffle`).
 
 from __future__ import annotations
 
+import builtins
 import numbers
 import pickle
 import struct
 import zlib
 from array import array
-from typing import Any, Hashable, Iterable
+from collections.abc import Mapping
+from typing import Any, Callable, Hashable, Iterable
 
 from mpi4py import MPI
 
@@ -42,8 +44,8 @@ class MapReduce(OverItems):
                 return sum(counts)
     """
 
-    def map(self, item: Any) -> Iterable[tuple[Hashable, Any]]:
-        """Yield the (key, value) pairs of one item. Override this."""
+    def map(self, item: Any) -> Iterable[tuple[Hashable, Any]] | Mapping[Hashable, Any]:
+        """Yield the (key, value) pairs of one item, or return a mapping whose items are the pairs. Override this."""
         raise NotImplementedError(f"{type(self).__name__} must override map()")
 
     def combine(self, key: Hashable, values: list[Any]) -> Any:
@@ -51,7 +53,10 @@ class MapReduce(OverItems):
 
         Define it when it is cheaper to ship one partial result than many
         values; it must return a value that :meth:`reduce` (and a later
-        combine) accepts among the others.
+        combine) accepts among the others. It may be given any part of a
+        key's values, even one. Written exactly ``return sum(values)``, it
+        is not called: each rank keeps a running total per key instead
+        (:func:`sums_its_values`).
         """
         raise NotImplementedError
 
@@ -91,62 +96,134 @@ def stable_hash(key: Hashable) -> int:
     return zlib.crc32(pickle.dumps(key, 5))
 
 
+def _sum_of_values(self: Any, key: Hashable, values: list[Any]) -> Any:
+    return sum(values)
+
+
+def sums_its_values(method: Callable) -> bool:
+    """Whether *method* is, to the bytecode, ``def combine(self, key, values): return sum(values)``.
+
+    Such a combine is applied as the pairs come: a running ``total + value``
+    per key, the very additions ``sum`` makes, without a list per key. (The
+    names may differ; the ``sum`` the method sees must be the builtin.)
+    """
+    code, reference = getattr(method, "__code__", None), _sum_of_values.__code__
+    if code is None or (code.co_code, code.co_names, code.co_argcount) != (reference.co_code, reference.co_names, 3):
+        return False
+    found = method.__globals__["sum"] if "sum" in method.__globals__ else method.__builtins__.get("sum")
+    return found is builtins.sum
+
+
 class MapBuffer:
-    """The pairs one rank's map units produced for one MapReduce, held until the shuffle."""
+    """The pairs one rank's map units produced for one MapReduce, held until the shuffle.
+
+    ``values`` maps each key to the list of its values so far or, when the
+    job's combine is a plain sum (:func:`sums_its_values`), to their running
+    total: then a pair costs one dict update, and no list is built.
+    """
 
     def __init__(self, job: MapReduce) -> None:
         self.job = job
-        self.values: dict[Hashable, list[Any]] = {}
+        self.running = job.has_combine and sums_its_values(type(job).combine)
+        self.values: dict[Hashable, Any] = {}
         self._since_combine = 0
 
     def add(self, items: Iterable[Any]) -> int:
-        """Map *items* into the buffer; return how many pairs they produced.
+        """Map *items* into the buffer; return how many keys it holds now.
 
         All or nothing: if the map raises, the buffer is as it was, so the
         items can be tried again without counting any pair twice.
         """
-        pairs = [pair for item in items for pair in self.job.map(item)]
-        values = self.values
-        for key, value in pairs:
-            bucket = values.get(key)
-            if bucket is None:
-                values[key] = [value]
-            else:
-                bucket.append(value)
-        produced = len(pairs)
-        self._since_combine += produced
-        if self._since_combine >= _COMBINE_EVERY:
-            self.combine()
-        return produced
+        job = self.job
+        if self.running:
+            before = self.values.copy()  # a C copy, cheap next to the pairs: to go back to if the map raises
+            try:
+                for item in items:
+                    _add_up(self.values, _pairs_of(job.map(item)))
+            except BaseException:
+                self.values = before
+                raise
+            return len(self.values)
+        folded: dict[Hashable, list[Any]] = {}  # the lists are appended to: fold apart, then merge
+        since_combine = 0
+        for item in items:
+            since_combine += _collect(folded, _pairs_of(job.map(item)))
+            if since_combine >= _COMBINE_EVERY and job.has_combine:  # a big chunk: fold its lists as it goes
+                self._combine(folded)
+                since_combine = 0
+        self._merge(folded, since_combine)
+        return len(self.values)
 
-    def merge(self, values: dict[Hashable, list[Any]]) -> None:
-        """Take in pairs mapped elsewhere (by an isolated worker's child process)."""
-        for key, more in values.items():
-            bucket = self.values.get(key)
-            if bucket is None:
-                self.values[key] = more
-            else:
-                bucket.extend(more)
-            self._since_combine += len(more)
+    def merge(self, values: dict[Hashable, Any]) -> None:
+        """Take in the ``values`` of a buffer of the same job filled elsewhere (an isolated worker's child)."""
+        if self.running:
+            _add_up(self.values, values.items())
+        else:
+            self._merge(values, sum(map(len, values.values())))
+
+    def _merge(self, lists: dict[Hashable, list[Any]], pairs: int) -> None:
+        """Add *lists* (of *pairs* values not combined yet) to this buffer's lists."""
+        if not self.values:
+            self.values = lists
+        else:
+            _merge_lists(self.values, lists)
+        self._since_combine += pairs
         if self._since_combine >= _COMBINE_EVERY:
             self.combine()
 
     def combine(self) -> None:
-        """Fold each key's values with the job's combiner, if it has one."""
+        """Fold each key's values with the job's combiner, if it has one (running totals are folded already)."""
         self._since_combine = 0
-        if not self.job.has_combine:
-            return
-        combine = self.job.combine
-        for key, values in self.values.items():
-            if len(values) > 1:
-                self.values[key] = [combine(key, values)]
+        if self.job.has_combine and not self.running:
+            self._combine(self.values)
 
-    def partitions(self, count: int) -> list[dict[Hashable, list[Any]]]:
-        """Split the pairs into *count* dicts by :func:`stable_hash` of the key."""
-        parts: list[dict[Hashable, list[Any]]] = [{} for _ in range(count)]
+    def _combine(self, lists: dict[Hashable, list[Any]]) -> None:
+        combine = self.job.combine
+        for key, values in lists.items():
+            if len(values) > 1:
+                lists[key] = [combine(key, values)]
+
+    def partitions(self, count: int) -> list[dict[Hashable, Any]]:
+        """Split ``values`` into *count* dicts by :func:`stable_hash` of the key."""
+        parts: list[dict[Hashable, Any]] = [{} for _ in range(count)]
         for key, values in self.values.items():
             parts[stable_hash(key) % count][key] = values
         return parts
+
+
+def _pairs_of(mapped: Any) -> Iterable[tuple[Hashable, Any]]:
+    """What ``map`` returned, as pairs: a mapping stands for its items."""
+    return mapped.items() if isinstance(mapped, Mapping) else mapped
+
+
+def _add_up(totals: dict[Hashable, Any], pairs: Iterable[tuple[Hashable, Any]]) -> None:
+    """Add each pair's value to its key's total in *totals*: ``sum``'s additions, starting from 0."""
+    get = totals.get
+    for key, value in pairs:  # the hot loop of a word count: nothing else in it, not even a count
+        totals[key] = get(key, 0) + value
+
+
+def _merge_lists(lists: dict[Hashable, list[Any]], more: dict[Hashable, list[Any]]) -> None:
+    """Extend each key's list in *lists* by its list in *more* (taken over, for a key new to *lists*)."""
+    for key, values in more.items():
+        bucket = lists.get(key)
+        if bucket is None:
+            lists[key] = values
+        else:
+            bucket.extend(values)
+
+
+def _collect(lists: dict[Hashable, list[Any]], pairs: Iterable[tuple[Hashable, Any]]) -> int:
+    """Append each pair's value to its key's list in *lists*; return how many pairs there were."""
+    get = lists.get
+    count = 0
+    for count, (key, value) in enumerate(pairs, 1):
+        bucket = get(key)
+        if bucket is None:
+            lists[key] = [value]
+        else:
+            bucket.append(value)
+    return count
 
 
 def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable, Any]:
@@ -164,14 +241,17 @@ def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable,
         raise
     if not _all_ready(comm, True):
         return {}
+    received = exchange(comm, parts)
+    if buffer.running and sums_its_values(type(buffer.job).reduce):
+        totals: dict[Hashable, Any] = {}  # reduce(key, [t0, t1, ...]) is 0 + t0 + t1 ...: add them up as they come
+        for part in received:
+            _add_up(totals, part.items())
+        return totals
     merged: dict[Hashable, list[Any]] = {}
-    for part in exchange(comm, parts):
-        for key, values in part.items():
-            bucket = merged.get(key)
-            if bucket is None:
-                merged[key] = values
-            else:
-                bucket.extend(values)
+    for part in received:
+        if buffer.running:
+            part = {key: [total] for key, total in part.items()}
+        _merge_lists(merged, part)
     reduce = buffer.job.reduce
     return {key: reduce(key, values) for key, values in merged.items()}
 

@@ -80,6 +80,12 @@ def test_wordcount_example(mode: str, tmp_path: Path) -> None:
     assert sum(got.values()) > 100
 
 
+def test_wordcount_example_isolated(tmp_path: Path) -> None:
+    """--isolate: each map runs in a worker's child process, which hands its running totals to its rank."""
+    got = run_to_json("mpiexec-3", ["--isolate", "examples/wordcount.py:WordCount", *DATA], tmp_path / "counts.json")
+    assert got == serial_wordcount(DATA)
+
+
 @pytest.mark.parametrize("mode", ["in-process", "self-launch-3"])
 def test_pi_example(mode: str, tmp_path: Path) -> None:
     got = run_to_json(mode, ["examples/pi.py:estimate_pi", "6"], tmp_path / "pi.json")

@@ -14,10 +14,14 @@ partitions as documented.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
+import statistics
 import sys
 from collections import Counter
+from fractions import Fraction
 from collections.abc import Hashable
 from typing import Any
 
@@ -45,7 +49,48 @@ EXPECTED = {
     "all_values_once": lambda: {k: [n for n in range(500) if n % 11 == k] for k in range(11)},
     "equal_keys": lambda: {0: 300, 1: 300},
     "numpy_keys": lambda: {k + half: 30 for k in range(20) for half in (0, 0.5)},
+    "mapping_combine": lambda: w.word_count(w.text_lines(SEED, LINES)),
+    "mapping_plain": lambda: w.word_count(w.text_lines(SEED, LINES)),
+    "mixed_keys_mapping": lambda: w.mixed_reference(range(300)),
+    "mixed_keys_plain": lambda: w.mixed_reference(range(300)),
+    "periodic_combine_lists": lambda: {k: sum(1 for _ in range(8) for i in range(30000) if i % 97 == k) for k in range(97)},
+    "exact_sums": lambda: exact_sums(range(2000)),
+    "median_reduce": lambda: median_lengths(w.text_lines(SEED, LINES)),
+    "empty_input": dict,
+    "empty_input_mapping": dict,
+    "no_pairs": dict,
+    "no_pairs_mapping": dict,
+    "array_values": lambda: array_values(range(60)),
+    "running_totals_other_reduce": lambda: {k: 2 * v for k, v in w.word_count(w.text_lines(SEED, LINES)).items()},
 }
+
+
+def array_values(items: range) -> dict:
+    """What ArrayValues reduces to, computed without numpy."""
+    out: dict = {}
+    for n in items:
+        for key, count, total, shape in ((n % 5, 1, sum(range(n, n + 1000)), (1000,)), ("f", 1, 12 * n, (3, 4)),
+                                         ("strided", 1, sum(range(n, n + 40, 4)), (10,))):
+            seen = out.setdefault(key, [0, 0, set()])
+            seen[0] += count
+            seen[1] += total
+            seen[2].add(shape)
+    return {key: (count, total, sorted(shapes)) for key, (count, total, shapes) in out.items()}
+
+
+def exact_sums(items: range) -> dict[int, tuple[int, int]]:
+    totals: dict[int, Fraction] = {}
+    for n in items:
+        totals[n % 7] = totals.get(n % 7, Fraction(0)) + Fraction(1, n + 1)
+    return {k: (v.numerator, v.denominator) for k, v in totals.items()}
+
+
+def median_lengths(lines: list[str]) -> dict[str, float]:
+    lengths: dict[str, list[int]] = {}
+    for line in lines:
+        for word in w.words_of(line):
+            lengths.setdefault(word[0], []).append(len(word))
+    return {letter: statistics.median(values) for letter, values in lengths.items()}
 
 mapreduce_jobs = CaseCache("job_mapreduce.py", list(EXPECTED))
 
@@ -70,6 +115,8 @@ def test_mapreduce_equals_serial(case: str, ranks: int) -> None:
         wrong = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
         extra = set(got) - set(expected)
         pytest.fail(f"{case} on {ranks or 'in-process'} ranks: {len(wrong)} keys wrong {dict(list(wrong.items())[:8])}, extra keys {extra}")
+    # Exact: the same types too (1 == 1.0 == True, but a count must stay an int).
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
 
 
 # -- stable_hash ---------------------------------------------------------------------------------
@@ -151,6 +198,8 @@ def test_stable_hash_numpy_scalars_like_python_numbers() -> None:
 
 
 class _Count(MapReduce):
+    """combine is ``return sum(values)``: the buffer keeps a running total per key."""
+
     def map(self, line: str):
         for word in line.split():
             yield word, 1
@@ -162,22 +211,140 @@ class _Count(MapReduce):
         return sum(values)
 
 
+class _Fold(_Count):
+    """A combine written otherwise: the buffer keeps lists, folded by calling it."""
+
+    def combine(self, key: Any, values: list) -> int:
+        return functools.reduce(operator.add, values)
+
+
 class _NoCombine(_Count):
     combine = MapReduce.combine  # type: ignore[assignment]
 
 
+class _CountMapping(_Count):
+    """map returns a mapping: its items are the pairs."""
+
+    def map(self, line: str):
+        return Counter(line.split())
+
+
+class _NoCombineMapping(_CountMapping):
+    combine = MapReduce.combine  # type: ignore[assignment]
+
+
 LINES_SMALL = ["a b a", "c a", "b b b d", "", "a"]
+COUNTS_SMALL = {"a": 4, "b": 4, "c": 1, "d": 1}
 
 
-def test_mapbuffer_add_counts_pairs_and_combine_folds() -> None:
-    job = _Count()
+def _sum3(self, key, counts):
+    return sum(counts)
+
+
+def _sum_with_start(self, key, counts):
+    return sum(counts, 0)
+
+
+def _sum_of_key(self, key, counts):
+    return sum(key)
+
+
+def _max(self, key, counts):
+    return max(counts)
+
+
+def _sum_generator(self, key, counts):
+    yield sum(counts)
+
+
+def _shadowed_sum():
+    sum = len  # noqa: F841 (a local: the function below sees its closure, not the builtin)
+
+    def combine(self, key, counts):
+        return sum(counts)
+
+    return combine
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [(_sum3, True), (lambda self, k, v: sum(v), True), (_Count.combine, True), (_sum_with_start, False),
+     (_sum_of_key, False), (_max, False), (_sum_generator, False), (_shadowed_sum(), False), (len, False),
+     (_Fold.combine, False)],
+)
+def test_sums_its_values_recognises_only_a_plain_sum(method: Any, expected: bool) -> None:
+    assert mapreduce.sums_its_values(method) is expected
+
+
+def test_sums_its_values_sees_a_module_level_sum() -> None:
+    namespace: dict = {"sum": lambda values: 0}
+    exec("def combine(self, key, counts):\n    return sum(counts)\n", namespace)
+    assert not mapreduce.sums_its_values(namespace["combine"])
+
+
+def test_mapbuffer_running_totals() -> None:
+    buffer = MapBuffer(_Count())
+    assert buffer.running
+    assert buffer.add(LINES_SMALL) == 4  # keys held
+    assert buffer.values == COUNTS_SMALL
+    buffer.combine()  # nothing left to fold
+    assert buffer.values == COUNTS_SMALL
+    buffer.add(["a c"])
+    assert buffer.values == {"a": 5, "b": 4, "c": 2, "d": 1}
+    assert {k: v for part in buffer.partitions(2) for k, v in part.items()} == {"a": 5, "b": 4, "c": 2, "d": 1}
+
+
+@pytest.mark.parametrize("job", [_Count(), _CountMapping()], ids=["pairs", "mapping"])
+def test_mapbuffer_merge_of_a_child_buffer(job: MapReduce) -> None:
+    """An isolated worker's child fills a buffer of its own; the rank merges its values."""
+    here, child = MapBuffer(job), MapBuffer(job)
+    here.add(LINES_SMALL[:2])
+    child.add(LINES_SMALL[2:])
+    here.merge(child.values)
+    assert here.values == COUNTS_SMALL
+
+
+def test_mapbuffer_mapping_items_are_the_pairs() -> None:
+    running = MapBuffer(_CountMapping())
+    running.add(LINES_SMALL)
+    assert running.values == COUNTS_SMALL
+    lists = MapBuffer(_NoCombineMapping())
+    lists.add(LINES_SMALL)
+    assert lists.values == {"a": [2, 1, 1], "b": [1, 3], "c": [1], "d": [1]}
+
+
+@pytest.mark.parametrize("kind", [_Count, _Fold, _NoCombine], ids=["running", "lists", "no-combine"])
+def test_mapbuffer_add_is_all_or_nothing(kind: type) -> None:
+    """If the map raises, the buffer is as it was: the items can be mapped again, counted once."""
+
+    class Failing(kind):  # type: ignore[misc, valid-type]
+        def map(self, line: str):
+            for word in line.split():
+                if word == "boom":
+                    raise ValueError("boom")
+                yield word, 1
+
+    buffer = MapBuffer(Failing())
+    buffer.add(["a b a"])
+    before = {k: list(v) if isinstance(v, list) else v for k, v in buffer.values.items()}
+    with pytest.raises(ValueError, match="boom"):
+        buffer.add(["a c", "b boom"])
+    assert buffer.values == before
+    buffer.add(["a c", "b"])  # tried again: counted once
+    total = {k: sum(v) if isinstance(v, list) else v for k, v in buffer.values.items()}
+    assert total == {"a": 3, "b": 2, "c": 1}
+
+
+def test_mapbuffer_lists_and_combine_folds() -> None:
+    job = _Fold()
     assert job.has_combine
     buffer = MapBuffer(job)
-    assert buffer.add(LINES_SMALL) == 10
+    assert not buffer.running
+    assert buffer.add(LINES_SMALL) == 4
     assert buffer.values == {"a": [1, 1, 1, 1], "b": [1, 1, 1, 1], "c": [1], "d": [1]}
     buffer.combine()
     assert buffer.values == {"a": [4], "b": [4], "c": [1], "d": [1]}
-    assert buffer.add(["a c"]) == 2
+    buffer.add(["a c"])
     buffer.combine()
     assert buffer.values == {"a": [5], "b": [4], "c": [2], "d": [1]}
 
@@ -192,18 +359,21 @@ def test_mapbuffer_without_combine_keeps_every_value() -> None:
 
 
 def test_mapbuffer_combines_periodically(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rank holding many pairs folds them as it goes, before the shuffle."""
+    """A rank holding many values in lists folds them as it goes, before the shuffle."""
     monkeypatch.setattr(mapreduce, "_COMBINE_EVERY", 5)
-    buffer = MapBuffer(_Count())
+    buffer = MapBuffer(_Fold())
     buffer.add(["x x x"])
     assert buffer.values == {"x": [1, 1, 1]}  # 3 pairs: below the threshold
     buffer.add(["x x y"])  # 6 pairs since the last combine: fold
     assert buffer.values == {"x": [5], "y": [1]}
+    buffer.add(["y y y y y y x"])  # 7 pairs in one add: its own lists are folded within it
+    assert buffer.values == {"x": [5, 1], "y": [1, 6]}
 
 
+@pytest.mark.parametrize("job", [_Count(), _Fold()], ids=["running", "lists"])
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
-def test_mapbuffer_partitions_split_by_stable_hash(count: int) -> None:
-    buffer = MapBuffer(_Count())
+def test_mapbuffer_partitions_split_by_stable_hash(job: MapReduce, count: int) -> None:
+    buffer = MapBuffer(job)
     lines = w.text_lines(3, 200)
     buffer.add(lines)
     buffer.combine()
@@ -215,5 +385,5 @@ def test_mapbuffer_partitions_split_by_stable_hash(count: int) -> None:
             assert stable_hash(key) % count == index
             assert key not in seen
             seen[key] = values
-    assert seen == buffer.values
-    assert {k: v[0] for k, v in seen.items()} == dict(Counter(word for line in lines for word in line.split()))
+    totals = {k: v if buffer.running else v[0] for k, v in seen.items()}
+    assert totals == dict(Counter(word for line in lines for word in line.split()))
