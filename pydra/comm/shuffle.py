@@ -6,12 +6,12 @@ here and moved with two collectives, ``Alltoall`` for the byte counts and
 ``Alltoallv`` for the bytes themselves, so intermediate data flows directly
 between workers and never through rank 0.
 
-Buffers a bucket's values expose to pickle protocol 5 (numpy arrays' data)
-travel out of band: after the pickle in the bucket's payload, not copied
-into it, and each is copied once out of the received bytes into memory of
-its own (writable, and not pinning the whole exchange). With a
-``PYDRA_SERIALIZER`` other than pickle, the serializer's one pickle holds
-everything, as before.
+Large buffers a bucket's values expose to pickle protocol 5 (numpy arrays'
+data; :func:`pydra.comm.serial.dumps_oob` decides which) travel out of band:
+after the pickle in the bucket's payload, not copied into it, and each is
+copied once out of the received bytes into memory of its own (writable, and
+not pinning the whole exchange). A ``PYDRA_SERIALIZER`` without out-of-band
+buffers keeps everything in its one pickle.
 
 When the job seals (:mod:`pydra.comm.seal`), each bucket is sealed for its
 receiver's world rank under the label ``"shuffle"``; one that does not open
@@ -21,7 +21,6 @@ it would silently lose keys).
 
 from __future__ import annotations
 
-import pickle
 import struct
 from typing import Any
 
@@ -74,11 +73,7 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
 
 def _pack(bucket: Any) -> list[bytes | memoryview]:
     """*bucket* as the pieces of one payload: head and sizes, the pickle, then the buffers it left out of band."""
-    buffers: list[pickle.PickleBuffer] = []
-    if serial.loads is pickle.loads:
-        data = pickle.dumps(bucket, serial.PICKLE_PROTOCOL, buffer_callback=buffers.append)
-    else:  # another PYDRA_SERIALIZER: its own pickle, everything in band
-        data = serial.dumps(bucket)
+    data, buffers = serial.dumps_oob(bucket)  # (a serializer without out-of-band buffers keeps them in band)
     raws = [buffer.raw() for buffer in buffers]
     sizes = [raw.nbytes for raw in raws]
     return [_HEAD.pack(len(data), len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes), data, *raws]
@@ -96,4 +91,4 @@ def _unpack(payload: memoryview) -> Any:
     for length in struct.unpack_from(f"<{count}Q", payload, _HEAD.size):
         buffers.append(bytearray(payload[at : at + length]))
         at += length
-    return pickle.loads(data, buffers=buffers)
+    return serial.loads(data, buffers=buffers)
