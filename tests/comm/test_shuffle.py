@@ -25,8 +25,9 @@ def round_trip(bucket: object) -> tuple[object, list]:
 
 
 def test_arrays_travel_out_of_band_and_come_back_writable() -> None:
-    c_order = np.arange(1000, dtype=np.float64)
-    f_order = np.asfortranarray(np.arange(24, dtype=np.int32).reshape(2, 3, 4))
+    # (buffers from serial.OUT_OF_BAND_BYTES up leave the pickle; smaller ones are cheaper in it)
+    c_order = np.arange(10_000, dtype=np.float64)
+    f_order = np.asfortranarray(np.arange(24_000, dtype=np.int32).reshape(20, 30, 40))
     bucket = {"c": [c_order], ("f", 1): [f_order], "strided": [c_order[::3]], "text": ["x" * 10], "none": [None]}
     back, pieces = round_trip(bucket)
     assert len(pieces) == 2 + 2  # head, pickle, and the two contiguous arrays' data
@@ -49,17 +50,17 @@ def test_buckets_without_big_buffers(bucket: dict) -> None:
     assert pickle.dumps(back) == pickle.dumps(bucket)
 
 
-def test_another_serializer_keeps_everything_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With PYDRA_SERIALIZER set, the serializer's own pickle carries the arrays."""
+def test_a_serializer_without_out_of_band_buffers_keeps_everything_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PYDRA_SERIALIZER whose pickles take no buffer_callback (serial.use gives it this dumps_oob)."""
     used = []
 
-    def dumps(obj: object) -> bytes:
+    def dumps_oob(obj: object) -> tuple[bytes, list]:
         used.append(obj)
-        return pickle.dumps(obj, 5)
+        return pickle.dumps(obj, 5), []
 
-    monkeypatch.setattr(serial, "dumps", dumps)
-    monkeypatch.setattr(serial, "loads", lambda data: pickle.loads(data))
-    array = np.arange(100)
+    monkeypatch.setattr(serial, "dumps_oob", dumps_oob)
+    monkeypatch.setattr(serial, "loads", lambda data, buffers=(): pickle.loads(data))
+    array = np.arange(100_000)
     back, pieces = round_trip({"a": [array]})
     assert used and len(pieces) == 2
     assert np.array_equal(back["a"][0], array)
