@@ -18,6 +18,7 @@ once in ``ssh-agent``, with no Pydra key file at all.
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import sys
@@ -29,10 +30,19 @@ from pydra import strictmodes
 from pydra.comm.channel import Identity
 from pydra.launcher import keys, sshagent
 
-__all__ = ["PROMPT_TRIES", "load_identity", "read_passphrase_file"]
+__all__ = ["PROMPT_TRIES", "add_identity_arguments", "load_identity", "read_passphrase_file"]
 
 PROMPT_TRIES = 3
 
+
+def add_identity_arguments(parser: argparse.ArgumentParser, key: str = "your private key") -> None:
+    """``-i`` and ``--passphrase-file``, as ``pydra launch`` and ``pydra shell`` take them (*key*: whose key)."""
+    parser.add_argument("-i", "--identity", type=Path, metavar="PATH",
+                        help=f"{key}, or the .pub of such a key in ssh-agent (default ~/.pydra/id_ed25519, "
+                             "or without it the first ed25519 key in ssh-agent)")
+    parser.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                        help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
+                             "ssh-agent signs if it holds the key, else you are asked on a terminal")
 
 def load_identity(path: str | os.PathLike[str] | None = None, passphrase_file: Path | None = None) -> Identity:
     """Return what signs for the user (see the module's docstring); *path* None means the default key.

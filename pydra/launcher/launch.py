@@ -43,7 +43,7 @@ from pydra.launcher.environment import forwarded_names, job_environment, parse_e
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
 )
-from pydra.launcher.identity import load_identity
+from pydra.launcher.identity import add_identity_arguments, load_identity
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec
@@ -128,12 +128,7 @@ def launch_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-port", type=_port, default=DEFAULT_AGENT_PORT, metavar="PORT",
                         help=f"the port of the agent on every host of a Slurm or PBS allocation (default "
                              f"{DEFAULT_AGENT_PORT}; a hostfile says port=P per host instead)")
-    parser.add_argument("-i", "--identity", type=Path, metavar="PATH",
-                        help="your private key, or the .pub of a key in ssh-agent (default ~/.pydra/id_ed25519, "
-                             "or without it the first ed25519 key in ssh-agent)")
-    parser.add_argument("--passphrase-file", type=Path, metavar="FILE",
-                        help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
-                             "ssh-agent signs if it holds the key, else you are asked on a terminal")
+    add_identity_arguments(parser)
     parser.add_argument("--known-hosts", type=Path, default=authorized.known_hosts_path(), metavar="PATH",
                         help="pinned host keys (default ~/.pydra/known_hosts)")
     parser.add_argument("--accept-new", action="store_true",

@@ -20,13 +20,12 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import shutil
 import socket
 import struct
-import tempfile
-import threading
 from collections.abc import Iterable
 from pathlib import Path
+
+from pydra.launcher.private import PrivateSocketServer
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -59,56 +58,30 @@ def isolate() -> None:
         fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
-class Connector:
+class Connector(PrivateSocketServer):
     """Outside the namespace: connects to the job's agents for ``pydra-remote-exec`` inside it."""
+
+    timeout = CONNECT_TIMEOUT
 
     def __init__(self, agents: Iterable[tuple[str, int]]) -> None:
         self.agents = {(host, int(port)) for host, port in agents}
-        self._directory = tempfile.mkdtemp(prefix="pydra-launch-")  # mode 0700: ours alone
-        self.path = os.path.join(self._directory, "connect")
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(64)
-        self._thread = threading.Thread(target=self._serve, name="pydra-connector", daemon=True)
-        self._thread.start()
+        super().__init__("pydra-launch-", "connect")
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:  # closed: the job is over
-                return
-            threading.Thread(target=self._answer, args=(client,), daemon=True).start()
-
-    def _answer(self, client: socket.socket) -> None:
-        with client:
-            client.settimeout(CONNECT_TIMEOUT)
-            uid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            host, _, port = client.recv(1024).decode(errors="replace").strip().rpartition(" ")
-            if uid != os.getuid():
-                client.sendall(b"refused: not the launching user")
-                return
-            if not port.isdigit() or (host, int(port)) not in self.agents:
-                client.sendall(f"refused: {host}:{port} is not an agent of this job".encode())
-                return
-            try:
-                agent = socket.create_connection((host, int(port)), CONNECT_TIMEOUT)
-            except OSError as exc:
-                client.sendall(f"cannot reach the agent on {host}: {exc}".encode())
-                return
-            with agent:
-                socket.send_fds(client, [b"ok"], [agent.fileno()])
-
-    def close(self) -> None:
-        """Stop serving and remove the socket's directory."""
-        self._server.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
-
-    def __enter__(self) -> Connector:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def answer(self, client: socket.socket, ours: bool) -> None:
+        host, _, port = client.recv(1024).decode(errors="replace").strip().rpartition(" ")
+        if not ours:
+            client.sendall(b"refused: not the launching user")
+            return
+        if not port.isdigit() or (host, int(port)) not in self.agents:
+            client.sendall(f"refused: {host}:{port} is not an agent of this job".encode())
+            return
+        try:
+            agent = socket.create_connection((host, int(port)), CONNECT_TIMEOUT)
+        except OSError as exc:
+            client.sendall(f"cannot reach the agent on {host}: {exc}".encode())
+            return
+        with agent:
+            socket.send_fds(client, [b"ok"], [agent.fileno()])
 
 
 def connect_through(path: str, host: str, port: int) -> socket.socket:

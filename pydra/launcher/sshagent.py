@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import struct
-import tempfile
-import threading
 from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from pydra.comm.channel import AuthenticationError, Identity
 from pydra.launcher import keys
+from pydra.launcher.private import PrivateSocketServer
 from pydra.launcher.sshwire import WireReader, ssh_string, uint32
 
 __all__ = ["AgentError", "AgentKey", "KeyLender", "agent_keys", "signing_socket", "socket_path"]
@@ -126,45 +124,30 @@ def agent_keys(path: str) -> list[AgentKey]:
     return found
 
 
-class KeyLender:
+class KeyLender(PrivateSocketServer):
     """An ssh-agent for one key, to this user's processes alone, until closed.
 
-    The socket is in a fresh directory of mode 0700, and a connection from
-    another uid (root aside, who can read our memory anyway) is closed unanswered.
+    A connection from another uid is closed unanswered (see :mod:`pydra.launcher.private`).
     """
+
+    timeout = TIMEOUT
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
         self._blob = keys.public_key_blob(keys.public_key_bytes(key))
-        self._directory = tempfile.mkdtemp(prefix="pydra-agent-")
-        self.path = os.path.join(self._directory, "agent")
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(64)
-        threading.Thread(target=self._serve, name="pydra-key-lender", daemon=True).start()
+        super().__init__("pydra-agent-", "agent")
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:  # closed: the job is over
-                return
-            threading.Thread(target=self._answer, args=(client,), daemon=True).start()
-
-    def _answer(self, client: socket.socket) -> None:
-        with client:
-            client.settimeout(TIMEOUT)
-            uid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            if uid != os.getuid():
-                return
-            try:
-                while True:
-                    length = struct.unpack(">I", _receive(client, 4))[0]
-                    if not 1 <= length <= _MAX_MESSAGE:
-                        return
-                    client.sendall(ssh_string(self._reply(WireReader(_receive(client, length)))))
-            except OSError:  # the helper is done (it closes after one request)
-                return
+    def answer(self, client: socket.socket, ours: bool) -> None:
+        if not ours:
+            return
+        try:
+            while True:
+                length = struct.unpack(">I", _receive(client, 4))[0]
+                if not 1 <= length <= _MAX_MESSAGE:
+                    return
+                client.sendall(ssh_string(self._reply(WireReader(_receive(client, length)))))
+        except OSError:  # the helper is done (it closes after one request)
+            return
 
     def _reply(self, request: WireReader) -> bytes:
         try:
@@ -177,17 +160,6 @@ class KeyLender:
         except ValueError:
             pass
         return bytes([FAILURE])
-
-    def close(self) -> None:
-        """Stop lending and remove the socket's directory."""
-        self._server.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
-
-    def __enter__(self) -> KeyLender:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

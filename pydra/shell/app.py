@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
 from pydra.launcher import keys, sshagent
-from pydra.launcher.identity import load_identity
+from pydra.launcher.identity import add_identity_arguments, load_identity
 from pydra.progress import LINE_SECONDS, progress_text
 from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
@@ -38,12 +38,7 @@ def shell_main(argv: list[str] | None = None) -> int:
                "or failed the command, 2 bad usage or no cluster to attach to.",
     )
     parser.add_argument("--connect", type=Path, metavar="FILE", help="a cluster's connection file (default: the newest local cluster)")
-    parser.add_argument("-i", "--identity", type=Path, metavar="PATH",
-                        help="your private key, authorized for the admin role, or the .pub of such a key in ssh-agent "
-                             "(default ~/.pydra/id_ed25519, or without it the first ed25519 key in ssh-agent)")
-    parser.add_argument("--passphrase-file", type=Path, metavar="FILE",
-                        help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
-                             "ssh-agent signs if it holds the key, else you are asked on a terminal")
+    add_identity_arguments(parser, "your private key, authorized for the admin role")
     parser.add_argument("-c", dest="command", metavar="COMMAND", help="run COMMAND and exit with its status")
     parser.add_argument("--json", action="store_true", help="print replies as JSON (for scripts)")
     args = parser.parse_args(argv)
