@@ -10,6 +10,7 @@ import sys
 
 from pydra import __version__
 from pydra.config import check_settings
+from pydra import startup
 from pydra.errors import SealConfigError
 
 DESCRIPTION = """\
@@ -283,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         if exc.report:
             print(f"pydra: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # However this rank ends from here (a bad TARGET every rank agreed on, the job's end), it is
+        # not lost: a supervised rank that leaves during start-up without saying so ends the job.
+        startup.joined()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

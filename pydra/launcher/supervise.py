@@ -89,23 +89,25 @@ def supervise(program: list[str]) -> int:
     rank = world_rank()
     if stopping:
         return status if status >= 0 else 128 - status  # stopped as asked: the job is ending, quietly
-    if status > 0 and rank not in (0, None):
-        tell_rank_zero(address, rank, f"exited with status {status}")
-    if status >= 0:
-        return status
-    name = signal.Signals(-status).name
     step = _last_step(steps)
-    if step != JOINED:
-        # The other ranks wait for this one inside MPI's start-up or a collective, and would
-        # wait forever: end the job. Hydra stops every rank once one has died by a signal.
+    how = f"exited with status {status}" if status >= 0 else f"was killed by {signal.Signals(-status).name}"
+    # A rank that leaves during start-up, other than by an exit the ranks agreed on (which reports
+    # `joined` first, see pydra.cli), leaves the others waiting for it inside MPI's start-up or a
+    # collective forever: end the job. Hydra stops every rank once one has died by a signal. (An exit
+    # before MPI started is every rank's own: a bad command line, say.)
+    if step != JOINED and (status < 0 or step):
         where = step or "before it had started MPI"
-        print(f"pydra: rank {rank} (pid {child.pid}) was killed by {name} during start-up, {where}; ending the job",
+        print(f"pydra: rank {rank} (pid {child.pid}) {how} during start-up, {where}; ending the job",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    print(f"pydra: rank {rank} (pid {child.pid}) was killed by {name}", file=sys.stderr, flush=True)
+    if status > 0 and rank not in (0, None):
+        tell_rank_zero(address, rank, how)
+    if status >= 0:
+        return status
+    print(f"pydra: rank {rank} (pid {child.pid}) {how}", file=sys.stderr, flush=True)
     if rank == 0:
         return 128 - status  # the master is gone: the job has failed
-    tell_rank_zero(address, rank, f"killed by {name}")
+    tell_rank_zero(address, rank, how)
     return 0  # a worker: rank 0 carries on without it
 
 

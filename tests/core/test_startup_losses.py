@@ -36,11 +36,11 @@ STEPS = {
 }
 
 
-def run_losing(rank: int, step: str):
-    """``pydra run -n 4`` losing *rank* at *step*; the tracked job and its marker."""
+def run_losing(rank: int, step: str, how: str = "kill"):
+    """``pydra run -n 4`` losing *rank* at *step* (*how*: ``kill`` or ``exit``); the tracked job and its marker."""
     tag = f"pydra-startup-{uuid.uuid4().hex[:12]}"
     env = mpi_environment()
-    env.update(FAULT_TAG=tag, FAULT_STEP=step, FAULT_RANK=str(rank),
+    env.update(FAULT_TAG=tag, FAULT_STEP=step, FAULT_RANK=str(rank), FAULT_HOW=how,
                PYTHONPATH=f"{HOOK}:{env['PYTHONPATH']}")
     argv = [sys.executable, "-m", "pydra", "run", "-n", "4", "--no-journal", TARGET, "a", "b", "c", tag]
     return run_tracked(argv, timeout=120, env=env), tag
@@ -60,7 +60,26 @@ def test_a_rank_lost_at_start_up_ends_the_job_with_one_line(rank: int, step: str
         assert said[0] == expected
     else:
         assert said[0] in (startup.STEPS["start-sealing"], startup.STEPS["bcast-spec"])
-    assert len(job.stderr.strip().splitlines()) == 1, job.stderr[-3000:]  # that line, and nothing else
+    assert only_that_line(job.stderr), job.stderr[-3000:]
+    assert leftovers(job, tag) == []
+
+
+def only_that_line(stderr: str) -> bool:
+    """Pydra said one line, and nothing else spoke but Hydra (whose proxies may complain of the killed rank)."""
+    lines = stderr.strip().splitlines()
+    ours = [line for line in lines if line.startswith("pydra: ")]
+    return len(ours) == 1 and all(line.startswith(("pydra: ", "[proxy:", "[mpiexec@")) for line in lines)
+
+
+@pytest.mark.parametrize("rank, step", [(2, "load"), (2, "gather-hosts"), (0, "gather-hosts")])
+def test_a_rank_that_exits_at_start_up_ends_the_job_with_one_line(rank: int, step: str) -> None:
+    """An exit the other ranks did not agree on (os._exit in the TARGET's import, say) is a loss too."""
+    job, tag = run_losing(rank, step, how="exit")
+    assert job.returncode is not None, f"the job hung after rank {rank} exited at {step}:\n{job.stderr[-3000:]}"
+    assert job.returncode != 0
+    said = re.findall(rf"^pydra: rank {rank} \(pid \d+\) exited with status 3 during start-up, (.*); ending the job$",
+                      job.stderr, re.M)
+    assert len(said) == 1 and only_that_line(job.stderr), job.stderr[-3000:]
     assert leftovers(job, tag) == []
 
 

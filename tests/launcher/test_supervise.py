@@ -35,10 +35,14 @@ def _stop_what_was_started():
             child.wait()
 
 
+#: what a rank says once its start-up is over (pydra.startup.joined): the rank of these tests is past it
+JOINED = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'joined\\n')\n"
+
+
 def supervised(rank: int, code: str) -> subprocess.Popen:
-    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, in a session of its own."""
+    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, past its start-up, in a session of its own."""
     env = {**os.environ, "PMI_RANK": str(rank), "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", code], env=env,
+    child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", JOINED + code], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _started.append(child)
     return child
@@ -55,7 +59,7 @@ def test_a_worker_killed_by_a_signal_is_told_to_rank_zero_and_ends_the_superviso
         _, stderr = child.communicate(timeout=60)
         assert child.returncode == 0  # a worker: the job goes on without it
         assert "pydra: rank 2" in stderr and "was killed by SIGKILL" in stderr
-        assert with_rank_zero.take() == [(2, "killed by SIGKILL")]
+        assert with_rank_zero.take() == [(2, "was killed by SIGKILL")]
         child = supervised(1, "raise SystemExit(3)")
         child.communicate(timeout=60)
         assert child.returncode == 3 and with_rank_zero.take() == [(1, "exited with status 3")]

@@ -23,6 +23,9 @@ HERE = os.environ.get("PMI_RANK")
 
 
 def die() -> None:
+    """SIGKILL, or with ``FAULT_HOW=exit`` an exit with status 3 that skips everything (as a crashing C library)."""
+    if os.environ.get("FAULT_HOW") == "exit":
+        os._exit(3)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
