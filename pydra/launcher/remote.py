@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import signal
@@ -130,8 +131,11 @@ async def client_exec(
             kind = message.get("type")
             if kind in ("stdout", "stderr"):
                 stream = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
-                stream.write(base64.b64decode(message["data"]))
-                stream.flush()
+                # mpiexec may stop reading us as the job ends: that loses the last output, not the
+                # host (an OSError escaping here would make us stop the job as if the host were lost).
+                with contextlib.suppress(BrokenPipeError):
+                    stream.write(base64.b64decode(message["data"]))
+                    stream.flush()
             elif kind in ("tunnel", "tunnel_eof") and tunnel_to is not None:
                 if forwarded is None:
                     forwarded = await _connect(tunnel_to)
