@@ -44,7 +44,7 @@ def alive(pid: int) -> bool:
     """Whether *pid* runs (a zombie does not; nor does a process reaped between the two looks)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except OSError:  # gone between the open and the read (ESRCH), or before (ENOENT)
         return False
 
 
