@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from testkit import stop_group
 
 SSH_AGENT, SSH_ADD, SSH_KEYGEN = (shutil.which(name) for name in ("ssh-agent", "ssh-add", "ssh-keygen"))
 needs_openssh = pytest.mark.skipif(
@@ -59,12 +59,8 @@ class SshAgent:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            stop_group(self.process)
+        self.process.wait()
         shutil.rmtree(self._directory, ignore_errors=True)
 
 

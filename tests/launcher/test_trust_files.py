@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Iterator
 import pytest
 
 from agentkit import free_port, keygen, pydra
-from testkit import mpi_environment, run_process
+from testkit import mpi_environment, run_process, stop_group
 from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
@@ -81,12 +80,8 @@ class Agent:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            stop_group(self.process)
+            self.process.wait()
 
 
 @pytest.fixture
