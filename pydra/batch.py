@@ -272,9 +272,9 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
     import dataclasses
     import hashlib
 
-    from pydra import journal as journals
+    from pydra import journal as journals, rundirs
 
-    run_dir = Path(request.run_dir) if request.run_dir else journals.new_run_dir(spec.text)
+    run_dir = Path(request.run_dir) if request.run_dir else rundirs.new_run_dir(spec.text)
     output = str(Path(request.output).resolve()) if request.output else None
     digest = hashlib.sha256(spec.source.encode()).hexdigest() if spec.source is not None else None
     if request.run_dir and (run_dir / journals.JOURNAL_NAME).is_file():

@@ -26,17 +26,15 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
-import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydra.config import pydra_home
 from pydra.errors import PydraError
 from pydra.jobstates import INITIAL, JobState, as_state, check_move
+from pydra.rundirs import make_private_dirs
 
 __all__ = [
     "BATCH_ROWS",
@@ -45,8 +43,6 @@ __all__ = [
     "STATES",
     "Journal",
     "JournalError",
-    "default_runs_dir",
-    "new_run_dir",
 ]
 
 JOURNAL_NAME = "journal.sqlite"  #: the journal's file name inside a run directory
@@ -93,73 +89,8 @@ _JOB_COLUMNS = (
     "submitted", "started", "finished", "result_path", "error",
 )
 
-# Characters kept from a target in a run directory's name; anything else becomes "_".
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-_STEM_LENGTH = 40
-
-
 class JournalError(PydraError):
     """The journal cannot be opened, or can no longer be written."""
-
-
-# -- run directories ----------------------------------------------------------------------
-
-
-def default_runs_dir() -> Path:
-    """Return where run directories go by default: ``pydra_home() / "runs"``."""
-    return pydra_home() / "runs"
-
-
-def new_run_dir(target: str, base: Path | None = None) -> Path:
-    """Create a fresh, private run directory for *target* under *base* and return it.
-
-    Its name is ``<UTC YYYYmmdd-HHMMSS>-<target stem>-<4 random hex digits>``, so
-    a listing sorts by start time and says what ran. *base* (default
-    :func:`default_runs_dir`) and any missing parent are created mode 0o700.
-    """
-    base = Path(base) if base is not None else default_runs_dir()
-    _make_private_dirs(base)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    stem = _target_stem(target)
-    while True:
-        path = base / f"{stamp}-{stem}-{secrets.token_hex(2)}"
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue  # two runs of the same target in the same second drew the same suffix
-        os.chmod(path, 0o700)  # mkdir's mode is subject to the umask
-        return path
-
-
-def _target_stem(target: str) -> str:
-    # "examples/pi.py:Pi" -> "pi_Pi", "package.module:Name" -> "package.module_Name"
-    name = re.split(r"[/\\]", target)[-1]
-    where, sep, attribute = name.rpartition(":")
-    if sep and where.endswith(".py"):
-        name = f"{where[:-3]}:{attribute}"
-    elif name.endswith(".py"):
-        name = name[:-3]
-    stem = _UNSAFE.sub("_", name).strip("_")[:_STEM_LENGTH]
-    return stem or "run"
-
-
-def _make_private_dirs(path: Path) -> None:
-    # Path.mkdir(parents=True) would give the parents the default mode, not 0o700.
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        if path.parent == path:
-            break
-        path = path.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            continue  # made meanwhile by someone else: not ours to chmod
-        os.chmod(directory, 0o700)
-
-
-# -- the journal ----------------------------------------------------------------------------
 
 
 class _Request:
@@ -224,7 +155,7 @@ class Journal:
         if flush_interval < 0:
             raise ValueError(f"flush_interval: expected seconds >= 0, got {flush_interval}")
         if create:
-            _make_private_dirs(run_dir)
+            make_private_dirs(run_dir)
             try:
                 # Made here, so that the database starts private whatever the umask;
                 # SQLite gives its -wal and -shm files the database file's mode.

@@ -438,7 +438,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
 
     from mpi4py import MPI
 
-    from pydra import journal as journals
+    from pydra import journal as journals, rundirs
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
     from pydra.control import ControlServer, configure_logging
@@ -459,7 +459,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         if executor is None:
             return 0  # a worker: served rank 0 until it said stop
         master = executor.master
-        directory = Path(run_dir) if run_dir else journals.new_run_dir("service")
+        directory = Path(run_dir) if run_dir else rundirs.new_run_dir("service")
         journal = journals.Journal.open(directory, create=True)
         service = Service(master, journal, directory, directory.name, max_jobs)
         configure_logging()  # the admin endpoint's audit trail, on rank 0's stderr

@@ -17,7 +17,8 @@ import pytest
 
 from pydra import journal
 from pydra.errors import PydraError
-from pydra.journal import Journal, JournalError, default_runs_dir, new_run_dir
+from pydra.journal import Journal, JournalError
+from pydra.rundirs import default_runs_dir, new_run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

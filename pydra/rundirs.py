@@ -1,0 +1,76 @@
+"""Run directories: where a run keeps its journal and results, one private directory per run.
+
+``pydra run`` and ``pydra serve`` make one with :func:`new_run_dir` unless told
+``--run-dir``; the journal (:mod:`pydra.journal`) lives inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+from pydra.config import pydra_home
+
+__all__ = ["default_runs_dir", "make_private_dirs", "new_run_dir"]
+
+# Characters kept from a target in a run directory's name; anything else becomes "_".
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_STEM_LENGTH = 40
+
+
+def default_runs_dir() -> Path:
+    """Return where run directories go by default: ``pydra_home() / "runs"``."""
+    return pydra_home() / "runs"
+
+
+def new_run_dir(target: str, base: Path | None = None) -> Path:
+    """Create a fresh, private run directory for *target* under *base* and return it.
+
+    Its name is ``<UTC YYYYmmdd-HHMMSS>-<target stem>-<4 random hex digits>``, so
+    a listing sorts by start time and says what ran. *base* (default
+    :func:`default_runs_dir`) and any missing parent are created mode 0o700.
+    """
+    base = Path(base) if base is not None else default_runs_dir()
+    make_private_dirs(base)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stem = _target_stem(target)
+    while True:
+        path = base / f"{stamp}-{stem}-{secrets.token_hex(2)}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # two runs of the same target in the same second drew the same suffix
+        os.chmod(path, 0o700)  # mkdir's mode is subject to the umask
+        return path
+
+
+def _target_stem(target: str) -> str:
+    # "examples/pi.py:Pi" -> "pi_Pi", "package.module:Name" -> "package.module_Name"
+    name = re.split(r"[/\\]", target)[-1]
+    where, sep, attribute = name.rpartition(":")
+    if sep and where.endswith(".py"):
+        name = f"{where[:-3]}:{attribute}"
+    elif name.endswith(".py"):
+        name = name[:-3]
+    stem = _UNSAFE.sub("_", name).strip("_")[:_STEM_LENGTH]
+    return stem or "run"
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create *path* and each missing parent with mode 0o700 (what exists already is left alone)."""
+    # Path.mkdir(parents=True) would give the parents the default mode, not 0o700.
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to chmod
+        os.chmod(directory, 0o700)
