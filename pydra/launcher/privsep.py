@@ -43,9 +43,9 @@ from typing import Any
 
 from pydra import strictmodes
 from pydra.comm.aio import Channel
+from pydra.config import setting
 from pydra.launcher import keys
 from pydra.launcher.authorized import AuthorizationError, AuthorizedKeysFile
-from pydra.config import setting
 from pydra.launcher.environment import PREFIXES
 from pydra.launcher.remote import Command, Refused
 
@@ -61,8 +61,6 @@ __all__ = [
 
 #: the PATH every command of a system agent starts with (sshd's default for users)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-#: the variables that say who a process runs as: the agent sets them, a launch cannot
-_IDENTITY = ("HOME", "USER", "LOGNAME", "SHELL", "PATH")
 # A portable user name (POSIX, plus the trailing $ of Samba machine accounts).
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -126,7 +126,7 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
         await channel.send_json({"type": "pong"})
         return
     command, listener = request["command"], None
-    who = keys.sha256_fingerprint(channel.peer_key)
+    fingerprint = keys.sha256_fingerprint(channel.peer_key)
     # JSON-quoted, so that a newline in the command cannot forge a log line.
     logged = json.dumps(command[:LOGGED_COMMAND]) + (" (cut)" if len(command) > LOGGED_COMMAND else "")
     if request.get("tunnel"):
@@ -142,11 +142,12 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
     except OSError as exc:  # the shell or the home directory is missing, say
         if listener is not None:
             listener.close()
-        log.warning("could not start a command as %s for %s from %s: %s: %s", how.who, who, channel.peer_address, exc, logged)
+        log.warning("could not start a command as %s for %s from %s: %s: %s",
+                    how.who, fingerprint, channel.peer_address, exc, logged)
         await channel.send_json({"type": "error", "message": f"could not start the command: {exc.strerror or exc}"})
         return
     log.info("started pid %d (its own process group) as %s for %s from %s: %s",
-             process.pid, how.who, who, channel.peer_address, logged)
+             process.pid, how.who, fingerprint, channel.peer_address, logged)
     await channel.send_json({"type": "started", "pid": process.pid})
     pumps = [
         asyncio.ensure_future(_pump_out(process.stdout, "stdout", channel)),

@@ -271,6 +271,30 @@ def test_sighup_stops_a_users_launch_once_the_key_leaves_that_users_file(system:
         authorize(b, system.identity.with_suffix(".pub").read_text().strip())
 
 
+IDLE_CLIENT = """
+import asyncio, sys
+from pathlib import Path
+from pydra.comm.channel import ChannelError
+from pydra.launcher import keys
+from pydra.launcher.launch import connect
+host, port, key, known_hosts = sys.argv[1:]
+async def main():
+    channel = await connect(host, int(port), keys.load_private_key(key), Path(known_hosts), True)
+    await channel.recv()  # sends no request
+try:
+    asyncio.run(main())
+except ChannelError as exc:
+    print(exc)
+"""
+
+
+def test_a_key_that_sends_no_request_is_closed_after_the_grace_time(system: System) -> None:
+    done = run_process([sys.executable, "-c", IDLE_CLIENT, HOST, str(system.port), str(system.identity),
+                        str(system.root / "known_hosts")], timeout=60, env=mpi_environment())
+    assert done.returncode == 0 and "closed" in done.stdout, done.stdout + done.stderr
+    assert "no request from 127.0.0.1 within 5.0 s: closing" in system.log()
+
+
 WHO_TASKS = """
 import os
 import pydra
