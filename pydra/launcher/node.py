@@ -183,7 +183,14 @@ def node_main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
         print(f"pydra node: {exc}", file=sys.stderr)
         return 2
-    except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
+    except FileNotFoundError as exc:
+        if exc.filename == str(args.host_key):
+            print(f"pydra node: error: no host key {args.host_key}: make one with "
+                  f"`pydra keygen -f {args.host_key} -C \"$(hostname)\"`", file=sys.stderr)
+        else:
+            print(f"pydra node: error: {exc}", file=sys.stderr)
+        return 2
+    except (keys.KeyFileError, OSError) as exc:
         print(f"pydra node: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):

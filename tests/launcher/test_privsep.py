@@ -351,3 +351,11 @@ def test_the_system_agent_refuses_a_host_key_others_may_read(system: System) -> 
                        timeout=60)
     assert done.returncode == 2
     assert done.stderr == f"pydra node: refusing {key}: readable by its group (mode 0640); chmod 600 {key}\n"
+
+
+def test_a_missing_host_key_says_how_to_make_one(system: System) -> None:
+    key = system.shared / "no_such_key"
+    done = run_process(pydra("node", "--system", "--listen", f"{HOST}:{free_port(HOST)}", "--host-key", str(key)),
+                       timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == f'pydra node: error: no host key {key}: make one with `pydra keygen -f {key} -C "$(hostname)"`\n'
