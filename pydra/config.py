@@ -119,7 +119,8 @@ SETTINGS: dict[str, Setting] = {
                                     "how long a listener refuses an address whose handshakes fail "
                                     "(authfail:5 noauth:1 grace-exceeded:10 min:15 max:600)"),
     "LOGIN_GRACE_TIME": Setting(5.0, _POSITIVE_FLOAT, "a positive number of seconds",
-                                "seconds a client has to complete its handshake with a listener"),
+                                "seconds a client has to complete its handshake with a listener "
+                                "(and, on pydra node --system, to send its request)"),
 }
 
 

@@ -24,7 +24,7 @@ Two modes, as docs/SECURITY.md explains:
   :data:`SYSTEM_HOST_KEY` (readable by root alone). Each request names a local
   user, and runs as that user if that user's ``~/.pydra/authorized_keys``
   allows the key (:class:`pydra.launcher.privsep.SystemUsers`): a launch can
-  no longer read the host key or change who may administer.
+  no longer read the host key, and writes only what its user could.
 
 Both log every command they run, with the user, the key's fingerprint and
 the client's address.
