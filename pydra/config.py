@@ -87,7 +87,7 @@ SETTINGS: dict[str, Setting] = {
                         "how pydra run shows a long job's progress (default: bar on a terminal, else lines)"),
     "MPIEXEC": Setting("", str, "a command", "the mpiexec that `pydra run -n` uses (default: mpi4py's MPI's)"),
     "HOME": Setting("~/.pydra", str, "a directory", "Pydra's directory for keys and runs"),
-    "AGENTS": Setting("{}", str, "JSON", "set by pydra launch for pydra-remote-exec: {name: [host, agent port]}"),
+    "AGENTS": Setting("{}", str, "JSON", "set by pydra launch for pydra-remote-exec: {name: [host, agent port, user]}"),
     "IDENTITY": Setting("", str, "a key file or public key line",
                         "set by pydra launch for pydra-remote-exec: the launcher's public key"),
     "IDENTITY_AGENT": Setting("", str, "a socket path",
@@ -119,7 +119,8 @@ SETTINGS: dict[str, Setting] = {
                                     "how long a listener refuses an address whose handshakes fail "
                                     "(authfail:5 noauth:1 grace-exceeded:10 min:15 max:600)"),
     "LOGIN_GRACE_TIME": Setting(5.0, _POSITIVE_FLOAT, "a positive number of seconds",
-                                "seconds a client has to complete its handshake with a listener"),
+                                "seconds a client has to complete its handshake with a listener "
+                                "(and, on pydra node --system, to send its request)"),
 }
 
 

@@ -26,6 +26,10 @@ says how to fix it::
 
 Files are checked through the descriptor they are read from
 (:func:`read_bytes`), so what is checked is what is read.
+
+"You" is the effective user: ``pydra node --system`` checks a user's
+``authorized_keys`` while acting as that user (:mod:`pydra.launcher.privsep`),
+so the file must be that user's or root's, up to that user's home.
 """
 
 from __future__ import annotations

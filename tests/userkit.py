@@ -64,6 +64,26 @@ def remove_user(name: str) -> None:
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def reachable_by_others(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Let other users reach *path* (o+x on each directory above it that lacks it), restored on exit.
+
+    The test machine runs as root, with Python under /root (mode 0700): a
+    second user running the venv's Python needs to pass through /root.
+    """
+    changed = []
+    try:
+        for directory in reversed(Path(os.path.realpath(path)).parents):
+            mode = directory.stat().st_mode & 0o7777
+            if not mode & 0o001:
+                directory.chmod(mode | 0o001)
+                changed.append((directory, mode))
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            directory.chmod(mode)
+
+
 @pytest.fixture(scope="module")
 def other_user() -> Iterator[User]:
     """A second local user for a test module, removed after it (skips when not root)."""

@@ -234,9 +234,15 @@ class AuthorizedKeysFile:
     :class:`AuthorizationError` whose message says why.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        log: logging.Logger,
+        reader: Callable[[Path], bytes] = strictmodes.read_bytes,
+    ) -> None:
         self.path = Path(path) if path is not None else authorized_keys_path()
         self.log = log
+        self.reader = reader  #: reads the file under strict modes (a system agent's reads it as its user)
         self._last: object = None  # what the last read found, to log only what changed
 
     def load(self) -> tuple[list[AuthorizedKey], list[SkippedLine]]:
@@ -246,7 +252,7 @@ class AuthorizedKeysFile:
         (``FileNotFoundError`` for a missing file), after logging it.
         """
         try:
-            data = strictmodes.read_bytes(self.path)
+            data = self.reader(self.path)
         except (strictmodes.StrictModeError, OSError) as error:
             self._note(str(error), lambda: self.log.warning("%s: every client is refused", _describe(error)))
             raise

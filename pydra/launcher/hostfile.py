@@ -9,12 +9,18 @@ Pydra's ``port=`` for an agent listening on a non-default port::
     node03 slots=4              # Open MPI style
     node04 slots=4 max_slots=8  # may be oversubscribed up to 8 processes
     node05:2 port=7000          # the agent on node05 listens on port 7000
+    bob@node06:2                # on a system agent (pydra node --system), run as bob
 
 A host without a slot count gets one slot.  A host listed more than once
 (same name and port) is merged, as mpirun does: its slots are added up, and
 so are its max_slots, which stay unlimited if any of its lines leaves them
 unlimited.  The same name with different ports is two hosts: several agents
 can run on one machine.  IPv6 addresses are not supported in hostfiles.
+
+``user@host`` names the local user a system agent (``pydra node --system``)
+runs the job's processes as, like ssh's ``user@host``; without it, the user is
+the launcher's login name. A single-user agent runs everything as itself and
+ignores the name. The same host with two users is two hosts.
 
 Under a batch scheduler the allocation is the hostfile: see
 :func:`hosts_from_environment` for Slurm and PBS.
@@ -44,6 +50,7 @@ DEFAULT_AGENT_PORT = 7470
 
 _MAX_PORT = 65535
 _SETTINGS = ("slots", "max_slots", "port")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?\Z")  # a portable user name
 # Items of a Slurm host list: runs of plain characters and [...] groups.
 _NODELIST_ITEM = re.compile(r"(?:[^,\[\]]|\[[^\[\]]*\])+")
 _FIRST_BRACKET_GROUP = re.compile(r"([^\[]*)\[([^\]]*)\](.*)")
@@ -58,6 +65,12 @@ class Host:
     slots: int = 1  #: processes to start there
     max_slots: int | None = None  #: oversubscription limit; None means no limit
     port: int = DEFAULT_AGENT_PORT  #: the port of the node's Pydra agent
+    user: str | None = None  #: who to run as on a system agent (None: the launcher's login name)
+
+    @property
+    def label(self) -> str:
+        """``user@name``, or the name alone when no user is given."""
+        return f"{self.user}@{self.name}" if self.user else self.name
 
 
 class HostfileError(ValueError):
@@ -88,8 +101,9 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[Host]:
 def _parse_entry(entry: str) -> Host:
     first, *settings = entry.split()
     name, colon, slots_text = first.partition(":")
-    if not name or "=" in name:
-        raise ValueError(f"expected a host name first, got {first!r}")
+    user, at, name = name.rpartition("@")
+    if not name or "=" in name or (at and not _USER.match(user)):
+        raise ValueError(f"expected a host name first (or user@host), got {first!r}")
     values = {"slots": slots_text} if colon else {}
     for setting in settings:
         key, equals, value = setting.partition("=")
@@ -105,7 +119,7 @@ def _parse_entry(entry: str) -> Host:
     port = _positive_int("port", values.get("port", str(DEFAULT_AGENT_PORT)))
     if port > _MAX_PORT:
         raise ValueError(f"port must be at most {_MAX_PORT}, got {port}")
-    return Host(name, slots, max_slots, port)
+    return Host(name, slots, max_slots, port, user or None)
 
 
 def _positive_int(key: str, text: str) -> int:
@@ -115,15 +129,15 @@ def _positive_int(key: str, text: str) -> int:
 
 
 def _merge_duplicates(hosts: Iterable[Host]) -> list[Host]:
-    merged: dict[tuple[str, int], Host] = {}  # keeps each host where it first appeared
+    merged: dict[tuple[str, int, str | None], Host] = {}  # keeps each host where it first appeared
     for host in hosts:
-        earlier = merged.get((host.name, host.port))
+        earlier = merged.get((host.name, host.port, host.user))
         if earlier is not None:
             max_slots = None  # unlimited if either line leaves it unlimited
             if earlier.max_slots is not None and host.max_slots is not None:
                 max_slots = earlier.max_slots + host.max_slots
-            host = Host(host.name, earlier.slots + host.slots, max_slots, host.port)
-        merged[host.name, host.port] = host
+            host = Host(host.name, earlier.slots + host.slots, max_slots, host.port, host.user)
+        merged[host.name, host.port, host.user] = host
     return list(merged.values())
 
 

@@ -46,7 +46,7 @@ from pydra.launcher.hostfile import (
 from pydra.launcher.identity import add_identity_arguments, load_identity
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
-from pydra.launcher.remote import client_exec
+from pydra.launcher.remote import client_exec, login_name
 from pydra.strictmodes import StrictModeError
 
 CONNECT_TIMEOUT = 10.0
@@ -91,9 +91,11 @@ async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) 
         channel = await connect(host.name, host.port, identity, known_hosts, accept_new)
         async with channel:
             started = time.perf_counter()
-            await channel.send_json({"type": "ping"})
+            await channel.send_json({"type": "ping", "user": host.user or login_name()})
             reply = await channel.recv_json()
             rtt = time.perf_counter() - started
+            if reply.get("type") == "error":  # a system agent that will not run anything as that user
+                raise ChannelError(f"agent refused: {reply.get('message')}")
             if reply.get("type") != "pong":
                 raise ChannelError(f"expected pong, got {reply.get('type')!r}")
             return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
@@ -106,7 +108,7 @@ def print_table(checks: list[HostCheck]) -> None:
     rows = [("HOST", "AGENT", "HOST KEY", "SLOTS", "RTT", "STATUS")]
     for c in checks:
         rtt = f"{c.rtt * 1000:.1f} ms" if c.rtt is not None else "-"
-        rows.append((c.host.name, f"{c.host.name}:{c.host.port}", c.fingerprint, str(c.host.slots), rtt,
+        rows.append((c.host.label, f"{c.host.name}:{c.host.port}", c.fingerprint, str(c.host.slots), rtt,
                      "ok" if c.problem is None else f"FAILED: {c.problem}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -271,7 +273,7 @@ class Launch:
         # then sees no host as local, and starts every proxy through an agent (localhost too).
         names = [f"pydra-host-{i}" for i in range(len(self.hosts))] if mpiexec.implementation == MPICH \
             else [h.name for h in self.hosts]
-        agents = {name: (h.name, h.port) for name, h in zip(names, self.hosts)}
+        agents = {name: (h.name, h.port, h.user or login_name()) for name, h in zip(names, self.hosts)}
         settings = {
             "PYDRA_PROGRESS": progress_mode(),
             "PYDRA_AGENTS": json.dumps(agents),
@@ -296,7 +298,7 @@ class Launch:
                 return wait_for(self.open_mpi_command(mpiexec, machinefile.name, env, program), env)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
-            with netns.Connector(agents.values()) as connector:
+            with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 try:
@@ -364,7 +366,7 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
     if host not in agents:
         print(f"pydra-remote-exec: no agent known for host {host!r} (PYDRA_AGENTS)", file=sys.stderr)
         return 255
-    host, port = agents[host]
+    host, port, user = agents[host]
     # Interrupted (mpiexec stopping the job, or Ctrl-C): leave at once. The kernel closes our
     # connection and the agent, seeing it end early, kills everything the command started.
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -386,7 +388,7 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         try:
             # The job's key reaches the remote daemon (and so its ranks) inside the channel.
             key = {"PYDRA_JOB_KEY": os.environ["PYDRA_JOB_KEY"]} if "PYDRA_JOB_KEY" in os.environ else None
-            return await client_exec(channel, command, env=key, tunnel_to=control)
+            return await client_exec(channel, command, env=key, tunnel_to=control, user=user)
         finally:
             # Once the exit status is in, the agent may close first: that is no failure.
             with contextlib.suppress(ChannelError):

@@ -13,6 +13,21 @@ file and stops the running launches of keys it no longer allows
 ``authorized_keys`` that another user could have written (strict modes,
 :mod:`pydra.strictmodes`): at start by exiting with one line, later by
 refusing every connection until the file is fixed.
+
+Two modes, as docs/SECURITY.md explains:
+
+* ``pydra node`` (single-user) runs as one user, reads that user's
+  ``authorized_keys`` and runs every launch as itself
+  (:class:`pydra.launcher.remote.OwnUser`): a launch key can read the host key
+  and edit ``authorized_keys``.
+* ``pydra node --system`` runs as root, like sshd, with its host key in
+  :data:`SYSTEM_HOST_KEY` (readable by root alone). Each request names a local
+  user, and runs as that user if that user's ``~/.pydra/authorized_keys``
+  allows the key (:class:`pydra.launcher.privsep.SystemUsers`): a launch can
+  no longer read the host key, and writes only what its user could.
+
+Both log every command they run, with the user, the key's fingerprint and
+the client's address.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -31,13 +47,16 @@ from pydra.comm.aio import serve_channel
 from pydra.config import check_settings
 from pydra.launcher import authorized, keys
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
-from pydra.launcher.remote import server_exec
+from pydra.launcher.privsep import SystemUsers
+from pydra.launcher.remote import OwnUser, server_exec
 from pydra.launcher.sessions import Sessions
 from pydra.strictmodes import StrictModeError
 
 log = logging.getLogger("pydra.node")
 
 PURPOSE = "launch"
+#: where ``pydra node --system`` finds its host key unless told otherwise
+SYSTEM_HOST_KEY = Path("/etc/pydra/host_ed25519")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -52,8 +71,8 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", number
 
 
-async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) -> None:
-    """Run the agent until cancelled.
+async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path | None) -> None:
+    """Run the agent until cancelled; with *authorized_keys* None, as a system agent (``--system``).
 
     Raises :class:`~pydra.strictmodes.StrictModeError` at start if the host key
     or ``authorized_keys`` could have been written by someone else; later, such
@@ -61,23 +80,35 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
     """
     identity = keys.load_private_key(host_key)
     fingerprint = keys.sha256_fingerprint(identity.public_key())
-    if authorized_keys.exists():
-        strictmodes.check_file(authorized_keys)  # at start, an unsafe file stops the agent
-    keyfile = authorized.AuthorizedKeysFile(authorized_keys, log)
-    with contextlib.suppress(OSError, StrictModeError):
-        keyfile.load()  # logs its skipped lines now (or that it is missing), not at the first connection
+    if authorized_keys is None:
+        users = SystemUsers("launch", log)
+        sessions = Sessions(None, "launch", functools.partial(server_exec, runner=users), log, users.keyfile_of)
+        mode = "system mode: each launch runs as the user it names"
 
-    def authorize_client(public_key: bytes, address: str) -> object:
-        who = keys.sha256_fingerprint(public_key)
-        try:
-            line = keyfile.authorize(public_key, address, "launch")
-        except authorized.AuthorizationError as refusal:
-            log.warning("refused %s from %s: %s", who, address, refusal)
-            raise
-        log.info("accepted %s from %s (%s)", who, address, line.location)
-        return line
+        def authorize_client(public_key: bytes, address: str) -> object:
+            # Which file decides is known only from the request, which names the user (as ssh's user@host).
+            log.info("authenticated %s from %s: its request says as whom", keys.sha256_fingerprint(public_key), address)
+            return None
+    else:
+        if authorized_keys.exists():
+            strictmodes.check_file(authorized_keys)  # at start, an unsafe file stops the agent
+        keyfile = authorized.AuthorizedKeysFile(authorized_keys, log)
+        with contextlib.suppress(OSError, StrictModeError):
+            keyfile.load()  # logs its skipped lines now (or that it is missing), not at the first connection
+        own = OwnUser()
+        sessions = Sessions(keyfile, "launch", functools.partial(server_exec, runner=own), log)
+        mode = f"single-user mode: launches run as {own.who}"
 
-    sessions = Sessions(keyfile, "launch", server_exec, log)
+        def authorize_client(public_key: bytes, address: str) -> object:
+            who = keys.sha256_fingerprint(public_key)
+            try:
+                line = keyfile.authorize(public_key, address, "launch")
+            except authorized.AuthorizationError as refusal:
+                log.warning("refused %s from %s: %s", who, address, refusal)
+                raise
+            log.info("accepted %s from %s (%s)", who, address, line.location)
+            return line
+
     # SIGTERM (how a daemon is stopped) ends the agent cleanly: pid file removed, exit 0. Both
     # handlers are in place before the agent listens: an early SIGHUP must not end it.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
@@ -85,7 +116,7 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path) 
     server = await serve_channel(
         listen[0], listen[1], sessions.serve, identity=identity, purpose=PURPOSE, authorize_client=authorize_client, log=log
     )
-    log.info("pydra node listening on %s:%d, host key %s", listen[0], listen[1], fingerprint)
+    log.info("pydra node listening on %s:%d, host key %s (%s)", listen[0], listen[1], fingerprint, mode)
     async with server:
         await server.serve_forever()
 
@@ -104,10 +135,14 @@ def node_main(argv: list[str] | None = None) -> int:
         "--listen", type=parse_address, default=("127.0.0.1", DEFAULT_AGENT_PORT), metavar="ADDR:PORT",
         help=f"address to listen on (default 127.0.0.1:{DEFAULT_AGENT_PORT}; only loopback unless you say otherwise)",
     )
-    parser.add_argument("--host-key", type=Path, default=keys.host_key_path(), metavar="PATH",
-                        help="this host's Ed25519 key (default ~/.pydra/host_ed25519)")
-    parser.add_argument("--authorized-keys", type=Path, default=authorized.authorized_keys_path(), metavar="PATH",
-                        help="who may launch here (default ~/.pydra/authorized_keys)")
+    parser.add_argument("--system", action="store_true",
+                        help="run as root and start each launch as the local user it names, if that user's "
+                             "~/.pydra/authorized_keys allows the key (privilege separation, as sshd)")
+    parser.add_argument("--host-key", type=Path, metavar="PATH",
+                        help=f"this host's Ed25519 key (default ~/.pydra/host_ed25519; with --system {SYSTEM_HOST_KEY})")
+    parser.add_argument("--authorized-keys", type=Path, metavar="PATH",
+                        help="who may launch here (default ~/.pydra/authorized_keys; not with --system, "
+                             "which reads each user's own)")
     parser.add_argument("--log", type=Path, metavar="PATH", help="append the log here instead of stderr")
     parser.add_argument("--pid-file", type=Path, metavar="PATH", help="write the agent's pid here")
     parser.add_argument("--daemon", action="store_true", help="detach and run in the background (needs --log)")
@@ -115,10 +150,23 @@ def node_main(argv: list[str] | None = None) -> int:
     if (problem := check_settings()) is not None:  # PYDRA_MAX_STARTUPS and the like, before listening
         print(f"pydra node: error: {problem}", file=sys.stderr)
         return 2
+    if args.system:
+        if args.authorized_keys is not None:
+            parser.error("--system reads each user's ~/.pydra/authorized_keys: --authorized-keys is for single-user mode")
+        if os.geteuid() != 0:
+            print("pydra node: error: --system must run as root (it starts each launch as the user it names)",
+                  file=sys.stderr)
+            return 2
+        args.host_key = args.host_key or SYSTEM_HOST_KEY
+    else:
+        args.host_key = args.host_key or keys.host_key_path()
+        args.authorized_keys = args.authorized_keys or authorized.authorized_keys_path()
     if args.daemon:
         if args.log is None:
             parser.error("--daemon needs --log PATH: a daemon has no terminal to log to")
-        args.log, args.host_key, args.authorized_keys = (p.resolve() for p in (args.log, args.host_key, args.authorized_keys))
+        args.log, args.host_key = args.log.resolve(), args.host_key.resolve()
+        if args.authorized_keys:
+            args.authorized_keys = args.authorized_keys.resolve()
         if args.pid_file:
             args.pid_file = args.pid_file.resolve()
         if _detach():
@@ -135,7 +183,14 @@ def node_main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
         print(f"pydra node: {exc}", file=sys.stderr)
         return 2
-    except (keys.KeyFileError, FileNotFoundError, OSError) as exc:
+    except FileNotFoundError as exc:
+        if exc.filename == str(args.host_key):
+            print(f"pydra node: error: no host key {args.host_key}: make one with "
+                  f"`pydra keygen -f {args.host_key} -C \"$(hostname)\"`", file=sys.stderr)
+        else:
+            print(f"pydra node: error: {exc}", file=sys.stderr)
+        return 2
+    except (keys.KeyFileError, OSError) as exc:
         print(f"pydra node: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):

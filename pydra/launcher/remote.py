@@ -8,13 +8,21 @@ After the channel (``purpose="launch"``) is established, the launcher side
 launcher -> agent                           agent -> launcher
 ==========================================  =========================================
 ``{"type": "exec", "command": "...",``      ``{"type": "started", "pid": N}``
-``"env": {...}}`` (run by ``/bin/sh -c``)   ``{"type": "stdout"|"stderr", "data": B64}``
+``"env": {...}, "user": "..."}``            ``{"type": "stdout"|"stderr", "data": B64}``
 ``{"type": "stdin", "data": B64}``          ``{"type": "exit", "status": N}`` (then close)
-``{"type": "stdin_eof"}``
-``{"type": "ping"}`` (instead of exec)      ``{"type": "pong"}`` (then close)
+``{"type": "stdin_eof"}``                   ``{"type": "error", "message": "..."}`` (refused)
+``{"type": "ping", "user": "..."}``         ``{"type": "pong"}`` (then close)
 ``{"type": "tunnel", "data": B64}``         ``{"type": "tunnel", "data": B64}``
 ``{"type": "tunnel_eof"}``                  ``{"type": "tunnel_eof"}``
 ==========================================  =========================================
+
+Who runs the command, with which environment, is the agent's *runner*'s
+decision: :class:`OwnUser` (``pydra node``: the agent's own user and
+environment plus the request's ``env``; ``user`` is ignored) or
+:class:`pydra.launcher.privsep.SystemUsers` (``pydra node --system``: the user
+the request names, if that user's ``authorized_keys`` allows the key, with a
+clean environment). Either way the agent logs every command it runs, with the
+user, the launcher's key fingerprint and address.
 
 An exec request with ``"tunnel": true`` forwards one connection: the agent
 puts a loopback address of its own host where the command says
@@ -31,11 +39,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pydra.comm.aio import Channel, ChannelClosed
 from pydra.comm.channel import ChannelError
@@ -46,29 +58,96 @@ log = logging.getLogger("pydra.node")
 READ_SIZE = 64 * 1024
 #: how long the agent waits, after sending the exit status, for the launcher to close
 LINGER = 10.0
+#: how much of a command the log line that records it keeps
+LOGGED_COMMAND = 2000
 
 
-async def server_exec(channel: Channel) -> None:
-    """Agent side: serve one request on an authenticated channel."""
-    request = await channel.recv_json()
-    if request.get("type") == "ping":
-        await channel.send_json({"type": "pong"})
+class Refused(Exception):
+    """The agent will not serve a request; the message, one line, goes to the launcher."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """How the agent starts a request's command: ``[shell, "-c", command]`` with *env*."""
+
+    shell: str
+    env: dict[str, str]
+    who: str  #: who it runs as, for the log: ``bob (uid 1001)``
+    options: dict[str, Any] = field(default_factory=dict)  #: more for subprocess (user=, group=, cwd=...)
+
+
+class Runner(Protocol):
+    """Decides who runs a request, and how (see the module's docstring)."""
+
+    #: seconds an accepted client has to send its request (None: no limit)
+    request_timeout: float | None
+
+    def prepare(self, channel: Channel, request: dict[str, Any]) -> Command:
+        """How to run *request* (an exec or a ping) from *channel*; :class:`Refused` if it may not run."""
+
+
+class OwnUser:
+    """Single-user mode: every command runs as the agent itself, with its environment plus the request's."""
+
+    request_timeout = None
+
+    def __init__(self) -> None:
+        uid = os.geteuid()
+        try:
+            self.who = f"{pwd.getpwuid(uid).pw_name} (uid {uid}, the agent's own user)"
+        except KeyError:  # a uid with no passwd entry (some containers)
+            self.who = f"uid {uid} (the agent's own user)"
+
+    def prepare(self, channel: Channel, request: dict[str, Any]) -> Command:
+        """The agent's environment plus the request's ``env``; ``/bin/sh``; the request's ``user`` is ignored."""
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+        return Command("/bin/sh", env, self.who)
+
+
+async def server_exec(channel: Channel, runner: Runner) -> None:
+    """Agent side: serve one request on an authenticated channel, run as *runner* says."""
+    try:
+        request = await asyncio.wait_for(channel.recv_json(), runner.request_timeout)
+    except asyncio.TimeoutError:
+        log.warning("no request from %s within %s s: closing", channel.peer_address, runner.request_timeout)
         return
-    if request.get("type") != "exec" or not isinstance(request.get("command"), str):
+    if request.get("type") not in ("exec", "ping") or (
+        request["type"] == "exec" and not isinstance(request.get("command"), str)
+    ):
         await channel.send_json({"type": "error", "message": "expected an exec or ping request"})
         return
-    env = dict(os.environ)
-    env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+    try:
+        how = runner.prepare(channel, request)
+    except Refused as refusal:
+        await channel.send_json({"type": "error", "message": str(refusal)})
+        return
+    if request["type"] == "ping":
+        await channel.send_json({"type": "pong"})
+        return
     command, listener = request["command"], None
+    fingerprint = keys.sha256_fingerprint(channel.peer_key)
+    # JSON-quoted, so that a newline in the command cannot forge a log line.
+    logged = json.dumps(command[:LOGGED_COMMAND]) + (" (cut)" if len(command) > LOGGED_COMMAND else "")
     if request.get("tunnel"):
         listener = tunnel.listen_loopback()
         command = command.replace(tunnel.PLACEHOLDER, "127.0.0.1:%d" % listener.getsockname()[1])
-    process = await asyncio.create_subprocess_exec(
-        "/bin/sh", "-c", command,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=env, start_new_session=True,  # its own process group, so it can be stopped whole
-    )
-    log.info("started pid %d (its own process group) for %s", process.pid, keys.sha256_fingerprint(channel.peer_key))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            how.shell, "-c", command,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=how.env, start_new_session=True,  # its own process group, so it can be stopped whole
+            **how.options,
+        )
+    except OSError as exc:  # the shell or the home directory is missing, say
+        if listener is not None:
+            listener.close()
+        log.warning("could not start a command as %s for %s from %s: %s: %s",
+                    how.who, fingerprint, channel.peer_address, exc, logged)
+        await channel.send_json({"type": "error", "message": f"could not start the command: {exc.strerror or exc}"})
+        return
+    log.info("started pid %d (its own process group) as %s for %s from %s: %s",
+             process.pid, how.who, fingerprint, channel.peer_address, logged)
     await channel.send_json({"type": "started", "pid": process.pid})
     pumps = [
         asyncio.ensure_future(_pump_out(process.stdout, "stdout", channel)),
@@ -114,14 +193,20 @@ async def _accept_tunnel(listener: socket.socket, pgid: int, channel: Channel, p
 
 
 async def client_exec(
-    channel: Channel, command: str, env: dict[str, str] | None = None, tunnel_to: tuple[str, int] | None = None
+    channel: Channel,
+    command: str,
+    env: dict[str, str] | None = None,
+    tunnel_to: tuple[str, int] | None = None,
+    user: str | None = None,
 ) -> int:
     """Launcher side: run *command* through the agent, relaying our stdio; its exit status.
 
     With *tunnel_to*, the command's connection to ``@PYDRA_TUNNEL@`` is carried
     to that address, which this side connects to when the first bytes arrive.
+    *user* is the user to run as on a system agent (default: our login name).
     """
-    await channel.send_json({"type": "exec", "command": command, "env": env or {}, "tunnel": tunnel_to is not None})
+    await channel.send_json({"type": "exec", "command": command, "env": env or {}, "tunnel": tunnel_to is not None,
+                             "user": user or login_name()})
     loop = asyncio.get_running_loop()
     stdin_task = asyncio.ensure_future(_forward_stdin(channel, loop))
     forwarded: socket.socket | None = None
@@ -149,6 +234,14 @@ async def client_exec(
         stdin_task.cancel()
         if forwarded is not None:
             forwarded.close()
+
+
+def login_name() -> str:
+    """This process's user name, the user a launch runs as on a system agent unless a hostfile says ``user@host``."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid with no passwd entry: the name the environment gives, as getpass does
+        return os.environ.get("LOGNAME") or os.environ.get("USER") or str(os.getuid())
 
 
 async def _connect(address: tuple[str, int]) -> socket.socket:

@@ -13,6 +13,10 @@ the command's whole process group, as when a launcher goes away
 A file that cannot be read, or that strict modes refuse, stops nothing: the
 reload is logged as failed, the running launches go on, and every new
 connection is refused until the file is fixed.
+
+A system agent (``pydra node --system``) has one file per user: on SIGHUP it
+rereads the file of every user with running launches, and checks each launch
+against the file that allowed it (:class:`pydra.launcher.privsep.SystemUsers`).
 """
 
 from __future__ import annotations
@@ -34,19 +38,27 @@ REVOKED = "key no longer authorized"  #: the close reason a stopped launcher hea
 
 
 class Sessions:
-    """Runs *handler* for each channel, and remembers the channel (and the client's address) while it runs."""
+    """Runs *handler* for each channel, and remembers the channel (and the client's address) while it runs.
+
+    *keyfile* is the agent's ``authorized_keys``, reread on every reload; a
+    system agent has none and gives *keyfile_of*, the file that allowed a
+    channel (None while the channel has not been authorized yet). By default
+    every channel was allowed by *keyfile*.
+    """
 
     def __init__(
         self,
-        keyfile: AuthorizedKeysFile,
+        keyfile: AuthorizedKeysFile | None,
         role: str,
         handler: Callable[[Channel], Awaitable[None]],
         log: logging.Logger,
+        keyfile_of: Callable[[Channel], AuthorizedKeysFile | None] | None = None,
     ) -> None:
         self.keyfile = keyfile
         self.role = role
         self.handler = handler
         self.log = log
+        self.keyfile_of = keyfile_of or (lambda channel: keyfile)
         self._running: dict[Channel, str] = {}  # the channel -> the client's address
         self._stopping: set[asyncio.Task] = set()  # closes under way (asyncio keeps weak references)
 
@@ -60,15 +72,23 @@ class Sessions:
 
     def reload(self) -> None:
         """Reread ``authorized_keys`` and stop the launches it no longer allows (call on SIGHUP)."""
-        try:
-            self.keyfile.load()
-        except (OSError, StrictModeError):  # load() has logged why
-            self.log.error("reload of %s failed: the %d running launches go on", self.keyfile.path, len(self._running))
-            return
-        stopped = 0
-        for channel, address in list(self._running.items()):
+        allowed_by = {channel: self.keyfile_of(channel) for channel in self._running}
+        files = list(dict.fromkeys(f for f in [self.keyfile, *allowed_by.values()] if f is not None))
+        failed = set()
+        for keyfile in files:
             try:
-                self.keyfile.authorize(channel.peer_key, address, self.role)
+                keyfile.load()
+            except (OSError, StrictModeError):  # load() has logged why
+                failed.add(keyfile)
+                self.log.error("reload of %s failed: the %d running launches go on",
+                               keyfile.path, sum(f is keyfile for f in allowed_by.values()))
+        stopped = 0
+        for channel, keyfile in allowed_by.items():
+            if keyfile is None or keyfile in failed or channel not in self._running:
+                continue  # not authorized yet (it will be against the file as it is now), or unreadable
+            address = self._running[channel]
+            try:
+                keyfile.authorize(channel.peer_key, address, self.role)
             except AuthorizationError as refusal:
                 self.log.warning("stopping the launch of %s from %s: %s",
                                  keys.sha256_fingerprint(channel.peer_key), address, refusal)
@@ -78,7 +98,8 @@ class Sessions:
                 task.add_done_callback(self._stopping.discard)
                 stopped += 1
         self.log.info("reloaded %s: %d running launches checked, %d stopped",
-                      self.keyfile.path, len(self._running) + stopped, stopped)
+                      ", ".join(str(f.path) for f in files) or "no authorized_keys",
+                      len(self._running) + stopped, stopped)
 
 
 async def _stop(channel: Channel) -> None:

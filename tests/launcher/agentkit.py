@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from testkit import mpi_environment, run_process
+from testkit import mpi_environment, run_process, stop_group
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
@@ -31,6 +31,21 @@ def pydra(*args: str) -> list[str]:
 def keygen(path: Path, comment: str) -> None:
     done = run_process(pydra("keygen", "-f", str(path), "-C", comment), timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``pydra node ARGS --log LOG`` in its own process group, once it listens."""
+    log.unlink(missing_ok=True)
+    agent = subprocess.Popen(pydra("node", *args, "--log", str(log)), env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while "listening" not in (log.read_text() if log.exists() else ""):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            stop_group(agent)
+            agent.wait()
+            raise AssertionError(f"pydra node {' '.join(args)} did not start: {log.read_text() if log.exists() else ''}")
+        time.sleep(0.05)
+    return agent
 
 
 class Cluster:
@@ -56,18 +71,11 @@ class Cluster:
     def start_agent(self, host: str, key: Path, port: int | None = None) -> None:
         port = port or free_port(host)
         log = self.root / f"agent-{host}.log"
-        log.unlink(missing_ok=True)
-        agent = subprocess.Popen(
-            pydra("node", "--listen", f"{host}:{port}", "--host-key", str(key),
-                  "--authorized-keys", str(self.authorized), "--log", str(log)),
-            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.agents.append(agent)
+        self.agents.append(start_node(
+            ["--listen", f"{host}:{port}", "--host-key", str(key), "--authorized-keys", str(self.authorized)],
+            log, self.env,
+        ))
         self.ports[host] = port
-        deadline = time.monotonic() + 20
-        while "listening" not in (log.read_text() if log.exists() else ""):
-            assert time.monotonic() < deadline, f"agent on {host} did not start"
-            time.sleep(0.05)
 
     def log(self, host: str) -> str:
         return (self.root / f"agent-{host}.log").read_text()

@@ -32,6 +32,19 @@ def test_port_on_either_style():
     assert [host.port for host in parse_hostfile(text)] == [7000, 7001, DEFAULT_AGENT_PORT]
 
 
+def test_user_at_host_names_who_a_system_agent_runs_as():
+    hosts = parse_hostfile("bob@node01:2 port=7000\nnode02\nbob@node01 port=7000\nalice@node01 port=7000\n")
+    assert hosts == [Host("node01", 3, port=7000, user="bob"), Host("node02"),  # bob's two lines merged
+                     Host("node01", 1, port=7000, user="alice")]  # the same host as another user is another host
+    assert [host.label for host in hosts] == ["bob@node01", "node02", "alice@node01"]
+
+
+@pytest.mark.parametrize("entry", ["@node01", "bo b@node01", "b:ob@node01", "bob!@node01", "bob@"])
+def test_malformed_user_at_host_is_refused(entry):
+    with pytest.raises(HostfileError, match="hosts.txt:1: "):
+        parse_hostfile(entry + "\n", source="hosts.txt")
+
+
 def test_comments_and_blank_lines():
     text = "# cluster\n\n   \nnode01:2   # the first node\n  node02 # indented\n"
     assert parse_hostfile(text) == [Host("node01", 2), Host("node02")]

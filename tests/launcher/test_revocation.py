@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -68,6 +69,9 @@ def test_sighup_stops_the_commands_of_a_key_no_longer_authorized(cluster: Cluste
             line = wait_for(f"{who}'s command", lambda: next(
                 (line for line in cluster.log(host).splitlines() if f"for {fingerprint(key)}" in line), None))
             pids[who] = int(line.split("started pid ")[1].split()[0])
+            # Every command is logged: as whom, for which key, from where, and the command itself.
+            me = f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()}, the agent's own user)"
+            assert f"as {me} for {fingerprint(key)} from 127.0.0.1: \"sleep 600; : {who}-command\"" in line, line
         assert alive(pids["alice"]) and alive(pids["bob"])
 
         # bob's key leaves authorized_keys; nothing happens to his command until the agent is told.
