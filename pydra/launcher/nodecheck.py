@@ -180,14 +180,11 @@ def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[
 
 def _bind_problem(where: str, port: int, error: OSError, pid_file: Path | None) -> Finding:
     if error.errno == errno.EADDRINUSE:
-        holders = _listeners(port)
+        holders = _listeners(port)  # only processes we may look at: ours (all of them for root)
         agents = [pid for pid in holders if _is_agent(pid)]
-        recorded = _pid_in(pid_file)
         if agents:
-            by_file = f", as {pid_file} says" if recorded in agents else ""
+            by_file = f", as {pid_file} says" if _pid_in(pid_file) in agents else ""
             return _ok(f"{where} is held by the running agent (pid {agents[0]}{by_file})")
-        if recorded is not None and not holders and _is_agent(recorded):
-            return _ok(f"{where} is in use, by the running agent of {pid_file} (pid {recorded})")
         who = f"pid {holders[0]} ({_command(holders[0])})" if holders else "a process that is not yours"
         return _problem(f"{where} is in use by {who}; stop it, or choose another port: --listen ADDR:PORT "
                         "(and port=PORT in the hostfiles)")
@@ -245,11 +242,10 @@ def _command(pid: int) -> str:
 
 
 def _is_agent(pid: int) -> bool:
-    """Whether *pid* runs ``pydra node`` (or ``pydra-node``)."""
+    """Whether *pid* runs ``pydra node`` (``pydra-node``, ``python -m pydra node``)."""
     words = _command(pid).split()
-    return "pydra-node" in " ".join(words) or any(
-        word.endswith("pydra") and "node" in words[i + 1 : i + 2] for i, word in enumerate(words)
-    )
+    return any(word.endswith("pydra-node") or (word.endswith("pydra") and words[i + 1 : i + 2] == ["node"])
+               for i, word in enumerate(words))
 
 
 def _pid_in(pid_file: Path | None) -> int | None:

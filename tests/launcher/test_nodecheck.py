@@ -11,6 +11,7 @@ real processes, stopped by pid.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -21,6 +22,7 @@ import pytest
 from agentkit import free_port, keygen, pydra
 from pydra.launcher.node import node_main
 from testkit import mpi_environment, run_process, stop_group
+from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
 START_TIMEOUT = 30  # an agent writing "listening" to its log, on a loaded 2-core machine
@@ -123,6 +125,19 @@ def test_files_others_could_write_are_named_with_the_fix(
     assert status == 1
     line = f"problem: refusing {expected.format(path=path, key=setup.host_key)}"
     assert line in lines, lines
+
+
+def test_files_another_user_owns(setup: Setup, capsys: pytest.CaptureFixture, other_user: User) -> None:
+    owned = f"owned by {other_user.name} (uid {other_user.uid}), not by you (root)"
+    os.chown(setup.authorized, other_user.uid, -1)
+    os.chown(setup.home, other_user.uid, -1)
+    status, lines = check(setup, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: refusing {setup.host_key}: directory {setup.home} is {owned}; "
+        "only directories that are yours or root's are trusted",
+        f"problem: refusing {setup.authorized}: {owned}; only files that are yours or root's are trusted",
+    ], lines
 
 
 def test_every_skipped_line_is_named_with_its_reason(setup: Setup, capsys: pytest.CaptureFixture) -> None:
