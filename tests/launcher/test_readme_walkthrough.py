@@ -11,7 +11,9 @@ the system's ``PATH``, so the Pydra each machine installs is the one that
 runs. Two stand-ins play what one machine cannot: ``scp`` copies between the
 home directories, and ``systemctl --user enable --now pydra-node`` starts the
 unit's ``ExecStart`` as systemd would; node3 starts its agent that way, node1
-and node2 with the plain command. The test ends with the launch of the word
+and node2 with the plain command. The install uses pip's configured indexes
+and this user's pip cache (so packages are downloaded once, not per machine
+and run). The test ends with the launch of the word
 count on the three agents, and stops every agent by the pid it recorded.
 """
 
@@ -138,9 +140,16 @@ def write_stand_ins(directory: Path, machines: list[Machine]) -> None:
         stand_in.chmod(0o755)
 
 
+def pip_cache() -> dict[str, str]:
+    """This user's pip cache, shared by the machines: packages come from it rather than again from an index."""
+    found = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True)
+    return {"PIP_CACHE_DIR": found.stdout.strip()} if found.returncode == 0 and found.stdout.strip() else {}
+
+
 def environment(machine: Machine, stand_ins: Path) -> dict[str, str]:
-    """A login's environment on *machine*: the system's PATH, this machine's home, pip's own settings."""
+    """A login's environment on *machine*: the system's PATH, this machine's home, pip's own settings and cache."""
     env = {name: value for name, value in os.environ.items() if name.startswith("PIP_")}
+    env.update(pip_cache())
     env.update(
         HOME=str(machine.home), HOST=machine.address, USER="root", LOGNAME="root", LANG="C.UTF-8",
         PATH=f"{stand_ins}:/usr/local/bin:/usr/bin:/bin",
