@@ -167,7 +167,7 @@ def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[
             try:
                 probe.bind(address)
             except OSError as error:
-                findings.append(_bind_problem(where, port, error, pid_file))
+                findings.append(_bind_refused(where, port, error, pid_file))
                 continue
         findings.append(_ok(f"{where} is free to listen on"))
     if all(ipaddress.ip_address(address[4][0]).is_loopback for address in addresses):
@@ -178,7 +178,8 @@ def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[
     return findings
 
 
-def _bind_problem(where: str, port: int, error: OSError, pid_file: Path | None) -> Finding:
+def _bind_refused(where: str, port: int, error: OSError, pid_file: Path | None) -> Finding:
+    """What a refused bind means: the running agent holds the port (fine), or a problem and its fix."""
     if error.errno == errno.EADDRINUSE:
         holders = _listeners(port)  # only processes we may look at: ours (all of them for root)
         agents = [pid for pid in holders if _is_agent(pid)]
