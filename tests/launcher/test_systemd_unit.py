@@ -1,4 +1,4 @@
-"""The systemd user unit ``deploy/systemd/pydra-node.service``: systemd accepts it, and so does ``pydra node``.
+"""The systemd user unit ``deploy/systemd/user/pydra-node.service``: systemd accepts it, and so does ``pydra node``.
 
 ``systemd-analyze verify --user`` needs no running systemd, only a runtime
 directory; a broken copy of the unit shows that its complaints are seen. The

@@ -1,4 +1,4 @@
-"""The systemd user unit ``deploy/systemd/pydra-node.service``, read as systemd reads it.
+"""The systemd user unit ``deploy/systemd/user/pydra-node.service``, read as systemd reads it.
 
 Enough of systemd's rules for this unit: ``Key=Value`` lines per section,
 ``Environment=`` then ``EnvironmentFile=`` (``-`` for optional) setting
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from testkit import ROOT
 
-USER_UNIT = ROOT / "deploy" / "systemd" / "pydra-node.service"
+USER_UNIT = ROOT / "deploy" / "systemd" / "user" / "pydra-node.service"
 
 
 def directives(unit: Path, section: str) -> list[tuple[str, str]]:
