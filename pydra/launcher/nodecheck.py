@@ -74,13 +74,16 @@ def _problem(text: str) -> Finding:
 
 
 def check_node(
-    listen: tuple[str, int], host_key: Path, authorized_keys: Path, pid_file: Path | None = None
+    listen: tuple[str, int], host_key: Path | None, authorized_keys: Path | None, pid_file: Path | None = None
 ) -> list[Finding]:
-    """Every finding about the single-user agent ``pydra node`` would run with these options."""
+    """Every finding about the single-user agent ``pydra node`` would run with these options.
+
+    A *host_key* or *authorized_keys* of None is the agent's default, in ``PYDRA_HOME``.
+    """
     return [
         *check_settings(),
-        *check_host_key(host_key),
-        *check_authorized_keys(authorized_keys),
+        *check_host_key(host_key or keys.host_key_path()),
+        *check_authorized_keys(authorized_keys or authorized.authorized_keys_path()),
         *check_listen(listen, pid_file),
         *check_mpi(),
     ]

@@ -78,6 +78,14 @@ def test_a_good_setup_passes(setup: Setup) -> None:
     assert lines[-1] == "pydra node --check: all is well"
 
 
+def test_without_paths_it_checks_the_agents_own_files(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    status = node_main(["--check", "--listen", f"{HOST}:{setup.port}"])  # PYDRA_HOME is the setup's
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0, lines
+    assert any(line.startswith(f"ok: host key {setup.host_key} (SHA256:") for line in lines), lines
+    assert f"ok: {setup.authorized}: 1 key may launch" in lines, lines
+
+
 def test_a_port_held_by_the_running_agent_is_fine(setup: Setup) -> None:
     env = {**mpi_environment(), "PYDRA_HOME": str(setup.home)}
     log = setup.home / "node.log"
