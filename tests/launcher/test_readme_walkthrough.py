@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pwd
 import random
 import re
 import signal
@@ -47,6 +48,7 @@ INSTALL_TIMEOUT = 600  # a venv and pip install from a local index, on a loaded 
 STEP_TIMEOUT = 180  # any other block, the launch included
 START_TIMEOUT = 60  # an agent writing "listening" to its log
 WORD = re.compile(r"[a-z']+")
+USER = pwd.getpwuid(os.geteuid()).pw_name
 
 
 @dataclass
@@ -151,7 +153,7 @@ def environment(machine: Machine, stand_ins: Path) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name.startswith("PIP_")}
     env.update(pip_cache())
     env.update(
-        HOME=str(machine.home), HOST=machine.address, USER="root", LOGNAME="root", LANG="C.UTF-8",
+        HOME=str(machine.home), HOST=machine.address, USER=USER, LOGNAME=USER, LANG="C.UTF-8",
         PATH=f"{stand_ins}:/usr/local/bin:/usr/bin:/bin",
     )
     return env
