@@ -45,7 +45,7 @@ from pathlib import Path
 from pydra import strictmodes
 from pydra.comm.aio import serve_channel
 from pydra.config import check_settings
-from pydra.launcher import authorized, keys
+from pydra.launcher import authorized, keys, nodecheck
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
 from pydra.launcher.privsep import SystemUsers
 from pydra.launcher.remote import OwnUser, server_exec
@@ -146,7 +146,12 @@ def node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, metavar="PATH", help="append the log here instead of stderr")
     parser.add_argument("--pid-file", type=Path, metavar="PATH", help="write the agent's pid here")
     parser.add_argument("--daemon", action="store_true", help="detach and run in the background (needs --log)")
+    parser.add_argument("--check", action="store_true",
+                        help="do not start: say what is wrong with this host's setup for these options, one line each "
+                             "(exit 1 if anything is)")
     args = parser.parse_args(argv)
+    if args.check:
+        return nodecheck.report(nodecheck.check_node(args.listen, args.host_key, args.authorized_keys, args.pid_file))
     if (problem := check_settings()) is not None:  # PYDRA_MAX_STARTUPS and the like, before listening
         print(f"pydra node: error: {problem}", file=sys.stderr)
         return 2

@@ -95,6 +95,14 @@ class Cluster:
                 agent.wait()
 
 
+def alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie does not; nor does a process reaped between the two looks)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone between the open and the read (ESRCH), or before (ENOENT)
+        return False
+
+
 def descendants(roots: list[int]) -> set[int]:
     """Every process under *roots*, by parent links (ranks may sit in sessions of their own)."""
     parents = {}

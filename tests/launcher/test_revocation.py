@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from agentkit import HOSTS, Cluster, keygen
+from agentkit import HOSTS, Cluster, alive, keygen
 from pydra.launcher import keys
 from testkit import ROOT
 
@@ -39,14 +39,6 @@ def wait_for(what: str, probe, timeout: float = 60):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
     return found
-
-
-def alive(pid: int) -> bool:
-    """Whether *pid* runs (a zombie does not; nor does a process reaped between the two looks)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # gone between the open and the read (ESRCH), or before (ENOENT)
-        return False
 
 
 def test_sighup_stops_the_commands_of_a_key_no_longer_authorized(cluster: Cluster, tmp_path: Path) -> None:

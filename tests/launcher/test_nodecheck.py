@@ -1,0 +1,242 @@
+"""``pydra node --check``: one line per thing wrong with a host's agent setup, exit 1 if anything is.
+
+A good setup passes (exit 0), also while its agent runs and holds the port;
+each bad one (a file others may write, a skipped or expired ``authorized_keys``
+line, no launch key, a missing or passphrase-protected host key, the port taken
+by another process, an address that is not this host's, a bad setting, no
+usable mpiexec) gets its line and exit 1. The bad setups run ``pydra node
+--check`` in-process (``node_main``); the good one and the running agent run
+real processes, stopped by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agentkit import free_port, keygen, pydra
+from pydra.launcher.mpiexec import library_implementation
+from pydra.launcher.node import node_main
+from testkit import mpi_environment, run_process, stop_group
+from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
+
+HOST = "127.0.0.2"
+START_TIMEOUT = 30  # an agent writing "listening" to its log, on a loaded 2-core machine
+
+
+class Setup:
+    """A host's agent files in their own PYDRA_HOME: a host key and an authorized_keys that lets one key launch."""
+
+    def __init__(self, root: Path) -> None:
+        self.home = root / "pydra-home"
+        self.host_key = self.home / "host_ed25519"
+        keygen(self.host_key, HOST)
+        self.user_key = root / "user" / "id_ed25519"
+        keygen(self.user_key, "user@launcher")
+        self.public = self.user_key.with_suffix(".pub").read_text().strip()
+        self.authorized = self.home / "authorized_keys"
+        self.authorized.write_text(f'pydra-role="launch",from="127.0.0.0/8" {self.public}\n')
+        self.port = free_port(HOST)
+        self.pid_file = self.home / "node.pid"
+
+    def options(self) -> list[str]:
+        return ["--listen", f"{HOST}:{self.port}", "--host-key", str(self.host_key),
+                "--authorized-keys", str(self.authorized), "--pid-file", str(self.pid_file)]
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Setup:
+    made = Setup(tmp_path)
+    monkeypatch.setenv("PYDRA_HOME", str(made.home))
+    return made
+
+
+def check(setup: Setup, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, list[str]]:
+    """``pydra node --check`` in this process: its exit status and its lines."""
+    status = node_main(["--check", *setup.options(), *extra])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def problems(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("problem: ")]
+
+
+def test_a_good_setup_passes(setup: Setup) -> None:
+    env = {**mpi_environment(), "PYDRA_HOME": str(setup.home)}
+    done = run_process(pydra("node", "--check", *setup.options()), timeout=60, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert problems(lines) == [], done.stdout
+    assert any(line.startswith(f"ok: host key {setup.host_key} (SHA256:") for line in lines), done.stdout
+    assert f"ok: {setup.authorized}: 1 key may launch" in lines, done.stdout
+    assert f"ok: {HOST}:{setup.port} is free to listen on" in lines, done.stdout
+    assert any(line.startswith("ok: ") and f"launches {library_implementation()} jobs" in line for line in lines), done.stdout
+    assert lines[-1] == "pydra node --check: all is well"
+
+
+def test_without_paths_it_checks_the_agents_own_files(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    status = node_main(["--check", "--listen", f"{HOST}:{setup.port}"])  # PYDRA_HOME is the setup's
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0, lines
+    assert any(line.startswith(f"ok: host key {setup.host_key} (SHA256:") for line in lines), lines
+    assert f"ok: {setup.authorized}: 1 key may launch" in lines, lines
+
+
+def test_a_port_held_by_the_running_agent_is_fine(setup: Setup) -> None:
+    env = {**mpi_environment(), "PYDRA_HOME": str(setup.home)}
+    log = setup.home / "node.log"
+    agent = subprocess.Popen(
+        pydra("node", *setup.options(), "--log", str(log)),
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "listening" not in (log.read_text() if log.exists() else ""):
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.05)
+        done = run_process(pydra("node", "--check", *setup.options()), timeout=60, env=env)
+    finally:
+        stop_group(agent)
+        agent.wait()
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = f"ok: {HOST}:{setup.port} is held by the running agent (pid {agent.pid}, as {setup.pid_file} says)"
+    assert expected in done.stdout.splitlines(), done.stdout
+
+
+def test_a_port_taken_by_another_process(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    with socket.create_server((HOST, setup.port)):  # this test's own process holds it
+        status, lines = check(setup, capsys)
+    assert status == 1
+    [line] = problems(lines)
+    assert line.startswith(f"problem: {HOST}:{setup.port} is in use by pid "), line
+    assert "choose another port: --listen ADDR:PORT" in line
+
+
+@pytest.mark.parametrize(
+    ("target", "mode", "expected"),
+    [
+        ("authorized", 0o666, "{path}: writable by others (mode 0666); chmod go-w {path}"),
+        ("host_key", 0o644, "{path}: readable by others (mode 0644); chmod 600 {path}"),
+        ("home", 0o777, "{key}: directory {path} is writable by others (mode 0777); chmod go-w {path}"),
+    ],
+)
+def test_files_others_could_write_are_named_with_the_fix(
+    setup: Setup, capsys: pytest.CaptureFixture, target: str, mode: int, expected: str
+) -> None:
+    path = setup.home if target == "home" else getattr(setup, target)
+    path.chmod(mode)
+    status, lines = check(setup, capsys)
+    assert status == 1
+    line = f"problem: refusing {expected.format(path=path, key=setup.host_key)}"
+    assert line in lines, lines
+
+
+def test_files_another_user_owns(setup: Setup, capsys: pytest.CaptureFixture, other_user: User) -> None:
+    owned = f"owned by {other_user.name} (uid {other_user.uid}), not by you (root)"
+    os.chown(setup.authorized, other_user.uid, -1)
+    os.chown(setup.home, other_user.uid, -1)
+    status, lines = check(setup, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: refusing {setup.host_key}: directory {setup.home} is {owned}; "
+        "only directories that are yours or root's are trusted",
+        f"problem: refusing {setup.authorized}: {owned}; only files that are yours or root's are trusted",
+    ], lines
+
+
+def test_every_skipped_line_is_named_with_its_reason(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    with setup.authorized.open("a") as file:
+        file.write(f'pydra-role="launch" from="127.0.0.0/8" {setup.public}\n')  # spaces between options
+        file.write(f'command="/bin/true" {setup.public}\n')
+    status, lines = check(setup, capsys)
+    assert status == 1
+    path = setup.authorized
+    assert problems(lines) == [
+        f"problem: {path}:2: skipped: options must be separated by commas, not spaces (OpenSSH syntax): "
+        'pydra-role="launch",from="10.0.0.0/8" ssh-ed25519 AAAA...; the agent ignores this line: fix or remove it',
+        f"problem: {path}:3: skipped: unsupported option 'command' (pydra understands from, expiry-time and "
+        "pydra-role); the agent ignores this line: fix or remove it",
+    ], lines
+    assert f"ok: {path}: 1 key may launch" in lines  # the good line still counts
+
+
+def test_no_key_may_launch(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    setup.authorized.write_text(f'pydra-role="admin" {setup.public}\n')
+    status, lines = check(setup, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: no line of {setup.authorized} has the launch role, so nobody may launch here; "
+        f"add the launching user's ~/.pydra/id_ed25519.pub to {setup.authorized}"
+    ], lines
+
+
+def test_an_expired_key(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    setup.authorized.write_text(f'expiry-time="20200101" {setup.public}\n')
+    status, lines = check(setup, capsys)
+    assert status == 1
+    [line] = problems(lines)
+    assert line.startswith(f"problem: {setup.authorized}:1: key SHA256:"), line
+    assert line.endswith("expired on 2020-01-01 00:00; remove the line or give it a later expiry-time"), line
+
+
+def test_missing_files(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    setup.host_key.unlink()
+    setup.authorized.unlink()
+    status, lines = check(setup, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f'problem: host key {setup.host_key} does not exist; make one: pydra keygen -f {setup.host_key} -C "$(hostname)"',
+        f"problem: {setup.authorized} does not exist, so nobody may launch here; "
+        f"add the launching user's ~/.pydra/id_ed25519.pub to {setup.authorized}",
+    ], lines
+
+
+def test_a_host_key_with_a_passphrase(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    done = run_process(pydra("keygen", "--force", "-f", str(setup.host_key), "-N", "secret words"), timeout=60)
+    assert done.returncode == 0, done.stderr
+    status, lines = check(setup, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: host key {setup.host_key} has a passphrase, which the agent cannot ask for (it starts "
+        f"unattended); remove it: ssh-keygen -p -N '' -f {setup.host_key}"
+    ], lines
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("no-such-host.invalid:7470", "problem: cannot resolve no-such-host.invalid: "),
+        ("192.0.2.1:7470", "problem: 192.0.2.1:7470 is not an address of this host; give --listen one of its"),
+    ],
+)
+def test_an_address_this_host_cannot_listen_on(
+    setup: Setup, capsys: pytest.CaptureFixture, address: str, expected: str
+) -> None:
+    status, lines = check(setup, capsys, "--listen", address)  # the last --listen counts
+    assert status == 1
+    [line] = problems(lines)
+    assert line.startswith(expected), line
+
+
+def test_a_bad_setting_and_a_wrong_mpiexec(
+    setup: Setup, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYDRA_MAX_STARTUPS", "lots")
+    monkeypatch.setenv("PYDRA_MPIEXEC", "/bin/true")
+    status, lines = check(setup, capsys)
+    assert status == 1
+    settings, mpi = problems(lines)
+    assert settings.startswith("problem: PYDRA_MAX_STARTUPS") and settings.endswith("; fix or unset it"), settings
+    assert mpi == f"problem: PYDRA_MPIEXEC=/bin/true launches unknown, but mpi4py uses {library_implementation()}", mpi
+
+
+def test_a_loopback_address_is_a_note_not_a_problem(setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    status, lines = check(setup, capsys)
+    assert status == 0, lines
+    assert f"note: {HOST} is a loopback address: no other machine can reach the agent; " \
+           "to launch from elsewhere, --listen ADDR with this host's address on the network" in lines

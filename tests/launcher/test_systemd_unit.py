@@ -1,0 +1,70 @@
+"""The systemd user unit ``deploy/systemd/user/pydra-node.service``: systemd accepts it, and so does ``pydra node``.
+
+``systemd-analyze verify --user`` needs no running systemd, only a runtime
+directory; a broken copy of the unit shows that its complaints are seen. The
+unit's ``ExecStart``, expanded for a home directory with keys and a
+``node.env``, runs as ``pydra node --check`` with exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentkit import free_port, keygen
+from testkit import run_process
+from unitkit import USER_UNIT, directives, exec_start
+
+HOST = "127.0.0.2"
+
+
+def user_home(root: Path) -> Path:
+    """A home directory with Pydra installed where the unit expects it (this test's own)."""
+    home = root / "home"
+    bin_dir = home / "pydra" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "pydra").symlink_to(Path(sys.executable).parent / "pydra")
+    return home
+
+
+def verify(unit: Path, home: Path, root: Path) -> str:
+    """What ``systemd-analyze verify --user`` says about *unit* (nothing if all is well)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    runtime = root / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    done = run_process([analyze, "verify", "--user", str(unit)], timeout=60, env=env)
+    return f"exit {done.returncode}\n{done.stdout}{done.stderr}" if done.returncode or done.stdout or done.stderr else ""
+
+
+def test_systemd_accepts_the_user_unit(tmp_path: Path) -> None:
+    home = user_home(tmp_path)
+    assert verify(USER_UNIT, home, tmp_path) == ""
+    broken = tmp_path / "pydra-node.service"  # the same unit with a misspelt directive: verify must say so
+    broken.write_text(USER_UNIT.read_text().replace("RestartSec=", "RestartSecs="))
+    assert "Unknown key 'RestartSecs'" in verify(broken, home, tmp_path)
+
+
+def test_the_units_command_line_is_what_pydra_node_takes(tmp_path: Path) -> None:
+    home = user_home(tmp_path)
+    keygen(home / ".pydra" / "host_ed25519", HOST)
+    keygen(tmp_path / "user" / "id_ed25519", "user@launcher")
+    (home / ".pydra" / "authorized_keys").write_text((tmp_path / "user" / "id_ed25519.pub").read_text())
+    port = free_port(HOST)
+    (home / ".pydra" / "node.env").write_text(f"NODE_LISTEN={HOST}:{port}\n")
+    argv = exec_start(USER_UNIT, home)
+    assert argv[:2] == [str(home / "pydra" / ".venv" / "bin" / "pydra"), "node"], argv
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYDRA_")}
+    done = run_process([*argv, "--check"], timeout=60, env={**env, "HOME": str(home)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ok: {HOST}:{port} is free to listen on" in done.stdout.splitlines(), done.stdout
+    assert f"ok: {home}/.pydra/authorized_keys: 1 key may launch" in done.stdout.splitlines(), done.stdout
+    service = dict(directives(USER_UNIT, "Service"))
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # the agent rereads authorized_keys on SIGHUP
+    assert service["Restart"] == "on-failure"
