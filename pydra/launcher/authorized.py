@@ -254,7 +254,8 @@ class AuthorizedKeysFile:
         try:
             data = self.reader(self.path)
         except (strictmodes.StrictModeError, OSError) as error:
-            self._note(str(error), lambda: self.log.warning("%s: every client is refused", _describe(error)))
+            described = _describe(error)
+            self._note(str(error), lambda: self.log.warning("%s: every client is refused", described))
             raise
         entries, skipped = _parse_authorized_keys(data, self.path)
 

@@ -1,6 +1,6 @@
-"""The systemd user unit ``deploy/systemd/user/pydra-node.service``, read as systemd reads it.
+"""The systemd units in ``deploy/systemd/`` (``user/`` and ``system/``), read as systemd reads them.
 
-Enough of systemd's rules for this unit: ``Key=Value`` lines per section,
+Enough of systemd's rules for these units: ``Key=Value`` lines per section,
 ``Environment=`` then ``EnvironmentFile=`` (``-`` for optional) setting
 variables, ``%h`` for the home directory and ``${NAME}`` for a variable in
 ``ExecStart=``. Anything else in the command line fails loudly rather than
@@ -16,6 +16,7 @@ from pathlib import Path
 from testkit import ROOT
 
 USER_UNIT = ROOT / "deploy" / "systemd" / "user" / "pydra-node.service"
+SYSTEM_UNIT = ROOT / "deploy" / "systemd" / "system" / "pydra-node.service"
 
 
 def directives(unit: Path, section: str) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""The systemd user unit ``deploy/systemd/user/pydra-node.service``: systemd accepts it, and so does ``pydra node``.
+"""The systemd units in ``deploy/systemd/``: systemd accepts them, and ``pydra node`` takes the user unit's command line.
 
 ``systemd-analyze verify --user`` needs no running systemd, only a runtime
 directory; a broken copy of the unit shows that its complaints are seen. The
@@ -17,7 +17,7 @@ import pytest
 
 from agentkit import free_port, keygen
 from testkit import run_process
-from unitkit import USER_UNIT, directives, exec_start
+from unitkit import SYSTEM_UNIT, USER_UNIT, directives, exec_start
 
 HOST = "127.0.0.2"
 
@@ -31,15 +31,15 @@ def user_home(root: Path) -> Path:
     return home
 
 
-def verify(unit: Path, home: Path, root: Path) -> str:
-    """What ``systemd-analyze verify --user`` says about *unit* (nothing if all is well)."""
+def verify(unit: Path, home: Path, root: Path, *scope: str) -> str:
+    """What ``systemd-analyze verify`` (default ``--user``) says about *unit* (nothing if all is well)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     runtime = root / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
     env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
-    done = run_process([analyze, "verify", "--user", str(unit)], timeout=60, env=env)
+    done = run_process([analyze, "verify", *(scope or ["--user"]), str(unit)], timeout=60, env=env, cwd=root)
     return f"exit {done.returncode}\n{done.stdout}{done.stderr}" if done.returncode or done.stdout or done.stderr else ""
 
 
@@ -68,3 +68,12 @@ def test_the_units_command_line_is_what_pydra_node_takes(tmp_path: Path) -> None
     service = dict(directives(USER_UNIT, "Service"))
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # the agent rereads authorized_keys on SIGHUP
     assert service["Restart"] == "on-failure"
+
+
+def test_systemd_accepts_the_system_unit(tmp_path: Path) -> None:
+    # The unit names /usr/local/bin/pydra, which systemd checks exists: verify a copy naming this venv's.
+    text = SYSTEM_UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/pydra node --system " in text
+    unit = tmp_path / SYSTEM_UNIT.name
+    unit.write_text(text.replace("/usr/local/bin/pydra", str(Path(sys.executable).parent / "pydra")))
+    assert verify(unit, tmp_path, tmp_path, "--system") == ""
