@@ -184,17 +184,20 @@ class SkippedLine:
 
 def read_authorized_keys(
     path: str | os.PathLike[str] | None = None,
+    reader: Callable[[Path], bytes] = strictmodes.read_bytes,
 ) -> tuple[list[AuthorizedKey], list[str]]:
     """Read an ``authorized_keys`` file (by default :func:`authorized_keys_path`).
 
     Returns the usable ed25519 keys, and a warning ``path:line: skipped:
     reason`` for every other line that is neither blank nor a comment (other
     key types, malformed options or keys). A bad line grants nothing and
-    affects no other line. Raises :class:`~pydra.strictmodes.StrictModeError`
-    if someone else could have written the file, and ``OSError`` if it cannot
-    be read.
+    affects no other line. *reader* reads the file under strict modes (a
+    system agent's reads it as its user, :func:`pydra.launcher.privsep.reader_for`).
+    Raises :class:`~pydra.strictmodes.StrictModeError` if someone else could
+    have written the file, and ``OSError`` if it cannot be read.
     """
-    entries, skipped = _read_authorized_keys(Path(path) if path is not None else authorized_keys_path())
+    path = Path(path) if path is not None else authorized_keys_path()
+    entries, skipped = _parse_authorized_keys(reader(path), path)
     return entries, [str(line) for line in skipped]
 
 

@@ -148,8 +148,16 @@ def node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemon", action="store_true", help="detach and run in the background (needs --log)")
     parser.add_argument("--check", action="store_true",
                         help="do not start: say what is wrong with this host's setup for these options, one line each "
-                             "(exit 1 if anything is)")
+                             "(exit 1 if anything is); with --system, as root, every user's authorized_keys")
+    parser.add_argument("--user", action="append", metavar="NAME",
+                        help="with --check --system: check only this user's authorized_keys (repeatable)")
     args = parser.parse_args(argv)
+    if args.user and not (args.check and args.system):
+        parser.error("--user is for --check --system")
+    if args.check and args.system:
+        return nodecheck.report(nodecheck.check_system_node(
+            args.listen, args.host_key or SYSTEM_HOST_KEY, args.pid_file, args.user, args.authorized_keys
+        ))
     if args.check:
         return nodecheck.report(nodecheck.check_node(args.listen, args.host_key, args.authorized_keys, args.pid_file))
     if (problem := check_settings()) is not None:  # PYDRA_MAX_STARTUPS and the like, before listening

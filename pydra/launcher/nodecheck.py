@@ -16,9 +16,17 @@ The checks reuse what the agent itself runs: strict modes
 (:mod:`pydra.launcher.authorized`) and mpiexec discovery
 (:mod:`pydra.launcher.mpiexec`), so that ``--check`` and the agent cannot
 disagree. Each check is a function of the paths it looks at; :func:`check_node`
-composes them for the single-user agent, and an agent run by root for every
-user would compose the same ones over its own host key and each user's
-``authorized_keys``.
+composes them for the single-user agent, and :func:`check_system_node` for
+``pydra node --system``: run as root (as the agent is, so that it can read
+what the agent reads), its host key, and each local user's
+``~/.pydra/authorized_keys`` read as that user under strict modes for that
+user, with privsep's own functions (:mod:`pydra.launcher.privsep`), then
+how many users may launch::
+
+    ok: /home/ann/.pydra/authorized_keys: 1 key may launch as ann
+    problem: refusing /home/bob/.pydra/authorized_keys: writable by its group (mode 0620); chmod go-w ...
+    note: /root/.pydra/authorized_keys is ignored: user 'root' has uid 0: a system agent never runs a command as root
+    ok: 1 user may launch here: ann
 """
 
 from __future__ import annotations
@@ -26,15 +34,18 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import pwd
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from pydra import config, strictmodes
-from pydra.launcher import authorized, keys
+from pydra.launcher import authorized, keys, privsep
 from pydra.launcher.mpiexec import MPICH, MPIExecError, find_mpiexec
+from pydra.launcher.remote import Refused
 
 __all__ = [
     "Finding",
@@ -44,6 +55,8 @@ __all__ = [
     "check_mpi",
     "check_node",
     "check_settings",
+    "check_system_node",
+    "check_users",
     "report",
 ]
 
@@ -84,6 +97,39 @@ def check_node(
         *check_settings(),
         *check_host_key(host_key or keys.host_key_path()),
         *check_authorized_keys(authorized_keys or authorized.authorized_keys_path()),
+        *check_listen(listen, pid_file),
+        *check_mpi(),
+    ]
+
+
+def check_system_node(
+    listen: tuple[str, int],
+    host_key: Path,
+    pid_file: Path | None = None,
+    users: list[str] | None = None,
+    authorized_keys: Path | None = None,
+) -> list[Finding]:
+    """Every finding about the system agent ``pydra node --system`` would run with these options.
+
+    It must run as root, as the agent does: only root may read the host key,
+    and read each user's ``authorized_keys`` as that user. *users* are the
+    users whose files to check (default: every local user with one). An
+    *authorized_keys* given is a mistake: the agent refuses to start with it.
+    """
+    findings = []
+    if authorized_keys is not None:
+        findings.append(_problem(f"--authorized-keys {authorized_keys} is for single-user mode: a system agent reads "
+                                 "each user's own ~/.pydra/authorized_keys; leave it out"))
+    if os.geteuid() != 0:
+        return [*findings, _problem(
+            "pydra node --check --system must run as root, as the agent does: only root may read its host key, "
+            "and each user's authorized_keys as that user; run it with sudo"
+        )]
+    return [
+        *findings,
+        *check_settings(),
+        *check_host_key(host_key),
+        *check_users(users),
         *check_listen(listen, pid_file),
         *check_mpi(),
     ]
@@ -130,14 +176,31 @@ def check_host_key(path: Path) -> list[Finding]:
 def check_authorized_keys(path: Path, now: datetime | None = None) -> list[Finding]:
     """``authorized_keys``: safe, every line usable, some key allowed to launch and not expired."""
     add_key = f"add the launching user's ~/.pydra/id_ed25519.pub to {path}"
-    try:
-        entries, skipped = authorized.read_authorized_keys(path)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return [_problem(f"{path} does not exist, so nobody may launch here; {add_key}")]
+    findings, launchers, usable = _launch_keys(path, strictmodes.read_bytes, now)
+    if launchers == 0:  # (None: the file itself is the problem, already said)
+        findings.append(_problem(f"no line of {path} has the launch role, so nobody may launch here; {add_key}"))
+    elif usable:
+        findings.append(_ok(f"{path}: {_keys(usable)} may launch"))
+    return findings
+
+
+def _launch_keys(
+    path: Path, reader: Callable[[Path], bytes], now: datetime | None
+) -> tuple[list[Finding], int | None, int]:
+    """One ``authorized_keys`` read with *reader*, as the agent reads it.
+
+    Returns the problems (the file refused or unreadable, each skipped line,
+    each expired launch key), how many lines have the launch role (None if the
+    file cannot be used at all) and how many of those may launch now.
+    """
+    try:
+        entries, skipped = authorized.read_authorized_keys(path, reader)
     except strictmodes.StrictModeError as error:
-        return [_problem(str(error))]
+        return [_problem(str(error))], None, 0
     except OSError as error:
-        return [_problem(f"cannot read {path}: {error.strerror}")]
+        return [_problem(f"cannot read {path}: {error.strerror}")], None, 0
     findings = [_problem(f"{line}; the agent ignores this line: fix or remove it") for line in skipped]
     now = (now or datetime.now()).astimezone()
     launchers = [entry for entry in entries if "launch" in entry.roles]
@@ -147,12 +210,62 @@ def check_authorized_keys(path: Path, now: datetime | None = None) -> list[Findi
                 f"{entry.location}: key {entry.fingerprint} expired on {entry.expires:%Y-%m-%d %H:%M}; "
                 "remove the line or give it a later expiry-time"
             ))
-    usable = [entry for entry in launchers if entry.expires is None or entry.expires > now]
-    if not launchers:
-        findings.append(_problem(f"no line of {path} has the launch role, so nobody may launch here; {add_key}"))
-    elif usable:
-        findings.append(_ok(f"{path}: {len(usable)} key{'s' * (len(usable) > 1)} may launch"))
+    usable = sum(entry.expires is None or entry.expires > now for entry in launchers)
+    return findings, len(launchers), usable
+
+
+def _keys(count: int) -> str:
+    return f"{count} key{'s' * (count > 1)}"
+
+
+def check_users(names: list[str] | None = None, now: datetime | None = None) -> list[Finding]:
+    """Each user's ``~/.pydra/authorized_keys`` as a system agent reads it, then how many users may launch.
+
+    Needs root. Each file is read as its user, under strict modes for that
+    user (:func:`pydra.launcher.privsep.reader_for`), as the agent reads it at
+    a launch. Without *names*, every local user with such a file (as
+    ``getpwall`` lists them: a directory service may list only some); a
+    user the agent refuses whatever the file says (uid 0) gets a note if the
+    file is there.
+    """
+    findings, may_launch = [], []
+    for name in names or list(dict.fromkeys(entry.pw_name for entry in pwd.getpwall())):
+        try:
+            account = privsep.lookup(name)
+        except Refused as refusal:
+            findings += _refused_user(name, refusal, named=bool(names))
+            continue
+        path = account.authorized_keys
+        with privsep.reading_as(account):  # what the user can see: a home root may not enter is the user's
+            exists = os.path.lexists(path)
+        if not exists:
+            if names:
+                findings.append(_note(f"{path} does not exist: no key may launch as {name}"))
+            continue
+        file_findings, launchers, usable = _launch_keys(path, privsep.reader_for(account), now)
+        findings += file_findings
+        if launchers == 0:
+            findings.append(_note(f"no line of {path} has the launch role: no key may launch as {name}"))
+        elif usable:
+            findings.append(_ok(f"{path}: {_keys(usable)} may launch as {name}"))
+            may_launch.append(name)
+    if not may_launch:
+        who = f"as {', '.join(names)}" if names else "as any local user"
+        findings.append(_problem(f"no key may launch {who}, so nobody may launch here; each user adds the launching "
+                                 "user's ~/.pydra/id_ed25519.pub to their own ~/.pydra/authorized_keys"))
+    else:
+        shown = ", ".join(may_launch[:10]) + ", ..." * (len(may_launch) > 10)
+        findings.append(_ok(f"{len(may_launch)} user{'s' * (len(may_launch) > 1)} may launch here: {shown}"))
     return findings
+
+
+def _refused_user(name: str, refusal: Refused, named: bool) -> list[Finding]:
+    """A user the system agent never runs anything as: a note if it has a file (or was named)."""
+    try:
+        path = Path(pwd.getpwnam(name).pw_dir or "/") / privsep.USER_KEYS
+    except KeyError:  # no such user: named by mistake, or removed since getpwall
+        return [_problem(str(refusal))] if named else []
+    return [_note(f"{path} is ignored: {refusal}")] if named or os.path.lexists(path) else []
 
 
 def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[Finding]:

@@ -36,7 +36,7 @@ import os
 import pwd
 import re
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +51,20 @@ from pydra.launcher.remote import Command, Refused
 
 __all__ = [
     "SAFE_PATH",
+    "USER_KEYS",
     "Account",
     "SystemUsers",
     "clean_environment",
     "lookup",
+    "reader_for",
     "reading_as",
     "spawn_options",
 ]
 
 #: the PATH every command of a system agent starts with (sshd's default for users)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: where a user's ``authorized_keys`` is, in the user's home
+USER_KEYS = Path(".pydra", "authorized_keys")
 # A portable user name (POSIX, plus the trailing $ of Samba machine accounts).
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -80,7 +84,7 @@ class Account:
     @property
     def authorized_keys(self) -> Path:
         """The user's ``~/.pydra/authorized_keys``."""
-        return self.home / ".pydra" / "authorized_keys"
+        return self.home / USER_KEYS
 
 
 def lookup(name: object) -> Account:
@@ -125,6 +129,16 @@ def reading_as(account: Account) -> Iterator[None]:
             os.setegid(0)
     finally:
         os.setgroups(saved_groups)
+
+
+def reader_for(account: Account) -> Callable[[Path], bytes]:
+    """How a system agent reads *account*'s files: as the user (:func:`reading_as`), under strict modes for the user."""
+
+    def read_as_user(path: Path) -> bytes:
+        with reading_as(account):
+            return strictmodes.read_bytes(path)
+
+    return read_as_user
 
 
 def clean_environment(account: Account, requested: dict[str, Any]) -> dict[str, str]:
@@ -217,9 +231,5 @@ class SystemUsers:
     def _file(self, account: Account) -> AuthorizedKeysFile:
         keyfile = self._files.get(account)
         if keyfile is None:
-            def read_as_user(path: Path) -> bytes:
-                with reading_as(account):
-                    return strictmodes.read_bytes(path)
-
-            keyfile = self._files[account] = AuthorizedKeysFile(account.authorized_keys, self.log, reader=read_as_user)
+            keyfile = self._files[account] = AuthorizedKeysFile(account.authorized_keys, self.log, reader_for(account))
         return keyfile

@@ -7,14 +7,25 @@ by another process, an address that is not this host's, a bad setting, no
 usable mpiexec) gets its line and exit 1. The bad setups run ``pydra node
 --check`` in-process (``node_main``); the good one and the running agent run
 real processes, stopped by pid.
+
+``--check --system`` (as root, like the agent) is checked with a second local
+user made by the test, whose ``~/.pydra/authorized_keys`` it reads as that
+user: a good setup passes, a group-writable file of the user's, a host key
+that is not root's or that others may read, a link to a file only root may
+read and ``--authorized-keys`` are problems, and as anyone but root the
+check says in one line that it needs root. ``--user`` keeps the check to the
+test's user: other tests on this machine make users of their own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +34,7 @@ from agentkit import free_port, keygen, pydra
 from pydra.launcher.mpiexec import library_implementation
 from pydra.launcher.node import node_main
 from testkit import mpi_environment, run_process, stop_group
-from userkit import User, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
+from userkit import User, other_user, reachable_by_others  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
 START_TIMEOUT = 30  # an agent writing "listening" to its log, on a loaded 2-core machine
@@ -240,3 +251,114 @@ def test_a_loopback_address_is_a_note_not_a_problem(setup: Setup, capsys: pytest
     assert status == 0, lines
     assert f"note: {HOST} is a loopback address: no other machine can reach the agent; " \
            "to launch from elsewhere, --listen ADDR with this host's address on the network" in lines
+
+
+# -- --check --system: as root, the host key, each user's authorized_keys read as that user -----
+
+
+@pytest.fixture
+def user_keys(setup: Setup, other_user: User) -> Iterator[Path]:
+    """*other_user*'s ``~/.pydra/authorized_keys`` letting the setup's key launch, as the user makes it; removed after."""
+    directory = other_user.home / ".pydra"
+    directory.mkdir(mode=0o700)
+    path = directory / "authorized_keys"
+    path.write_text(f'pydra-role="launch" {setup.public}\n')
+    path.chmod(0o600)
+    for owned in (directory, path):
+        os.chown(owned, other_user.uid, other_user.gid)
+    yield path
+    shutil.rmtree(directory)
+
+
+def system_options(setup: Setup, user: User) -> list[str]:
+    return ["--system", "--listen", f"{HOST}:{setup.port}", "--host-key", str(setup.host_key), "--user", user.name]
+
+
+def check_system(setup: Setup, user: User, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, list[str]]:
+    status = node_main(["--check", *system_options(setup, user), *extra])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_system_mode_a_good_setup_passes(setup: Setup, other_user: User, user_keys: Path) -> None:
+    done = run_process(pydra("node", "--check", *system_options(setup, other_user)), timeout=60, env=mpi_environment())
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert problems(lines) == [], done.stdout
+    assert any(line.startswith(f"ok: host key {setup.host_key} (SHA256:") for line in lines), done.stdout
+    assert f"ok: {user_keys}: 1 key may launch as {other_user.name}" in lines, done.stdout
+    assert f"ok: 1 user may launch here: {other_user.name}" in lines, done.stdout
+    assert f"ok: {HOST}:{setup.port} is free to listen on" in lines, done.stdout
+    assert lines[-1] == "pydra node --check: all is well"
+
+
+def test_system_mode_names_the_users_file_others_may_write(
+    setup: Setup, other_user: User, user_keys: Path, capsys: pytest.CaptureFixture
+) -> None:
+    user_keys.chmod(0o620)
+    status, lines = check_system(setup, other_user, capsys)
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: refusing {user_keys}: writable by its group (mode 0620); chmod go-w {user_keys}",
+        f"problem: no key may launch as {other_user.name}, so nobody may launch here; each user adds the launching "
+        "user's ~/.pydra/id_ed25519.pub to their own ~/.pydra/authorized_keys",
+    ], lines
+
+
+def test_system_mode_reads_the_file_as_its_user(
+    setup: Setup, other_user: User, user_keys: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A link from the user's file to one only root may read, which does hold the key: the agent, reading
+    # as the user, cannot follow it, and neither does the check.
+    user_keys.unlink()
+    user_keys.symlink_to(setup.authorized)  # root's, 0644 in a 0700 directory of root's
+    os.lchown(user_keys, other_user.uid, other_user.gid)
+    status, lines = check_system(setup, other_user, capsys)
+    assert status == 1
+    assert f"problem: cannot read {user_keys}: Permission denied" in lines, lines
+
+
+@pytest.mark.parametrize("change", ["owner", "mode"])
+def test_system_mode_wants_a_host_key_only_root_may_read(
+    setup: Setup, other_user: User, user_keys: Path, capsys: pytest.CaptureFixture, change: str
+) -> None:
+    key = setup.host_key
+    if change == "owner":
+        os.chown(key, other_user.uid, -1)
+        expected = (f"problem: refusing {key}: owned by {other_user.name} (uid {other_user.uid}), not by you (root); "
+                    "only files that are yours or root's are trusted")
+    else:
+        key.chmod(0o644)
+        expected = f"problem: refusing {key}: readable by others (mode 0644); chmod 600 {key}"
+    status, lines = check_system(setup, other_user, capsys)
+    assert status == 1
+    assert problems(lines) == [expected], lines
+
+
+def test_system_mode_notes_root_and_refuses_authorized_keys(
+    setup: Setup, other_user: User, user_keys: Path, capsys: pytest.CaptureFixture
+) -> None:
+    status, lines = check_system(setup, other_user, capsys, "--user", "root", "--authorized-keys", str(setup.authorized))
+    assert status == 1
+    assert problems(lines) == [
+        f"problem: --authorized-keys {setup.authorized} is for single-user mode: a system agent reads each user's "
+        "own ~/.pydra/authorized_keys; leave it out"
+    ], lines
+    root_home = Path(os.path.expanduser("~root"))
+    assert f"note: {root_home}/.pydra/authorized_keys is ignored: user 'root' has uid 0: a system agent never runs " \
+           "a command as root" in lines, lines
+    assert f"ok: 1 user may launch here: {other_user.name}" in lines, lines
+
+
+def test_system_mode_needs_root(setup: Setup, other_user: User) -> None:
+    with reachable_by_others(sys.executable):
+        done = subprocess.run(
+            pydra("node", "--check", "--system", "--listen", f"{HOST}:{setup.port}"),
+            user=other_user.uid, group=other_user.gid, extra_groups=[], cwd="/", capture_output=True, text=True,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(other_user.home)}, timeout=60, start_new_session=True,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "problem: pydra node --check --system must run as root, as the agent does: only root may read its host key, "
+        "and each user's authorized_keys as that user; run it with sudo",
+        "pydra node --check: 1 problem",
+    ], done.stdout + done.stderr
