@@ -84,6 +84,18 @@ def reachable_by_others(path: str | os.PathLike[str]) -> Iterator[None]:
             directory.chmod(mode)
 
 
+def authorize(user: User, line: str) -> Path:
+    """Write *line* as *user*'s ``~/.pydra/authorized_keys``, the way the user would (0700 directory, 0600 file)."""
+    directory = user.home / ".pydra"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / "authorized_keys"
+    path.write_text(line + "\n")
+    path.chmod(0o600)
+    for owned in (directory, path):
+        os.chown(owned, user.uid, user.gid)
+    return path
+
+
 @pytest.fixture(scope="module")
 def other_user() -> Iterator[User]:
     """A second local user for a test module, removed after it (skips when not root)."""

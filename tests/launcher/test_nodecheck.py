@@ -34,7 +34,7 @@ from agentkit import free_port, keygen, pydra
 from pydra.launcher.mpiexec import library_implementation
 from pydra.launcher.node import node_main
 from testkit import mpi_environment, run_process, stop_group
-from userkit import User, other_user, reachable_by_others  # noqa: F401  (other_user is a fixture the tests ask for)
+from userkit import User, authorize, other_user, reachable_by_others  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
 START_TIMEOUT = 30  # an agent writing "listening" to its log, on a loaded 2-core machine
@@ -259,15 +259,9 @@ def test_a_loopback_address_is_a_note_not_a_problem(setup: Setup, capsys: pytest
 @pytest.fixture
 def user_keys(setup: Setup, other_user: User) -> Iterator[Path]:
     """*other_user*'s ``~/.pydra/authorized_keys`` letting the setup's key launch, as the user makes it; removed after."""
-    directory = other_user.home / ".pydra"
-    directory.mkdir(mode=0o700)
-    path = directory / "authorized_keys"
-    path.write_text(f'pydra-role="launch" {setup.public}\n')
-    path.chmod(0o600)
-    for owned in (directory, path):
-        os.chown(owned, other_user.uid, other_user.gid)
+    path = authorize(other_user, f'pydra-role="launch" {setup.public}')
     yield path
-    shutil.rmtree(directory)
+    shutil.rmtree(path.parent)
 
 
 def system_options(setup: Setup, user: User) -> list[str]:

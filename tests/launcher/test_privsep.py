@@ -29,7 +29,7 @@ import pytest
 from agentkit import free_port, keygen, pydra, start_node
 from pydra.launcher import keys
 from testkit import ROOT, mpi_environment, run_process, stop_group
-from userkit import CAN_ADD_USERS, User, reachable_by_others, second_user
+from userkit import CAN_ADD_USERS, User, authorize, reachable_by_others, second_user
 
 pytestmark = pytest.mark.skipif(not CAN_ADD_USERS, reason="needs root to create local users")
 
@@ -90,18 +90,6 @@ class System:
         return run_process([sys.executable, "-c", CLIENT, HOST, str(self.port), str(self.identity),
                             str(self.root / "known_hosts"), user, json.dumps(env or {}), command],
                            timeout=timeout, env=mpi_environment(), stdin=subprocess.DEVNULL)
-
-
-def authorize(user: User, line: str) -> Path:
-    """Write *line* as *user*'s ``~/.pydra/authorized_keys``, the way the user would (0700 directory, 0600 file)."""
-    directory = user.home / ".pydra"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / "authorized_keys"
-    path.write_text(line + "\n")
-    path.chmod(0o600)
-    for owned in (directory, path):
-        os.chown(owned, user.uid, user.gid)
-    return path
 
 
 @pytest.fixture(scope="module")

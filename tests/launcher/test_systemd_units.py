@@ -4,6 +4,15 @@
 directory; a broken copy of the unit shows that its complaints are seen. The
 unit's ``ExecStart``, expanded for a home directory with keys and a
 ``node.env``, runs as ``pydra node --check`` with exit 0.
+
+The system unit's ``ExecStart`` runs with ``--check`` as root, as systemd
+would run it, with this venv's ``pydra`` for ``/usr/local/bin/pydra``. As
+written, it checks the system agent's own host key, ``/etc/pydra/host_ed25519``,
+and address, ``0.0.0.0:7470``: the check looks where the agent would (the
+test does not judge this machine's ``/etc``). Then with the two choices the
+unit leaves to each host replaced by options appended to its line, a host key
+at a test path and a free loopback port, and a second local user whose
+``authorized_keys`` lets a key launch, it passes with exit 0.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from agentkit import free_port, keygen
-from testkit import run_process
+from testkit import mpi_environment, run_process
 from unitkit import SYSTEM_UNIT, USER_UNIT, directives, exec_start
+from userkit import User, authorize, other_user  # noqa: F401  (other_user is a fixture the tests ask for)
 
 HOST = "127.0.0.2"
 
@@ -77,3 +87,34 @@ def test_systemd_accepts_the_system_unit(tmp_path: Path) -> None:
     unit = tmp_path / SYSTEM_UNIT.name
     unit.write_text(text.replace("/usr/local/bin/pydra", str(Path(sys.executable).parent / "pydra")))
     assert verify(unit, tmp_path, tmp_path, "--system") == ""
+
+
+def test_the_system_units_command_line_is_what_pydra_node_takes(tmp_path: Path, other_user: User) -> None:
+    argv = exec_start(SYSTEM_UNIT, Path("/nonexistent"))  # a system unit has no %h
+    assert argv[:3] == ["/usr/local/bin/pydra", "node", "--system"], argv
+    argv[0] = str(Path(sys.executable).parent / "pydra")  # where this test's pydra is installed
+    env = {name: value for name, value in mpi_environment().items() if not name.startswith("PYDRA_")}
+    as_written = run_process([*argv, "--check"], timeout=120, env=env)
+    assert as_written.returncode in (0, 1), as_written.stdout + as_written.stderr
+    checked = as_written.stdout.splitlines()
+    assert any(line.split(": ", 1)[1].startswith(("host key /etc/pydra/host_ed25519 ", "refusing /etc/pydra/host_ed25519:"))
+               for line in checked), as_written.stdout
+    assert any("0.0.0.0:7470" in line for line in checked), as_written.stdout
+    assert not any("authorized_keys" in line and "single-user" in line for line in checked), as_written.stdout
+
+    host_key = tmp_path / "etc-pydra" / "host_ed25519"
+    keygen(host_key, HOST)  # root's, 0600, in a directory of root's
+    keygen(tmp_path / "launcher" / "id_ed25519", "user@launcher")
+    user_keys = authorize(other_user, f'pydra-role="launch" {(tmp_path / "launcher" / "id_ed25519.pub").read_text().strip()}')
+    port = free_port(HOST)
+    try:
+        done = run_process([*argv, "--check", "--host-key", str(host_key), "--listen", f"{HOST}:{port}",
+                            "--user", other_user.name], timeout=120, env=env)
+    finally:
+        shutil.rmtree(user_keys.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith(f"ok: host key {host_key} (SHA256:") for line in lines), done.stdout
+    assert f"ok: {user_keys}: 1 key may launch as {other_user.name}" in lines, done.stdout
+    assert f"ok: {HOST}:{port} is free to listen on" in lines, done.stdout
+    assert lines[-1] == "pydra node --check: all is well", done.stdout
