@@ -5,6 +5,7 @@ exported in the launching shell stays there. mpiexec itself runs with
 :data:`OWN` (what a program needs to run at all), and the ranks get the names
 in :func:`forwarded_names`, their values sent by mpiexec through the tunnelled
 control connection (MPICH) or its daemons (Open MPI), never on a command line.
+Paths of the launcher's (``PYDRA_HOME``) stay with it (:data:`LAUNCHER_ONLY`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from collections.abc import Mapping
 OWN = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TERM")
 #: prefixes of the settings of Pydra and of the MPI libraries, forwarded to every rank
 PREFIXES = ("PYDRA_", "MPIR_CVAR_", "MPICH_", "HYDRA_", "UCX_", "FI_", "OMPI_MCA_", "PRTE_MCA_", "PMIX_MCA_")
-#: Pydra settings meant for pydra-remote-exec on the launching host only
-LAUNCHER_ONLY = ("PYDRA_AGENTS", "PYDRA_IDENTITY", "PYDRA_IDENTITY_AGENT", "PYDRA_KNOWN_HOSTS", "PYDRA_CONNECTOR")
+#: Pydra settings for the launching host only, never forwarded (not even with ``--env``): those meant
+#: for pydra-remote-exec, and PYDRA_HOME, a directory of the launcher's on the launcher's machine. A
+#: rank's PYDRA_HOME (where rank 0 journals) is its host's: the agent's own in single-user mode, the
+#: user's ~/.pydra under ``pydra node --system``, which runs the rank as a user who may not enter ours.
+LAUNCHER_ONLY = ("PYDRA_AGENTS", "PYDRA_IDENTITY", "PYDRA_IDENTITY_AGENT", "PYDRA_KNOWN_HOSTS", "PYDRA_CONNECTOR",
+                 "PYDRA_HOME")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -26,6 +31,8 @@ def parse_env_option(text: str) -> tuple[str, str | None]:
     name, sep, value = text.partition("=")
     if not _NAME.match(name):
         raise ValueError(f"--env {text!r}: expected NAME or NAME=VALUE")
+    if name in LAUNCHER_ONLY:
+        raise ValueError(f"--env {name}: that setting is the launcher's own, never given to the ranks")
     return name, value if sep else None
 
 

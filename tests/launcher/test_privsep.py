@@ -306,18 +306,25 @@ def test_pydra_launch_runs_an_mpi_job_as_the_user_the_hostfile_names(system: Sys
     hostfile = system.root / "hosts.txt"
     hostfile.write_text(f"{b.name}@{HOST} slots=2 port={system.port}\n")
     env = mpi_environment()
-    env["PYDRA_HOME"] = str(system.root)
+    env["PYDRA_HOME"] = str(system.root)  # the launcher's, which B may not even enter: not the ranks'
+    runs = b.home / ".pydra" / "runs"
     try:
         done = run_process(pydra("launch", "-f", str(hostfile), "-n", "2", "-i", str(system.identity), "--accept-new",
-                                 "--no-journal", str(tasks) + ":who", "1", "2", "--output", str(output)),
+                                 str(tasks) + ":who", "1", "2", "--output", str(output)),
                            timeout=180, env=env, cwd=ROOT)
         assert done.returncode == 0, done.stderr
         assert f"{b.name}@{HOST}" in done.stderr  # the host table says as whom
         assert json.loads(output.read_text()) == [[b.uid, b.gid, str(b.home), False]] * 2
         assert output.stat().st_uid == b.uid  # rank 0 wrote it, as B
+        # Rank 0 journals in B's own PYDRA_HOME (~B/.pydra), not in the launcher's.
+        [run_dir] = runs.iterdir()
+        assert f"pydra: run directory {run_dir} " in done.stderr
+        assert (run_dir / "journal.sqlite").stat().st_uid == b.uid
+        assert not (system.root / "runs").exists()
     finally:
         output.unlink(missing_ok=True)
         tasks.unlink()
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 def test_the_system_agent_refuses_to_start_unless_root(system: System) -> None:
