@@ -274,7 +274,10 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
 
     from pydra import journal as journals, rundirs
 
-    run_dir = Path(request.run_dir) if request.run_dir else rundirs.new_run_dir(spec.text)
+    try:
+        run_dir = Path(request.run_dir) if request.run_dir else rundirs.new_run_dir(spec.text)
+    except OSError as exc:  # PYDRA_HOME unwritable, a full disk: the user's to fix, in one line
+        raise journals.JournalError(f"cannot make a run directory: {exc} (give --run-dir DIR or --no-journal)") from exc
     output = str(Path(request.output).resolve()) if request.output else None
     digest = hashlib.sha256(spec.source.encode()).hexdigest() if spec.source is not None else None
     if request.run_dir and (run_dir / journals.JOURNAL_NAME).is_file():

@@ -214,6 +214,15 @@ def test_bad_target_exits_2_smoke() -> None:
     assert_one_error_line(pydra_run("mpiexec-2", ["no/such/file.py:Task"], timeout=30), "does not exist")
 
 
+@pytest.mark.parametrize("mode", ["in-process", "mpiexec-2"])
+def test_a_run_directory_that_cannot_be_made_is_one_line(mode: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"  # PYDRA_HOME under a file: no run directory can be made there
+    blocker.write_text("")
+    env = {**mpi_environment(), "PYDRA_HOME": str(blocker / "home")}
+    finished = pydra_run(mode, [f"{TARGETS}:Echo", "hello"], timeout=30, env=env)
+    assert_one_error_line(finished, "cannot make a run directory")
+
+
 def test_usage_errors_exit_2() -> None:
     for argv in (["run"], ["run", "-n", "0", "x.py:T"], ["frobnicate"]):
         finished = run_process([sys.executable, "-m", "pydra", *argv], timeout=30)
