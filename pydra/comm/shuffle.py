@@ -22,6 +22,7 @@ it would silently lose keys).
 from __future__ import annotations
 
 import struct
+from array import array
 from typing import Any
 
 from mpi4py import MPI
@@ -40,35 +41,41 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     """Send ``buckets[i]`` to member *i*; return what each member sent here, by member."""
     if len(buckets) != comm.size:
         raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
-    import numpy as np  # here, not at the top: a run without a MapReduce never loads it
-
     sealer = seal.current()
     payloads = [_pack(bucket) for bucket in buckets]
     if sealer.enabled:  # once per shuffle, not per bucket
         world = mpi.world_ranks(comm)
         payloads = [[sealer.seal(b"".join(pieces), world[member], SHUFFLE)] for member, pieces in enumerate(payloads)]
-    send_counts = np.array([sum(len(piece) for piece in pieces) for pieces in payloads], dtype=np.int64)
-    if send_counts.sum() > _MAX_BYTES:
-        raise ValueError(f"shuffle sends {send_counts.sum()} bytes from one rank; the limit is {_MAX_BYTES}")
-    recv_counts = np.empty(comm.size, dtype=np.int64)
-    comm.Alltoall(send_counts, recv_counts)
-    if recv_counts.sum() > _MAX_BYTES:
-        raise ValueError(f"shuffle receives {recv_counts.sum()} bytes on one rank; the limit is {_MAX_BYTES}")
-
-    send_counts32 = send_counts.astype(np.int32)
-    recv_counts32 = recv_counts.astype(np.int32)
-    send_displs = np.concatenate(([0], np.cumsum(send_counts32)[:-1])).astype(np.int32)
-    recv_displs = np.concatenate(([0], np.cumsum(recv_counts32)[:-1])).astype(np.int32)
-    send_buffer = np.frombuffer(b"".join(piece for pieces in payloads for piece in pieces), dtype=np.uint8)
-    recv_buffer = np.empty(int(recv_counts.sum()), dtype=np.uint8)
+    # Byte counts in array.array, not numpy: a worker that never imported numpy would pay its
+    # import (a tenth of a second) here, on every member at once, inside the job.
+    send_counts = array("q", [sum(len(piece) for piece in pieces) for pieces in payloads])
+    if sum(send_counts) > _MAX_BYTES:
+        raise ValueError(f"shuffle sends {sum(send_counts)} bytes from one rank; the limit is {_MAX_BYTES}")
+    recv_counts = array("q", bytes(8 * comm.size))
+    comm.Alltoall([send_counts, MPI.INT64_T], [recv_counts, MPI.INT64_T])
+    if sum(recv_counts) > _MAX_BYTES:
+        raise ValueError(f"shuffle receives {sum(recv_counts)} bytes on one rank; the limit is {_MAX_BYTES}")
+    send_displs, recv_displs = _starts(send_counts), _starts(recv_counts)
+    send_buffer = b"".join(piece for pieces in payloads for piece in pieces)
+    recv_buffer = bytearray(sum(recv_counts))
     comm.Alltoallv(
-        [send_buffer, (send_counts32, send_displs), MPI.BYTE],
-        [recv_buffer, (recv_counts32, recv_displs), MPI.BYTE],
+        [send_buffer, (list(send_counts), send_displs), MPI.BYTE],
+        [recv_buffer, (list(recv_counts), recv_displs), MPI.BYTE],
     )
-    parts = [recv_buffer[start : start + count] for start, count in zip(recv_displs.tolist(), recv_counts32.tolist())]
+    view = memoryview(recv_buffer)
+    parts = [view[start : start + count] for start, count in zip(recv_displs, recv_counts)]
     if sealer.enabled:
         parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
     return [_unpack(memoryview(part)) for part in parts]
+
+
+def _starts(counts: array) -> list[int]:
+    """Where each of *counts* bytes starts, laid end to end (Alltoallv's displacements)."""
+    starts, at = [], 0
+    for count in counts:
+        starts.append(at)
+        at += count
+    return starts
 
 
 def _pack(bucket: Any) -> list[bytes | memoryview]:

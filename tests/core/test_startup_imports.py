@@ -49,3 +49,12 @@ def test_a_worker_rank_loads_neither_rank_0s_half_nor_heavy_libraries(tmp_path) 
     rank_0 = ast.literal_eval(re.search(r"^rank 0 loaded: (.*)$", done.stderr, re.M).group(1))
     assert "pydra._core.master" in rank_0  # the probe sees what is loaded
     assert [name for name in HEAVY if name in rank_0] == []
+
+
+def test_a_mapreduce_shuffle_loads_nothing_heavy(tmp_path) -> None:
+    """The shuffle moves its byte counts without numpy: importing it would cost every worker, inside the job."""
+    argv = [sys.executable, "-m", "pydra", "run", "-n", "3", "--no-journal", f"{JOBS / 'startup_modules.py'}:Shuffled",
+            "a", "b", "c", "d", "--output", str(tmp_path / "result.json")]
+    done = run_process(argv, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "result.json").read_text()) == {key: [] for key in "abcd"}

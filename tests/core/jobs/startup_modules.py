@@ -1,7 +1,7 @@
 """TARGET for tests/core/test_startup_imports.py: which heavy modules a rank has loaded.
 
 Each item runs on a worker and returns the modules of :data:`HEAVY` loaded
-there at that moment; rank 0 prints its own at exit, on stderr.
+there at that moment (with ``Shuffled``, after a MapReduce's shuffle); rank 0 prints its own at exit, on stderr.
 """
 
 import atexit
@@ -21,6 +21,19 @@ def loaded(_item: str) -> list[str]:
 
 def Loaded():
     return pydra.Parallel(loaded)
+
+
+class Shuffled(pydra.MapReduce):
+    """A MapReduce whose every key reduces to what its worker has loaded once the shuffle is done."""
+
+    def map(self, item):
+        yield item, 1
+
+    def combine(self, key, counts):
+        return sum(counts)
+
+    def reduce(self, key, counts):
+        return loaded(key)
 
 
 if os.environ.get("PMI_RANK") == "0":
