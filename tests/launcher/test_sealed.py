@@ -257,8 +257,13 @@ def test_a_recording_of_a_whole_launch_holds_no_secret(cluster: Cluster, job: Ru
         job.wait_started()
         # On a real host, the last hop of a tunnel (agent <-> proxy, on that host's own loopback)
         # never reaches the network: here every "host" shares lo, so leave those segments out.
-        ps = subprocess.run(["ps", "-eo", "args", "-ww"], capture_output=True, text=True).stdout
-        host_local = {int(p) for p in re.findall(r"^\S*hydra_pmi_proxy --control-port 127\.0\.0\.1:(\d+)", ps, re.M)}
+        # Only this cluster's proxies: other tests on the machine may run launches of their own.
+        ours = descendants([agent.pid for agent in cluster.agents])
+        ps = subprocess.run(["ps", "-eo", "pid=,args=", "-ww"], capture_output=True, text=True).stdout
+        host_local = {
+            int(port) for pid, port in re.findall(r"^\s*(\d+) \S*hydra_pmi_proxy --control-port 127\.0\.0\.1:(\d+)", ps, re.M)
+            if int(pid) in ours
+        }
         assert len(host_local) == len(HOSTS), ps
         status, stdout, stderr = job.release()
     finally:
