@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from pydra._core import protocol, session
 from pydra._core.evaluate import UnitLog, Walk
+from pydra._core.futures import LeanFuture
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
@@ -196,14 +197,14 @@ class Executor(concurrent.futures.Executor):
         return self.master.statistics()
 
 
-class _Call(concurrent.futures.Future):
+class _Call(LeanFuture):
     """One :meth:`Executor.submit` call: the future its caller gets, and its command for a worker.
 
-    The call is its own future (a ``concurrent.futures.Future``), so that a
-    submitted call costs rank 0 one object fewer, to make and for the garbage
-    collector to walk while the caller keeps its futures. It lets go of the
-    function and its arguments once it is settled, as a plain future would
-    not hold them.
+    The call is its own future (a ``concurrent.futures.Future``, lean: see
+    :mod:`pydra._core.futures`), so that a submitted call costs rank 0 few
+    objects, to make and for the garbage collector to walk while the caller
+    keeps its futures. It lets go of the function and its arguments once it
+    is settled, as a plain future would not hold them.
     """
 
     def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
