@@ -304,16 +304,20 @@ class Scheduler:
         shares: dict[int, list[tuple]] = {rank: [] for rank in ready}
         pending, next_unit = self.pending, self._next_unit  # (once per unit: the hot path of every submit)
         while ready:
+            filled = False
             for rank in ready:
                 unit = next_unit(rank)
                 if unit is None:
                     room[rank] = 0  # nothing for this one (a retry may be waiting for another)
+                    filled = True
                     continue
                 command, callback = unit
                 pending[command[1]] = PendingUnit(callback, (rank,), 1)
                 shares[rank].append(command)
                 room[rank] -= 1
-            ready = [rank for rank in ready if room[rank] > 0]
+                filled = filled or not room[rank]
+            if filled:
+                ready = [rank for rank in ready if room[rank] > 0]
         for rank, commands in shares.items():
             if commands:
                 self._send(self._by_rank[rank], commands)
