@@ -18,8 +18,7 @@ BOUNCED 17    w → 0      :class:`Bounce`: a COMMANDS message the worker could 
 
 Every unit command gets exactly one reply; the worker sends replies as soon
 as one fails or has waited ``_HOLD_REPLIES_SECONDS`` (even while a later unit
-runs), once half the message's commands are done (so that rank 0 refills its
-queue while it runs the rest), and when the message's last unit is done. Rank 0 counts each
+runs), else when the message's last unit is done. Rank 0 counts each
 worker's units in flight from those replies, and keeps each commands
 message until the worker says (in REPLIES) that it read it: a BOUNCED
 message's units go again one per message, so that only the unit that cannot

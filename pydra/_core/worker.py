@@ -168,14 +168,11 @@ class WorkerLoop:
             final = commands[-1]
             exit_process = final[2] if final[0] == protocol.STOP else None
             self.replies.running(len(commands) > 1)
-            # Once half the message is done its replies go: rank 0 then refills this worker's queue
-            # while it runs the other half, rather than after it ran dry.
-            half = len(commands) // 2
-            for done, command in enumerate(commands, 1):
+            for command in commands:
                 reply = self.runner.execute(command)
                 if reply is not None:
                     # Rank 0 should hear of a failure at once: it may cancel the rest of this message.
-                    self.replies.add(self._pack_reply(*reply), urgent=not reply[1] or done == half)
+                    self.replies.add(self._pack_reply(*reply), urgent=not reply[1])
             self.replies.running(False)
             self.replies.flush()
             # Drop this message's arguments and results before waiting for the next one.
