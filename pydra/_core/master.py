@@ -116,7 +116,7 @@ class Master:
         self._wake_if_asleep()
 
     def submit_call(self, call: Call) -> None:
-        """Queue a single call (``Executor.submit``) in the scheduler's :class:`~pydra._core.sources.CallQueue` (any thread).
+        """Queue *call* (``Executor.submit``'s) in the scheduler's ``CallQueue`` (any thread).
 
         The cheap form of ``call_soon(calls.add, call)``, for the hottest path
         of all: one deque append, no tuple or bound method for the garbage

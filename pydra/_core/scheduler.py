@@ -302,7 +302,7 @@ class Scheduler:
         room = {w.rank: limit - w.inflight for w in self.workers if w.phase in TAKES_WORK}
         ready = [w.rank for w in self.workers if room.get(w.rank, 0) > 0]
         shares: dict[int, list[tuple]] = {rank: [] for rank in ready}
-        pending, next_unit = self.pending, self._next_unit  # (once per unit: the hot path of every submit)
+        pending, next_unit = self.pending, self._next_unit  # locals: the loop runs once per unit
         while ready:
             filled = False
             for rank in ready:
