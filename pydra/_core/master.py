@@ -173,14 +173,14 @@ class Master:
 
     def _run_inbox(self) -> bool:
         """Queue the calls submitted and run what other threads asked for until now; whether there was anything."""
-        calls = self._calls
+        inbox, calls = self._inbox, self._calls
+        asked = len(inbox)  # not what arrives meanwhile: a steady stream must not hold the pump here
+        # Counted after the inbox: a call submitted before something was asked is queued before it runs.
         submitted = len(calls)
         if submitted:
             add = self.scheduler.calls.add
             for _ in range(submitted):
                 add(calls.popleft())
-        inbox = self._inbox
-        asked = len(inbox)  # not what arrives meanwhile: a steady stream must not hold the pump here
         for _ in range(asked):
             function, args = inbox.popleft()
             function(*args)
