@@ -17,9 +17,9 @@ the ratios the project tracks:
 * ``mpi4py.futures.MPIPoolExecutor.map(chunksize=1)``;
 * futures alone: the submit variant's ``concurrent.futures`` part with nothing
   else (no MPI, no scheduler: a thread of rank 0 runs each call and resolves
-  its future). It bounds what any executor returning futures can do in one
-  Python process here; docs/ARCHITECTURE.md ("What a unit costs") explains
-  why Pydra's submit is measured against it too.
+  its plain ``Future``). It is what an executor returning plain futures from
+  one Python process costs at the least; Pydra's futures are leaner ones
+  (docs/ARCHITECTURE.md, "What a submitted call costs, and the limit").
 
 With ``--seal`` it runs instead the Pydra variants twice each, without and
 with a job key (every message sealed, docs/SECURITY.md), plus a payload
@@ -201,7 +201,7 @@ def drive(scale: float) -> None:
     print(f"pydra auto batching                  = {rates['pydra-auto']:,.0f} tasks/s  (target >= 1,000,000)")
     print(f"pydra submit / raw mpi4py loop       = {rates['pydra-submit'] / rates['raw']:6.2f}x  (target >= 0.5)")
     print(f"  futures alone / raw mpi4py loop    = {rates['futures-alone'] / rates['raw']:6.2f}x  "
-          "(no MPI, no scheduler: submit's ceiling in one process)")
+          "(plain Futures, no MPI, no scheduler)")
     print(f"  pydra submit / futures alone       = {rates['pydra-submit'] / rates['futures-alone']:6.2f}x")
 
 

@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from pydra._core import protocol, session
 from pydra._core.evaluate import UnitLog, Walk
+from pydra._core.futures import LeanFuture
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
@@ -89,10 +90,9 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker; return its future."""
-        master = self.master
         call = _Call(fn, args, kwargs)
-        master.call_soon(master.calls.add, call)
-        return call.future
+        self.master.submit_call(call)
+        return call
 
     def map(  # type: ignore[override]
         self,
@@ -197,33 +197,42 @@ class Executor(concurrent.futures.Executor):
         return self.master.statistics()
 
 
-class _Call:
-    """One :meth:`Executor.submit` call: its command for a worker, and its future's side of the reply."""
+class _Call(LeanFuture):
+    """One :meth:`Executor.submit` call: the future its caller gets, and its command for a worker.
 
-    __slots__ = ("future", "fn", "args", "kwargs")
+    The call is its own future (a ``concurrent.futures.Future``, lean: see
+    :mod:`pydra._core.futures`), so that a submitted call costs rank 0 few
+    objects, to make and for the garbage collector to walk while the caller
+    keeps its futures. It lets go of the function and its arguments once it
+    is settled, as a plain future would not hold them.
+    """
 
     def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+        super().__init__()
+        self._fn, self._args, self._kwargs = fn, args, kwargs
 
     def command(self, uid: int) -> tuple | None:
         """The CALL command, or None if the future was cancelled meanwhile."""
-        if not self.future.set_running_or_notify_cancel():
+        if not self.set_running_or_notify_cancel():
+            self._fn = self._args = self._kwargs = None
             return None
-        return (protocol.CALL, uid, self.fn, self.args, self.kwargs)
+        return (protocol.CALL, uid, self._fn, self._args, self._kwargs)
 
     def reply(self, ok: bool, value: Any, seconds: float, rank: int, blob: bytes | None) -> None:
+        fn, self._fn = self._fn, None
+        self._args = self._kwargs = None
         if ok:
-            self.future.set_result(value)
+            self.set_result(value)
         else:
-            name = getattr(self.fn, "__qualname__", repr(self.fn))
-            self.future.set_exception(value.to_exception(f"in {name} on rank {rank}"))
+            name = getattr(fn, "__qualname__", repr(fn))
+            self.set_exception(value.to_exception(f"in {name} on rank {rank}"))
 
     def withdraw(self) -> bool:
         """``shutdown(cancel_futures=True)`` before any worker has the call: cancel it, if it still can be."""
-        if not self.future.cancel():
+        if not self.cancel():
             return False
-        self.future.set_running_or_notify_cancel()  # tells wait() and as_completed() it is done
+        self.set_running_or_notify_cancel()  # tells wait() and as_completed() it is done
+        self._fn = self._args = self._kwargs = None
         return True
 
 

@@ -28,7 +28,7 @@ from mpi4py import MPI
 from pydra._core import events as ev
 from pydra._core.events import Dispatch, StopRequested, Tick
 from pydra._core.scheduler import Scheduler, Settings
-from pydra._core.sources import GangRequest, Source
+from pydra._core.sources import Call, GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
 from pydra.comm import mpi, serial
 from pydra.config import setting
@@ -67,6 +67,8 @@ class Master:
         # What other threads ask of the scheduler thread (see call_soon), run at the top of each
         # pump iteration; the loop is woken only when the pump sleeps with nothing in flight.
         self._inbox: deque[tuple[Callable, tuple]] = deque()
+        # Executor.submit's calls, queued before the inbox runs (see submit_call).
+        self._calls: deque = deque()
         self._asleep = False
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
         self._stop_requested = False
@@ -111,7 +113,22 @@ class Master:
         two to three times as long when every burst woke the loop).
         """
         self._inbox.append((function, args))
-        # No lock: the pump sets _asleep before it looks at the inbox a last time, and this looks
+        self._wake_if_asleep()
+
+    def submit_call(self, call: Call) -> None:
+        """Queue *call* (``Executor.submit``'s) in the scheduler's ``CallQueue`` (any thread).
+
+        The cheap form of ``call_soon(calls.add, call)``, for the hottest path
+        of all: one deque append, no tuple or bound method for the garbage
+        collector to walk while the calls wait. Calls are queued at the top of
+        each pump pass, before the inbox runs, so a call submitted before
+        something was asked of :meth:`call_soon` is queued before that runs.
+        """
+        self._calls.append(call)
+        self._wake_if_asleep()
+
+    def _wake_if_asleep(self) -> None:
+        # No lock: the pump sets _asleep before it looks at its queues a last time, and this looks
         # at _asleep after appending, so one of the two sees the other (at worst, a spare wake-up).
         if self._asleep:
             self._asleep = False
@@ -155,18 +172,24 @@ class Master:
             self.loop.close()
 
     def _run_inbox(self) -> bool:
-        """Run what other threads asked for until now; whether there was anything."""
-        inbox = self._inbox
+        """Queue the calls submitted and run what other threads asked for until now; whether there was anything."""
+        inbox, calls = self._inbox, self._calls
         asked = len(inbox)  # not what arrives meanwhile: a steady stream must not hold the pump here
+        # Counted after the inbox: a call submitted before something was asked is queued before it runs.
+        submitted = len(calls)
+        if submitted:
+            add = self.scheduler.calls.add
+            for _ in range(submitted):
+                add(calls.popleft())
         for _ in range(asked):
             function, args = inbox.popleft()
             function(*args)
-        return asked > 0
+        return asked > 0 or submitted > 0
 
     def _fall_asleep(self) -> bool:
         """Whether the pump may sleep: nothing was asked meanwhile (from now on, call_soon wakes it)."""
         self._asleep = True
-        if self._inbox:
+        if self._inbox or self._calls:
             self._asleep = False
         return self._asleep
 

@@ -36,7 +36,7 @@ import itertools
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from pydra._core import protocol
 from pydra._core.events import (
@@ -57,7 +57,7 @@ class PendingUnit:
     """A unit sent to one or more workers whose replies are awaited."""
 
     callback: Callback
-    ranks: list
+    ranks: Sequence[int]
     replies_due: int
 
 
@@ -300,21 +300,27 @@ class Scheduler:
         self._start_gangs()
         limit = self.inflight_limit
         room = {w.rank: limit - w.inflight for w in self.workers if w.phase in TAKES_WORK}
-        ready = [w for w in self.workers if room.get(w.rank, 0) > 0]
-        shares: dict[int, list[tuple]] = {}
+        ready = [w.rank for w in self.workers if room.get(w.rank, 0) > 0]
+        shares: dict[int, list[tuple]] = {rank: [] for rank in ready}
+        pending, next_unit = self.pending, self._next_unit  # locals: the loop runs once per unit
         while ready:
-            for worker in ready:
-                unit = self._next_unit(worker.rank)
+            filled = False
+            for rank in ready:
+                unit = next_unit(rank)
                 if unit is None:
-                    room[worker.rank] = 0  # nothing for this one (a retry may be waiting for another)
+                    room[rank] = 0  # nothing for this one (a retry may be waiting for another)
+                    filled = True
                     continue
                 command, callback = unit
-                self.pending[command[1]] = PendingUnit(callback, [worker.rank], 1)
-                shares.setdefault(worker.rank, []).append(command)
-                room[worker.rank] -= 1
-            ready = [w for w in ready if room[w.rank] > 0]
+                pending[command[1]] = PendingUnit(callback, (rank,), 1)
+                shares[rank].append(command)
+                room[rank] -= 1
+                filled = filled or not room[rank]
+            if filled:
+                ready = [rank for rank in ready if room[rank] > 0]
         for rank, commands in shares.items():
-            self._send(self._by_rank[rank], commands)
+            if commands:
+                self._send(self._by_rank[rank], commands)
 
     def _next_unit(self, rank: int) -> tuple[tuple, Callback] | None:
         for source in self.sources:
@@ -328,13 +334,16 @@ class Scheduler:
     def _send(self, worker: Worker, commands: list[tuple], gang: bool = False) -> None:
         """Count *commands* as in flight at *worker* and emit them, with the definitions it lacks first."""
         definitions = []
+        units = 0
         for command in commands:
-            if command[0] in protocol.USES_DEFINITION:
+            op = command[0]
+            if op in protocol.USES_DEFINITION:
                 tid = command[2]
                 if tid not in worker.known:
                     worker.known.add(tid)
                     definitions.append((protocol.DEFINE, tid, self._definitions[tid][1]))
-        units = sum(command[0] not in protocol.NO_REPLY for command in commands)
+            if op not in protocol.NO_REPLY:
+                units += 1
         if units:
             worker.inflight += units
             self._move(worker, Trigger.GANG if gang else Trigger.SENT)

@@ -53,6 +53,7 @@ CASES = [
     "unpicklable_result",
     "unpicklable_exception",
     "unloadable_result",
+    "settled_call_lets_go",
 ]
 executor_jobs = CaseCache("job_executor.py", CASES)
 
@@ -248,3 +249,8 @@ def test_uncaught_exception_after_block_ends_the_job_smoke() -> None:
     finished = _abort_job("after_block")
     assert finished.returncode != 0
     assert "rank 2 raised after the executor block" in finished.stderr
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_a_settled_future_lets_go_of_its_arguments(ranks: int) -> None:
+    assert executor_jobs(ranks).ok("settled_call_lets_go") == {"freed": True, "still_held": True}

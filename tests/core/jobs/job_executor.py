@@ -9,8 +9,10 @@ does the work and the case returns what rank 0 observed.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -271,6 +273,21 @@ def unpicklable_result(ex):
     return {"outcome": outcome_of(ex.submit(make_generator, 1)), "after": ex.submit(w.square, 7).result(timeout=30)}
 
 
+class Watched:
+    """An argument whose lifetime a case watches."""
+
+
+def settled_call_lets_go(ex):
+    """A settled future no longer holds its call's arguments (it is the call itself, but a plain future never did)."""
+    argument = Watched()
+    watch = weakref.ref(argument)
+    future = ex.submit(type, argument)
+    future.result(timeout=30)
+    del argument
+    gc.collect()
+    return {"freed": watch() is None, "still_held": future.done()}
+
+
 def submit_from_threads(ex):
     """Executors are thread-safe: four threads submit and map at once."""
     import threading
@@ -320,6 +337,7 @@ CASES = {
     "unpicklable_result": lambda: session(unpicklable_result),
     "unpicklable_exception": lambda: session(unpicklable_exception),
     "unloadable_result": lambda: session(unloadable_result),
+    "settled_call_lets_go": lambda: session(settled_call_lets_go),
 }
 
 if __name__ == "__main__":
