@@ -38,7 +38,7 @@ def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Po
     log.unlink(missing_ok=True)
     agent = subprocess.Popen(pydra("node", *args, "--log", str(log)), env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a busy 2-core machine can take many seconds to start Python
     while "listening" not in (log.read_text() if log.exists() else ""):
         if agent.poll() is not None or time.monotonic() > deadline:
             stop_group(agent)
@@ -61,10 +61,14 @@ class Cluster:
         self.authorized.write_text(f'pydra-role="launch" {self.identity.with_suffix(".pub").read_text()}')
         self.agents: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
-        for host in HOSTS:
-            key = root / f"host-{host}"
-            keygen(key, host)
-            self.start_agent(host, key)
+        try:
+            for host in HOSTS:
+                key = root / f"host-{host}"
+                keygen(key, host)
+                self.start_agent(host, key)
+        except BaseException:
+            self.stop()  # the agents already started: no test fixture will ever get to stop them
+            raise
         self.hostfile = root / "hosts.txt"
         self.hostfile.write_text("".join(f"{h} slots={1 + (i == 1)} port={self.ports[h]}\n" for i, h in enumerate(HOSTS)))
 
