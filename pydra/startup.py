@@ -12,12 +12,20 @@ step, and ends the job rather than let it hang (see that module).
 
 Without a supervisor (another launcher, or plain ``mpiexec``) nothing is
 written: the launcher itself ends a job whose rank was killed.
+
+Under Open MPI's ULFM the others do hear of a loss: a start-up collective
+raises on them (:func:`lost` says what they do then).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 
+from pydra import interrupts
 from pydra.config import setting
 from pydra.launcher.supervise import JOINED
 
@@ -72,3 +80,26 @@ def _write(fd: int, line: str) -> None:
         os.write(fd, f"{line}\n".encode())
     except OSError:
         pass  # no supervisor reading any more: nothing to tell
+
+
+def lost(rank: int, size: int, failed: list[int], label: str) -> None:
+    """MPI (ULFM) says ranks *failed* died while this one, *rank* of *size*, was in start-up collective *label*.
+
+    The caller ends this rank afterwards. Under a supervisor, the lost
+    rank's own supervisor says which rank was lost, how and when, and ends
+    the job: this rank only tells its supervisor that it was not lost
+    itself, and waits (up to ``PYDRA_HEARTBEAT_TIMEOUT`` seconds) to be
+    stopped with the others, without a word. Without one, or if nothing
+    stopped it, the lowest surviving rank says which ranks were lost.
+    """
+    supervised = _supervisor_fd() is not None
+    joined()  # this rank leaves as its peers do, not lost: its supervisor must not end the job too
+    if supervised:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (*interrupts.STOPS, interrupts.RELAYED_STOP):
+                signal.signal(signum, signal.SIG_DFL)  # stopped with the job: no "interrupted" line
+        time.sleep(setting("HEARTBEAT_TIMEOUT"))
+    if rank == min(set(range(size)) - set(failed)):
+        ranks = ", ".join(map(str, failed))
+        print(f"pydra: rank{'s' if len(failed) > 1 else ''} {ranks} lost during start-up, "
+              f"{STEPS.get(label, 'in a start-up collective')}; ending the job", file=sys.stderr, flush=True)
