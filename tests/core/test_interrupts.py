@@ -63,6 +63,7 @@ def assert_all_gone(pids: set[int], group: int) -> None:
         os.killpg(group, 0)
 
 
+@pytest.mark.smoke
 @survives_losses_here
 def test_a_killed_worker_is_rescheduled_at_once(tmp_path: Path) -> None:
     env = environment(tmp_path)
@@ -84,7 +85,7 @@ def test_a_killed_worker_is_rescheduled_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("target, signum, status", [
-    ("group", signal.SIGINT, 130),  # a terminal's Ctrl-C
+    pytest.param("group", signal.SIGINT, 130, marks=pytest.mark.smoke),  # a terminal's Ctrl-C
     ("pid", signal.SIGINT, 130),  # an IDE's stop button, timeout -s INT
     ("pid", signal.SIGTERM, 143),
 ], ids=["ctrl-c", "sigint", "sigterm"])
