@@ -31,9 +31,10 @@ MPI's launcher on this host (``prterun``, or a ``prted`` daemon), which then
 stops every rank of the job.
 
 It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
-SIGINT, SIGTERM, SIGHUP and SIGUSR2 (Open MPI's relayed stop) on to the rank: a rank stopped that way ends
-without a word (the job is being stopped), and one that has not ended
-:data:`STOP_GRACE` seconds later is killed. It imports nothing of Pydra or MPI:
+SIGINT, SIGTERM, SIGHUP and SIGUSR2 (Open MPI's relayed stop) on to the
+rank: a rank stopped that way ends without a word (the job is being
+stopped), and one that has not ended :data:`STOP_GRACE` seconds later is
+killed. It imports nothing of Pydra or MPI:
 ``pydra run -n`` starts it as ``python -I -S .../supervise.py``, without
 site-packages, because that is three times quicker.
 """
