@@ -3,15 +3,16 @@
 Until every rank has joined the session, the ranks wait for each other in
 MPI's start-up and in collectives: a rank lost then (killed, say) would leave
 the others waiting forever, since the heartbeats that notice a lost worker
-only start with the session. Under ``pydra run -n`` (MPICH) each rank runs
-under :mod:`pydra.launcher.supervise`, which hands it the write end of a pipe
+only start with the session. Under ``pydra run -n`` and ``pydra launch``
+each rank runs under :mod:`pydra.launcher.supervise`, which hands it the write end of a pipe
 in ``PYDRA_STARTUP_FD``. The rank writes one line to it at each start-up
 step and ``joined`` once the session has started, then closes it. If the
 rank dies before that, its supervisor says which rank was lost and in which
 step, and ends the job rather than let it hang (see that module).
 
 Without a supervisor (another launcher, or plain ``mpiexec``) nothing is
-written: the launcher itself ends a job whose rank was killed.
+written: MPICH's launcher ends a job whose rank was killed, and the others
+wait for one that exited.
 
 Under Open MPI's ULFM the others do hear of a loss: a start-up collective
 raises on them (:func:`lost` says what they do then).
