@@ -11,8 +11,7 @@ rank dies before that, its supervisor says which rank was lost and in which
 step, and ends the job rather than let it hang (see that module).
 
 Without a supervisor (another launcher, or plain ``mpiexec``) nothing is
-written: MPICH's launcher ends a job whose rank was killed, and the others
-wait for one that exited.
+written: MPICH's launcher itself ends a job whose rank was killed.
 
 Under Open MPI's ULFM the others do hear of a loss: a start-up collective
 raises on them (:func:`lost` says what they do then).
