@@ -46,7 +46,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     if resume_with:
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
-    return wait_for(mpiexec.local_command(ranks, program), env)
+    return wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal)
 
 
 def progress_environment() -> dict[str, str]:
@@ -59,13 +59,15 @@ def progress_environment() -> dict[str, str]:
     return {**os.environ, "PYDRA_PROGRESS": progress_mode()}
 
 
-def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None) -> int:
+def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None,
+             stop_with: int = signal.SIGTERM) -> int:
     """Start mpiexec's *command* in a session of its own, wait for it and return the job's exit status.
 
     In its own session, a terminal's Ctrl-C reaches us alone. On SIGINT,
-    SIGTERM or SIGHUP, mpiexec gets SIGTERM and passes it to every rank (rank
-    0 then says how to resume); we wait while it stops them, so that nothing
-    is left behind, and return 128 + the signal we got.
+    SIGTERM or SIGHUP, mpiexec gets *stop_with* (its ``stop_signal``) and
+    passes a stop on to every rank (rank 0 then says how to resume); we wait
+    while they stop, so that nothing is left behind, and return 128 + the
+    signal we got. A second signal sends SIGTERM, which every mpiexec obeys itself.
     """
     received: list[int] = []
     process: subprocess.Popen | None = None
@@ -73,14 +75,15 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     def stop(signum: int, frame: Any) -> None:
         received.append(signum)
         if process is not None:
-            process.send_signal(signal.SIGTERM)  # (nothing, if mpiexec has ended)
+            # (nothing, if mpiexec has ended)
+            process.send_signal(stop_with if len(received) == 1 else signal.SIGTERM)
 
     # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
     previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
         process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn)
         if received:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop_with)
         status = process.wait()
     finally:
         for signum, handler in previous.items():

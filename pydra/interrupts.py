@@ -2,9 +2,12 @@
 
 ``pydra run -n N`` and ``pydra launch`` start mpiexec in a session of its
 own, so a terminal's Ctrl-C reaches only them; on SIGINT, SIGTERM or SIGHUP
-they send mpiexec SIGTERM, which passes it to every rank (through
-:mod:`pydra.launcher.supervise` under MPICH), wait for the job to end, and
-exit with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+they pass a stop on to every rank through mpiexec (and each rank's
+:mod:`pydra.launcher.supervise`), wait for the job to end, and exit with 128
++ the signal (130 for Ctrl-C, 143 for SIGTERM). MPICH's mpiexec gets SIGTERM,
+which it passes on. Open MPI's gets :data:`RELAYED_STOP` instead: on SIGTERM
+or SIGINT it stops the ranks itself, and drops what they print meanwhile
+(rank 0's line saying how to resume), while SIGUSR2 it passes on untouched.
 
 Each rank of ``pydra run`` ends at once on those signals, without a
 traceback and without MPI_Finalize (its peers are ending too). Rank 0 first
@@ -26,6 +29,8 @@ from pydra.config import setting
 
 #: the signals that stop a job
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: the stop a rank gets from Open MPI's launcher, which passes SIGUSR2 on to every rank untouched
+RELAYED_STOP = signal.SIGUSR2
 
 #: longest wait for the journal's last commit before rank 0 ends anyway
 FLUSH_SECONDS = 5.0
@@ -34,8 +39,8 @@ _job: dict[str, Any] = {"rank": None, "size": 1, "run_dir": None, "journal": Non
 
 
 def stop_quietly() -> None:
-    """From now on, end this rank of ``pydra run`` quietly on SIGINT, SIGTERM or SIGHUP (main thread)."""
-    for signum in STOPS:
+    """From now on, end this rank of ``pydra run`` quietly on SIGINT, SIGTERM, SIGHUP or SIGUSR2 (main thread)."""
+    for signum in (*STOPS, RELAYED_STOP):
         signal.signal(signum, _stop)
 
 

@@ -443,6 +443,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     from pydra.comm import mpi
     from pydra.control import ControlServer, configure_logging
     from pydra.executor import Executor
+    from pydra.interrupts import RELAYED_STOP
     from pydra.launcher.allocation import refuse_foreign_world
     from pydra.strictmodes import StrictModeError
 
@@ -451,10 +452,10 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         return 2
     abort_on_uncaught_exit(comm)
     if comm.rank != 0:
-        # Ctrl-C in a terminal (and mpiexec's SIGTERM) reach every rank: rank 0 shuts the
+        # Ctrl-C in a terminal (and mpiexec's SIGTERM or SIGUSR2) reach every rank: rank 0 shuts the
         # cluster down in order; a worker ends when told to, or when rank 0 falls silent.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, RELAYED_STOP):
+            signal.signal(signum, signal.SIG_IGN)
     with Executor(comm) as executor:
         if executor is None:
             return 0  # a worker: served rank 0 until it said stop
@@ -482,8 +483,8 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
             file=sys.stderr,
             flush=True,
         )
-        # Ctrl-C or SIGTERM: cancel what runs, then stop as `shutdown --now` does.
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # Ctrl-C or SIGTERM (SIGUSR2 from Open MPI's launcher): cancel what runs, then stop as `shutdown --now` does.
+        for signum in (signal.SIGINT, signal.SIGTERM, RELAYED_STOP):
             signal.signal(signum, lambda signum, frame: service.shutdown(now=True))
         if first_job:
             try:

@@ -3,21 +3,29 @@
 Until every rank has joined the session, the ranks wait for each other in
 MPI's start-up and in collectives: a rank lost then (killed, say) would leave
 the others waiting forever, since the heartbeats that notice a lost worker
-only start with the session. Under ``pydra run -n`` (MPICH) each rank runs
-under :mod:`pydra.launcher.supervise`, which hands it the write end of a pipe
+only start with the session. Under ``pydra run -n`` and ``pydra launch``
+each rank runs under :mod:`pydra.launcher.supervise`, which hands it the write end of a pipe
 in ``PYDRA_STARTUP_FD``. The rank writes one line to it at each start-up
 step and ``joined`` once the session has started, then closes it. If the
 rank dies before that, its supervisor says which rank was lost and in which
 step, and ends the job rather than let it hang (see that module).
 
 Without a supervisor (another launcher, or plain ``mpiexec``) nothing is
-written: the launcher itself ends a job whose rank was killed.
+written: MPICH's launcher itself ends a job whose rank was killed.
+
+Under Open MPI's ULFM the others do hear of a loss: a start-up collective
+raises on them (:func:`lost` says what they do then).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 
+from pydra import interrupts
 from pydra.config import setting
 from pydra.launcher.supervise import JOINED
 
@@ -72,3 +80,26 @@ def _write(fd: int, line: str) -> None:
         os.write(fd, f"{line}\n".encode())
     except OSError:
         pass  # no supervisor reading any more: nothing to tell
+
+
+def lost(rank: int, size: int, failed: list[int], label: str) -> None:
+    """MPI (ULFM) says ranks *failed* died while this one, *rank* of *size*, was in start-up collective *label*.
+
+    The caller ends this rank afterwards. Under a supervisor, the lost
+    rank's own supervisor says which rank was lost, how and when, and ends
+    the job: this rank only tells its supervisor that it was not lost
+    itself, and waits (up to ``PYDRA_HEARTBEAT_TIMEOUT`` seconds) to be
+    stopped with the others, without a word. Without one, or if nothing
+    stopped it, the lowest surviving rank says which ranks were lost.
+    """
+    supervised = _supervisor_fd() is not None
+    joined()  # this rank leaves as its peers do, not lost: its supervisor must not end the job too
+    if supervised:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (*interrupts.STOPS, interrupts.RELAYED_STOP):
+                signal.signal(signum, signal.SIG_DFL)  # stopped with the job: no "interrupted" line
+        time.sleep(setting("HEARTBEAT_TIMEOUT"))
+    if rank == min(set(range(size)) - set(failed)):
+        ranks = ", ".join(map(str, failed))
+        print(f"pydra: rank{'s' if len(failed) > 1 else ''} {ranks} lost during start-up, "
+              f"{STEPS.get(label, 'in a start-up collective')}; ending the job", file=sys.stderr, flush=True)

@@ -353,10 +353,10 @@ def bcast_object(comm: MPI.Intracomm, obj: Any, root: int, label: str) -> Any:
     startup.reached(label)
     data = _seal_for(serial.dumps(obj), seal.ALL, label) if comm.rank == root else None
     size = array("q", [len(data) if data is not None else 0])
-    wait(comm.Ibcast([size, MPI.INT64_T], root))
+    wait(comm.Ibcast([size, MPI.INT64_T], root), comm, label)
     if data is None:
         data = bytearray(size[0])
-    wait(comm.Ibcast([data, MPI.BYTE], root))
+    wait(comm.Ibcast([data, MPI.BYTE], root), comm, label)
     if comm.rank == root:
         return obj
     if _started_sealed:
@@ -374,15 +374,15 @@ def gather_object(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused:
     world = world_ranks(comm)
     data = _seal_for(serial.dumps(obj), world[root], label)
     size, sizes = array("q", [len(data)]), array("q", [0] * comm.size)
-    wait(comm.Igather([size, MPI.INT64_T], [sizes, MPI.INT64_T], root))
+    wait(comm.Igather([size, MPI.INT64_T], [sizes, MPI.INT64_T], root), comm, label)
     if comm.rank != root:
-        wait(comm.Igatherv([data, MPI.BYTE], None, root))
+        wait(comm.Igatherv([data, MPI.BYTE], None, root), comm, label)
         return None
     counts, displacements = list(sizes), [0] * comm.size
     for member in range(1, comm.size):
         displacements[member] = displacements[member - 1] + counts[member - 1]
     buffer = bytearray(sum(counts))
-    wait(comm.Igatherv([data, MPI.BYTE], [buffer, (counts, displacements), MPI.BYTE], root))
+    wait(comm.Igatherv([data, MPI.BYTE], [buffer, (counts, displacements), MPI.BYTE], root), comm, label)
     values = []
     for member, (start, count) in enumerate(zip(displacements, counts)):
         part = memoryview(buffer)[start : start + count]
@@ -393,11 +393,19 @@ def gather_object(comm: MPI.Intracomm, obj: Any, root: int, label: str, refused:
     return values
 
 
-def wait(request: MPI.Request) -> None:
-    """Wait for a nonblocking operation to complete, sleeping between polls rather than spinning."""
+def wait(request: MPI.Request, comm: MPI.Intracomm, label: str) -> None:
+    """Wait for start-up collective *label* on *comm*, sleeping between polls rather than spinning.
+
+    A member lost meanwhile (ULFM raises) ends this rank, as :func:`pydra.startup.lost` says."""
     backoff = Backoff()
-    while not request.Test():
-        backoff.sleep()
+    try:
+        while not request.Test():
+            backoff.sleep()
+    except MPI.Exception as error:
+        if not peer_failed(error):
+            raise
+        startup.lost(comm.rank, comm.size, failed_ranks(comm), label)
+        exit_without_finalize(1)
 
 
 def _seal_for(payload: bytes, dest: int, label: str) -> bytes:
@@ -517,7 +525,7 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
         error, sealer = exc, seal.PLAIN
     on = int(sealer.enabled)
     votes = array("i", [comm.rank if error else comm.size, on, 1 - on])
-    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN))
+    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN), comm, "start-sealing")
     first_failing, all_on, all_off = votes
     if first_failing < comm.size:
         if error is None:
@@ -542,7 +550,7 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
 def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:
     """Collective: whether every member opens a probe sealed by member 0 (else they would hang, all dropped)."""
     probe = sealer.seal(b"", seal.ALL, "key-check") if comm.rank == 0 else bytearray(seal.OVERHEAD)
-    wait(comm.Ibcast([probe, MPI.BYTE], 0))
+    wait(comm.Ibcast([probe, MPI.BYTE], 0), comm, "start-sealing")
     ok = 1
     if comm.rank != 0:
         try:
@@ -550,7 +558,7 @@ def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:
         except SealError:
             ok = 0
     votes = array("i", [ok])
-    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN))
+    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN), comm, "start-sealing")
     return bool(votes[0])
 
 

@@ -295,7 +295,8 @@ class Launch:
             if mpiexec.implementation != MPICH:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
-                return wait_for(self.open_mpi_command(mpiexec, machinefile.name, env, program), env)
+                command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
+                return wait_for(command, env, stop_with=mpiexec.stop_signal)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydra.config import setting
+from pydra.interrupts import RELAYED_STOP
 
 MPICH = "MPICH"
 OPEN_MPI = "Open MPI"
@@ -43,18 +45,20 @@ class MPIExec:
     def command(self, ranks: int, program: list[str]) -> list[str]:
         """The argv that starts *program* on *ranks* local ranks.
 
-        Under MPICH each rank runs under :mod:`pydra.launcher.supervise` with
-        ``-disable-auto-cleanup``, so the job survives the death of a worker
-        rank (Hydra otherwise kills every rank when one dies by a signal).
-        Under Open MPI 5 the job runs with ULFM, for the same reason.
-        The supervisor runs as a script with ``-I -S``: without ``site`` (and
-        an editable install's import hooks) a Python starts in a third of the
-        time, and it needs nothing but the standard library.
+        Each rank runs under :mod:`pydra.launcher.supervise`, which ends the
+        job with one line if a rank is lost during start-up. Under MPICH it
+        also turns a worker's death by a signal into a normal exit, so that
+        the job survives it (with ``-disable-auto-cleanup``: Hydra otherwise
+        kills every rank when one dies by a signal); Open MPI 5 runs the job
+        with ULFM, for the same reason. The supervisor runs as a script with
+        ``-I -S``: without ``site`` (and an editable install's import hooks) a
+        Python starts in a third of the time, and it needs nothing but the
+        standard library.
         """
         flags: list[str] = []
+        program = [sys.executable, "-I", "-S", SUPERVISOR, *program]
         if self.implementation == MPICH:
             flags.append("-disable-auto-cleanup")
-            program = [sys.executable, "-I", "-S", SUPERVISOR, *program]
         if self.implementation == OPEN_MPI:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 flags.append("--allow-run-as-root")
@@ -63,6 +67,11 @@ class MPIExec:
             if self.ulfm:
                 flags += ["--with-ft", "ulfm"]
         return [self.path, *flags, "-n", str(ranks), *program]
+
+    @property
+    def stop_signal(self) -> int:
+        """The signal that has this mpiexec pass a stop on to every rank (see :mod:`pydra.interrupts`)."""
+        return RELAYED_STOP if self.implementation == OPEN_MPI else signal.SIGTERM
 
     def local_command(self, ranks: int, program: list[str]) -> list[str]:
         """The argv that starts *program* on *ranks* ranks of this host only, even inside an allocation.

@@ -7,6 +7,9 @@ this small supervisor: it runs the rank as its child and reports a worker
 rank's death by a signal (SIGKILL, a segfault) as a message and a normal
 exit, so rank 0 can reschedule that worker's units on the survivors. The
 death of rank 0, the master, still ends the job with status 128 + signal.
+Under Open MPI's ULFM, which reports a rank's death to the others only when
+its launcher sees a death, the supervisor ends as its rank did, by the same
+signal, and says nothing.
 
 A worker's unexpected end is also told to rank 0 at once when rank 0 runs on
 the same host: the supervisors of one job on one host share a parent (the
@@ -20,12 +23,18 @@ the others wait for it inside MPI's start-up or a collective, and nothing
 would ever tell them it is gone. The rank reports each start-up step on a
 pipe (``PYDRA_STARTUP_FD``, see :mod:`pydra.startup`); if it dies before
 ``joined``, the supervisor prints which rank was lost and in which step, and
-kills itself with SIGKILL, so that Hydra ends the whole job.
+ends the whole job: it kills itself with SIGKILL, which makes Hydra (or Open
+MPI without ULFM) stop every rank. Under Open MPI's ULFM a death ends
+nothing, and a rank lost before MPI's start-up leaves the others waiting in
+MPI_Init forever, so the supervisor first sends SIGTERM to its parent, Open
+MPI's launcher on this host (``prterun``, or a ``prted`` daemon), which then
+stops every rank of the job.
 
 It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
-SIGINT, SIGTERM and SIGHUP on to the rank: a rank stopped that way ends
-without a word (the job is being stopped), and one that has not ended
-:data:`STOP_GRACE` seconds later is killed. It imports nothing of Pydra or MPI:
+SIGINT, SIGTERM, SIGHUP and SIGUSR2 (Open MPI's relayed stop) on to the
+rank: a rank stopped that way ends without a word (the job is being
+stopped), and one that has not ended :data:`STOP_GRACE` seconds later is
+killed. It imports nothing of Pydra or MPI:
 ``pydra run -n`` starts it as ``python -I -S .../supervise.py``, without
 site-packages, because that is three times quicker.
 """
@@ -48,10 +57,14 @@ _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCI
 #: the variable that tells a supervised rank where its job's death notices go on this host
 NOTICES_VARIABLE = "PYDRA_DEATH_NOTICES"
 
+#: Open MPI's launcher processes: the parent of every rank on a host (prterun on its own host, prted elsewhere)
+_OPEN_MPI_LAUNCHERS = ("prterun", "prted")
+
 #: seconds a rank told to stop has before it is killed
 STOP_GRACE = 30.0
 
-_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: what stops a rank (SIGUSR2: Open MPI's launcher passes it on untouched, see pydra.interrupts.RELAYED_STOP)
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 
 
 def world_rank() -> int | None:
@@ -99,7 +112,9 @@ def supervise(program: list[str]) -> int:
         where = step or "before it had started MPI"
         print(f"pydra: rank {rank} (pid {child.pid}) {how} during start-up, {where}; ending the job",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        end_job()
+    if under_ulfm():
+        return _end_as(status)  # ULFM tells the others of a death only if the launcher sees one
     if status > 0 and rank not in (0, None):
         tell_rank_zero(address, rank, how)
     if status >= 0:
@@ -109,6 +124,46 @@ def supervise(program: list[str]) -> int:
         return 128 - status  # the master is gone: the job has failed
     tell_rank_zero(address, rank, how)
     return 0  # a worker: rank 0 carries on without it
+
+
+def under_ulfm() -> bool:
+    """Whether this rank runs under Open MPI's ULFM (``mpiexec --with-ft ulfm``): MPI reports a death to the others."""
+    return os.environ.get("OMPI_MCA_mpi_ft_enable") == "1"
+
+
+def _end_as(status: int) -> int:
+    """The status to exit with to end as the rank did (*status*, as ``Popen.wait`` gave it): by its signal too."""
+    if status < 0:
+        signum = signal.Signals(-status)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be handled anyway)
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return 128 + signum  # a signal that does not end a process by default
+    return status
+
+
+def end_job() -> None:
+    """End the whole MPI job this rank belongs to (never returns).
+
+    Hydra, and Open MPI without ULFM, stop every rank once one has died by a
+    signal. Under ULFM (``OMPI_MCA_mpi_ft_enable=1``, set by ``mpiexec --with-ft
+    ulfm``) the job would go on without this rank, or wait for it in MPI_Init
+    forever: Open MPI's launcher is told to stop the job instead (SIGTERM,
+    which it passes to every rank before it ends).
+    """
+    launcher = os.getppid()
+    if under_ulfm() and _command_name(launcher) in _OPEN_MPI_LAUNCHERS:
+        os.kill(launcher, signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _command_name(pid: int) -> str:
+    """The name of process *pid*'s program ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
 
 
 def _last_step(steps: int) -> str:

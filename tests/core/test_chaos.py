@@ -1,7 +1,7 @@
 """Chaos: a 4-rank job of 2,000 units survives killed workers, crashing, raising and hanging units.
 
-``pydra run -n 4 chaos_tasks.py:job`` runs under MPICH with Pydra's rank
-supervisor (tests/core/jobs/chaos_tasks.py). While it runs, a harness
+``pydra run -n 4 chaos_tasks.py:job`` runs with Pydra's rank supervisor
+(MPICH) or ULFM (Open MPI 5) (tests/core/jobs/chaos_tasks.py). While it runs, a harness
 thread SIGKILLs random worker ranks (at most two of the three) and, with
 isolation on, random isolated children; the units themselves raise, hang
 past their timeout and (isolated) segfault. The result must equal the serial
@@ -140,7 +140,7 @@ def wreak_havoc(job: Job, seed: int, kill_children: bool, log: list[str]) -> Non
 
 
 @pytest.mark.parametrize(
-    "isolate", [pytest.param(True, id="isolated"), pytest.param(False, id="in-rank")]
+    "isolate", [pytest.param(True, id="isolated", marks=pytest.mark.smoke), pytest.param(False, id="in-rank")]
 )
 def test_the_result_is_exact_whatever_dies(tmp_path, isolate):
     seed = seed_of_this_run()

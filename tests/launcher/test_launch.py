@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
-from pydra.launcher.mpiexec import MPICH, library_implementation
 from testkit import ROOT, Running, mpi_environment, run_process, survives_losses
 
 WORD = re.compile(r"[a-z']+")
@@ -309,7 +308,8 @@ def test_without_hosts_launch_needs_n() -> None:
     done = run_process(pydra("launch", "examples/pipeline.py:pipeline", "3"), env=outside)
     assert done.returncode == 2
     assert done.stderr.strip() == "pydra launch: error: give -n N: there is no hostfile (-f) or allocation to take it from"
-@pytest.mark.skipif(library_implementation() != MPICH, reason="rank 0's quiet stop is passed on by MPICH's Hydra")
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_launch_says_how_to_resume_and_resumes(cluster: Cluster, tmp_path: Path, signum: int,
                                                              status: int) -> None:

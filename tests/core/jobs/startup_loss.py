@@ -19,7 +19,8 @@ import pydra
 from pydra import startup
 
 STEP, RANK = os.environ.get("FAULT_STEP", ""), os.environ.get("FAULT_RANK", "")
-HERE = os.environ.get("PMI_RANK")
+#: this process's rank, as MPICH's or Open MPI's launcher says
+HERE = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
 
 
 def die() -> None:
@@ -42,7 +43,8 @@ def rank_pid(rank: str) -> int:
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if tag in environ and f"PMI_RANK={rank}".encode() in environ and argv[1:3] == [b"-m", b"pydra"]:
+        ranked = {f"{name}={rank}".encode() for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")}
+        if tag in environ and ranked & set(environ) and argv[1:3] == [b"-m", b"pydra"]:
             return int(entry)
     raise RuntimeError(f"no rank {rank} found")
 

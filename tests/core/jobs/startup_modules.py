@@ -36,5 +36,5 @@ class Shuffled(pydra.MapReduce):
         return loaded(key)
 
 
-if os.environ.get("PMI_RANK") == "0":
+if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "0":  # MPICH's launcher, Open MPI's
     atexit.register(lambda: print(f"rank 0 loaded: {loaded('')}", file=sys.stderr))

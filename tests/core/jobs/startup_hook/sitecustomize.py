@@ -9,5 +9,7 @@ Supervisors start without site (``-I -S``) and never get here.
 import os
 import signal
 
-if os.environ.get("FAULT_STEP") == "start" and os.environ.get("PMI_RANK") == os.environ.get("FAULT_RANK"):
+RANK = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))  # MPICH's launcher, Open MPI's
+
+if os.environ.get("FAULT_STEP") == "start" and RANK == os.environ.get("FAULT_RANK"):
     os.kill(os.getpid(), signal.SIGKILL)
