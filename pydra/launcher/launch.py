@@ -296,7 +296,9 @@ class Launch:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
-                return wait_for(command, env, stop_with=mpiexec.stop_signal)
+                with tempfile.NamedTemporaryFile("r", prefix="pydra-daemon-failures-", suffix=".txt") as failures:
+                    env["PYDRA_DAEMON_FAILURES"] = failures.name
+                    return finished(wait_for(command, env, stop_with=mpiexec.stop_signal), failures.read())
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
@@ -332,6 +334,19 @@ class Launch:
             flags += ["--mca", "btl_tcp_if_include", self.iface, "--mca", "oob_tcp_if_include", self.iface]
         command[1:1] = flags
         return command
+
+
+def finished(status: int, failures: str) -> int:
+    """prterun's exit *status*, or 1 if it says 0 but a daemon of the job ended badly (*failures*).
+
+    Under ULFM prterun exits 0 for a job it stopped because a daemon was
+    lost, or whose ranks died by a signal: a rank lost during start-up on a
+    prted's host ends the job so (the supervisor stops that prted). Each
+    ``pydra-remote-exec`` notes, in the file ``PYDRA_DAEMON_FAILURES``, a
+    daemon that ended with a non-zero status or whose host was lost;
+    prterun's own daemons exit 0 when it ends them.
+    """
+    return 1 if status == 0 and failures.strip() else status
 
 
 def interface_settings(iface: str) -> dict[str, str]:
@@ -396,13 +411,25 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
                 await channel.close()
 
     try:
-        return asyncio.run(run())
+        status = asyncio.run(run())
     except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         # The host or its agent is gone: MPI may take minutes to notice a silent peer, so we
         # stop the job now by telling mpiexec (our parent) to shut it down everywhere.
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
+        note_failure(host, "lost")
         os.kill(os.getppid(), signal.SIGTERM)
         return 255
+    if status != 0:
+        note_failure(host, f"status {status}")
+    return status
+
+
+def note_failure(host: str, what: str) -> None:
+    """Note in ``PYDRA_DAEMON_FAILURES`` (if set) that the daemon on *host* ended badly (see :func:`finished`)."""
+    path = setting("DAEMON_FAILURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as notes:
+            notes.write(f"{host} {what}\n")
 
 
 def remote_identity() -> Identity:
