@@ -286,9 +286,19 @@ async def _forward_stdin(channel: Channel, loop: asyncio.AbstractEventLoop) -> N
     refuses it) but never blocks a read for long either, so a thread reads it.
     """
     read = await _stdin_reader(loop)
-    while data := await read():
-        await channel.send_json({"type": "stdin", "data": base64.b64encode(data).decode()})
-    await channel.send_json({"type": "stdin_eof"})
+    # A broken channel is the main loop's to report: this task, which nobody awaits, ends quietly.
+    with contextlib.suppress(ChannelError, OSError):
+        while data := await _read_or_end(read):
+            await channel.send_json({"type": "stdin", "data": base64.b64encode(data).decode()})
+        await channel.send_json({"type": "stdin_eof"})
+
+
+async def _read_or_end(read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """The next bytes of our stdin; b"" once it ends or breaks (EIO from a terminal we lost, say)."""
+    try:
+        return await read()
+    except OSError:
+        return b""
 
 
 async def _stdin_reader(loop: asyncio.AbstractEventLoop) -> Callable[[], Awaitable[bytes]]:
