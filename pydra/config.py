@@ -95,9 +95,6 @@ SETTINGS: dict[str, Setting] = {
     "KNOWN_HOSTS": Setting("", str, "a file", "set by pydra launch for pydra-remote-exec: the pinned host keys"),
     "CONNECTOR": Setting("", str, "a socket path",
                          "set by pydra launch for pydra-remote-exec: the Unix socket that reaches the agents"),
-    "DAEMON_FAILURES": Setting("", str, "a file",
-                               "set by pydra launch for pydra-remote-exec: where it notes an MPI daemon that ended "
-                               "badly (Open MPI)"),
     "IFACE": Setting("", str, "an interface name",
                      "the network interface MPI's own connections between hosts use (pydra launch --iface)"),
     "JOB_KEY": Setting("", str, "64 hex digits",

@@ -22,7 +22,7 @@ PREFIXES = ("PYDRA_", "MPIR_CVAR_", "MPICH_", "HYDRA_", "UCX_", "FI_", "OMPI_MCA
 #: rank's PYDRA_HOME (where rank 0 journals) is its host's: the agent's own in single-user mode, the
 #: user's ~/.pydra under ``pydra node --system``, which runs the rank as a user who may not enter ours.
 LAUNCHER_ONLY = ("PYDRA_AGENTS", "PYDRA_IDENTITY", "PYDRA_IDENTITY_AGENT", "PYDRA_KNOWN_HOSTS", "PYDRA_CONNECTOR",
-                 "PYDRA_DAEMON_FAILURES", "PYDRA_HOME")
+                 "PYDRA_HOME")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 

@@ -296,9 +296,9 @@ class Launch:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
-                with tempfile.NamedTemporaryFile("r", prefix="pydra-daemon-failures-", suffix=".txt") as failures:
-                    env["PYDRA_DAEMON_FAILURES"] = failures.name
-                    return finished(wait_for(command, env, stop_with=mpiexec.stop_signal), failures.read())
+                ended = EndedEarly()
+                status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=ended)
+                return 1 if status == 0 and ended.seen else status
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
@@ -336,17 +336,30 @@ class Launch:
         return command
 
 
-def finished(status: int, failures: str) -> int:
-    """prterun's exit *status*, or 1 if it says 0 but a daemon of the job ended badly (*failures*).
+class EndedEarly:
+    """Watches prterun's stderr for a job ended before it finished, which prterun may report as a success.
 
-    Under ULFM prterun exits 0 for a job it stopped because a daemon was
-    lost, or whose ranks died by a signal: a rank lost during start-up on a
-    prted's host ends the job so (the supervisor stops that prted). Each
-    ``pydra-remote-exec`` notes, in the file ``PYDRA_DAEMON_FAILURES``, a
-    daemon that ended with a non-zero status or whose host was lost;
-    prterun's own daemons exit 0 when it ends them.
+    Under ULFM prterun exits 0 for a job it stopped because a daemon was lost
+    (a rank lost during start-up on a prted's host ends the job so: its
+    supervisor stops that prted), and for ranks that died by a signal. What
+    it prints then is all there is to see on this host (each host's
+    ``pydra-remote-exec`` is killed with its daemon): a start-up loss's line,
+    from a supervisor or the first surviving rank, or PRRTE's own about a
+    lost daemon.
     """
-    return 1 if status == 0 and failures.strip() else status
+
+    #: the end of a line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup);
+    #: the start of PRRTE's paragraph about a daemon it lost
+    SIGNS = (b"; ending the job\n", b"PRTE has lost communication with a remote daemon")
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = b""  # (a sign may arrive in two pieces)
+
+    def __call__(self, chunk: bytes) -> None:
+        text = self._tail + chunk
+        self.seen = self.seen or any(sign in text for sign in self.SIGNS)
+        self._tail = text[-max(map(len, self.SIGNS)):]
 
 
 def interface_settings(iface: str) -> dict[str, str]:
@@ -411,25 +424,13 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
                 await channel.close()
 
     try:
-        status = asyncio.run(run())
+        return asyncio.run(run())
     except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         # The host or its agent is gone: MPI may take minutes to notice a silent peer, so we
         # stop the job now by telling mpiexec (our parent) to shut it down everywhere.
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
-        note_failure(host, "lost")
         os.kill(os.getppid(), signal.SIGTERM)
         return 255
-    if status != 0:
-        note_failure(host, f"status {status}")
-    return status
-
-
-def note_failure(host: str, what: str) -> None:
-    """Note in ``PYDRA_DAEMON_FAILURES`` (if set) that the daemon on *host* ended badly (see :func:`finished`)."""
-    path = setting("DAEMON_FAILURES")
-    if path:
-        with open(path, "a", encoding="utf-8") as notes:
-            notes.write(f"{host} {what}\n")
 
 
 def remote_identity() -> Identity:
