@@ -7,10 +7,12 @@ prints or writes the result. ``pydra run -n N`` starts that mpiexec itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +62,11 @@ def progress_environment() -> dict[str, str]:
 
 
 def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None,
-             stop_with: int = signal.SIGTERM) -> int:
+             stop_with: int = signal.SIGTERM, watch_stderr: Callable[[bytes], None] | None = None) -> int:
     """Start mpiexec's *command* in a session of its own, wait for it and return the job's exit status.
+
+    With *watch_stderr*, mpiexec's stderr is relayed to ours through a pipe
+    and each piece of it is also given to *watch_stderr* (as it comes).
 
     In its own session, a terminal's Ctrl-C reaches us alone. On SIGINT,
     SIGTERM or SIGHUP, mpiexec gets *stop_with* (its ``stop_signal``) and
@@ -81,14 +86,36 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
     previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
-        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn)
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn,
+                                   stderr=subprocess.PIPE if watch_stderr else None)
+        relay = _relay(process.stderr, watch_stderr) if watch_stderr else None
         if received:
             process.send_signal(stop_with)
         status = process.wait()
+        if relay is not None:
+            relay.join(RELAY_GRACE)  # what mpiexec wrote last (a daemon mpiexec left behind may hold the pipe)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 128 + received[0] if received else status
+
+
+#: seconds the launcher waits, once mpiexec has ended, for the rest of its stderr
+RELAY_GRACE = 5.0
+
+
+def _relay(pipe: Any, watch: Callable[[bytes], None]) -> threading.Thread:
+    """A thread that copies *pipe* to our stderr as it comes, giving *watch* each piece too."""
+    def copy() -> None:
+        while chunk := pipe.read1(64 * 1024):
+            watch(chunk)
+            with contextlib.suppress(OSError):  # nobody reads our stderr any more: the job goes on
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+
+    thread = threading.Thread(target=copy, name="pydra-stderr", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

@@ -296,7 +296,9 @@ class Launch:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
-                return wait_for(command, env, stop_with=mpiexec.stop_signal)
+                ended = EndedEarly()
+                status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=ended)
+                return 1 if status == 0 and ended.seen else status
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
@@ -332,6 +334,32 @@ class Launch:
             flags += ["--mca", "btl_tcp_if_include", self.iface, "--mca", "oob_tcp_if_include", self.iface]
         command[1:1] = flags
         return command
+
+
+class EndedEarly:
+    """Watches prterun's stderr for a job ended before it finished, which prterun may report as a success.
+
+    Under ULFM prterun exits 0 for a job it stopped because a daemon was lost
+    (a rank lost during start-up on a prted's host ends the job so: its
+    supervisor stops that prted), and for ranks that died by a signal. What
+    it prints then is all there is to see on this host (each host's
+    ``pydra-remote-exec`` is killed with its daemon): a start-up loss's line,
+    from a supervisor or the first surviving rank, or PRRTE's own about a
+    lost daemon.
+    """
+
+    #: the end of a line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup);
+    #: the start of PRRTE's paragraph about a daemon it lost
+    SIGNS = (b"; ending the job\n", b"PRTE has lost communication with a remote daemon")
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = b""  # (a sign may arrive in two pieces)
+
+    def __call__(self, chunk: bytes) -> None:
+        text = self._tail + chunk
+        self.seen = self.seen or any(sign in text for sign in self.SIGNS)
+        self._tail = text[-max(map(len, self.SIGNS)):]
 
 
 def interface_settings(iface: str) -> dict[str, str]:

@@ -45,9 +45,10 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from pydra.comm.aio import Channel, ChannelClosed
 from pydra.comm.channel import ChannelError
@@ -277,15 +278,45 @@ async def _feed_stdin(
 
 
 async def _forward_stdin(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
-    reader = asyncio.StreamReader()
-    try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    except (OSError, ValueError):  # no usable stdin (closed, or a file we cannot watch)
+    """Send our stdin to the command as it comes, then its end.
+
+    Hydra gives the ssh of its first proxy a pipe (mpiexec's stdin, for rank 0);
+    prterun gives every ssh /dev/null. A pipe, socket or terminal is watched by
+    the event loop; anything else (a regular file, /dev/null) cannot be (epoll
+    refuses it) but never blocks a read for long either, so a thread reads it.
+    """
+    read = await _stdin_reader(loop)
+    # A broken channel is the main loop's to report: this task, which nobody awaits, ends quietly.
+    with contextlib.suppress(ChannelError, OSError):
+        while data := await _read_or_end(read):
+            await channel.send_json({"type": "stdin", "data": base64.b64encode(data).decode()})
         await channel.send_json({"type": "stdin_eof"})
-        return
-    while data := await reader.read(READ_SIZE):
-        await channel.send_json({"type": "stdin", "data": base64.b64encode(data).decode()})
-    await channel.send_json({"type": "stdin_eof"})
+
+
+async def _read_or_end(read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """The next bytes of our stdin; b"" once it ends or breaks (EIO from a terminal we lost, say)."""
+    try:
+        return await read()
+    except OSError:
+        return b""
+
+
+async def _stdin_reader(loop: asyncio.AbstractEventLoop) -> Callable[[], Awaitable[bytes]]:
+    """A coroutine function that gives our stdin's next bytes (b"" at its end)."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else -1
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError):  # no stdin at all (closed, or never opened)
+        return _nothing
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd)):
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        return lambda: reader.read(READ_SIZE)
+    return lambda: asyncio.to_thread(os.read, fd, READ_SIZE)
+
+
+async def _nothing() -> bytes:
+    return b""
 
 
 def _kill_group(pid: int) -> None:

@@ -1,0 +1,49 @@
+"""``pydra-remote-exec`` against a real agent, with each kind of stdin mpiexec may give it.
+
+Hydra gives the ssh of its first proxy a pipe (mpiexec's stdin, for rank 0);
+prterun gives every ssh /dev/null, which the event loop cannot watch (epoll
+refuses it), nor a regular file. Whatever it is, its bytes reach the command,
+then its end, and nothing is printed but the command's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agentkit import HOSTS, Cluster
+from pydra.launcher.launch import helper_path
+from pydra.launcher.remote import login_name
+from testkit import run_process
+
+TEXT = "first line\nsecond line, no newline at the end"
+
+
+@pytest.mark.parametrize("kind", ["devnull", "file", "pipe"])
+def test_remote_exec_passes_on_any_stdin_without_a_traceback(cluster: Cluster, tmp_path: Path, kind: str) -> None:
+    host, port = HOSTS[0], cluster.ports[HOSTS[0]]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{host}]:{port} {Path(cluster.root / f'host-{host}.pub').read_text()}")
+    env = dict(cluster.env, PYDRA_AGENTS=json.dumps({"node": [host, port, login_name()]}),
+               PYDRA_IDENTITY=str(cluster.identity), PYDRA_KNOWN_HOSTS=str(known_hosts))
+    expected = "" if kind == "devnull" else TEXT
+    if kind == "devnull":
+        stdin = os.open(os.devnull, os.O_RDONLY)
+    elif kind == "file":
+        (tmp_path / "input.txt").write_text(TEXT)
+        stdin = os.open(tmp_path / "input.txt", os.O_RDONLY)
+    else:
+        stdin, writer = os.pipe()
+        os.write(writer, TEXT.encode())
+        os.close(writer)
+    try:
+        # `cat` ends only once the end of its stdin has arrived.
+        done = run_process([helper_path(), "-x", "node", "cat; echo '<end>'"], timeout=60, env=env, stdin=stdin)
+    finally:
+        os.close(stdin)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "<end>\n"
+    assert done.stderr == ""
