@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pydra import interrupts
 from pydra.config import setting
@@ -62,33 +62,52 @@ def progress_environment() -> dict[str, str]:
 
 
 def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], None] | None = None,
-             stop_with: int = signal.SIGTERM, watch_stderr: Callable[[bytes], None] | None = None) -> int:
+             stop_with: int = signal.SIGTERM, watch_stderr: StderrWatch | None = None,
+             stop_hard: Callable[[subprocess.Popen], None] | None = None) -> int:
     """Start mpiexec's *command* in a session of its own, wait for it and return the job's exit status.
 
-    With *watch_stderr*, mpiexec's stderr is relayed to ours through a pipe
-    and each piece of it is also given to *watch_stderr* (as it comes).
+    With *watch_stderr*, mpiexec's stderr is relayed to ours through a pipe:
+    each piece of it goes through *watch_stderr*, which says what of it to
+    pass on, and may say the job is over (``ends_job``): *stop_hard*, if
+    given, then ends it at once.
 
     In its own session, a terminal's Ctrl-C reaches us alone. On SIGINT,
     SIGTERM or SIGHUP, mpiexec gets *stop_with* (its ``stop_signal``) and
     passes a stop on to every rank (rank 0 then says how to resume); we wait
     while they stop, so that nothing is left behind, and return 128 + the
-    signal we got. A second signal sends SIGTERM, which every mpiexec obeys itself.
+    signal we got. A second signal, or a job still running
+    :data:`HARD_STOP_AFTER` seconds after the first, gets *stop_hard*
+    (default: SIGTERM, which every mpiexec obeys itself).
     """
     received: list[int] = []
     process: subprocess.Popen | None = None
+    hard = stop_hard or _terminate
 
     def stop(signum: int, frame: Any) -> None:
         received.append(signum)
-        if process is not None:
-            # (nothing, if mpiexec has ended)
-            process.send_signal(stop_with if len(received) == 1 else signal.SIGTERM)
+        if watch_stderr is not None:
+            watch_stderr.stopping = True
+        if process is None or process.returncode is not None:
+            return
+        if len(received) > 1:
+            hard(process)
+            return
+        process.send_signal(stop_with)
+        # Hydra may never end: told to stop after one host's proxy has gone, it fails writing
+        # to that proxy's closed connection and then waits for the others forever.
+        timer = threading.Timer(HARD_STOP_AFTER, lambda: process.returncode is None and hard(process))
+        timer.daemon = True
+        timer.start()
 
     # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
     previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
+        # restore_signals=False: mpiexec keeps our SIGPIPE ignored. Hydra writes mpiexec's stdin on to a
+        # proxy whenever it comes, and ignores a failed write; a SIGPIPE would kill it (a finished
+        # `pydra launch` once exited 243, which is -13, a SIGPIPE, as sys.exit made it).
         process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn,
-                                   stderr=subprocess.PIPE if watch_stderr else None)
-        relay = _relay(process.stderr, watch_stderr) if watch_stderr else None
+                                   stderr=subprocess.PIPE if watch_stderr else None, restore_signals=False)
+        relay = _relay(process, watch_stderr, stop_hard) if watch_stderr else None
         if received:
             process.send_signal(stop_with)
         status = process.wait()
@@ -97,20 +116,47 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 128 + received[0] if received else status
+    if received:
+        return 128 + received[0]
+    # (a negative status: mpiexec itself was killed by that signal)
+    return status if status >= 0 else 128 - status
 
 
 #: seconds the launcher waits, once mpiexec has ended, for the rest of its stderr
 RELAY_GRACE = 5.0
 
+#: seconds after a stop before mpiexec is stopped hard (after the ranks' own grace, pydra.launcher.supervise)
+HARD_STOP_AFTER = 45.0
 
-def _relay(pipe: Any, watch: Callable[[bytes], None]) -> threading.Thread:
-    """A thread that copies *pipe* to our stderr as it comes, giving *watch* each piece too."""
+
+class StderrWatch(Protocol):
+    """What looks at mpiexec's stderr as :func:`wait_for` relays it."""
+
+    #: set once what went by means the job is over: it is then stopped hard
+    ends_job: bool
+    #: set by wait_for once it stops the job
+    stopping: bool
+
+    def __call__(self, chunk: bytes) -> bytes:
+        """Look at the next *chunk* of mpiexec's stderr; return what of it to pass on."""
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+
+
+def _relay(process: subprocess.Popen, watch: StderrWatch,
+           stop_hard: Callable[[subprocess.Popen], None] | None) -> threading.Thread:
+    """A thread that copies *process*'s stderr to ours as it comes, through *watch*."""
     def copy() -> None:
-        while chunk := pipe.read1(64 * 1024):
-            watch(chunk)
+        stopped = False
+        while chunk := process.stderr.read1(64 * 1024):
+            kept = watch(chunk)
+            if watch.ends_job and stop_hard and not stopped and process.returncode is None:
+                stopped = True
+                stop_hard(process)
             with contextlib.suppress(OSError):  # nobody reads our stderr any more: the job goes on
-                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.write(kept)
                 sys.stderr.buffer.flush()
 
     thread = threading.Thread(target=copy, name="pydra-stderr", daemon=True)

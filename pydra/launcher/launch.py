@@ -29,6 +29,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pydra.cli import add_job_arguments, add_service_arguments, check_job_argume
 from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
-from pydra.launcher import authorized, keys, netns, sshagent, tunnel
+from pydra.launcher import authorized, keys, netns, proctree, sshagent, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
@@ -296,22 +297,27 @@ class Launch:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
-                ended = EndedEarly()
-                status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=ended)
-                return 1 if status == 0 and ended.seen else status
+                watch = JobWatch()  # prterun ends the job itself, but may call it a success
+                status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
+                return 1 if status == 0 and watch.ends_job else status
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
+                watch = JobWatch()
                 try:
-                    return wait_for(command, env, preexec_fn=netns.isolate)
+                    status = wait_for(command, env, preexec_fn=netns.isolate, watch_stderr=watch,
+                                      stop_hard=watch.stop_proxies)
                 except (netns.NamespaceError, subprocess.SubprocessError):
                     # (subprocess reports a failing preexec_fn without its message)
                     print("pydra launch: error: this host refuses a private network namespace (are unprivileged "
                           "user namespaces disabled?); the job is not started, since mpiexec's control port would "
                           "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
+                if status > 128 and (hint := watch.resume_hint()):
+                    print(hint, file=sys.stderr)
+                return 1 if watch.ends_job and status in (0, 255) else status  # (255: Hydra's own failure)
 
     def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
         """Hydra's mpiexec, in its namespace: control port on the private loopback, ranks via agents."""
@@ -336,30 +342,77 @@ class Launch:
         return command
 
 
-class EndedEarly:
-    """Watches prterun's stderr for a job ended before it finished, which prterun may report as a success.
+class JobWatch:
+    """Watches mpiexec's stderr as :func:`~pydra.batch.wait_for` relays it.
 
-    Under ULFM prterun exits 0 for a job it stopped because a daemon was lost
-    (a rank lost during start-up on a prted's host ends the job so: its
-    supervisor stops that prted), and for ranks that died by a signal. What
-    it prints then is all there is to see on this host (each host's
-    ``pydra-remote-exec`` is killed with its daemon): a start-up loss's line,
-    from a supervisor or the first surviving rank, or PRRTE's own about a
-    lost daemon.
+    - A rank lost during start-up has its supervisor print a line ending
+      ``; ending the job`` (:mod:`pydra.launcher.supervise`, :mod:`pydra.startup`).
+      Hydra ends a job only on the proxy that lost the rank: the ranks on the
+      other hosts would wait for it in MPI's start-up forever. The line makes
+      ``ends_job`` true, and :meth:`stop_proxies` (given to ``wait_for``) stops
+      the job at once.
+    - Under ULFM prterun exits 0 for a job it stopped because a daemon was lost
+      (a rank lost on a prted's host ends the job so: its supervisor stops that
+      prted), and for ranks that died by a signal. What it prints then is all
+      there is to see on this host: the start-up loss's line, or PRRTE's own
+      about a lost daemon.
+    - Rank 0's first line says how to resume the job; if the job is stopped
+      and rank 0's last word is lost with its host, :meth:`resume_hint` says it.
+    - Once the job is being stopped, Hydra's ``[mpiexec@host] ...`` error lines
+      only say that its proxies went away: they are dropped.
     """
 
     #: the end of a line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup);
     #: the start of PRRTE's paragraph about a daemon it lost
     SIGNS = (b"; ending the job\n", b"PRTE has lost communication with a remote daemon")
+    #: rank 0's first line (pydra.batch) and its last on an interrupt (pydra.interrupts)
+    RESUME = re.compile(rb"^pydra: run directory .* \(resume with: (.*)\)$")
+    TOLD = b"pydra: interrupted; resume with: "
 
     def __init__(self) -> None:
-        self.seen = False
-        self._tail = b""  # (a sign may arrive in two pieces)
+        self.ends_job = False
+        self.stopping = False
+        self.resume: str | None = None
+        self._told = False
+        self._line = b""  # the start of a line not yet seen whole
+        self._passed = 0  # how much of it was passed on already
 
-    def __call__(self, chunk: bytes) -> None:
-        text = self._tail + chunk
-        self.seen = self.seen or any(sign in text for sign in self.SIGNS)
-        self._tail = text[-max(map(len, self.SIGNS)):]
+    def __call__(self, chunk: bytes) -> bytes:
+        *lines, rest = (self._line + chunk).split(b"\n")
+        for line in lines:
+            self.ends_job = self.ends_job or any(sign in line + b"\n" for sign in self.SIGNS)
+            self._told = self._told or self.TOLD in line
+            if self.resume is None and (found := self.RESUME.match(line)):
+                self.resume = found.group(1).decode(errors="replace")
+        if not self.stopping:
+            self._line, self._passed = rest, len(rest)
+            return chunk
+        # Whole lines only from here on (Hydra writes its prefix and its message apart).
+        kept = []
+        for i, line in enumerate(lines):
+            passed = self._passed if i == 0 else 0  # (the start of a line may have gone before we stopped)
+            if passed or not line.startswith(b"[mpiexec@"):
+                kept.append(line[passed:] + b"\n")
+        if lines:
+            self._passed = 0
+        self._line = rest
+        return b"".join(kept)
+
+    def resume_hint(self) -> str | None:
+        """The line that says how to resume a stopped job, if rank 0's own did not come through."""
+        return None if self._told or self.resume is None else f"pydra: interrupted; resume with: {self.resume}"
+
+    def stop_proxies(self, mpiexec: subprocess.Popen) -> None:
+        """Stop a Hydra job at once, everywhere: stop every host's ``pydra-remote-exec``.
+
+        Each one's agent then kills its host's proxy and ranks, and mpiexec,
+        its proxies gone, ends. (Hydra cannot be told: with a proxy already
+        gone it fails writing to it, and gives up on the others.)
+        """
+        self.stopping = True
+        for pid in proctree.children(mpiexec.pid) or [mpiexec.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
 
 def interface_settings(iface: str) -> dict[str, str]:
@@ -405,6 +458,9 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         # control connection: that is our tunnel, so it must outlive the Ctrl-C, or mpiexec
         # loses the ranks' exit statuses and may report the stopped job as a success.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Hydra may end without stopping us (when it fails to signal a proxy already gone,
+        # say): then we go too, and the agent stops this host's part of the job.
+        _end_with_parent()
     try:
         identity = remote_identity()
     except (StrictModeError, keys.KeyFileError, sshagent.AgentError, OSError) as exc:
@@ -431,6 +487,18 @@ def remote_exec_main(argv: list[str] | None = None) -> int:
         print(f"pydra-remote-exec: lost {host}: {exc}; stopping the job", file=sys.stderr)
         os.kill(os.getppid(), signal.SIGTERM)
         return 255
+
+
+def _end_with_parent() -> None:
+    """Have the kernel send us SIGTERM when our parent (Hydra's mpiexec, one thread) ends (Linux only)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # it ended before we asked
+        os._exit(128 + signal.SIGTERM)
 
 
 def remote_identity() -> Identity:

@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import pwd
-import signal
 import socket
 import stat
 import sys
@@ -52,7 +51,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from pydra.comm.aio import Channel, ChannelClosed
 from pydra.comm.channel import ChannelError
-from pydra.launcher import keys, tunnel
+from pydra.launcher import keys, proctree, tunnel
 
 log = logging.getLogger("pydra.node")
 
@@ -175,7 +174,7 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
             if forwarded.done() and not forwarded.cancelled() and forwarded.exception() is None:
                 forwarded.result().close()
         if process.returncode is None:
-            _kill_group(process.pid)
+            proctree.kill_tree(process.pid)
             await process.wait()
 
 
@@ -185,7 +184,7 @@ async def _accept_tunnel(listener: socket.socket, pgid: int, channel: Channel, p
         connection = await tunnel.accept_from_group(listener, pgid)
     except TimeoutError as exc:
         log.warning("%s", exc)
-        _kill_group(pgid)
+        proctree.kill_tree(pgid)
         raise
     finally:
         listener.close()  # one connection only: nothing else of the job listens here
@@ -274,7 +273,7 @@ async def _feed_stdin(
             elif kind in ("tunnel", "tunnel_eof") and forwarded is not None:
                 await tunnel.deliver(await forwarded, message)
     except (ChannelClosed, ChannelError, OSError):
-        _kill_group(process.pid)
+        proctree.kill_tree(process.pid)
 
 
 async def _forward_stdin(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
@@ -319,11 +318,6 @@ async def _nothing() -> bytes:
     return b""
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _exit_status(status: int) -> int:

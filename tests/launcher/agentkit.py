@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from pydra.launcher import proctree
 from testkit import mpi_environment, run_process, stop_group
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -109,15 +110,4 @@ def alive(pid: int) -> bool:
 
 def descendants(roots: list[int]) -> set[int]:
     """Every process under *roots*, by parent links (ranks may sit in sessions of their own)."""
-    parents = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), set(roots)
-    while frontier:
-        found |= frontier
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-    return found
+    return proctree.tree(*roots)

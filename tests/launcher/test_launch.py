@@ -344,15 +344,62 @@ def test_an_interrupted_launch_says_how_to_resume_and_resumes(cluster: Cluster, 
     assert json.loads(output.read_text()) == [x * x for x in range(40)]
 
 
+@pytest.mark.skipif(not survives_losses(), reason="surviving a lost worker rank needs MPICH or Open MPI 5 (docs/FAULT-TOLERANCE.md)")
+def test_a_launch_interrupted_after_losing_a_host_says_how_to_resume_and_leaves_nothing(cluster: Cluster,
+                                                                                      tmp_path: Path) -> None:
+    """127.0.0.4's only rank is lost, the job goes on, then Ctrl-C. Hydra, told to stop, fails on that host's
+    closed proxy connection and quits with rank 0's last line unsaid: the launcher says it and stops the rest."""
+    started = tmp_path / "started"
+    started.mkdir()
+    run_dir = tmp_path / "run"
+    cluster.env.update(STARTED_DIR=str(started), PYDRA_PROGRESS="off", PYDRA_HEARTBEAT_TIMEOUT="2")
+    target = str(ROOT / "tests" / "core" / "jobs" / "interrupt_tasks.py") + ":squares"
+    job = Running(pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", "--env", "STARTED_DIR",
+                        target, *map(str, range(400)), "--run-dir", str(run_dir)), cluster.env)
+    agents = {agent.pid for agent in cluster.agents}
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(started)) < 6:
+            assert job.process.poll() is None and time.monotonic() < deadline, "".join(job.stderr)
+            time.sleep(0.1)
+        os.kill(rank_on_an_agent(agents, 3), signal.SIGKILL)
+        while not any("lost worker rank 3" in line for line in job.stderr):
+            assert job.process.poll() is None and time.monotonic() < deadline, "".join(job.stderr)
+            time.sleep(0.1)
+        os.killpg(job.process.pid, signal.SIGINT)  # the launcher's group: what a terminal's Ctrl-C reaches
+        assert job.wait(timeout=120) == 130, "".join(job.stderr)
+    finally:
+        job.close()
+    deadline = time.monotonic() + 20
+    while (left := descendants(list(agents)) - agents):
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.1)
+    resume = f"pydra launch -f {cluster.hostfile} -n 4 --env STARTED_DIR --resume {run_dir}"
+    assert job.stderr[-1].strip() == f"pydra: interrupted; resume with: {resume}", "".join(job.stderr)
+    assert not any(line.startswith("[mpiexec@") for line in job.stderr), "".join(job.stderr)
+
+
+def rank_on_an_agent(agents: set[int], rank: int) -> int:
+    """The pid of MPI rank *rank* (not its supervisor) among the processes the agents *agents* started."""
+    for pid in descendants(list(agents)):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"run" in argv and not any(word.endswith(b"supervise.py") for word in argv) and (
+                f"PMI_RANK={rank}".encode() in environ or f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ):
+            return pid
+    raise LookupError(f"no rank {rank} under the agents")
+
+
 @pytest.mark.smoke
 @pytest.mark.skipif(not survives_losses(), reason="how the supervisor ends a job is known for MPICH and Open MPI 5")
-@pytest.mark.skipif(find_mpiexec().implementation != OPEN_MPI,
-                    reason="under MPICH this launch hangs: mpiexec cannot signal the lost rank's proxy (Bad file "
-                           "descriptor) and waits for good; not fixed yet")
 @pytest.mark.parametrize("step", ["start", "gather-problems"])
 def test_a_rank_lost_at_start_up_on_another_host_fails_the_launch(cluster: Cluster, step: str) -> None:
-    """Rank 3 (127.0.0.4: a prted's host under Open MPI, whose prterun then exits 0) killed before MPI starts or
-    inside a start-up collective: the job ends with the supervisor's line, and `pydra launch` fails."""
+    """Rank 3 (127.0.0.4) killed before MPI starts or inside a start-up collective: the job ends with the
+    supervisor's line, and `pydra launch` fails. (Hydra ends the ranks of that host's proxy only, and prterun
+    exits 0 after losing a prted: the launcher stops the one and fails the other, see JobWatch.)"""
     jobs = ROOT / "tests" / "core" / "jobs"  # tests/core/test_startup_losses.py's job and hook
     tag = f"pydra-startup-{uuid.uuid4().hex[:12]}"
     cluster.env.update(FAULT_TAG=tag, FAULT_STEP=step, FAULT_RANK="3",

@@ -1,0 +1,41 @@
+"""``JobWatch``: what the launcher makes of mpiexec's stderr, fed in chunks as a pipe gives them."""
+
+from __future__ import annotations
+
+from pydra.launcher.launch import JobWatch
+
+
+def feed(watch: JobWatch, *chunks: bytes) -> bytes:
+    return b"".join(watch(chunk) for chunk in chunks)
+
+
+def test_a_start_up_loss_in_two_pieces_ends_the_job() -> None:
+    watch = JobWatch()
+    relayed = feed(watch, b"pydra: rank 3 (pid 9) was killed by SIGKILL during start-up, before it had", b" started MPI;",
+                   b" ending the job", b"\n")
+    assert watch.ends_job
+    assert relayed.endswith(b"ending the job\n")
+
+
+def test_the_job_goes_on_without_a_sign() -> None:
+    watch = JobWatch()
+    assert feed(watch, b"pydra: lost worker rank 3 on vm; rescheduling its work\n", b"[mpiexec@vm] a note\n") == \
+        b"pydra: lost worker rank 3 on vm; rescheduling its work\n[mpiexec@vm] a note\n"
+    assert not watch.ends_job and not watch.stopping
+
+
+def test_once_stopping_hydra_lines_are_dropped_even_written_in_pieces() -> None:
+    watch = JobWatch()
+    assert feed(watch, b"pydra: lost worker rank 3") == b"pydra: lost worker rank 3"  # passed on as it comes
+    watch.stopping = True
+    relayed = feed(watch, b"; rescheduling\n", b"[mpiexec@vm] ", b"HYDU_sock_write: write error\n",
+                   b"pydra: interrupted; resume with: pydra launch -f h --resume d\n", b"[mpiexec@vm] main: error\n")
+    assert relayed == b"; rescheduling\npydra: interrupted; resume with: pydra launch -f h --resume d\n"
+    assert watch.resume_hint() is None  # rank 0 said it
+
+
+def test_the_resume_hint_comes_from_rank_0s_first_line_when_its_last_is_lost() -> None:
+    watch = JobWatch()
+    assert watch.resume_hint() is None  # (no journal: nothing to resume)
+    feed(watch, b"pydra: run directory /r (resume with: pydra launch -f hosts -n 4 --resume /r)", b"\n")
+    assert watch.resume_hint() == "pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r"
