@@ -93,8 +93,8 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
             hard(process)
             return
         process.send_signal(stop_with)
-        # Hydra may never end: told to stop after one host's proxy has gone, it fails writing
-        # to that proxy's closed connection and then waits for the others forever.
+        # Hydra may never end: a stop it fails to pass on to a host whose proxy has gone can
+        # leave it waiting for the other hosts for good (seen during start-up).
         timer = threading.Timer(HARD_STOP_AFTER, lambda: process.returncode is None and hard(process))
         timer.daemon = True
         timer.start()
@@ -102,9 +102,9 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     # Caught from before mpiexec starts: it no longer hears the terminal, so it must hear from us.
     previous = {signum: signal.signal(signum, stop) for signum in interrupts.STOPS}
     try:
-        # restore_signals=False: mpiexec keeps our SIGPIPE ignored. Hydra writes mpiexec's stdin on to a
-        # proxy whenever it comes, and ignores a failed write; a SIGPIPE would kill it (a finished
-        # `pydra launch` once exited 243, which is -13, a SIGPIPE, as sys.exit made it).
+        # restore_signals=False: mpiexec keeps our SIGPIPE ignored. Hydra passes its stdin on to a
+        # proxy whenever it comes and ignores a failed write, where a SIGPIPE would kill it (a
+        # finished `pydra launch` once exited 243 in CI: -13, a SIGPIPE, passed on as it was).
         process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn,
                                    stderr=subprocess.PIPE if watch_stderr else None, restore_signals=False)
         relay = _relay(process, watch_stderr, stop_hard) if watch_stderr else None

@@ -299,6 +299,7 @@ class Launch:
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
                 watch = JobWatch()  # prterun ends the job itself, but may call it a success
                 status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
+                watch.say_how_to_resume(status)
                 return 1 if status == 0 and watch.ends_job else status
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
@@ -315,8 +316,7 @@ class Launch:
                           "user namespaces disabled?); the job is not started, since mpiexec's control port would "
                           "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
-                if status > 128 and (hint := watch.resume_hint()):
-                    print(hint, file=sys.stderr)
+                watch.say_how_to_resume(status)
                 return 1 if watch.ends_job and status in (0, 255) else status  # (255: Hydra's own failure)
 
     def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
@@ -357,7 +357,8 @@ class JobWatch:
       there is to see on this host: the start-up loss's line, or PRRTE's own
       about a lost daemon.
     - Rank 0's first line says how to resume the job; if the job is stopped
-      and rank 0's last word is lost with its host, :meth:`resume_hint` says it.
+      and rank 0's last word is lost (with its host, or dropped by prterun),
+      :meth:`say_how_to_resume` says it.
     - Once the job is being stopped, Hydra's ``[mpiexec@host] ...`` error lines
       only say that its proxies went away: they are dropped.
     """
@@ -398,9 +399,10 @@ class JobWatch:
         self._line = rest
         return b"".join(kept)
 
-    def resume_hint(self) -> str | None:
-        """The line that says how to resume a stopped job, if rank 0's own did not come through."""
-        return None if self._told or self.resume is None else f"pydra: interrupted; resume with: {self.resume}"
+    def say_how_to_resume(self, status: int) -> None:
+        """For a job stopped (*status* over 128) whose rank 0 could not say how to resume it, say it."""
+        if status > 128 and not self._told and self.resume is not None:
+            print(f"pydra: interrupted; resume with: {self.resume}", file=sys.stderr)
 
     def stop_proxies(self, mpiexec: subprocess.Popen) -> None:
         """Stop a Hydra job at once, everywhere: stop every host's ``pydra-remote-exec``.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pydra.launcher.launch import JobWatch
 
 
@@ -31,11 +33,17 @@ def test_once_stopping_hydra_lines_are_dropped_even_written_in_pieces() -> None:
     relayed = feed(watch, b"; rescheduling\n", b"[mpiexec@vm] ", b"HYDU_sock_write: write error\n",
                    b"pydra: interrupted; resume with: pydra launch -f h --resume d\n", b"[mpiexec@vm] main: error\n")
     assert relayed == b"; rescheduling\npydra: interrupted; resume with: pydra launch -f h --resume d\n"
-    assert watch.resume_hint() is None  # rank 0 said it
 
 
-def test_the_resume_hint_comes_from_rank_0s_first_line_when_its_last_is_lost() -> None:
+def test_the_resume_line_comes_from_rank_0s_first_when_its_last_is_lost(capsys: pytest.CaptureFixture) -> None:
     watch = JobWatch()
-    assert watch.resume_hint() is None  # (no journal: nothing to resume)
+    watch.say_how_to_resume(130)
+    assert capsys.readouterr().err == ""  # (no journal: nothing to resume)
     feed(watch, b"pydra: run directory /r (resume with: pydra launch -f hosts -n 4 --resume /r)", b"\n")
-    assert watch.resume_hint() == "pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r"
+    watch.say_how_to_resume(0)
+    assert capsys.readouterr().err == ""  # not stopped
+    watch.say_how_to_resume(130)
+    assert capsys.readouterr().err == "pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r\n"
+    feed(watch, b"pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r\n")
+    watch.say_how_to_resume(130)
+    assert capsys.readouterr().err == ""  # rank 0 said it
