@@ -20,7 +20,16 @@ lowercased line):
   whole process, MPI and Python start-up and imports included, is printed
   beside it.
 
-All four results must be equal, or the benchmark fails.
+All four results must be equal, or the benchmark fails. Two more variants
+show where the limit is, with no MPI and no scheduling:
+
+* pairs-1: Pydra's map path alone, in this process: the example's ``map``
+  (a generator of pairs) into the running totals of a
+  :class:`~pydra.tasks.mapreduce.MapBuffer`, over every file;
+* pairs-2: the same with the files split between two forked processes that
+  run at once, timed from the fork to the end of both: the most two workers
+  running this ``map`` can do on this machine. ``serial / pairs-2`` is the
+  ceiling of ``serial / pydra-3`` here.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ HERE = Path(__file__).resolve()
 EXAMPLE = HERE.parent.parent / "examples" / "wordcount.py"
 FILES, WORDS, SEED = 24, 4_800_000, 20261206
 WORD = re.compile(r"[a-z']+")  # the tokenizer of examples/wordcount.py
-VARIANTS = ("serial", "pool", "pydra-1", "pydra-3")
+VARIANTS = ("serial", "pool", "pydra-1", "pydra-3", "pairs-1", "pairs-2")
 
 
 def make_corpus(directory: Path, scale: float) -> list[Path]:
@@ -100,13 +109,47 @@ def pool(paths: list[Path]) -> tuple[float, dict]:
     return time.perf_counter() - started, dict(counts)
 
 
+def _mapped(paths: list[Path]) -> dict:
+    """The running totals of Pydra's map path over *paths*, in this process."""
+    from pydra.tasks.mapreduce import MapBuffer
+
+    buffer = MapBuffer(_example_job())
+    buffer.add([str(path) for path in paths])
+    return buffer.values
+
+
+def _example_job():
+    from pydra import target as targets
+
+    spec = targets.read_target(f"{EXAMPLE}:WordCount")
+    return targets.resolve(spec, targets.load_module(spec))
+
+
+def pairs_alone(paths: list[Path]) -> tuple[float, dict]:
+    started = time.perf_counter()
+    counts = _mapped(paths)
+    return time.perf_counter() - started, counts
+
+
+def pairs_in_two(paths: list[Path]) -> tuple[float, dict]:
+    """Each half of the files mapped in a forked process, both at once, and its totals sent back; added up untimed."""
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as workers:
+        pending = [workers.apply_async(_mapped, (half,)) for half in (paths[0::2], paths[1::2])]
+        for part in pending:
+            part.wait()
+        elapsed = time.perf_counter() - started
+        counts: collections.Counter = collections.Counter()
+        for part in pending:
+            counts.update(part.get())
+    return elapsed, dict(counts)
+
+
 def pydra_variant(paths: list[str], output: str, profile: str | None) -> None:
     """Inside the MPI job: run the example's WordCount; rank 0 writes the counts and prints the time."""
     import pydra
-    from pydra import target as targets
 
-    spec = targets.read_target(f"{EXAMPLE}:WordCount")  # every rank loads it: same module name everywhere
-    job = targets.resolve(spec, targets.load_module(spec))
+    job = _example_job()  # every rank loads it: same module name everywhere
     run = pydra.run  # imported before the clock starts: importing Pydra is start-up (the whole-process figure)
     profiler = None
     if profile:
@@ -162,7 +205,8 @@ def drive(scale: float, repeat: int, profile: bool) -> None:
         wholes: dict[str, list[float]] = {"pydra-1": [], "pydra-3": []}
         results: dict[str, dict] = {}
         for _ in range(repeat):  # interleaved, so that a burst of load from elsewhere hits every variant alike
-            for name, variant in (("serial", serial), ("pool", pool)):
+            for name, variant in (("serial", serial), ("pool", pool), ("pairs-1", pairs_alone),
+                                  ("pairs-2", pairs_in_two)):
                 elapsed, results[name] = variant(paths)
                 times[name].append(elapsed)
             for ranks in (1, 3):
@@ -179,7 +223,7 @@ def drive(scale: float, repeat: int, profile: bool) -> None:
             sys.exit(f"{name} disagrees with the serial Counter on {len(wrong)} words, e.g. {wrong[:5]}")
     words = sum(reference.values())
     print(f"corpus: {len(paths)} files, {words:,} words ({len(reference):,} distinct), {megabytes:.1f} MB; "
-          f"all four results equal")
+          f"all {len(VARIANTS)} results equal")
     print(f"best of {repeat} interleaved runs each (all: seconds in run order)")
     for name in VARIANTS:
         extra = f"   whole process {whole[name]:5.2f} s" if name in whole else " " * 24
@@ -189,6 +233,11 @@ def drive(scale: float, repeat: int, profile: bool) -> None:
     print(f"serial / pydra-3 = {speedup:5.2f}x  (target >= 1.5: {'met' if speedup >= 1.5 else 'NOT met'})")
     print(f"pool   / pydra-3 = {versus_pool:5.2f}x  (target >= 1.0: {'met' if versus_pool >= 1.0 else 'NOT met'})")
     print(f"serial / pydra-1 = {seconds['serial'] / seconds['pydra-1']:5.2f}x  (one rank: no workers, no target)")
+    print(f"serial / pairs-2 = {seconds['serial'] / seconds['pairs-2']:5.2f}x  (the ceiling of serial / pydra-3 here: "
+          f"the map alone, in two processes, no MPI); pydra-3 runs at {seconds['pairs-2'] / seconds['pydra-3']:.0%} "
+          f"of pairs-2's speed")
+    print(f"pairs-1 / serial = {seconds['pairs-1'] / seconds['serial']:5.2f}x  (the map's pairs and running totals "
+          f"against the serial Counter's work, one process)")
     outside = statistics.median(w - t for w, t in zip(wholes["pydra-3"], times["pydra-3"]))
     print(f"pydra-3 whole process {whole['pydra-3']:.2f} s; outside pydra.run (MPI and Python start-up, imports, "
           f"exit) {outside:.2f} s, the median over its runs")

@@ -238,7 +238,7 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
         run_session(comm)  # what an Executor does on a worker, without loading rank 0's half
         return EXIT_OK  # rank 0 reports
     from pydra._core.evaluate import Walk
-    from pydra.comm import mpi
+    from pydra.comm import failures
     from pydra.executor import Executor
     from pydra.progress import ProgressReporter, progress_mode
 
@@ -265,7 +265,7 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
         if master.stuck_ranks:
             print(f"pydra: worker ranks {master.stuck_ranks} are blocked in MPI with a lost rank; "
                   f"ending the job with MPI_Abort({status})", file=sys.stderr)
-        mpi.end_job_after_loss(comm, status, master.stuck_ranks)
+        failures.end_job_after_loss(comm, status, master.stuck_ranks)
     return status
 
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pydra.comm.admission import Penalties, Startups
-
 
 def flag(text: str) -> bool:
     """Parse an on/off setting: 1/yes/true/on or 0/no/false/off."""
@@ -42,6 +40,21 @@ def _not_negative(text: str) -> float:
     return value
 
 
+def _listener_defence(kind: str) -> Callable[[str], Any]:
+    """Parse a listener's flood defence with :mod:`pydra.comm.admission`'s *kind*, imported only then.
+
+    Only ``pydra node`` and ``pydra serve`` listen; every other process
+    (each rank of a job, the launcher) would pay ~10 ms to import it.
+    """
+
+    def parse(text: str) -> Any:
+        from pydra.comm import admission
+
+        return getattr(admission, kind).parse(text)
+
+    return parse
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -53,7 +66,11 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One ``PYDRA_<name>``: its default, how its text is read, what a value must be, and what it does."""
+    """One ``PYDRA_<name>``: its default, how its text is read, what a value must be, and what it does.
+
+    A default written as text (not empty) is read by *parse* as the
+    environment's value would be.
+    """
 
     default: Any
     parse: Callable[[str], Any]
@@ -110,11 +127,12 @@ SETTINGS: dict[str, Setting] = {
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
     # The defences of pydra node's and pydra serve's listeners against floods (docs/SECURITY.md).
-    "MAX_STARTUPS": Setting(Startups(), Startups.parse, "START:RATE:FULL or FULL (like sshd's MaxStartups)",
+    "MAX_STARTUPS": Setting("10:30:100", _listener_defence("Startups"), "START:RATE:FULL or FULL (like sshd's MaxStartups)",
                             "unauthenticated connections at which a listener starts dropping new ones (10:30:100)"),
     "PER_SOURCE_MAX_STARTUPS": Setting(8, _POSITIVE_INT, "a positive integer",
                                        "unauthenticated connections a listener allows from one address (IPv6: one /64)"),
-    "PER_SOURCE_PENALTIES": Setting(Penalties(), Penalties.parse,
+    "PER_SOURCE_PENALTIES": Setting("authfail:5 noauth:1 grace-exceeded:10 min:15 max:600",
+                                    _listener_defence("Penalties"),
                                     "NAME:SECONDS ... (authfail, noauth, grace-exceeded, min, max) or no",
                                     "how long a listener refuses an address whose handshakes fail "
                                     "(authfail:5 noauth:1 grace-exceeded:10 min:15 max:600)"),
@@ -137,7 +155,11 @@ def setting(name: str, default: Any = None, parse: Callable[[str], Any] | None =
         raise KeyError(f"unknown setting PYDRA_{name}")
     raw = os.environ.get(f"PYDRA_{name}", "")
     if not raw:
-        return entry.default if default is None else default
+        if default is not None:
+            return default
+        if not (isinstance(entry.default, str) and entry.default):
+            return entry.default
+        raw = entry.default
     try:
         return (parse or entry.parse)(raw)
     except ValueError:

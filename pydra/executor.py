@@ -23,7 +23,7 @@ from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import Chunk, ChunkStream
-from pydra.comm import mpi
+from pydra.comm import failures
 from pydra.config import setting
 from pydra.tasks.base import as_task
 
@@ -173,7 +173,7 @@ class Executor(concurrent.futures.Executor):
             atexit.unregister(self._shutdown_at_exit)
             if master.lost_ranks:
                 # MPI_Finalize at exit would wait for the lost ranks forever: end the job instead.
-                atexit.register(mpi.end_job_after_loss, self.comm, 0, master.stuck_ranks)
+                atexit.register(failures.end_job_after_loss, self.comm, 0, master.stuck_ranks)
 
     def _cancel_waiting(self) -> None:
         """Scheduler thread: cancel every call and map item that no worker has been given."""
@@ -190,7 +190,7 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = self._exiting = True
         master.stop()
         if master.lost_ranks:
-            mpi.end_job_after_loss(self.comm, 0, master.stuck_ranks)
+            failures.end_job_after_loss(self.comm, 0, master.stuck_ranks)
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of the workers and the queue."""

@@ -440,7 +440,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
 
     from pydra import journal as journals, rundirs
     from pydra._core.session import abort_on_uncaught_exit
-    from pydra.comm import mpi
+    from pydra.comm import failures
     from pydra.control import ControlServer, configure_logging
     from pydra.executor import Executor
     from pydra.interrupts import RELAYED_STOP
@@ -497,5 +497,5 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
         failed = service.status()["failed"]
         print(f"pydra: cluster {directory.name} shut down", file=sys.stderr, flush=True)
     if master.lost_ranks:
-        mpi.end_job_after_loss(comm, 0, master.stuck_ranks)
+        failures.end_job_after_loss(comm, 0, master.stuck_ranks)
     return 1 if failed and first_job else 0

@@ -30,7 +30,7 @@ from pydra._core.events import Dispatch, StopRequested, Tick
 from pydra._core.scheduler import Scheduler, Settings
 from pydra._core.sources import Call, GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
-from pydra.comm import mpi, serial
+from pydra.comm import failures, mpi, serial
 from pydra.config import setting
 from pydra.launcher.supervise import DeathNotices
 
@@ -164,7 +164,7 @@ class Master:
             self.loop.run_until_complete(self._pump())
         except BaseException:
             # The futures of rank 0's callers would never complete, and the workers would wait forever.
-            mpi.abort(self.comm, f"pydra: internal error in rank 0's scheduler; aborting the MPI job\n{traceback.format_exc()}")
+            failures.abort(self.comm, f"pydra: internal error in rank 0's scheduler; aborting the MPI job\n{traceback.format_exc()}")
         finally:
             if notices is not None:
                 self.loop.remove_reader(notices.fileno())
@@ -360,7 +360,7 @@ class Master:
         """The workers declared lost so far.
 
         If there are any once the master has stopped, rank 0 must end the job
-        with :func:`pydra.comm.mpi.end_job_after_loss`: MPI_Finalize would wait
+        with :func:`pydra.comm.failures.end_job_after_loss`: MPI_Finalize would wait
         for them forever, and one stuck in a collective never exits by itself.
         """
         return self.scheduler.lost_ranks
@@ -404,6 +404,6 @@ def _abort_after_grace(master: Master, reason: str, seconds: float) -> None:
             if not master.scheduler.inflight():
                 return
             time.sleep(0.05)
-        mpi.abort(master.comm, reason)
+        failures.abort(master.comm, reason)
 
     threading.Thread(target=watchdog, name="pydra-abort-watchdog", daemon=True).start()

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from pydra._core import context, protocol
 from pydra._core.protocol import Failure
 from pydra import target as targets
-from pydra.comm import mpi, serial
+from pydra.comm import failures, serial
 from pydra.errors import TargetError, UnitTimeout, WorkerLost
 from pydra.tasks.base import Task
 from pydra.tasks.mapreduce import MapBuffer, shuffle_and_reduce
@@ -75,7 +75,7 @@ class UnitRunner:
         try:
             value, ok = handler(self, *command[1:]), True
         except BaseException as exc:  # sys.exit() or KeyboardInterrupt raised by a task fails it; the rank serves on
-            if mpi.peer_failed(exc):  # ULFM: a rank in this unit's collective died; rank 0 treats it as a loss
+            if failures.peer_failed(exc):  # ULFM: a rank in this unit's collective died; rank 0 treats it as a loss
                 exc = WorkerLost(f"a rank in this unit's collective died ({exc.Get_error_string()})")
             value, ok = Failure.capture(exc, self.rank, self.size, self.host), False
         finally:

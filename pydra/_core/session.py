@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from pydra import startup
 from pydra._core import protocol
-from pydra.comm import mpi, serial
+from pydra.comm import failures, mpi, serial
 from pydra.config import setting
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def abort_on_uncaught_exit(comm: MPI.Intracomm) -> None:
         error = getattr(sys, "last_value", None) or _exiting
         if error is None or hasattr(sys, "ps1") or sys.flags.interactive:
             return
-        mpi.abort(comm, f"pydra: {where} ended with an uncaught {type(error).__name__}; aborting the MPI job"
+        failures.abort(comm, f"pydra: {where} ended with an uncaught {type(error).__name__}; aborting the MPI job"
                         " so that no rank waits for it\n")
 
     atexit.register(check)

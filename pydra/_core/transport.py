@@ -25,7 +25,7 @@ from pydra._core import protocol
 from pydra._core.protocol import Failure, Tag
 from pydra._core.runner import UnitRunner
 from pydra._core.events import Heard, Progress, RepliesReceived, WorkerGone
-from pydra.comm import mpi, serial
+from pydra.comm import failures, mpi, serial
 
 if TYPE_CHECKING:
     from pydra._core.master import Master
@@ -124,7 +124,7 @@ class MpiTransport:
         while True:
             try:
                 message = mpi.try_receive(self.comm)
-            except mpi.RanksFailed as failed:  # ULFM: MPI saw them die, no need to wait for silence
+            except failures.RanksFailed as failed:  # ULFM: MPI saw them die, no need to wait for silence
                 events += [WorkerGone(rank, "its process died") for rank in failed.ranks
                            if rank != 0 and rank not in self.ignored]
                 continue
@@ -249,7 +249,7 @@ class LocalTransport:
                 if stop:
                     return
         except BaseException:
-            mpi.abort(MPI.COMM_WORLD, f"pydra: internal error in rank 0's local runner\n{traceback.format_exc()}")
+            failures.abort(MPI.COMM_WORLD, f"pydra: internal error in rank 0's local runner\n{traceback.format_exc()}")
 
     def send(self, master: "Master", rank: int, commands: list[tuple]) -> list:
         self.inbox.put(commands)

@@ -18,7 +18,7 @@ from mpi4py import MPI
 from pydra._core import context, protocol
 from pydra._core.protocol import Tag
 from pydra._core.runner import UnitRunner
-from pydra.comm import mpi, serial
+from pydra.comm import failures, mpi, serial
 from pydra.config import setting
 
 # Seconds between two progress reports of one unit, and between two looks for cancellations.
@@ -127,7 +127,7 @@ class WorkerLoop:
             thread.start()
         try:
             self._serve()
-        except (mpi.RanksFailed, MPI.Exception) as error:
+        except (failures.RanksFailed, MPI.Exception) as error:
             if not _master_died(error):
                 raise
             _end_orphan(self.comm)
@@ -157,7 +157,7 @@ class WorkerLoop:
             if silence > self.master_timeout and not stopped.is_set():
                 rank = self.comm.rank
                 os.write(2, f"pydra: rank 0 has been silent for {silence:.0f} s; rank {rank} stops\n".encode())
-                mpi.exit_without_finalize(0)  # 0: rank 0's own exit status tells whether the job failed
+                failures.exit_without_finalize(0)  # 0: rank 0's own exit status tells whether the job failed
 
     def _serve(self) -> None:
         while True:
@@ -179,7 +179,7 @@ class WorkerLoop:
             del commands, command, reply, final
             if exit_process is not None:
                 if exit_process:
-                    mpi.exit_without_finalize(0)
+                    failures.exit_without_finalize(0)
                 return
 
     def _next_commands(self) -> list[tuple] | None:
@@ -222,7 +222,7 @@ class WorkerLoop:
         # Collective only over the members, so other workers carry on undisturbed.
         group = self.comm.group.Incl(members)
         try:
-            if mpi.ulfm(self.comm):
+            if failures.ulfm(self.comm):
                 # Once a rank of the job has died, ULFM refuses Create_group over the world (even
                 # for a group of survivors), on some members only; MPI-4's Create_from_group needs
                 # no parent communicator and works.
@@ -263,7 +263,7 @@ def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., N
         except BaseException as error:
             if _master_died(error):
                 _end_orphan(comm)
-            mpi.abort(comm, f"pydra: internal error in {threading.current_thread().name} on rank {comm.rank};"
+            failures.abort(comm, f"pydra: internal error in {threading.current_thread().name} on rank {comm.rank};"
                             f" aborting the MPI job\n{traceback.format_exc()}")
 
     return run
@@ -271,13 +271,13 @@ def _or_abort(comm: MPI.Intracomm, body: Callable[..., None]) -> Callable[..., N
 
 def _master_died(error: BaseException) -> bool:
     """Whether *error* is MPI saying that rank 0 died (ULFM; a worker only ever talks to rank 0 alone)."""
-    return (isinstance(error, mpi.RanksFailed) and 0 in error.ranks) or mpi.peer_failed(error)
+    return (isinstance(error, failures.RanksFailed) and 0 in error.ranks) or failures.peer_failed(error)
 
 
 def _end_orphan(comm: MPI.Intracomm) -> None:
     """Rank 0 died: say so once and end this worker (never returns)."""
     os.write(2, f"pydra: rank 0 died; rank {comm.rank} stops\n".encode())
-    mpi.exit_without_finalize(1)
+    failures.exit_without_finalize(1)
 
 
 def _usage() -> protocol.Usage:
