@@ -53,6 +53,27 @@ def test_fewer_objects_than_a_plain_future():
         return len(seen)
 
     assert tracked(LeanFuture()) < tracked(concurrent.futures.Future()) / 2
+    # A call kept pending costs the collector three objects: itself, its condition and its list of wait()
+    # waiters; the condition's deque and the list of callbacks come with the first wait and callback.
+    assert tracked(LeanFuture()) == 3
+
+
+def test_callbacks_added_from_many_threads_at_once_all_run(make):
+    for _ in range(20):
+        future, seen = make(), []
+        start = threading.Barrier(4)
+
+        def add(number: int) -> None:
+            start.wait()
+            future.add_done_callback(lambda f, n=number: seen.append(n))
+
+        threads = [threading.Thread(target=add, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        future.set_result(None)
+        assert sorted(seen) == [0, 1, 2, 3]
 
 
 def test_result_waits_for_another_thread(make):
