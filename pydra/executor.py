@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures._base import PENDING, RUNNING
 from typing import Any, Callable, Iterable, Iterator
 
 from mpi4py import MPI
@@ -90,8 +91,9 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker; return its future."""
-        call = _Call(fn, args, kwargs)
-        self.master.submit_call(call)
+        master = self.master
+        call = _Call(fn, args, kwargs, master)
+        master.submit_call(call)
         return call
 
     def map(  # type: ignore[override]
@@ -197,6 +199,10 @@ class Executor(concurrent.futures.Executor):
         return self.master.statistics()
 
 
+#: the states of a call not settled yet (``concurrent.futures``' own)
+_UNSETTLED = (PENDING, RUNNING)
+
+
 class _Call(LeanFuture):
     """One :meth:`Executor.submit` call: the future its caller gets, and its command for a worker.
 
@@ -207,9 +213,26 @@ class _Call(LeanFuture):
     is settled, as a plain future would not hold them.
     """
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, master: Master) -> None:
         super().__init__()
         self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._master = master
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As ``concurrent.futures``; a caller waiting for a lone call runs the scheduler itself meanwhile."""
+        return super().result(self._drive(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As ``concurrent.futures``; a caller waiting for a lone call runs the scheduler itself meanwhile."""
+        return super().exception(self._drive(timeout))
+
+    def _drive(self, timeout: float | None) -> float | None:
+        """Run the scheduler while it has this call's reply to take (:meth:`Master.drive`); the timeout left."""
+        if self._state not in _UNSETTLED:
+            return timeout
+        started = time.perf_counter()
+        self._master.drive(self.done, timeout)
+        return None if timeout is None else max(0.0, timeout - (time.perf_counter() - started))
 
     def command(self, uid: int) -> tuple | None:
         """The CALL command, or None if the future was cancelled meanwhile."""

@@ -3,7 +3,10 @@
 The :class:`Master` runs in its own thread (``pydra-master``) around an
 asyncio loop, so user code on rank 0 (an :class:`~pydra.Executor` caller,
 the tree walker in :mod:`pydra._core.evaluate`) hands it work with
-:meth:`Master.call_soon` and never touches MPI. Its pump turns what arrives
+:meth:`Master.call_soon`. A caller waiting for a call of
+``Executor.submit`` may run the scheduler itself meanwhile, while the
+thread sleeps (:meth:`Master.drive`): one thread at a time does, holding
+``_running``. Its pump turns what arrives
 (messages, the passing of time) into the scheduler's events and carries out
 the instructions the scheduler returns, through a transport: MPI messages to
 the worker ranks (:class:`~pydra._core.transport.MpiTransport`), and, in a
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import selectors
+import signal
 import sys
 import threading
 import time
@@ -62,7 +67,10 @@ class Master:
         # The worker ranks over MPI; rank 0 itself, in one process or once every worker is lost.
         self.remote: MpiTransport | None = MpiTransport(comm) if comm.size > 1 else None
         self.local: LocalTransport | None = None if comm.size > 1 else LocalTransport(self)
-        self.loop = asyncio.new_event_loop()
+        # Held by whichever thread runs the scheduler: the pump thread, except while it sleeps (in its
+        # selector or between polls), when a caller waiting for a lone call may run it (see drive).
+        self._running = threading.Lock()
+        self.loop = asyncio.SelectorEventLoop(_ParkingSelector(self._running))
         self._wakeup = asyncio.Event()
         # What other threads ask of the scheduler thread (see call_soon), run at the top of each
         # pump iteration; the loop is woken only when the pump sleeps with nothing in flight.
@@ -70,6 +78,10 @@ class Master:
         # Executor.submit's calls, queued before the inbox runs (see submit_call).
         self._calls: deque = deque()
         self._asleep = False
+        self._spin = setting("SPIN_SECONDS")
+        #: calls whose caller ran the scheduler itself until they were done (see drive)
+        self.driven = 0
+        self._ctrl_c = _CtrlC()
         self._thread = threading.Thread(target=self._main, name="pydra-master", daemon=True)
         self._stop_requested = False
         #: recent log records of tasks and of the scheduler, newest last (see :meth:`note`)
@@ -82,6 +94,7 @@ class Master:
 
     def start(self) -> None:
         """Start the scheduler thread."""
+        self._ctrl_c.install()
         self._thread.start()
 
     def stop(self) -> None:
@@ -102,6 +115,7 @@ class Master:
     def join(self) -> None:
         """Wait until the scheduler thread has stopped every worker and ended."""
         self._thread.join()
+        self._ctrl_c.uninstall()
 
     def call_soon(self, function: Callable, *args: Any) -> None:
         """Run *function(\\*args)* in the scheduler thread, in the order asked (any thread).
@@ -131,12 +145,15 @@ class Master:
         # No lock: the pump sets _asleep before it looks at its queues a last time, and this looks
         # at _asleep after appending, so one of the two sees the other (at worst, a spare wake-up).
         if self._asleep:
-            self._asleep = False
-            try:
-                self.loop.call_soon_threadsafe(self._wakeup.set)
-            except RuntimeError:
-                if not self.loop.is_closed():
-                    raise
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._wakeup.set)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
+        self._asleep = False  # only now: a Ctrl-C in between must leave it set, or nothing would wake the pump
 
     def submit_coroutine(self, coroutine: Any) -> Any:
         """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``.
@@ -154,6 +171,7 @@ class Master:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _main(self) -> None:
+        self._running.acquire()
         asyncio.set_event_loop(self.loop)
         # A worker's supervisor on this host tells us at once when the worker dies (its heartbeats
         # would take PYDRA_HEARTBEAT_TIMEOUT to say so).
@@ -170,11 +188,16 @@ class Master:
                 self.loop.remove_reader(notices.fileno())
                 notices.close()
             self.loop.close()
+            self._running.release()
 
-    def _run_inbox(self) -> bool:
-        """Queue the calls submitted and run what other threads asked for until now; whether there was anything."""
+    def _run_inbox(self, asked_too: bool = True) -> bool:
+        """Queue the calls submitted and run what other threads asked for until now; whether there was anything.
+
+        Without *asked_too*, only the calls (what a caller driving the
+        scheduler may take: the rest may touch the loop, see drive).
+        """
         inbox, calls = self._inbox, self._calls
-        asked = len(inbox)  # not what arrives meanwhile: a steady stream must not hold the pump here
+        asked = len(inbox) if asked_too else 0  # not what arrives meanwhile: a steady stream must not hold the pump here
         # Counted after the inbox: a call submitted before something was asked is queued before it runs.
         submitted = len(calls)
         if submitted:
@@ -230,16 +253,9 @@ class Master:
         scheduler = self.scheduler
         busy_passes = 0
         while True:
-            progressed = self._run_inbox()
-            now = time.monotonic()
-            progressed = self._take_messages(now) or progressed
-            self.feed(Tick(now))
-            progressed = self.feed(Dispatch(now)) or progressed
-            transports = self._transports()
-            for transport in transports:
-                transport.collect()
+            progressed = self._pass()
             if scheduler.finished:
-                for transport in transports:
+                for transport in self._transports():
                     transport.flush()
                 return
             if progressed:
@@ -247,7 +263,11 @@ class Master:
             elif scheduler.inflight() and self.remote is not None:
                 # Replies are due: poll again soon. time.sleep is precise to microseconds,
                 # where an asyncio timer would round up to the selector's millisecond.
-                backoff.sleep()
+                self._running.release()  # a caller waiting for its call may poll meanwhile (drive)
+                try:
+                    backoff.sleep()
+                finally:
+                    self._running.acquire()
             elif self._fall_asleep():
                 # Nothing in flight, or only on rank 0's own thread, which wakes us with each reply
                 # (polling would take the GIL from its unit every few ms): sleep until new work
@@ -255,7 +275,7 @@ class Master:
                 # would cost a task per sleep).
                 deadline = scheduler.next_deadline()
                 delay = scheduler.settings.heartbeat if deadline is None else min(scheduler.settings.heartbeat,
-                                                                                   max(0.0, deadline - now))
+                                                                                   max(0.0, deadline - time.monotonic()))
                 alarm = self.loop.call_later(delay, self._wakeup.set)
                 await self._wakeup.wait()
                 alarm.cancel()
@@ -268,6 +288,61 @@ class Master:
             busy_passes = busy_passes + 1 if progressed else 0
             if busy_passes % BUSY_PASSES == 0:
                 await asyncio.sleep(0)
+
+    def _pass(self, asked_too: bool = True) -> bool:
+        """One pass of the scheduler over what arrived and what waits; whether anything happened."""
+        progressed = self._run_inbox(asked_too)
+        now = time.monotonic()
+        progressed = self._take_messages(now) or progressed
+        self.feed(Tick(now))
+        progressed = self.feed(Dispatch(now)) or progressed
+        for transport in self._transports():
+            transport.collect()
+        return progressed
+
+    def drive(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """Run the scheduler in the calling thread until *done()*, while replies keep coming (a caller waiting).
+
+        A lone call's round trip otherwise crosses two thread hand-offs on
+        rank 0 (the caller wakes the scheduler thread, which wakes the caller),
+        tens of microseconds each. The caller takes over while the scheduler
+        thread sleeps (waiting at most ``PYDRA_SPIN_SECONDS`` for it to finish
+        a pass), and hands back once *done()*, once nothing has arrived for
+        ``PYDRA_SPIN_SECONDS``, or at *timeout*. On the main thread, the
+        ``KeyboardInterrupt`` of a Ctrl-C is raised once it has handed back,
+        never in the middle of a scheduler pass (:class:`_CtrlC`).
+        """
+        if self.remote is None or threading.get_ident() == self._thread.ident or self._inbox:
+            # Rank 0 runs the units itself; or this is the scheduler thread (a done callback); or other
+            # threads asked for things, which may touch the loop (cancel a walk) and must run first.
+            return
+        ctrl_c = self._ctrl_c
+        if not ctrl_c.may_drive():
+            return
+        end = None if timeout is None else time.perf_counter() + timeout
+        ctrl_c.holding = True  # from here on: a KeyboardInterrupt between taking the lock and the try would keep it
+        try:
+            if self._running.acquire(timeout=self._spin if end is None else min(self._spin, timeout or 0.0)):
+                try:
+                    self._drive(done, end)
+                finally:
+                    self._running.release()
+                    if self.scheduler.inflight() or self._calls or self._inbox:
+                        self._wake()  # the scheduler thread may be asleep, with no alarm before its next heartbeat
+        finally:
+            ctrl_c.holding = False
+        ctrl_c.deliver()
+
+    def _drive(self, done: Callable[[], bool], end: float | None) -> None:
+        quiet_since = time.perf_counter()
+        while not done() and not self.scheduler.finished:
+            now = time.perf_counter()
+            if self._pass(asked_too=False):
+                quiet_since = now
+            elif now - quiet_since > self._spin or (end is not None and now > end):
+                return
+        if done():
+            self.driven += 1
 
     def _take_messages(self, now: float) -> bool:
         """Feed the scheduler what has arrived; whether anything had.
@@ -393,6 +468,71 @@ class Master:
             last_heard = worker.pop("last_heard")
             worker["heartbeat_age"] = now - last_heard if worker["rank"] != 0 else 0.0
         return {"uptime": time.time() - self.started, **snapshot}
+
+
+class _ParkingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The scheduler loop's selector: lets go of *running* while it waits (see :meth:`Master.drive`)."""
+
+    def __init__(self, running: threading.Lock) -> None:
+        super().__init__()
+        self._running_lock = running
+
+    def select(self, timeout: float | None = None) -> list:
+        if timeout is not None and timeout <= 0:
+            return super().select(timeout)
+        self._running_lock.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._running_lock.acquire()
+
+
+class _CtrlC:
+    """Ctrl-C on the main thread while it runs the scheduler (:meth:`Master.drive`): held back until it is done.
+
+    Python runs a signal's handler between any two bytecodes of the main
+    thread, and a ``KeyboardInterrupt`` raised in the middle of a scheduler
+    pass would leave the scheduler half-changed for good. So while a session
+    runs, SIGINT's default handler is replaced by :meth:`handle`, which does
+    what it does (raise ``KeyboardInterrupt``) except during a drive, after
+    which :meth:`deliver` raises it. (asyncio's runner swaps SIGINT's handler
+    for the same reason.) The main thread drives only while this handler is
+    installed and SIGTERM has no Python handler (one of the user's could
+    raise too); otherwise it waits for the scheduler thread, as other threads
+    may always drive.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.arrived = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.arrived = True
+        else:
+            signal.default_int_handler(signum, frame)
+
+    def install(self) -> None:
+        """Take over SIGINT's default handler (main thread; anything else is left alone)."""
+        if threading.current_thread() is threading.main_thread() and (
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self.handle)
+
+    def uninstall(self) -> None:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == self.handle:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def may_drive(self) -> bool:
+        """Whether this thread may run the scheduler (see above)."""
+        if threading.current_thread() is not threading.main_thread():
+            return True
+        return signal.getsignal(signal.SIGINT) == self.handle and not callable(signal.getsignal(signal.SIGTERM))
+
+    def deliver(self) -> None:
+        """Raise the ``KeyboardInterrupt`` held back, if one arrived."""
+        if self.arrived:
+            self.arrived = False
+            signal.default_int_handler(signal.SIGINT, None)
 
 
 def _abort_after_grace(master: Master, reason: str, seconds: float) -> None:

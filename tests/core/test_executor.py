@@ -54,6 +54,8 @@ CASES = [
     "unpicklable_exception",
     "unloadable_result",
     "settled_call_lets_go",
+    "lone_calls",
+    "ctrl_c_while_waiting",
 ]
 executor_jobs = CaseCache("job_executor.py", CASES)
 
@@ -170,6 +172,27 @@ def test_an_intercommunicator_is_refused(ranks) -> None:
 def test_two_slow_calls_use_two_idle_workers(ranks: int) -> None:
     """submit() twice with two idle workers: the calls run side by side, one per worker."""
     assert executor_jobs(ranks).ok("spread") == list(range(1, workers_of(ranks) + 1))
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_a_caller_waiting_for_a_lone_call_runs_the_scheduler_itself(ranks: int) -> None:
+    """No thread hand-off on rank 0 for a lone call (Master.drive), where there are workers to poll.
+
+    Most of the 200 calls are driven on a quiet machine; ten allows for a
+    loaded one, where the scheduler thread may be mid-pass when a call waits.
+    """
+    got = executor_jobs(ranks).ok("lone_calls")
+    assert got["results"]
+    if ranks == IN_PROCESS:
+        assert got["driven"] == 0  # rank 0 runs the units itself: nothing to poll
+    else:
+        assert got["driven"] >= 10, got
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_ctrl_c_while_waiting_for_calls_harms_no_call(ranks: int) -> None:
+    """A KeyboardInterrupt never lands in the middle of a scheduler pass the caller runs: every call completes."""
+    assert executor_jobs(ranks).ok("ctrl_c_while_waiting") == {"interrupted": True, "settled": True, "after": True}
 
 
 @pytest.mark.parametrize("ranks", RANKS)

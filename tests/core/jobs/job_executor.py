@@ -307,6 +307,53 @@ def submit_from_threads(ex):
     return results
 
 
+def lone_calls(ex):
+    """Calls one at a time: the caller runs the scheduler itself while it waits (Master.drive)."""
+    results = [ex.submit(pow, i, 2).result(timeout=60) for i in range(200)]
+    return {"results": results == [i**2 for i in range(200)], "driven": ex.master.driven}
+
+
+def ctrl_c_while_waiting(ex):
+    """SIGINT, over and over, while the main thread waits for lone calls: each KeyboardInterrupt comes out of
+    the call it interrupted, and the scheduler goes on unharmed (every call, interrupted or not, completes)."""
+    import os
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def press_ctrl_c():
+        while not stop.wait(0.003):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    futures, interrupted = [], 0
+    presser.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline or not interrupted:
+            try:
+                futures.append(ex.submit(pow, len(futures), 2))
+                futures[-1].result(timeout=60)
+            except KeyboardInterrupt:
+                interrupted += 1
+    finally:
+        stop.set()
+        while presser.is_alive() or not stop.is_set():
+            try:
+                presser.join()
+                time.sleep(0.05)  # a last SIGINT still on its way
+            except KeyboardInterrupt:
+                pass
+    while True:
+        try:
+            settled = [f.result(timeout=60) for f in futures] == [i**2 for i in range(len(futures))]
+            after = [ex.submit(pow, i, 3).result(timeout=60) for i in range(50)] == [i**3 for i in range(50)]
+            return {"interrupted": interrupted > 0, "settled": settled, "after": after}
+        except KeyboardInterrupt:
+            pass
+
+
 CASES = {
     "submit_result": lambda: session(submit_result),
     "futures_api": lambda: session(futures_api),
@@ -338,6 +385,8 @@ CASES = {
     "unpicklable_exception": lambda: session(unpicklable_exception),
     "unloadable_result": lambda: session(unloadable_result),
     "settled_call_lets_go": lambda: session(settled_call_lets_go),
+    "lone_calls": lambda: session(lone_calls),
+    "ctrl_c_while_waiting": lambda: session(ctrl_c_while_waiting),
 }
 
 if __name__ == "__main__":
