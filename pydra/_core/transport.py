@@ -119,6 +119,10 @@ class MpiTransport:
 
     # -- in -----------------------------------------------------------------------------------
 
+    def pending(self) -> bool:
+        """Whether a message from a worker waits to be received (cheaper than :meth:`receive` finding none)."""
+        return mpi.pending(self.comm)
+
     def receive(self, master: "Master", now: float) -> list:
         events: list = []
         while True:

@@ -192,6 +192,14 @@ def _take(comm: MPI.Comm, source: int, tag: int, status: MPI.Status) -> tuple[in
     return source, tag, buffer
 
 
+def pending(comm: MPI.Comm) -> bool:
+    """Whether any message waits to be received on *comm* (an error from MPI says yes: receiving reports it)."""
+    try:
+        return comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+    except MPI.Exception:
+        return True
+
+
 def try_receive(
     comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG, status: MPI.Status = _status
 ) -> Received | None:
