@@ -149,12 +149,14 @@ class Master:
             self._wake()
 
     def _wake(self) -> None:
+        # (_asleep first: set after the wake-up, it could undo the pump falling asleep again meanwhile. A
+        # Ctrl-C in between only delays the pump to its next alarm, at most PYDRA_HEARTBEAT seconds.)
+        self._asleep = False
         try:
             self.loop.call_soon_threadsafe(self._wakeup.set)
         except RuntimeError:
             if not self.loop.is_closed():
                 raise
-        self._asleep = False  # only now: a Ctrl-C in between must leave it set, or nothing would wake the pump
 
     def submit_coroutine(self, coroutine: Any) -> Any:
         """Run *coroutine* in the scheduler thread; return a ``concurrent.futures.Future``.
