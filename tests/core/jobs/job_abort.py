@@ -5,7 +5,9 @@
 Rank 0 prints ``SESSION DONE`` after its first session; the job must then
 end non-zero (it must not hang) because of what MODE does, except for
 ``task_thread_raises``: a thread's uncaught exception is printed and the
-job goes on, as in any Python program.
+job goes on, as in any Python program. ``scheduler_fails`` and
+``caller_drive_fails`` inject a fault into rank 0's scheduler: the job must
+abort, saying so, rather than hang.
 """
 
 from __future__ import annotations
@@ -42,6 +44,26 @@ def task_sys_exit(x):
     sys.exit(f"a task called sys.exit on item {x}")
 
 
+def inject_scheduler_fault(mode: str) -> None:
+    """A fault in rank 0's scheduler: in sending a call's command (whichever thread sends it), or in a driven pass."""
+    from pydra._core import master, transport
+
+    if mode == "scheduler_fails":
+        send = transport.MpiTransport.send
+
+        def failing_send(self, master, rank, commands):
+            if any(command[0] == "call" and command[3] == ("fault",) for command in commands):
+                raise RuntimeError("an injected fault in the scheduler")
+            return send(self, master, rank, commands)
+
+        transport.MpiTransport.send = failing_send
+    else:
+        def failing_drive(self, done, end):
+            raise RuntimeError("an injected fault in a pass run by a waiting caller")
+
+        master.Master._drive = failing_drive
+
+
 def main() -> None:
     tasks = {
         "task_keyboard_interrupt": task_keyboard_interrupt,
@@ -52,6 +74,10 @@ def main() -> None:
         if ex is not None:
             if MODE in tasks:
                 print("RESULT", list(ex.map(tasks[MODE], [1])), flush=True)
+            elif MODE in ("scheduler_fails", "caller_drive_fails"):
+                inject_scheduler_fault(MODE)
+                # (a waiting caller drives only while the scheduler thread sleeps: most calls, not all)
+                print("RESULT", [ex.submit(len, "fault").result() for _ in range(1000)][-1], flush=True)
             else:
                 assert sum(ex.map(abs, range(-10, 10))) == 100
             if MODE == "rank0_inside_block":

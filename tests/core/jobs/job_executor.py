@@ -316,41 +316,69 @@ def lone_calls(ex):
 def ctrl_c_while_waiting(ex):
     """SIGINT, over and over, while the main thread waits for lone calls: each KeyboardInterrupt comes out of
     the call it interrupted, and the scheduler goes on unharmed (every call, interrupted or not, completes)."""
-    import os
     import signal
+
+    got = signalled_while_waiting(ex, signal.SIGINT, KeyboardInterrupt)
+    del got["driven meanwhile"]  # (a Ctrl-C is held back during a drive: the main thread drives)
+    return got
+
+
+class Poked(Exception):
+    """What the user's handler of SIGUSR1 raises (as a timeout's handler of SIGALRM may)."""
+
+
+def user_handler_while_waiting(ex):
+    """A handler of the user's that raises, on another signal than SIGINT: the main thread does not run the
+    scheduler while it is set (the exception could land mid-pass), and every call completes."""
+    import signal
+
+    def poke(signum, frame):
+        raise Poked()
+
+    previous = signal.signal(signal.SIGUSR1, poke)
+    try:
+        return signalled_while_waiting(ex, signal.SIGUSR1, Poked)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def signalled_while_waiting(ex, signum, raised):
+    """Signal *signum* every 3 ms for 3 s while the main thread makes lone calls, *raised* coming out of them."""
+    import os
     import threading
 
     stop = threading.Event()
 
-    def press_ctrl_c():
+    def send_signals():
         while not stop.wait(0.003):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
-    presser = threading.Thread(target=press_ctrl_c)
-    futures, interrupted = [], 0
-    presser.start()
+    sender = threading.Thread(target=send_signals)
+    futures, interrupted, driven = [], 0, ex.master.driven
+    sender.start()
     try:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline or not interrupted:
             try:
                 futures.append(ex.submit(pow, len(futures), 2))
                 futures[-1].result(timeout=60)
-            except KeyboardInterrupt:
+            except raised:
                 interrupted += 1
     finally:
         stop.set()
-        while presser.is_alive() or not stop.is_set():
+        while sender.is_alive() or not stop.is_set():
             try:
-                presser.join()
-                time.sleep(0.05)  # a last SIGINT still on its way
-            except KeyboardInterrupt:
+                sender.join()
+                time.sleep(0.05)  # a last signal still on its way
+            except raised:
                 pass
+    driven = ex.master.driven - driven
     while True:
         try:
             settled = [f.result(timeout=60) for f in futures] == [i**2 for i in range(len(futures))]
             after = [ex.submit(pow, i, 3).result(timeout=60) for i in range(50)] == [i**3 for i in range(50)]
-            return {"interrupted": interrupted > 0, "settled": settled, "after": after}
-        except KeyboardInterrupt:
+            return {"interrupted": interrupted > 0, "settled": settled, "after": after, "driven meanwhile": driven}
+        except raised:
             pass
 
 
@@ -387,6 +415,7 @@ CASES = {
     "settled_call_lets_go": lambda: session(settled_call_lets_go),
     "lone_calls": lambda: session(lone_calls),
     "ctrl_c_while_waiting": lambda: session(ctrl_c_while_waiting),
+    "user_handler_while_waiting": lambda: session(user_handler_while_waiting),
 }
 
 if __name__ == "__main__":
