@@ -345,8 +345,9 @@ class Launch:
 class JobWatch:
     """Watches mpiexec's stderr as :func:`~pydra.batch.wait_for` relays it.
 
-    - A rank lost during start-up has its supervisor print a line ending
-      ``; ending the job`` (:mod:`pydra.launcher.supervise`, :mod:`pydra.startup`).
+    - A rank lost during start-up has its supervisor print a line
+      ``pydra: rank N ... during start-up, ...; ending the job``
+      (:mod:`pydra.launcher.supervise`, :mod:`pydra.startup`).
       Hydra ends a job only on the proxy that lost the rank: the ranks on the
       other hosts would wait for it in MPI's start-up forever. The line makes
       ``ends_job`` true, and :meth:`stop_proxies` (given to ``wait_for``) stops
@@ -363,9 +364,11 @@ class JobWatch:
       only say that its proxies went away: they are dropped.
     """
 
-    #: the end of a line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup);
+    #: the line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup), whole: a
+    #: task's own line that merely ends the same way must not stop the job
+    START_UP_LOSS = re.compile(rb"^pydra: ranks? [\d, ]+ .*during start-up, .*; ending the job$")
     #: the start of PRRTE's paragraph about a daemon it lost
-    SIGNS = (b"; ending the job\n", b"PRTE has lost communication with a remote daemon")
+    LOST_DAEMON = b"PRTE has lost communication with a remote daemon"
     #: rank 0's first line (pydra.batch) and its last on an interrupt (pydra.interrupts)
     RESUME = re.compile(rb"^pydra: run directory .* \(resume with: (.*)\)$")
     TOLD = b"pydra: interrupted; resume with: "
@@ -381,7 +384,7 @@ class JobWatch:
     def __call__(self, chunk: bytes) -> bytes:
         *lines, rest = (self._line + chunk).split(b"\n")
         for line in lines:
-            self.ends_job = self.ends_job or any(sign in line + b"\n" for sign in self.SIGNS)
+            self.ends_job = self.ends_job or bool(self.START_UP_LOSS.match(line)) or self.LOST_DAEMON in line
             self._told = self._told or self.TOLD in line
             if self.resume is None and (found := self.RESUME.match(line)):
                 self.resume = found.group(1).decode(errors="replace")

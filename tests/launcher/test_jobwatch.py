@@ -19,6 +19,23 @@ def test_a_start_up_loss_in_two_pieces_ends_the_job() -> None:
     assert relayed.endswith(b"ending the job\n")
 
 
+@pytest.mark.parametrize("line", [
+    b"pydra: rank 3 (pid 9) exited with status 1 during start-up, in MPI_Init; ending the job\n",
+    b"pydra: ranks 2, 5 lost during start-up, in the session's first collective; ending the job\n",
+    b"PRTE has lost communication with a remote daemon.\n",
+])
+def test_every_start_up_loss_line_ends_the_job(line: bytes) -> None:
+    watch = JobWatch()
+    feed(watch, line)
+    assert watch.ends_job
+
+
+def test_a_tasks_own_line_that_ends_alike_does_not_end_the_job() -> None:
+    watch = JobWatch()
+    feed(watch, b"checkpoint: disk full; ending the job\n", b"pydra: rank 3 said: cannot go on; ending the job\n")
+    assert not watch.ends_job
+
+
 def test_the_job_goes_on_without_a_sign() -> None:
     watch = JobWatch()
     assert feed(watch, b"pydra: lost worker rank 3 on vm; rescheduling its work\n", b"[mpiexec@vm] a note\n") == \
