@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
-class Phase(Enum):
+class _Member(Enum):
+    """An enum whose members hash as the unique objects they are: ``Enum``'s own hash runs Python code
+    (it hashes the name), and the scheduler hashes a phase or two per unit it deals and per reply."""
+
+    __hash__ = object.__hash__
+
+
+class Phase(_Member):
     """What a worker is doing, as rank 0 sees it."""
 
     IDLE = "idle"  # nothing in flight
@@ -23,7 +30,7 @@ class Phase(Enum):
     LOST = "lost"  # gone: gets nothing, its word no longer counts
 
 
-class Trigger(Enum):
+class Trigger(_Member):
     """What moves a worker from one phase to another."""
 
     SENT = "units sent"
