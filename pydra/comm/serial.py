@@ -11,12 +11,25 @@ Out of band: :func:`dumps_oob` leaves out of the pickle every buffer of
 anything with the buffer protocol) and returns them beside it, so that
 :mod:`pydra.comm.mpi` can send each one with MPI's buffer calls instead of
 copying it into the pickle; ``loads(data, buffers=...)`` takes them back.
+
+Plain arrays, short: :func:`compact` gives a plain numpy array (exactly
+``numpy.ndarray``, C order, of a builtin numeric or bool dtype in native
+byte order) a wire form of its own: its buffer (in or out of band, as
+numpy's own), its dtype's code and its shape, rebuilt with
+``numpy.frombuffer``. numpy pickles a dtype as an object of its own (a
+global looked up by import, arguments and an eight-field state), which is
+more than half of what pickling a small array costs, and as much again to
+unpickle it. The protocol applies it at the wire's edge to a call's
+arguments and a reply's value (:mod:`pydra._core.protocol`); any other
+object, an array inside a list included, is pickled as numpy pickles it,
+and arrives the same either way.
 """
 
 from __future__ import annotations
 
 import importlib
 import pickle
+import sys
 from typing import Any, Callable
 
 PICKLE_PROTOCOL = 5
@@ -37,6 +50,57 @@ class Buffers(list):
             return True  # in band
         self.append(buffer)
         return None  # out of band
+
+
+class _NotLoaded:
+    """Stands for ``numpy.ndarray`` until numpy is imported: the type of no object."""
+
+
+_ndarray: type = _NotLoaded
+
+
+def array_type() -> type:
+    """``numpy.ndarray`` once the process has imported numpy (this module never imports it), else a type of nothing."""
+    global _ndarray
+    if _ndarray is _NotLoaded:
+        _ndarray = getattr(sys.modules.get("numpy"), "ndarray", _NotLoaded)
+    return _ndarray
+
+
+def compact(obj: Any) -> Any:
+    """*obj*, or the short wire form of it if it is a plain numpy array (see above): ``loads`` gives the array back."""
+    if type(obj) is array_type() and obj.flags.c_contiguous and obj.dtype.isbuiltin == 1 and not obj.dtype.hasobject:
+        return _PlainArray(obj)
+    return obj
+
+
+def compact_args(args: tuple) -> tuple:
+    """*args* (the same tuple if it holds no array), each plain numpy array in its short wire form."""
+    ndarray = array_type()
+    for arg in args:
+        if type(arg) is ndarray:
+            return tuple(map(compact, args))
+    return args
+
+
+class _PlainArray:
+    """A plain array on its way out: pickled as :func:`_array` of its buffer, dtype code and shape."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def __reduce__(self) -> tuple:
+        array = self.array
+        return _array, (pickle.PickleBuffer(array), array.dtype.str, array.shape)
+
+
+def _array(buffer: Any, code: str, shape: tuple) -> Any:
+    """A plain array back from its wire form (as numpy's own unpickling does: a view of *buffer*)."""
+    import numpy  # imported already: the sender had an array, and so does the buffer's receiver
+
+    return numpy.frombuffer(buffer, code).reshape(shape)
 
 
 def dumps(obj: Any) -> bytes:

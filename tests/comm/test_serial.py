@@ -79,6 +79,51 @@ def test_a_read_only_array_arrives_read_only(size: int) -> None:
     assert np.array_equal(got, sent) and not got.flags.writeable
 
 
+#: the arrays of PLAIN that serial.compact gives its short wire form (the others keep numpy's)
+COMPACT = {"small float64", "large float64", "4-d float32", "float16", "complex", "bool", "empty 2-d", "0-d"}
+
+
+@pytest.mark.parametrize("name", [*PLAIN, *OTHERS])
+def test_plain_arrays_travel_short_and_arrive_as_numpy_pickles_them(name: str) -> None:
+    sent = {**PLAIN, **OTHERS}[name]
+    wire = serial.compact(sent)
+    assert (wire is not sent) == (name in COMPACT)
+    payload, buffers = serial.dumps_oob(wire)
+    if name in COMPACT:
+        assert b"numpy" not in payload  # no dtype object, no numpy function: a code and a shape
+    got = serial.loads(payload, buffers=received(buffers))
+    mine_payload, mine_buffers = serial.dumps_oob(sent)
+    theirs = serial.loads(mine_payload, buffers=received(mine_buffers))
+    assert type(got) is type(theirs) and got.dtype == theirs.dtype and got.shape == theirs.shape
+    assert np.array_equal(got, sent) and got.flags.writeable == theirs.flags.writeable
+    assert (got.flags.c_contiguous, got.flags.f_contiguous) == (theirs.flags.c_contiguous, theirs.flags.f_contiguous)
+
+
+@pytest.mark.parametrize("size", [10, LARGE])
+def test_a_read_only_plain_array_arrives_read_only_as_numpy_pickles_it(size: int) -> None:
+    sent = np.arange(size, dtype=np.float64)
+    sent.flags.writeable = False
+    expected = _through(sent)
+    got = _through(serial.compact(sent))
+    assert np.array_equal(got, sent) and not got.flags.writeable and not expected.flags.writeable
+
+
+def _through(obj: object) -> object:
+    """*obj* pickled and unpickled as a receiver gets it."""
+    payload, buffers = serial.dumps_oob(obj)
+    return serial.loads(payload, buffers=received(buffers))
+
+
+def test_compact_args_makes_a_new_tuple_only_for_arrays() -> None:
+    plain = (1, "x", [np.arange(3)])  # an array inside a list keeps numpy's own form
+    assert serial.compact_args(plain) is plain and serial.compact_args(()) == ()
+    array = np.arange(4.0)
+    args = serial.compact_args((1, array))
+    assert args[0] == 1 and args[1] is not array
+    number, got = _through(args)
+    assert number == 1 and np.array_equal(got, array)
+
+
 def test_threads_pickling_at_once_each_get_their_own_message() -> None:
     errors: list[BaseException] = []
 
@@ -103,6 +148,7 @@ def test_threads_pickling_at_once_each_get_their_own_message() -> None:
 
 def test_pickling_a_message_does_not_import_numpy() -> None:
     code = ("import sys; from pydra.comm import serial; serial.loads(serial.dumps_oob([1, b'x' * 99999])[0]); "
+            "serial.compact(1); serial.compact_args((2,)); "
             "print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

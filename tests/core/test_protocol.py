@@ -69,3 +69,19 @@ def test_large_arrays_travel_beside_the_pickle_and_small_ones_inside() -> None:
     assert len(buffers) == 1
     read, [(uid, ok, blob, seconds, value_buffers)] = protocol.decode_replies(payload, [bytearray(memoryview(buffers[0]))])
     assert (read, uid, ok) == (3, 1, True) and np.array_equal(serial.loads(blob, buffers=value_buffers), large)
+
+
+def test_plain_arrays_of_a_call_and_a_reply_travel_short_and_the_commands_stay_as_they_were() -> None:
+    """The wire form is made at the edge: the scheduler's own commands (a retry resends them, rank 0 may run them) keep their arrays."""
+    np = pytest.importorskip("numpy")
+    array = np.arange(10.0)
+    call = (protocol.CALL, 2, abs, (1, array), {"k": array})
+    commands = [(protocol.DEFINE, 1, b"blob"), call]
+    payload, buffers = protocol.encode_commands(commands)
+    assert payload.count(b"_frombuffer") == 1  # numpy's own form for the keyword's array only: the argument is short
+    assert commands[1] is call and call[3][1] is array
+    _, (kind, uid, function, (one, got), kwargs) = protocol.decode_commands(payload, buffers)
+    assert (kind, uid, function, one) == (protocol.CALL, 2, abs, 1) and np.array_equal(got, array)
+    assert np.array_equal(kwargs["k"], array)
+    blob, value_buffers = protocol.pack_value(array)
+    assert b"numpy" not in blob and np.array_equal(serial.loads(blob, buffers=value_buffers), array)
