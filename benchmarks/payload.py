@@ -24,6 +24,7 @@ The table gives the median round trip of each and the ratio of their rates:
   the worker idle long enough to back off into sleeping);
 * pickle-5 floor: a hand-written loop that does only what any protocol of
   Python calls must: rank 0 pickles ``(identity, (a,))`` with protocol 5,
+  the array in Pydra's short form for plain arrays (``serial.compact``),
   its buffer out of band, and ``Send``\s the pickle and the buffer; the
   worker receives both (the buffer into a new array, once the pickle has
   said its size), unpickles, calls, and sends the result back the same way.
@@ -49,6 +50,7 @@ import numpy as np
 from mpi4py import MPI
 
 import pydra
+from pydra.comm import serial
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 #: name -> (shape, dtype, round trips per round at --scale 1)
@@ -124,12 +126,12 @@ def floor_round_trips(comm: MPI.Intracomm, array: np.ndarray | None, trips: int)
     if comm.rank != 0:
         for _ in range(trips):
             fn, args = receive(0)  # type: ignore[misc]
-            send(fn(*args), 0)
+            send(serial.compact(fn(*args)), 0)
         return []
     times = []
     for _ in range(trips):
         started = time.perf_counter()
-        send((identity, (array,)), 1)
+        send((identity, (serial.compact(array),)), 1)
         back = receive(1)
         times.append(time.perf_counter() - started)
     assert np.array_equal(back, array)  # type: ignore[arg-type]
