@@ -22,7 +22,8 @@ more than half of what pickling a small array costs, and as much again to
 unpickle it. The protocol applies it at the wire's edge to a call's
 arguments and a reply's value (:mod:`pydra._core.protocol`); any other
 object, an array inside a list included, is pickled as numpy pickles it,
-and arrives the same either way.
+and arrives the same either way. Only with ``pickle`` and ``cloudpickle``,
+which pickle with the C pickler (:func:`use`).
 """
 
 from __future__ import annotations
@@ -67,20 +68,34 @@ def array_type() -> type:
     return _ndarray
 
 
-def compact(obj: Any) -> Any:
+def _compact(obj: Any) -> Any:
     """*obj*, or the short wire form of it if it is a plain numpy array (see above): ``loads`` gives the array back."""
     if type(obj) is array_type() and obj.flags.c_contiguous and obj.dtype.isbuiltin == 1 and not obj.dtype.hasobject:
         return _PlainArray(obj)
     return obj
 
 
-def compact_args(args: tuple) -> tuple:
+def _compact_args(args: tuple) -> tuple:
     """*args* (the same tuple if it holds no array), each plain numpy array in its short wire form."""
     ndarray = array_type()
     for arg in args:
         if type(arg) is ndarray:
-            return tuple(map(compact, args))
+            return tuple(map(_compact, args))
     return args
+
+
+def _as_is(obj: Any) -> Any:
+    return obj
+
+
+#: *obj*, or its short wire form if it is a plain numpy array (rebound by :func:`use`)
+compact: Callable[[Any], Any] = _compact
+#: *args*, each plain numpy array in its short wire form: the same tuple if none is (rebound by :func:`use`)
+compact_args: Callable[[tuple], tuple] = _compact_args
+
+#: the serializers that take plain arrays' short form: pickle's C pickler (dill's is the pure-Python
+#: one, whose in-band PickleBuffers trip its memo; dill pickles numpy arrays its own way anyway)
+_SHORT_ARRAYS = ("pickle", "cloudpickle")
 
 
 class _PlainArray:
@@ -130,8 +145,11 @@ def use(name: str) -> None:
     module whose functions take no ``buffer_callback`` and ``buffers``
     (pickle's out-of-band arguments) pickles every buffer in band.
     mpi4py's own object messages (``comm.bcast`` in a gang task) follow suit.
+    Plain arrays keep their short form (:func:`compact`) under ``pickle``
+    and ``cloudpickle`` only.
     """
-    global dumps, dumps_oob, loads
+    global dumps, dumps_oob, loads, compact, compact_args
+    compact, compact_args = (_compact, _compact_args) if name in _SHORT_ARRAYS else (_as_is, _as_is)
     if name == "pickle":
         dumps, dumps_oob, loads = _pickle_dumps, _pickle_dumps_oob, pickle.loads
         return

@@ -124,6 +124,15 @@ def test_compact_args_makes_a_new_tuple_only_for_arrays() -> None:
     assert number == 1 and np.array_equal(got, array)
 
 
+def test_only_pickle_and_cloudpickle_take_the_short_form() -> None:
+    """Another serializer gets arrays as they are (dill's pure-Python pickler trips on in-band PickleBuffers)."""
+    code = ("import numpy; from pydra.comm import serial; a = numpy.arange(3.0)\n"
+            "for name in ('json', 'cloudpickle', 'pickle'):\n"
+            "    serial.use(name); print(name, serial.compact(a) is a, serial.compact_args((a,))[0] is a)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[:3] == ["json True True", "cloudpickle False False", "pickle False False"]
+
+
 def test_threads_pickling_at_once_each_get_their_own_message() -> None:
     errors: list[BaseException] = []
 
