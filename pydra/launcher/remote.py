@@ -56,7 +56,8 @@ from pydra.launcher import keys, proctree, tunnel
 log = logging.getLogger("pydra.node")
 
 READ_SIZE = 64 * 1024
-#: how long the agent waits, after sending the exit status, for the launcher to close
+#: how long an end waits for its peer to close first: the agent (after sending the exit status) for the
+#: launcher, and the launcher (after receiving it) for mpiexec's end of the tunnel (:func:`tunnel.linger`)
 LINGER = 10.0
 #: how much of a command the log line that records it keeps
 LOGGED_COMMAND = 2000
@@ -210,6 +211,7 @@ async def client_exec(
     loop = asyncio.get_running_loop()
     stdin_task = asyncio.ensure_future(_forward_stdin(channel, loop))
     forwarded: socket.socket | None = None
+    pump: asyncio.Future | None = None
     try:
         while True:
             message = await channel.recv_json()
@@ -224,9 +226,12 @@ async def client_exec(
             elif kind in ("tunnel", "tunnel_eof") and tunnel_to is not None:
                 if forwarded is None:
                     forwarded = await _connect(tunnel_to)
-                    asyncio.ensure_future(tunnel.pump(forwarded, channel))
+                    pump = asyncio.ensure_future(tunnel.pump(forwarded, channel))
                 await tunnel.deliver(forwarded, message)
             elif kind == "exit":
+                if forwarded is not None and pump is not None:
+                    pump.cancel()  # the proxy is gone: what mpiexec still sends it goes nowhere
+                    await tunnel.linger(forwarded, LINGER)
                 return int(message["status"])
             elif kind == "error":
                 raise ChannelError(f"agent refused the request: {message.get('message')}")

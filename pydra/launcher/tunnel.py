@@ -117,6 +117,28 @@ async def pump(sock: socket.socket, channel: Channel) -> None:
         pass  # the channel is over, and with it the job on that host
 
 
+async def linger(sock: socket.socket, seconds: float) -> None:
+    """End our side of *sock* and read, discarding, until the peer closes too (at most *seconds*).
+
+    For mpiexec's end of a proxy's tunnel once the proxy is gone. Hydra
+    signals every proxy whose connection it has not yet seen end (SIGUSR1 as
+    each rank ends, under ``-disable-auto-cleanup``): a socket closed here
+    with those bytes arriving answers with a reset, and on that write error
+    mpiexec fails the whole job (exit 255) after it has succeeded.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        while await loop.sock_recv(sock, READ_SIZE):
+            pass
+
+    try:
+        sock.shutdown(socket.SHUT_WR)  # (again, if the proxy's end of file did already)
+        await asyncio.wait_for(drain(), seconds)
+    except (OSError, asyncio.TimeoutError):
+        pass  # reset or gone: nothing more to spare it; or mpiexec is stuck, and its own end will come
+
+
 async def deliver(sock: socket.socket, message: dict) -> None:
     """Carry out one tunnel message received from the channel on *sock*."""
     try:
