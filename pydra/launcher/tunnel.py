@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import socket
@@ -132,8 +133,9 @@ async def linger(sock: socket.socket, seconds: float) -> None:
         while await loop.sock_recv(sock, READ_SIZE):
             pass
 
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)  # (again, if the proxy's end of file did already)
+    try:
         await asyncio.wait_for(drain(), seconds)
     except (OSError, asyncio.TimeoutError):
         pass  # reset or gone: nothing more to spare it; or mpiexec is stuck, and its own end will come
