@@ -23,7 +23,9 @@ setup(
         "bcrypt": ["bcrypt>=4"],
         # PYDRA_SERIALIZER=cloudpickle: lambdas, closures and __main__ classes as calls and results
         "cloudpickle": ["cloudpickle>=2"],
-        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "bcrypt>=4", "cloudpickle>=2"],
+        # PYDRA_SERIALIZER=dill: the same, dill's way
+        "dill": ["dill>=0.3.6"],
+        "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "bcrypt>=4", "cloudpickle>=2", "dill>=0.3.6"],
     },
     entry_points={
         "console_scripts": [

@@ -133,6 +133,14 @@ def test_only_pickle_and_cloudpickle_take_the_short_form() -> None:
     assert out.stdout.split("\n")[:3] == ["json True True", "cloudpickle False False", "pickle False False"]
 
 
+def test_every_serializer_the_error_names_an_extra_for_is_one() -> None:
+    """``use`` tells a user without the module to pip install pydra-mpi[name]: that extra must exist."""
+    import importlib.metadata
+
+    extras = set(importlib.metadata.metadata("pydra-mpi").get_all("Provides-Extra") or ())
+    assert {name for name in serial.SERIALIZERS if name != "pickle"} <= extras
+
+
 def test_threads_pickling_at_once_each_get_their_own_message() -> None:
     errors: list[BaseException] = []
 
