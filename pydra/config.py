@@ -119,7 +119,8 @@ SETTINGS: dict[str, Setting] = {
     "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
                           "how every rank pickles calls, arguments and results"),
     "STARTUP_FD": Setting("", str, "a file descriptor number",
-                          "set by pydra run -n for each rank: the pipe on which it tells its supervisor its start-up steps"),
+                          "set by each rank's supervisor (pydra.launcher.supervise): "
+                          "the pipe on which the rank tells it its start-up steps"),
     "DEATH_NOTICES": Setting("", str, "a socket name", "set by pydra.launcher.supervise for its rank: "
                              "where the supervisors on this host report a worker's death"),
     "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n and pydra launch for rank 0: "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import NAPS, SQUARES, Cluster, keygen, result_of, serving, wait_until
+from clusterkit import NAPS, SQUARES, Cluster, keygen, result_of, serving
 
 from pydra.control import FIELD_TYPES, REQUESTS, ControlClient, ControlError, validate_request
 from pydra.launcher import keys
