@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import resource
@@ -63,6 +64,7 @@ __all__ = [
     "Channel",
     "ChannelClosed",
     "ChannelServer",
+    "DEFERRED",
     "HandshakeTimeout",
     "accept_channel",
     "listener_policy",
@@ -79,6 +81,19 @@ _ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() itself failed (n
 _TARPIT_MAX = 512  # refused connections held open at most (see Tarpit)
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _RETRY_PAUSE = 0.05  # seconds before the first retry of a refused connection; doubled each time
+
+
+class _Deferred:
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+#: What a `serve_channel` server's `authorize_client` returns for a key it cannot judge yet: the
+#: client's first request decides (a system agent's names the user whose authorized_keys counts, as
+#: ssh's user@host does).  Until its handler calls `Channel.authorized` the channel still counts as
+#: a startup; `Channel.refused`, or the handler ending first, penalises its source as a refused key
+#: (or a hang-up) would.
+DEFERRED = _Deferred()
 
 
 class HandshakeTimeout(HandshakeError):
@@ -114,12 +129,26 @@ class Channel:
         self._writer = writer
         self.peer_key: bytes = established.peer_key  #: the peer's raw Ed25519 public key
         self.authorization: object = established.authorization  #: what the peer check returned
+        self._verdict: Callable[[bool], None] | None = None  # a deferred client check's (see DEFERRED)
 
     @property
     def peer_address(self) -> str:
         """The peer's IP address ("" if the connection is already gone)."""
         peer = self._writer.get_extra_info("peername")
         return peer[0] if peer else ""
+
+    def authorized(self) -> None:
+        """The handler allows the client whose check was `DEFERRED`: it is a startup no more (else nothing)."""
+        self._give_verdict(True)
+
+    def refused(self) -> None:
+        """The handler refuses the client whose check was `DEFERRED`: its source is penalised (else nothing)."""
+        self._give_verdict(False)
+
+    def _give_verdict(self, allowed: bool) -> None:
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            verdict(allowed)
 
     async def send(self, data: bytes) -> None:
         """Send application bytes."""
@@ -268,7 +297,8 @@ class ChannelServer:
     a task for each), so a refused one costs an ``accept``, a dictionary look-up and a close:
     :class:`~pydra.comm.admission.Admission` decides, from the source address alone.  An admitted
     one has `Policy.grace` seconds to authenticate; the moment its key is authorized it stops
-    counting as a startup, so an accepted channel is never dropped to make room.
+    counting as a startup, so an accepted channel is never dropped to make room (a key whose check
+    is `DEFERRED` to its first request: the moment its handler says `Channel.authorized`).
 
     Use it as `asyncio.Server` is used: ``async with server: await server.serve_forever()``.
     """
@@ -374,9 +404,11 @@ class ChannelServer:
             except Exception:
                 failure = Failure.AUTHFAIL
                 raise
-            # From this moment the connection is a client's, not a startup: nothing may evict it.
-            authenticated = True
-            self.admission.authenticated(source)
+            # From this moment the connection is a client's, not a startup: nothing may evict it
+            # (a deferred one: from its handler's verdict on).
+            if result is not DEFERRED:
+                authenticated = True
+                self.admission.authenticated(source)
             return result
 
         try:
@@ -400,11 +432,29 @@ class ChannelServer:
         self._startups.discard(task)  # an established channel outlives close()
         self._channels.add(task)  # (the loop keeps only a weak reference to a task)
         task.add_done_callback(self._channels.discard)
+        if channel.authorization is DEFERRED:
+            channel._verdict = functools.partial(self._verdict, source)
         try:
             async with channel:
                 await self._handler(channel)
         except ChannelError as error:
             self._log.info("channel from %s ended: %s", address, error)
+        except asyncio.CancelledError:  # the loop is ending: no fault of the client's
+            if channel._verdict is not None:
+                channel._verdict = None
+                self.admission.release(source)
+            raise
+        finally:
+            if channel._verdict is not None:  # it hung up, or sent nothing it could be judged by, in time
+                channel._verdict = None
+                self._penalise(source, Failure.NOAUTH)
+
+    def _verdict(self, source: str, allowed: bool) -> None:
+        """The handler's verdict on a client whose check was deferred to its request."""
+        if allowed:
+            self.admission.authenticated(source)
+        else:
+            self._penalise(source, Failure.AUTHFAIL)
 
     def _penalise(self, source: str, failure: Failure) -> None:
         seconds = self.admission.failed(source, failure)

@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 from pydra import strictmodes
-from pydra.comm.aio import serve_channel
+from pydra.comm.aio import DEFERRED, serve_channel
 from pydra.config import check_settings
 from pydra.launcher import authorized, keys, nodecheck
 from pydra.launcher.hostfile import DEFAULT_AGENT_PORT
@@ -86,9 +86,10 @@ async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path |
         mode = "system mode: each launch runs as the user it names"
 
         def authorize_client(public_key: bytes, address: str) -> object:
-            # Which file decides is known only from the request, which names the user (as ssh's user@host).
+            # Which file decides is known only from the request, which names the user (as ssh's user@host):
+            # until SystemUsers allows it the channel is a startup, and a refusal penalises its source.
             log.info("authenticated %s from %s: its request says as whom", keys.sha256_fingerprint(public_key), address)
-            return None
+            return DEFERRED
     else:
         if authorized_keys.exists():
             strictmodes.check_file(authorized_keys)  # at start, an unsafe file stops the agent

@@ -222,8 +222,10 @@ class SystemUsers:
             line = keyfile.authorize(channel.peer_key, channel.peer_address, self.role)
         except (Refused, AuthorizationError) as refusal:
             self.log.warning("refused %s from %s as %s: %s", who, channel.peer_address, shown, refusal)
+            channel.refused()  # its source is penalised as for a refused key (PYDRA_PER_SOURCE_PENALTIES)
             # The launcher learns no more than ssh's "Permission denied": not whether the user exists.
             raise Refused(f"client not authorized as {shown}") from None
+        channel.authorized()
         self._allowed_by[channel] = keyfile
         self.log.info("accepted %s from %s as %s (%s)", who, channel.peer_address, account.name, line.location)
         return account

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydra.comm.admission import Policy, Startups
-from pydra.comm.aio import ChannelClosed, open_channel, retry_refused, serve_channel
+from pydra.comm.admission import Penalties, Policy, Startups
+from pydra.comm.aio import DEFERRED, ChannelClosed, open_channel, retry_refused, serve_channel
 from pydra.comm.channel import (
     NEED_DATA,
     AuthenticationError,
@@ -598,6 +598,56 @@ def test_an_accepted_channel_is_never_evicted_by_a_flood():
             for writer in flood:
                 writer.close()
 
+    asyncio.run(main())
+
+
+def test_a_deferred_client_is_a_startup_until_its_handler_judges_it_and_a_refusal_is_penalised():
+    """As sshd's userauth: a key its first request must vouch for (DEFERRED) holds a startup until then.
+
+    From 127.0.0.2 the handler allows the client, from .3 refuses it, from .4 gives no verdict
+    (the client hung up, or its request never came): a refusal earns its source an ``authfail``
+    penalty, silence a ``noauth`` one (here each enough for the source to be refused before its
+    handshake from then on), a verdict of allowed none.
+    """
+    judged = []
+
+    async def judge(channel):
+        pending_before = server.admission.pending
+        verdict = {"127.0.0.2": channel.authorized, "127.0.0.3": channel.refused}.get(channel.peer_address)
+        if verdict is not None:
+            verdict()
+            (channel.authorized if verdict == channel.refused else channel.refused)()  # changes nothing
+        judged.append(channel.peer_address)
+        await channel.send_json({"before": pending_before, "after": server.admission.pending})
+
+    async def main():
+        nonlocal server
+        penalties = Penalties(authfail=15, noauth=15, grace=10, min=15, max=600)
+        server, port = await _serve(handler=judge, authorize_client=lambda key, address: DEFERRED,
+                                    policy=Policy(penalties=penalties))
+        async with server:
+            for _ in range(4):  # allowed: never penalised
+                async with await _connect(port, local="127.0.0.2") as channel:
+                    assert await channel.recv_json() == {"before": 1, "after": 0}
+            async with await _connect(port, local="127.0.0.3") as channel:  # refused: a startup no more
+                assert await channel.recv_json() == {"before": 1, "after": 0}
+            async with await _connect(port, local="127.0.0.4") as channel:  # no verdict
+                assert await channel.recv_json() == {"before": 1, "after": 1}
+            for _ in range(200):  # the handlers' ends are the server's to see: wait for the last one
+                if server.admission.penalised("127.0.0.4"):
+                    break
+                await asyncio.sleep(0.05)
+            assert server.admission.pending == 0
+            assert server.admission.penalised("127.0.0.2") == 0
+            assert server.admission.penalised("127.0.0.3") > 0 and server.admission.penalised("127.0.0.4") > 0
+            for source in ("127.0.0.3", "127.0.0.4"):
+                with pytest.raises((Refused, ConnectionResetError, asyncio.TimeoutError)):
+                    await asyncio.wait_for(_connect(port, local=source), 2.0)  # held unread, or reset
+            async with await _connect(port, local="127.0.0.2") as channel:
+                assert (await channel.recv_json())["after"] == 0
+            assert judged.count("127.0.0.3") == 1 and judged.count("127.0.0.4") == 1
+
+    server = None
     asyncio.run(main())
 
 

@@ -10,6 +10,7 @@ own mode. Every process runs in its own process group and is stopped by pid.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import json
 import os
@@ -68,10 +69,12 @@ class System:
     identity: Path
     port: int
     agent: subprocess.Popen | None = None
+    # Penalties off for the tests of who runs what, which refuse many requests from 127.0.0.1.
+    settings: dict[str, str] = dataclasses.field(default_factory=lambda: {"PYDRA_PER_SOURCE_PENALTIES": "no"})
 
     @property
     def log_path(self) -> Path:
-        return self.shared / "agent.log"
+        return self.shared / f"agent-{self.port}.log"
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -82,6 +85,7 @@ class System:
     def start(self) -> None:
         env = mpi_environment()
         env[CANARY] = "from-the-agent"
+        env.update(self.settings)
         self.agent = start_node(["--system", "--listen", f"{HOST}:{self.port}",
                                  "--host-key", str(self.shared / "host_ed25519")], self.log_path, env)
 
@@ -274,6 +278,32 @@ try:
 except ChannelError as exc:
     print(exc)
 """
+
+
+def test_refused_requests_penalise_their_source_as_refused_keys_do(system: System) -> None:
+    """sshd's authfail: a key no file allows as the user its request names counts against its address.
+
+    A second system agent whose penalty for a refused key is enough to be enforced at once: one
+    request as C, whose file lacks the key, and 127.0.0.1 is refused before its handshake, even
+    for B, whose file has it, until the penalty runs out (a refused connection is held for the
+    grace time, here 1 s, and the client tries a few times).
+    """
+    settings = {"PYDRA_PER_SOURCE_PENALTIES": "authfail:60 min:15 max:60", "PYDRA_LOGIN_GRACE_TIME": "1"}
+    agent = dataclasses.replace(system, port=free_port(HOST), agent=None, settings=settings)
+    agent.start()
+    try:
+        done = agent.run(agent.c.name, "echo ran")
+        assert done.returncode == 3 and f"client not authorized as {agent.c.name}" in done.stderr, done.stderr
+        log = agent.log()
+        assert f"refused {agent.fingerprint()} from 127.0.0.1 as {agent.c.name}" in log, log
+        assert "refusing 127.0.0.1 for 60 s: its handshakes keep failing (last: authfail)" in log, log
+        done = agent.run(agent.b.name, "echo ran")
+        assert done.returncode != 0 and "ran" not in done.stdout, done.stdout + done.stderr
+        assert f"accepted {agent.fingerprint()}" not in agent.log()
+    finally:
+        stop_group(agent.agent)
+        agent.agent.wait()
+    assert system.run(system.b.name, "echo ran").stdout == "ran\n"  # the penalty was that listener's alone
 
 
 def test_a_key_that_sends_no_request_is_closed_after_the_grace_time(system: System) -> None:
