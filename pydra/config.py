@@ -55,6 +55,22 @@ def _listener_defence(kind: str) -> Callable[[str], Any]:
     return parse
 
 
+class Unusable(ValueError):
+    """A value that reads but cannot be used, saying why (a parser's; :func:`setting` keeps the reason)."""
+
+
+def _serializer(text: str) -> str:
+    """A module that can pickle for every rank (:func:`pydra.comm.serial.serializer_module`), imported only then."""
+    if text != "pickle":
+        from pydra.comm import serial
+
+        try:
+            serial.serializer_module(text)
+        except ValueError as exc:
+            raise Unusable(str(exc)) from None
+    return text
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -116,7 +132,7 @@ SETTINGS: dict[str, Setting] = {
                      "the network interface MPI's own connections between hosts use (pydra launch --iface)"),
     "JOB_KEY": Setting("", str, "64 hex digits",
                        "the job's key, with which every rank seals Pydra's messages (set by pydra launch)"),
-    "SERIALIZER": Setting("pickle", str, "pickle, cloudpickle, dill or a module with dumps and loads",
+    "SERIALIZER": Setting("pickle", _serializer, "pickle, cloudpickle, dill or a module with dumps and loads",
                           "how every rank pickles calls, arguments and results"),
     "STARTUP_FD": Setting("", str, "a file descriptor number",
                           "set by each rank's supervisor (pydra.launcher.supervise): "
@@ -163,6 +179,8 @@ def setting(name: str, default: Any = None, parse: Callable[[str], Any] | None =
         raw = entry.default
     try:
         return (parse or entry.parse)(raw)
+    except Unusable as exc:
+        raise ValueError(f"PYDRA_{name}={raw!r}: {exc}") from None
     except ValueError:
         raise ValueError(f"PYDRA_{name}={raw!r}: expected {entry.expected}") from None
 
@@ -170,7 +188,8 @@ def setting(name: str, default: Any = None, parse: Callable[[str], Any] | None =
 def check_settings() -> str | None:
     """The first ``PYDRA_*`` variable that is set but unusable, as one line; None if all are fine.
 
-    An unknown ``PYDRA_`` name is a typo that would otherwise be ignored.
+    An unknown ``PYDRA_`` name is a typo that would otherwise be ignored. Settings that must
+    agree are checked together too.
     """
     for variable in sorted(os.environ):
         if not variable.startswith("PYDRA_"):
@@ -182,6 +201,10 @@ def check_settings() -> str | None:
             setting(name)
         except ValueError as exc:
             return str(exc)
+    beat, timeout = setting("HEARTBEAT"), setting("HEARTBEAT_TIMEOUT")
+    if timeout <= 2 * beat:  # one late heartbeat, on a busy machine, would lose a working rank
+        return (f"PYDRA_HEARTBEAT_TIMEOUT={timeout:g} must be more than twice PYDRA_HEARTBEAT={beat:g}:"
+                " rank 0 would declare workers lost between two of their heartbeats")
     return None
 
 

@@ -24,7 +24,7 @@ from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import Chunk, ChunkStream
-from pydra.comm import failures
+from pydra.comm import failures, serial
 from pydra.config import setting
 from pydra.tasks.base import as_task
 
@@ -130,6 +130,7 @@ class Executor(concurrent.futures.Executor):
                 tid = master.define(fn)
             except Exception as exc:  # fn cannot be pickled: the caller hears it at the first next()
                 exc.add_note(f"(while sending {fn!r} to the workers)")
+                serial.note_what_would_send_it(exc)
                 feed.fail(exc, 0)
                 return
             make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, star)  # noqa: E731
@@ -246,6 +247,8 @@ class _Call(LeanFuture):
         self._args = self._kwargs = None
         if ok:
             self.set_result(value)
+        elif value.raised_here:  # pickling the call or unpickling its result: its own note says which
+            self.set_exception(value.to_exception())
         else:
             name = getattr(fn, "__qualname__", repr(fn))
             self.set_exception(value.to_exception(f"in {name} on rank {rank}"))

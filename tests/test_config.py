@@ -46,6 +46,28 @@ def test_defaults_come_from_the_table_and_good_values_parse(monkeypatch) -> None
     assert (config.setting("PIPELINE"), config.setting("ISOLATE")) == (5, True)
 
 
+@pytest.mark.parametrize("serializer, why", [
+    ("no_such_module_xyz", "cannot import no_such_module_xyz: No module named 'no_such_module_xyz'"),
+    ("json", "json.dumps(obj, protocol=5) and json.loads do not work as pickle's: TypeError:"),
+    ("os", "the module os has no dumps() and loads()"),
+])
+def test_a_serializer_that_cannot_serve_is_refused_saying_why(serializer: str, why: str, monkeypatch) -> None:
+    monkeypatch.setenv("PYDRA_SERIALIZER", serializer)
+    assert config.check_settings().startswith(f"PYDRA_SERIALIZER={serializer!r}: {why}")
+    for good in ("pickle", "cloudpickle"):
+        monkeypatch.setenv("PYDRA_SERIALIZER", good)
+        assert config.check_settings() is None and config.setting("SERIALIZER") == good
+
+
+def test_a_heartbeat_timeout_must_outlast_two_heartbeats(monkeypatch) -> None:
+    monkeypatch.setenv("PYDRA_HEARTBEAT", "1")
+    monkeypatch.setenv("PYDRA_HEARTBEAT_TIMEOUT", "0.2")
+    assert config.check_settings() == ("PYDRA_HEARTBEAT_TIMEOUT=0.2 must be more than twice PYDRA_HEARTBEAT=1:"
+                                       " rank 0 would declare workers lost between two of their heartbeats")
+    monkeypatch.setenv("PYDRA_HEARTBEAT_TIMEOUT", "2.5")
+    assert config.check_settings() is None
+
+
 def test_an_unknown_pydra_variable_is_a_typo_caught(monkeypatch) -> None:
     monkeypatch.setenv("PYDRA_PIPLINE", "3")
     assert config.check_settings().startswith("PYDRA_PIPLINE: no such setting")
@@ -71,6 +93,14 @@ def test_pydra_run_refuses_a_bad_setting_before_starting_mpiexec() -> None:
     assert finished.returncode == 2
     assert finished.stderr.strip().splitlines() == [
         "pydra: error: PYDRA_HEARTBEAT_TIMEOUT='abc': expected a positive number of seconds"]
+
+
+def test_pydra_run_refuses_a_serializer_it_cannot_import_before_starting_mpiexec() -> None:
+    finished = _pydra("-n", "3", "examples/pi.py:estimate_pi", "100", PYDRA_SERIALIZER="no_such_module_xyz")
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines() == [
+        "pydra: error: PYDRA_SERIALIZER='no_such_module_xyz': cannot import no_such_module_xyz:"
+        " No module named 'no_such_module_xyz'"]
 
 
 def test_under_your_own_mpiexec_one_rank_says_it() -> None:

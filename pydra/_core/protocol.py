@@ -32,6 +32,7 @@ rank 0, which is the bottleneck. Their layouts:
 ==============================================  =================================================
 ``(DEFINE, tid, blob)``                         unpickle *blob* (a task, function or subtree)
                                                 and keep it under id *tid* for later commands
+                                                (in a one-process job, blob is an :class:`AsIs`)
 ``(CALL, uid, function, args, kwargs)``         reply ``function(*args, **kwargs)``
 ``(MAP, uid, tid, chunk, star)``                reply ``[f(*x) if star else f(x) for x in chunk]``
                                                 where ``f`` is definition *tid* (a Task's work)
@@ -71,10 +72,20 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, Sequence, TypeVar, Union
+from typing import Any, NamedTuple, Sequence, TypeVar, Union
 
 from pydra.comm import serial
 from pydra.errors import RemoteTraceback, user_traceback
+
+
+class AsIs(NamedTuple):
+    """A definition for rank 0 in a one-process job, which runs its units itself: the object, not its pickle.
+
+    Nothing there is pickled (as a call's arguments are not), so a lambda
+    works in ``Executor.map`` too; it never goes on the wire.
+    """
+
+    obj: Any
 
 
 class Tag(IntEnum):
@@ -258,6 +269,11 @@ class Failure:
     def here(cls, exception: BaseException) -> "Failure":
         """An error raised on rank 0 itself (pickling a call, unpickling a result): no remote traceback."""
         return cls(exception, "", 0, 0, "")
+
+    @property
+    def raised_here(self) -> bool:
+        """Whether rank 0 raised it itself (:meth:`here`), not a task."""
+        return self.size == 0
 
     def to_exception(self, note: str | None = None) -> BaseException:
         """The exception to raise on rank 0, with the remote traceback (if it has one) as its cause."""

@@ -54,7 +54,7 @@ class UnitRunner:
         if op == protocol.DEFINE:
             _, tid, blob = command
             try:
-                self.defined[tid] = serial.loads(blob)
+                self.defined[tid] = blob.obj if type(blob) is protocol.AsIs else serial.loads(blob)
             except (Exception, SystemExit) as exc:  # the units that use it fail with this, not the rank
                 self.defined[tid] = _Unloadable(exc)
             return None

@@ -118,7 +118,8 @@ class Scheduler:
         self._uids = itertools.count(1)
         self._tids = itertools.count(1)
         self._tid_of: dict[int, int] = {}  # id(obj) -> tid
-        self._definitions: dict[int, tuple[Any, bytes]] = {}  # tid -> (obj, its pickle)
+        self._definitions: dict[int, tuple[Any, bytes | protocol.AsIs]] = {}  # tid -> (obj, its pickle)
+        self._alone = ranks == [0]  # one process: rank 0 runs every unit itself, and nothing is pickled
         self._timers: list[Timer] = []
         self._timer_order = itertools.count()
         self._next_heartbeat_check = 0.0
@@ -229,11 +230,12 @@ class Scheduler:
         return timer
 
     def define(self, obj: Any) -> int:
-        """Register *obj* (pickled once now) and return its id; workers receive it when first needed."""
+        """Register *obj* (pickled once now; not in one process) and return its id; workers get it when first needed."""
         tid = self._tid_of.get(id(obj))
         if tid is None or self._definitions[tid][0] is not obj:
             tid = next(self._tids)
-            self._definitions[tid] = (obj, self.dumps(obj))  # keeping obj alive keeps id(obj) unique
+            blob = protocol.AsIs(obj) if self._alone else self.dumps(obj)
+            self._definitions[tid] = (obj, blob)  # keeping obj alive keeps id(obj) unique
             self._tid_of[id(obj)] = tid
         return tid
 

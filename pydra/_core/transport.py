@@ -74,9 +74,11 @@ class MpiTransport:
         try:
             payload, buffers = protocol.encode_commands(commands)
         except Exception:
-            return self._refuse(rank, commands)
-        self._post(rank, commands, payload, buffers)
-        return []
+            pass  # refused below, outside this handler: each command's own error must not chain to this one
+        else:
+            self._post(rank, commands, payload, buffers)
+            return []
+        return self._refuse(rank, commands)
 
     def _post(self, rank: int, commands: list[tuple], payload: bytes, buffers: list) -> None:
         if rank not in self.ignored:  # (a STOP for a lost rank that may still listen is not kept)
@@ -93,6 +95,7 @@ class MpiTransport:
                 sendable.append(command)
             except Exception as error:  # what pickle or the object's __reduce__ raised
                 error.add_note(f"(while sending work to rank {rank})")
+                serial.note_what_would_send_it(error)
                 if command[0] not in protocol.NO_REPLY:
                     failed.append((command[1], False, Failure.here(error), 0.0, None))
         if sendable:

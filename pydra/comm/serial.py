@@ -149,18 +149,16 @@ def use(name: str) -> None:
     and ``cloudpickle`` only.
     """
     global dumps, dumps_oob, loads, compact, compact_args
-    compact, compact_args = (_compact, _compact_args) if name in _SHORT_ARRAYS else (_as_is, _as_is)
     if name == "pickle":
+        compact, compact_args = _compact, _compact_args
         dumps, dumps_oob, loads = _pickle_dumps, _pickle_dumps_oob, pickle.loads
         return
     try:
-        module = importlib.import_module(name)
-    except ImportError as exc:
-        extra = f" (pip install 'pydra-mpi[{name}]')" if name in SERIALIZERS else ""
-        raise ValueError(f"PYDRA_SERIALIZER={name}: cannot import {name}{extra}: {exc}") from None
-    module_dumps, module_loads = getattr(module, "dumps", None), getattr(module, "loads", None)
-    if not (callable(module_dumps) and callable(module_loads)):
-        raise ValueError(f"PYDRA_SERIALIZER={name}: the module has no dumps() and loads()")
+        module = serializer_module(name)
+    except ValueError as exc:
+        raise ValueError(f"PYDRA_SERIALIZER={name!r}: {exc}") from None
+    compact, compact_args = (_compact, _compact_args) if name in _SHORT_ARRAYS else (_as_is, _as_is)
+    module_dumps, module_loads = module.dumps, module.loads
     dumps = lambda obj: module_dumps(obj, protocol=PICKLE_PROTOCOL)  # noqa: E731
     if _takes_buffers(module_dumps, module_loads):
         def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
@@ -175,6 +173,40 @@ def use(name: str) -> None:
     from mpi4py import MPI
 
     MPI.pickle.__init__(module_dumps, module_loads, PICKLE_PROTOCOL)
+
+
+def note_what_would_send_it(error: BaseException) -> None:
+    """If plain pickle refused a lambda or a closure, say on *error* which serializer sends those."""
+    refused_by_name = isinstance(error, pickle.PicklingError) or (
+        isinstance(error, AttributeError) and "local object" in str(error))
+    if dumps is _pickle_dumps and refused_by_name:
+        error.add_note("(pickle sends a function by its importable name; for lambdas and closures"
+                       " set PYDRA_SERIALIZER=cloudpickle on every rank: pip install 'pydra-mpi[cloudpickle]')")
+
+
+def serializer_module(name: str) -> Any:
+    """The module *name*, if it can serve as ``PYDRA_SERIALIZER``; ``ValueError`` saying why not, in a few words.
+
+    It must import, and its ``dumps(obj, protocol=5)`` and ``loads`` must
+    give back a small list (``json``'s take no ``protocol``, say).
+    """
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        extra = f" (pip install 'pydra-mpi[{name}]')" if name in SERIALIZERS else ""
+        raise ValueError(f"cannot import {name}{extra}: {exc}") from None
+    module_dumps, module_loads = getattr(module, "dumps", None), getattr(module, "loads", None)
+    if not (callable(module_dumps) and callable(module_loads)):
+        raise ValueError(f"the module {name} has no dumps() and loads()")
+    probe = [1, "x", None]
+    try:
+        works = module_loads(module_dumps(probe, protocol=PICKLE_PROTOCOL)) == probe
+    except Exception as exc:  # whatever the module's functions raise for pickle's arguments
+        raise ValueError(f"{name}.dumps(obj, protocol={PICKLE_PROTOCOL}) and {name}.loads do not work as pickle's:"
+                         f" {type(exc).__name__}: {exc}") from None
+    if not works:
+        raise ValueError(f"{name}.loads(dumps(obj)) does not give obj back")
+    return module
 
 
 def _takes_buffers(module_dumps: Callable, module_loads: Callable) -> bool:

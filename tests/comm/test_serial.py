@@ -127,10 +127,10 @@ def test_compact_args_makes_a_new_tuple_only_for_arrays() -> None:
 def test_only_pickle_and_cloudpickle_take_the_short_form() -> None:
     """Another serializer gets arrays as they are (dill's pure-Python pickler trips on in-band PickleBuffers)."""
     code = ("import numpy; from pydra.comm import serial; a = numpy.arange(3.0)\n"
-            "for name in ('json', 'cloudpickle', 'pickle'):\n"
+            "for name in ('dill', 'cloudpickle', 'pickle'):\n"
             "    serial.use(name); print(name, serial.compact(a) is a, serial.compact_args((a,))[0] is a)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[:3] == ["json True True", "cloudpickle False False", "pickle False False"]
+    assert out.stdout.split("\n")[:3] == ["dill True True", "cloudpickle False False", "pickle False False"]
 
 
 def test_every_serializer_the_error_names_an_extra_for_is_one() -> None:

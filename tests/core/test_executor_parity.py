@@ -196,7 +196,7 @@ def test_an_unknown_serializer_is_one_line() -> None:
     code = "import pydra\nwith pydra.Executor() as ex:\n    pass\n"
     finished = run_process([sys.executable, "-c", code], env=_env(PYDRA_SERIALIZER="nosuchmodule"))
     assert finished.returncode != 0
-    assert "PYDRA_SERIALIZER=nosuchmodule: cannot import nosuchmodule" in finished.stderr
+    assert "PYDRA_SERIALIZER='nosuchmodule': cannot import nosuchmodule" in finished.stderr
 
 
 def _env(**extra: str) -> dict:

@@ -107,6 +107,25 @@ def stream(scheduler: Scheduler, items, chunksize=1, policy=RetryPolicy()) -> Si
 # -- dispatch and the pipeline ----------------------------------------------------------------------
 
 
+def test_a_definition_is_pickled_once_for_workers_and_not_at_all_in_one_process() -> None:
+    """With workers, define pickles now (an unpicklable function fails its caller at once); rank 0
+    alone (a one-process job) runs the object itself, as it runs calls without pickling them."""
+    function = lambda x: x  # noqa: E731  (pickle refuses a local lambda)
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        make().define(function)
+
+    def first_definition(scheduler: Scheduler, obj) -> tuple:
+        tid = scheduler.define(obj)
+        make_command = lambda uid, chunk: (protocol.MAP, uid, tid, chunk, False)  # noqa: E731
+        scheduler.add_source(ChunkStream(scheduler, make_command, [1], 1, Sink()))
+        (_, (define, _)), *_ = sends(scheduler.handle(Dispatch(0.0))).items()
+        assert define[:2] == (protocol.DEFINE, tid)
+        return define[2]
+
+    assert pickle.loads(first_definition(make(), len)) is len
+    assert first_definition(make(workers=(0,)), function) == protocol.AsIs(function)
+
+
 def test_units_are_dealt_round_robin_one_message_per_worker_up_to_the_pipeline_depth() -> None:
     scheduler, calls = make(depth=2), None
     calls = Calls(scheduler)

@@ -178,7 +178,7 @@ def unpicklable_argument(ex):
     bad, good = ex.submit(abs, UNPICKLABLE), ex.submit(abs, -5)
     error = bad.exception(timeout=30)
     return {"raised": type(error).__name__ if error else None, "notes": getattr(error, "__notes__", []),
-            "good": good.result(timeout=30)}
+            "chained": error is not None and error.__context__ is not None, "good": good.result(timeout=30)}
 
 
 def enter_twice(ex):
