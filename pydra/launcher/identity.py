@@ -44,6 +44,17 @@ def add_identity_arguments(parser: argparse.ArgumentParser, key: str = "your pri
                         help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
                              "ssh-agent signs if it holds the key, else you are asked on a terminal")
 
+def missing_file(error: FileNotFoundError, given: Path | None, where: str) -> str:
+    """What to tell a user whose key file (or another file *error* names) is missing: the key's, what to do.
+
+    *given* is the ``-i`` path, if any; *where* says where the new key's .pub line goes.
+    """
+    if error.filename != str(given or keys.identity_path()):
+        return f"{(error.strerror or 'no such file').lower()}: {error.filename}"
+    # the usual first stumble: say what to do
+    return f"no key at {error.filename}: make one with `pydra keygen`, then add its .pub line {where}"
+
+
 def load_identity(path: str | os.PathLike[str] | None = None, passphrase_file: Path | None = None) -> Identity:
     """Return what signs for the user (see the module's docstring); *path* None means the default key.
 

@@ -44,7 +44,7 @@ from pydra.launcher.environment import forwarded_names, job_environment, parse_e
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
 )
-from pydra.launcher.identity import add_identity_arguments, load_identity
+from pydra.launcher.identity import add_identity_arguments, load_identity, missing_file
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec, login_name
@@ -100,6 +100,8 @@ async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) 
             if reply.get("type") != "pong":
                 raise ChannelError(f"expected pong, got {reply.get('type')!r}")
             return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
+    except ConnectionRefusedError:
+        return HostCheck(host, "-", None, "no agent listening there (start `pydra node` on that host)")
     except (OSError, asyncio.TimeoutError, ChannelError, authorized.HostKeyError) as exc:
         return HostCheck(host, "-", None, str(exc) or type(exc).__name__)
 
@@ -157,8 +159,11 @@ def launch_main(argv: list[str] | None = None) -> int:
 
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else hosts_from_environment(port=args.agent_port)
-    except (HostfileError, OSError) as exc:
+    except HostfileError as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pydra launch: error: cannot read the hostfile {args.hostfile}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     problem = check_ranks(args, hosts)
     if problem:
@@ -176,6 +181,10 @@ def launch_main(argv: list[str] | None = None) -> int:
     except StrictModeError as exc:
         print(f"pydra launch: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:
+        where = "to the authorized_keys of the agent (`pydra node`) on every host"
+        print(f"pydra launch: error: {missing_file(exc, args.identity, where)}", file=sys.stderr)
+        return 2
     except (keys.KeyFileError, sshagent.AgentError, OSError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
@@ -190,7 +199,8 @@ def launch_main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     print_table(checks)
     if any(c.problem for c in checks):
-        print("pydra launch: not starting the job: some hosts failed authentication", file=sys.stderr)
+        print("pydra launch: not starting the job: some hosts could not be reached or authenticated (STATUS above)",
+              file=sys.stderr)
         return 1
     launch = Launch(hosts, args.ranks, identity, args.known_hosts, args.env, args.iface)
     return launch.run(forwarded, resume)

@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 from pydra.control import ControlClient, ControlError, newest_connection_file
 from pydra.errors import PydraError
 from pydra.launcher import keys, sshagent
-from pydra.launcher.identity import add_identity_arguments, load_identity
+from pydra.launcher.identity import add_identity_arguments, load_identity, missing_file
 from pydra.progress import LINE_SECONDS, progress_text
 from pydra.shell.commands import ShellUsageError, help_text, log_line, parse, run_line
 from pydra.shell.completer import ClusterFacts, ShellCompleter
@@ -50,11 +50,8 @@ def shell_main(argv: list[str] | None = None) -> int:
         print(f"pydra shell: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as exc:
-        if exc.filename != str(args.identity or keys.identity_path()):
-            print(f"pydra shell: error: {exc.strerror.lower()}: {exc.filename}", file=sys.stderr)
-        else:  # the usual first stumble: say what to do
-            print(f"pydra shell: error: no key at {exc.filename}: make one with `pydra keygen`, then add its .pub line,"
-                  ' with pydra-role="admin", to the authorized_keys of the host running rank 0', file=sys.stderr)
+        where = 'with pydra-role="admin", to the authorized_keys of the host running rank 0'
+        print(f"pydra shell: error: {missing_file(exc, args.identity, where)}", file=sys.stderr)
         return EXIT_USAGE
     except (ControlError, keys.KeyFileError, sshagent.AgentError, OSError) as exc:
         print(f"pydra shell: error: {exc}", file=sys.stderr)

@@ -311,6 +311,29 @@ def test_without_hosts_launch_needs_n() -> None:
     assert done.stderr.strip() == "pydra launch: error: give -n N: there is no hostfile (-f) or allocation to take it from"
 
 
+def test_a_first_launch_says_what_is_missing_in_one_line(tmp_path: Path) -> None:
+    """The stumbles of a first launch: no hostfile, no key, no agent on a host; each says what to do."""
+    env = {**mpi_environment(), "PYDRA_HOME": str(tmp_path / "home")}
+    job = ["examples/pipeline.py:pipeline", "3", "--no-journal"]
+    missing = tmp_path / "no-such-hostfile"
+    done = run_process(pydra("launch", "-f", str(missing), *job), env=env)
+    assert (done.returncode, done.stderr) == (
+        2, f"pydra launch: error: cannot read the hostfile {missing}: No such file or directory\n")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"127.0.0.2 slots=1 port={free_port('127.0.0.2')}\n")  # nothing listens there
+    done = run_process(pydra("launch", "-f", str(hostfile), *job), env=env)
+    key = tmp_path / "home" / "id_ed25519"
+    assert (done.returncode, done.stderr) == (2, f"pydra launch: error: no key at {key}: make one with `pydra keygen`,"
+                                                 " then add its .pub line to the authorized_keys of the agent"
+                                                 " (`pydra node`) on every host\n")
+    keygen(key, "launcher")
+    done = run_process(pydra("launch", "-f", str(hostfile), *job), env=env)
+    assert done.returncode == 1
+    assert "FAILED: no agent listening there (start `pydra node` on that host)" in done.stderr, done.stderr
+    assert done.stderr.endswith("pydra launch: not starting the job: some hosts could not be reached or"
+                                " authenticated (STATUS above)\n"), done.stderr
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_launch_says_how_to_resume_and_resumes(cluster: Cluster, tmp_path: Path, signum: int,
                                                              status: int) -> None:
