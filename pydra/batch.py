@@ -271,15 +271,16 @@ def _run_root(comm: Any, target: str, root: Any, inputs: list[str], record: "Job
 
 def _report(target: str, result: Any, output: str | None, elapsed: float, size: int) -> int:
     """Print the result, or write it to *output*; the exit status."""
+    where = "in one process" if size == 1 else f"on {size} ranks"
     if output is None:
-        print(f"pydra: {target} finished in {elapsed:.2f} s on {size} ranks: {summarise(result)}")
+        print(f"pydra: {target} finished in {elapsed:.2f} s {where}: {summarise(result)}")
         return EXIT_OK
     try:
         write_json(result, Path(output))
     except (TypeError, ValueError, OSError) as exc:
         print(f"pydra: error: cannot write the result to {output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"pydra: {target} finished in {elapsed:.2f} s on {size} ranks; result written to {output}")
+    print(f"pydra: {target} finished in {elapsed:.2f} s {where}; result written to {output}")
     return EXIT_OK
 
 

@@ -165,6 +165,8 @@ class Journal:
             else:
                 os.fchmod(descriptor, 0o600)
                 os.close(descriptor)
+        elif not Path(run_dir).is_dir():
+            raise JournalError(f"no run directory {run_dir}: give the directory a run printed at its start")
         elif not path.is_file():
             raise JournalError(f"no journal in {run_dir}: expected {path} (was it made with --run-dir?)")
         reader = writer = None

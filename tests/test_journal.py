@@ -121,6 +121,13 @@ def test_resume_without_journal_says_what_was_expected(run_dir):
     assert not (run_dir / "journal.sqlite").exists()  # resuming creates nothing
 
 
+def test_resume_from_a_directory_that_is_not_there_says_so(tmp_path):
+    with pytest.raises(JournalError) as caught:
+        Journal.open(tmp_path / "gone", create=False)
+    assert str(caught.value) == f"no run directory {tmp_path / 'gone'}: give the directory a run printed at its start"
+    assert not (tmp_path / "gone").exists()
+
+
 def test_create_refuses_a_journal_that_has_jobs(run_dir):
     with Journal.open(run_dir, create=True) as journal_:
         journal_.add_job("t.py:T", [], {}, None)

@@ -115,12 +115,15 @@ def find_mpiexec() -> MPIExec:
     for candidate in candidates:
         path = shutil.which(candidate)
         if path is None:
+            if explicit:
+                raise MPIExecError(f"PYDRA_MPIEXEC={explicit}: no such command (give a path, or a name on PATH)")
             continue
         found, major = _launcher_implementation(path)
         if found == implementation or implementation not in (MPICH, OPEN_MPI):
             return MPIExec(path, implementation, ulfm=found == OPEN_MPI and major >= 5)
         if explicit:
-            raise MPIExecError(f"PYDRA_MPIEXEC={explicit} launches {found}, but mpi4py uses {implementation}")
+            what = "an unknown launcher" if found == "unknown" else found
+            raise MPIExecError(f"PYDRA_MPIEXEC={explicit} launches {what}, but mpi4py uses {implementation}")
     raise MPIExecError(
         f"no mpiexec for {implementation} found (looked at {', '.join(candidates)}); "
         "install one with `pip install pydra-mpi[mpich]` or set PYDRA_MPIEXEC"

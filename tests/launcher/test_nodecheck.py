@@ -243,7 +243,12 @@ def test_a_bad_setting_and_a_wrong_mpiexec(
     assert status == 1
     settings, mpi = problems(lines)
     assert settings.startswith("problem: PYDRA_MAX_STARTUPS") and settings.endswith("; fix or unset it"), settings
-    assert mpi == f"problem: PYDRA_MPIEXEC=/bin/true launches unknown, but mpi4py uses {library_implementation()}", mpi
+    assert mpi == ("problem: PYDRA_MPIEXEC=/bin/true launches an unknown launcher,"
+                   f" but mpi4py uses {library_implementation()}"), mpi
+    monkeypatch.setenv("PYDRA_MPIEXEC", "/no/such/mpiexec")
+    _, lines = check(setup, capsys)
+    assert problems(lines)[1] == ("problem: PYDRA_MPIEXEC=/no/such/mpiexec: no such command"
+                                  " (give a path, or a name on PATH)")
 
 
 def test_a_loopback_address_is_a_note_not_a_problem(setup: Setup, capsys: pytest.CaptureFixture) -> None:
