@@ -96,7 +96,7 @@ def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:
         if isinstance(task, Task):
             return task
         raise TargetError(f"{spec.text}() returned {type(task).__name__}, expected a Task")
-    raise TargetError(f"{spec.text} is a {type(obj).__name__}; expected a Task subclass, instance or factory")
+    raise TargetError(f"{spec.text} is of type {type(obj).__name__}; expected a Task subclass, instance or factory")
 
 
 def _build(spec: TargetSpec, factory: Any) -> Any:
