@@ -230,7 +230,7 @@ class Scheduler:
         return timer
 
     def define(self, obj: Any) -> int:
-        """Register *obj* (pickled once now; not in one process) and return its id; workers get it when first needed."""
+        """Register *obj* and return its id; pickled once now (not in one process), sent when a worker first needs it."""
         tid = self._tid_of.get(id(obj))
         if tid is None or self._definitions[tid][0] is not obj:
             tid = next(self._tids)
