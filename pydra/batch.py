@@ -26,6 +26,10 @@ from pydra.jobstates import JobState, JobStateError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: ranks per CPU beyond which ``pydra run -n`` warns that the host is oversubscribed
+OVERSUBSCRIBED = 4
+
+
 def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_with: str | None = None) -> int:
     """Start ``mpiexec -n ranks python -m pydra COMMAND ...`` on this host only and return its status.
 
@@ -39,6 +43,10 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     except MPIExecError as exc:
         print(f"pydra: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    cpus = os.cpu_count() or 1
+    if ranks > OVERSUBSCRIBED * cpus:  # more often a typo than a plan; mpiexec starts them all regardless
+        print(f"pydra: warning: -n {ranks} starts {ranks} ranks on this host's {cpus} CPUs: "
+              f"each gets about 1/{ranks // cpus} of a core", file=sys.stderr)
     env = progress_environment()
     if setting("SEAL"):
         import secrets

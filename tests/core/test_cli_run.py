@@ -223,6 +223,22 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(mode: str, tmp_path: Pa
     assert_one_error_line(finished, "cannot make a run directory")
 
 
+def test_far_more_ranks_than_cpus_is_warned_of(tmp_path: Path) -> None:
+    """-n 500 on a small host is more often a typo than a plan: a warning, then mpiexec as asked (a stub here)."""
+    from pydra.launcher.mpiexec import OPEN_MPI, library_implementation
+
+    version = "mpiexec (Open MPI) 5.0.0" if library_implementation() == OPEN_MPI else "HYDRA build details: MPICH"
+    stub = tmp_path / "mpiexec"
+    stub.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "{version}" && exit 0\necho "$@" > {tmp_path}/argv\n')
+    stub.chmod(0o755)
+    ranks = 4 * (os.cpu_count() or 1) + 1
+    env = {**mpi_environment(), "PYDRA_MPIEXEC": str(stub)}
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", str(ranks), "examples/pi.py:estimate_pi", "10",
+                            "--no-journal"], timeout=60, env=env)
+    assert f"pydra: warning: -n {ranks} starts {ranks} ranks on this host's {os.cpu_count()} CPUs" in finished.stderr
+    assert f"-n {ranks}" in (tmp_path / "argv").read_text()
+
+
 def test_usage_errors_exit_2() -> None:
     for argv in (["run"], ["run", "-n", "0", "x.py:T"], ["frobnicate"]):
         finished = run_process([sys.executable, "-m", "pydra", *argv], timeout=30)
