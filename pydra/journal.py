@@ -89,6 +89,7 @@ _JOB_COLUMNS = (
     "submitted", "started", "finished", "result_path", "error",
 )
 
+
 class JournalError(PydraError):
     """The journal cannot be opened, or can no longer be written."""
 

@@ -218,4 +218,3 @@ def _takes_buffers(module_dumps: Callable, module_loads: Callable) -> bool:
         return len(buffers) == 1 and bytes(module_loads(data, buffers=buffers)) == b"x"
     except Exception:  # the module's functions take other arguments
         return False
-

@@ -44,6 +44,7 @@ def add_identity_arguments(parser: argparse.ArgumentParser, key: str = "your pri
                         help="the passphrase of your key, on the first line of FILE (yours, mode 600); without it "
                              "ssh-agent signs if it holds the key, else you are asked on a terminal")
 
+
 def missing_file(error: FileNotFoundError, given: Path | None, where: str) -> str:
     """What to tell a user whose key file (or another file *error* names) is missing: the key's, what to do.
 
