@@ -192,11 +192,12 @@ class Admission:
             if len(self._until) >= _MAX_SOURCES:
                 return None  # like sshd's permissive overflow: no new source is penalised
         penalties = self.policy.penalties
-        until = min(max(self._until.get(source, now), now) + penalties.of(failure), now + penalties.max)
-        self._until[source] = until
-        if source not in self._enforced and until - now >= penalties.min:
+        # The penalty still to run, in seconds, summed as such: (now + 15) - now may come out below 15.
+        accrued = min(max(self._until.get(source, now) - now, 0.0) + penalties.of(failure), penalties.max)
+        self._until[source] = now + accrued
+        if source not in self._enforced and accrued >= penalties.min:
             self._enforced.add(source)
-            return until - now
+            return accrued
         return None
 
     def penalised(self, source: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 
@@ -59,6 +60,18 @@ def test_random_early_drop_uses_the_pending_count() -> None:
     assert admission.admit("b") is None  # 1 pending: dropped with 20 %, rolled 0.5
     assert admission.admit("c") is Refusal.STARTUPS  # 2 pending: ~29 %, rolled 0.1
     assert admission.pending == 2
+
+
+def test_a_penalty_of_exactly_min_is_enforced_whatever_the_clock_reads() -> None:
+    """Just below 2**16 s of uptime, (now + 15) - now came out a hair under 15, and a refusal that
+    should have started a 15 s penalty started none (seen in CI): the penalty is summed as seconds."""
+    clock = Clock()
+    clock.now = math.nextafter(65530.0, math.inf)
+    assert (clock.now + 15) - clock.now < 15  # the arithmetic that went wrong
+    admission = Admission(Policy(penalties=Penalties(authfail=15, min=15)), clock)
+    assert admission.admit("10.0.0.9") is None
+    assert admission.failed("10.0.0.9", Failure.AUTHFAIL) == 15
+    assert admission.admit("10.0.0.9") is Refusal.PENALISED
 
 
 def test_penalties_add_up_are_enforced_from_min_and_run_out() -> None:
