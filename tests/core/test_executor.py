@@ -59,8 +59,9 @@ CASES = [
 ]
 executor_jobs = CaseCache("job_executor.py", CASES)
 # A caller drives while replies keep coming within PYDRA_SPIN_SECONDS (0.5 ms by default). Open MPI with
-# its oversubscribe mapping (mpi_environment's) leaves ranks unbound, and a lone round trip took 0.6-1 ms
-# here, so nearly every call was handed back: these jobs give the caller 5 ms.
+# its oversubscribe mapping (mpi_environment's) leaves ranks unbound: with one busy process beside the job
+# on this 2-core machine a lone round trip took 0.6-1 ms (0.1 ms without it), so nearly every call was
+# handed back. These jobs give the caller 5 ms, so that the test holds on a loaded machine.
 lone_call_jobs = CaseCache("job_executor.py", ["lone_calls"])
 LONE_CALL_SPIN = {"PYDRA_SPIN_SECONDS": "0.005"}
 
