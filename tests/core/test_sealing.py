@@ -65,12 +65,16 @@ def test_forged_altered_swapped_and_replayed_parts_are_dropped(tmp_path: Path) -
     dropped = re.findall(line, finished.stderr)
     part = "a part does not authenticate: forged, altered, or not the part its message names"
     forged = sorted([part, part, "a part of 262166 bytes where its message named 262160"])
-    replayed = sorted(["replayed: its counter is not above the last one opened from that rank and tag",
-                       "does not authenticate: forged, altered, or sent to another rank or with another tag"])
+    replay = "replayed: its counter is not above the last one opened from that rank and tag"
+    no_open = "does not authenticate: forged, altered, or sent to another rank or with another tag"
     mine = {worker: sorted(why for rank, why in dropped if rank == worker) for worker in ("1", "2")}
     # Both workers forge; the one that sent Large's reply (gang rank 0) also replays it: its header is refused
-    # as a replay, then its part, taken for a message of its own, does not open.
-    assert sorted(mine.values()) == [forged, sorted(forged + replayed)], finished.stderr
+    # as a replay, then its part, taken for a message of its own, is refused too. A part has no counter of
+    # its own on the wire, so rank 0 reads its first 8 bytes of ciphertext as one: about one time in ten
+    # (time_ns() / 2**64) they come out below the last counter seen, and it is refused as a replay, not
+    # opened. Either way it is dropped unopened.
+    replayed = [sorted(forged + [replay, why]) for why in (no_open, replay)]
+    assert sorted(mine.values()) in ([forged, replayed[0]], [forged, replayed[1]]), finished.stderr
 
 
 def test_without_a_key_the_forgery_would_have_run(tmp_path: Path) -> None:
