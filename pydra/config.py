@@ -8,6 +8,7 @@ so that ``pydra`` refuses a bad value in one line before any MPI starts.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,9 @@ def check_settings() -> str | None:
             continue
         name = variable[len("PYDRA_"):]
         if name not in SETTINGS:
+            close = difflib.get_close_matches(name, SETTINGS, n=1)
+            if close:
+                return f"{variable}: no such setting; did you mean PYDRA_{close[0]}?"
             return f"{variable}: no such setting (known: {', '.join('PYDRA_' + known for known in SETTINGS)})"
         try:
             setting(name)

@@ -70,7 +70,10 @@ def test_a_heartbeat_timeout_must_outlast_two_heartbeats(monkeypatch) -> None:
 
 def test_an_unknown_pydra_variable_is_a_typo_caught(monkeypatch) -> None:
     monkeypatch.setenv("PYDRA_PIPLINE", "3")
-    assert config.check_settings().startswith("PYDRA_PIPLINE: no such setting")
+    assert config.check_settings() == "PYDRA_PIPLINE: no such setting; did you mean PYDRA_PIPELINE?"
+    monkeypatch.delenv("PYDRA_PIPLINE")
+    monkeypatch.setenv("PYDRA_XYZZY", "3")  # nothing close: the whole list
+    assert config.check_settings().startswith("PYDRA_XYZZY: no such setting (known: PYDRA_")
 
 
 def test_the_readme_lists_every_setting() -> None:
