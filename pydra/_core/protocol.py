@@ -279,6 +279,9 @@ class Failure:
         """The exception to raise on rank 0, with the remote traceback (if it has one) as its cause."""
         exception = self.exception
         if self.traceback:
+            # In one process this is the very exception the task raised: its own traceback runs through the
+            # runner's frames and repeats the user's, which the cause shows as a worker's does.
+            exception.__traceback__ = None
             exception.__cause__ = RemoteTraceback(f"\nWorker {self.rank} of {self.size} on {self.host}\n{self.traceback}", self.frames)
         if note:
             exception.add_note(note)

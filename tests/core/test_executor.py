@@ -105,6 +105,9 @@ def test_submit_exception_has_worker_traceback(ranks: int) -> None:
     assert error["cause"].lstrip("\n").startswith(f"Worker {worker} of {size} on ")
     assert "fails_on_13" in error["cause"] and 'raise ValueError(f"item {x} is unlucky")' in error["cause"]
     assert got["after"] == 144
+    # The user's frame once, in the cause: in one process too, where the exception is the very one raised
+    # (its own traceback, through the runner's frames, is not shown twice).
+    assert (got["user_frames"], got["pydra_core_frames"]) == (1, 0)
 
 
 @pytest.mark.parametrize("ranks", RANKS)

@@ -12,6 +12,7 @@ import concurrent.futures
 import gc
 import itertools
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -109,7 +110,9 @@ def submit_exception(ex):
     try:
         future.result(timeout=30)
     except Exception as exc:  # noqa: BLE001
-        return {"error": describe(exc), "after": ex.submit(w.square, 12).result(timeout=30)}
+        text = "".join(traceback.format_exception(exc))
+        return {"error": describe(exc), "after": ex.submit(w.square, 12).result(timeout=30),
+                "user_frames": text.count(", in fails_on_13\n"), "pydra_core_frames": text.count("pydra/_core/")}
     return {"error": None}
 
 
