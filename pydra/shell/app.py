@@ -44,8 +44,9 @@ def shell_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Strict modes (pydra.strictmodes): a key, or a connection file, that others could write is refused.
+        connection = args.connect or newest_connection_file()  # no cluster: say so before asking for a passphrase
         identity = load_identity(args.identity, args.passphrase_file)
-        client = ControlClient(args.connect or newest_connection_file(), identity)
+        client = ControlClient(connection, identity)
     except StrictModeError as exc:
         print(f"pydra shell: {exc}", file=sys.stderr)
         return EXIT_USAGE

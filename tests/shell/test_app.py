@@ -194,10 +194,19 @@ def test_a_submit_whose_job_fails_at_once_is_a_failed_command(capsys) -> None:
 
 
 def test_no_key_says_how_to_make_one(tmp_path, capsys) -> None:
-    status = app.shell_main(["-i", str(tmp_path / "id_ed25519"), "-c", "status"])
+    status = app.shell_main(["-i", str(tmp_path / "id_ed25519"), "--connect", str(tmp_path / "c.json"), "-c", "status"])
     error = capsys.readouterr().err
     assert status == 2
     assert f"no key at {tmp_path / 'id_ed25519'}: make one with `pydra keygen`" in error and "Errno" not in error
+
+
+def test_no_cluster_is_said_before_the_key_is_read(tmp_path, monkeypatch, capsys) -> None:
+    """Without a running cluster the shell says so at once: no passphrase asked for a connection never made."""
+    monkeypatch.setenv("PYDRA_HOME", str(tmp_path))
+    status = app.shell_main(["-i", str(tmp_path / "id_ed25519"), "-c", "status"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert f"no running cluster has a connection file in {tmp_path / 'run'}" in error and "key" not in error
 
 
 # -- completing task files, at any depth -------------------------------------------------------------
