@@ -375,7 +375,10 @@ def new_record(spec: Any, request: JobRequest) -> JobRecord:
             record = resume_record(run_dir)
             record.output = output  # this command's --output, as a new run would use it
             return record
-    journal = journals.Journal.open(run_dir, create=True)
+    try:
+        journal = journals.Journal.open(run_dir, create=True)
+    except OSError as exc:  # a parent that is not there, a file of that name, a read-only file system
+        raise journals.JournalError(f"cannot make the run directory {run_dir}: {exc.strerror or exc}") from exc
     options = {"spec": dataclasses.asdict(spec), "output": output, "cwd": os.getcwd()}
     job = journal.add_job(spec.text, request.inputs, options, digest)
     journal.set_state(job, JobState.RUNNING)

@@ -223,6 +223,14 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(mode: str, tmp_path: Pa
     assert_one_error_line(finished, "cannot make a run directory")
 
 
+@pytest.mark.parametrize("mode", ["in-process", "mpiexec-2"])
+def test_a_run_dir_option_that_cannot_be_made_is_one_line(mode: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"  # --run-dir under a file
+    blocker.write_text("")
+    finished = pydra_run(mode, [f"{TARGETS}:Echo", "hello", "--run-dir", str(blocker / "run")], timeout=30)
+    assert_one_error_line(finished, f"cannot make the run directory {blocker / 'run'}: Not a directory")
+
+
 def test_far_more_ranks_than_cpus_is_warned_of(tmp_path: Path) -> None:
     """-n 500 on a small host is more often a typo than a plan: a warning, then mpiexec as asked (a stub here)."""
     from pydra.launcher.mpiexec import OPEN_MPI, library_implementation
