@@ -7,6 +7,7 @@ import importlib
 import os
 import shlex
 import sys
+from typing import Callable
 
 from pydra import __version__
 from pydra.config import check_settings
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_job_arguments(run)
     run.add_argument(
-        "-n", "--ranks", type=_positive, metavar="N",
+        "-n", "--ranks", type=_positive("ranks"), metavar="N",
         help="start mpiexec with N ranks on this host (inside a Slurm or PBS allocation too: `pydra launch` "
              "or your own mpiexec/srun use all of its nodes)",
     )
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("-n", "--ranks", type=_positive, metavar="N", help="start mpiexec with N ranks on this host")
+    serve.add_argument("-n", "--ranks", type=_positive("ranks"), metavar="N", help="start mpiexec with N ranks on this host")
     serve.add_argument("--run-dir", metavar="DIR", help="the service's run directory (default: new, under ~/.pydra/runs)")
     serve.add_argument(
         "--no-isolate", action="store_true",
@@ -109,14 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of ranks, got {text!r}")
-    return value
+def _positive(what: str) -> Callable[[str], int]:
+    """An argparse type: a positive number of *what*."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +202,7 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen", type=_address, default=("127.0.0.1", 0), metavar="ADDR:PORT",
         help="where rank 0 serves the admin shell (default 127.0.0.1 and a free port; loopback unless you say so)",
     )
-    parser.add_argument("--max-jobs", type=_positive, default=4, metavar="N", help="jobs that run at once (default 4)")
+    parser.add_argument("--max-jobs", type=_positive("jobs"), default=4, metavar="N", help="jobs that run at once (default 4)")
 
 
 def _address(text: str) -> tuple[str, int]:

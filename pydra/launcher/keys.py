@@ -523,6 +523,9 @@ def keygen_main(argv: list[str] | None = None) -> int:
         if args.show_fingerprint:
             print(_fingerprint_of_file(path))
             return 0
+        if path.is_dir():
+            print(f"pydra keygen: {path} is a directory; give the key's file name", file=sys.stderr)
+            return 2
         existing = [file for file in (path, _public_path(path)) if file.exists()]
         if existing and not args.force:
             print(

@@ -252,6 +252,13 @@ def test_keygen_refuses_existing_key_without_force(tmp_path, capsys):
     assert keys.keygen_main(["-f", path, "-C", "x", "--force"]) == 0
 
 
+def test_keygen_refuses_a_directory_even_with_force(tmp_path, capsys):
+    for extra in ([], ["--force"]):
+        assert keys.keygen_main(["-f", str(tmp_path), *extra]) == 2
+        assert capsys.readouterr().err == f"pydra keygen: {tmp_path} is a directory; give the key's file name\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keygen_list_of_missing_file_is_bad_input(tmp_path, capsys):
     assert keys.keygen_main(["-l", "-f", str(tmp_path / "nope")]) == 2
     error = capsys.readouterr().err
