@@ -8,7 +8,6 @@ so that ``pydra`` refuses a bad value in one line before any MPI starts.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +196,8 @@ def check_settings() -> str | None:
             continue
         name = variable[len("PYDRA_"):]
         if name not in SETTINGS:
+            import difflib  # only for a typo: every rank reads this module at start
+
             close = difflib.get_close_matches(name, SETTINGS, n=1)
             if close:
                 return f"{variable}: no such setting; did you mean PYDRA_{close[0]}?"
