@@ -104,6 +104,19 @@ def survives_losses() -> bool:
     return mpiexec.implementation == MPICH or mpiexec.ulfm
 
 
+def gang_after_losing_a_member(workers: int, x: int) -> dict:
+    """What ``fault_tasks.gang_loses_a_member`` returns on *workers* worker ranks (a member dies on its first try).
+
+    MPICH: the other members wait in its allreduce for good, so they are lost
+    too and rank 0 runs the gang again by itself. ULFM: the allreduce raises on
+    them, and the gang runs again on every worker left.
+    """
+    from pydra.launcher.mpiexec import find_mpiexec
+
+    size = workers - 1 if find_mpiexec().ulfm else 1
+    return {"sum": x * size, "size": size}
+
+
 def run_mpi(ranks: int, program: list[str], timeout: float = 60, **kwargs) -> Finished:
     """Run a Python *program* (argv after the interpreter) on *ranks* ranks."""
     return run_process(mpiexec_argv(ranks, [sys.executable, *program]), timeout=timeout, **kwargs)

@@ -60,10 +60,15 @@ class Progress:
 
 @dataclass(frozen=True)
 class WorkerGone:
-    """Worker *rank* is lost for *reason* (its supervisor saw it die, an admin said so)."""
+    """Worker *rank* is lost for *reason* (its supervisor saw it die, an admin said so).
+
+    *dead*: its process is known to have ended (MPI or its supervisor saw it),
+    rather than merely given up on.
+    """
 
     rank: int
     reason: str
+    dead: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class Master:
             heartbeat=setting("HEARTBEAT"),
             # Without heartbeats (an MPI without MPI_THREAD_MULTIPLE) a silent worker is only busy.
             heartbeat_timeout=setting("HEARTBEAT_TIMEOUT") if heartbeats and comm.size > 1 else None,
+            collectives_raise=failures.ulfm(comm),
         )
         ranks = list(range(1, comm.size)) if comm.size > 1 else [0]  # no workers: rank 0 runs units itself
         now = time.monotonic()
@@ -222,7 +223,7 @@ class Master:
     def _take_notices(self, notices: DeathNotices) -> None:
         for rank, how in notices.take():
             if 0 < rank < self.comm.size:
-                self.lose_worker(rank, f"{how}, says its supervisor")
+                self.lose_worker(rank, f"{how}, says its supervisor", dead=True)
         self._wakeup.set()
 
     def wake(self) -> None:
@@ -395,9 +396,9 @@ class Master:
         """Hand every worker with room its share of the waiting work now."""
         self.feed(Dispatch(time.monotonic()))
 
-    def lose_worker(self, rank: int, reason: str) -> None:
-        """Declare worker *rank* lost: its units are rescheduled."""
-        self.feed(ev.WorkerGone(rank, reason))
+    def lose_worker(self, rank: int, reason: str, dead: bool = False) -> None:
+        """Declare worker *rank* lost: its units are rescheduled (*dead*: its process is known to have ended)."""
+        self.feed(ev.WorkerGone(rank, reason, dead))
 
     def define(self, obj: Any) -> int:
         """Register *obj* (pickled once now); its id (see :meth:`Scheduler.define`)."""

@@ -91,6 +91,8 @@ class Worker:
     busy_seconds: float = 0.0
     #: when it was last heard from (any message counts as a heartbeat)
     last_heard: float = 0.0
+    #: lost, and its process known to have ended (not merely silent)
+    dead: bool = False
     #: (CPU seconds, resident bytes, worker clock) from its last heartbeat, and the CPU share since the one before
     usage: tuple = (0.0, 0, 0.0)
     cpu_percent: float | None = None

@@ -24,8 +24,9 @@ changes. The rules, each in one method:
   idle;
 * the loss cascade (:meth:`lose_worker`): a lost worker's units fail with
   :class:`~pydra.errors.WorkerLost` (their sources reschedule them), gang
-  members stuck in a collective with it are lost too, and with no worker
-  left rank 0 takes the work over;
+  members stuck in a collective with it are lost too (unless MPI raises in a
+  collective that meets a dead rank: ULFM), and with no worker left rank 0
+  takes the work over;
 * heartbeats and timers (:class:`Tick`), draining and the stop.
 """
 
@@ -88,6 +89,8 @@ class Settings:
     heartbeat: float = 0.5
     #: None: no heartbeats (an MPI without MPI_THREAD_MULTIPLE), a silent worker is only busy
     heartbeat_timeout: float | None = None
+    #: MPI raises in a collective that meets a dead rank (ULFM), so its other members are not stuck
+    collectives_raise: bool = False
 
 
 class Scheduler:
@@ -175,7 +178,7 @@ class Scheduler:
             self.progress[event.uid] = (event.rank, event.done, event.total, event.message)
 
     def _on_gone(self, event: WorkerGone) -> None:
-        self.lose_worker(event.rank, event.reason)
+        self.lose_worker(event.rank, event.reason, event.dead)
 
     def _on_stop(self, event: StopRequested) -> None:
         self.stopping = True
@@ -407,7 +410,7 @@ class Scheduler:
                     # The other members may be blocked in a collective with the failed one.
                     self.broken = "".join(traceback.format_exception(error))
                 gang.callback(None, error)
-                if lost:
+                if lost and not self._collective_raises(rank):
                     # Those still in the gang's collectives wait for the lost rank forever, and
                     # MPI cannot free them: they are lost too. (The gang runs again elsewhere.)
                     for member in members:
@@ -493,11 +496,25 @@ class Scheduler:
             if worker.alive and worker.rank != 0 and silence > timeout:
                 self.lose_worker(worker.rank, f"no heartbeat for {silence:.1f} s")
 
-    def lose_worker(self, rank: int, reason: str) -> None:
-        """Declare worker *rank* lost: no more work for it, its units fail with WorkerLost."""
+    def _collective_raises(self, rank: int) -> bool:
+        """Whether a gang whose member *rank* failed with WorkerLost frees its other members.
+
+        Under ULFM a collective that meets a dead rank raises on the others:
+        *rank* died, or is a member that MPI told so. A rank lost to silence
+        may be alive, and the others may wait for it forever.
+        """
+        worker = self._by_rank[rank]
+        return self.settings.collectives_raise and (worker.alive or worker.dead)
+
+    def lose_worker(self, rank: int, reason: str, dead: bool = False) -> None:
+        """Declare worker *rank* lost: no more work for it, its units fail with WorkerLost.
+
+        *dead*: its process is known to have ended (see :class:`WorkerGone`).
+        """
         worker = self._by_rank[rank]
         if not worker.alive:
             return
+        worker.dead = dead
         self._move(worker, Trigger.LOST)
         worker.gang_uid, worker.inflight = None, 0
         self._out.append(Lost(rank, worker.host, reason))

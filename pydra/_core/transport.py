@@ -132,7 +132,7 @@ class MpiTransport:
             try:
                 message = mpi.try_receive(self.comm)
             except failures.RanksFailed as failed:  # ULFM: MPI saw them die, no need to wait for silence
-                events += [WorkerGone(rank, "its process died") for rank in failed.ranks
+                events += [WorkerGone(rank, "its process died", dead=True) for rank in failed.ranks
                            if rank != 0 and rank not in self.ignored]
                 continue
             if message is None:

@@ -292,6 +292,41 @@ def test_a_gang_member_lost_takes_the_members_still_in_its_collective_with_it() 
     assert scheduler.stuck_ranks == [2]  # only MPI_Abort ends it; rank 1 is merely gone
 
 
+#: what a gang member's reply carries under ULFM when its collective met a dead rank (pydra._core.runner)
+RAISED_IN_COLLECTIVE = WorkerLost("a rank in this unit's collective died")
+
+
+def test_under_ulfm_a_dead_member_leaves_the_others_free_once_their_collective_raised() -> None:
+    scheduler = make(collectives_raise=True)
+    outcome = gang(scheduler, 2)
+    uid = sends(scheduler.handle(Dispatch(0.0)))[1][-1][1]
+    out = scheduler.handle(WorkerGone(1, "its process died", dead=True))
+    assert isinstance(outcome["e"], WorkerLost)
+    assert [i.rank for i in out if isinstance(i, Lost)] == [1] and TakeOver() not in out
+    assert scheduler.stuck_ranks == []
+    assert scheduler.workers[1].phase is Phase.GANG  # until it answers: MPI raised in its allreduce
+    scheduler.handle(RepliesReceived(2, [failed(uid, RAISED_IN_COLLECTIVE, rank=2)], 0.1))
+    assert scheduler.workers[1].phase is Phase.IDLE and outcome["e"] is not None
+
+
+def test_under_ulfm_a_member_reporting_the_death_first_leaves_the_others_free_too() -> None:
+    scheduler = make(collectives_raise=True)
+    outcome = gang(scheduler, 2)
+    uid = sends(scheduler.handle(Dispatch(0.0)))[1][-1][1]
+    scheduler.handle(RepliesReceived(2, [failed(uid, RAISED_IN_COLLECTIVE, rank=2)], 0.1))
+    assert isinstance(outcome["e"], WorkerLost) and scheduler.lost_ranks == [] and scheduler.stuck_ranks == []
+
+
+def test_under_ulfm_a_member_lost_to_silence_still_takes_the_others_with_it() -> None:
+    # Silence is no death MPI knows of: the others may wait in a collective with it for good.
+    scheduler = make(collectives_raise=True, heartbeat_timeout=1.0)
+    gang(scheduler, 2)
+    scheduler.handle(Dispatch(0.0))
+    scheduler.handle(Heard(2, 4.5))
+    scheduler.handle(Tick(5.0))
+    assert scheduler.lost_ranks == [1, 2] and scheduler.stuck_ranks == [2]
+
+
 def test_a_worker_lost_to_silence_is_not_taken_for_stuck() -> None:
     scheduler = make(heartbeat_timeout=1.0)
     scheduler.handle(Tick(5.0))

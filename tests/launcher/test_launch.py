@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
+from testkit import gang_after_losing_a_member
 from pydra.launcher.mpiexec import OPEN_MPI, find_mpiexec
 from testkit import ROOT, Running, mpi_environment, run_process, survives_losses
 
@@ -245,7 +246,7 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
 @pytest.mark.parametrize("target, inputs, expected", [
     ("map_kills_its_rank", ["apple", "cherry", "kill", "banana", "fig"] * 2,
      dict(sorted(collections.Counter("applecherrykillbananafig" * 2).items()))),
-    ("gang_loses_a_member", ["5"], {"sum": 5, "size": 1}),
+    ("gang_loses_a_member", ["5"], gang_after_losing_a_member(3, 5)),
 ])
 def test_a_launched_job_survives_a_lost_worker(cluster: Cluster, tmp_path: Path, target, inputs, expected) -> None:
     """The job goes on without a dead rank (MPICH: through the tunnelled control plane; Open MPI: ULFM)."""
@@ -256,7 +257,7 @@ def test_a_launched_job_survives_a_lost_worker(cluster: Cluster, tmp_path: Path,
     job = str(ROOT / "tests" / "core" / "jobs" / "fault_tasks.py") + ":" + target
     done = cluster.launch("-n", "4", "--accept-new", "--env", "FAULT_DIR", job, *inputs, "--output", str(output),
                           timeout=180)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr  # (PRRTE writes its paragraphs to stdout)
     assert json.loads(output.read_text()) == expected
     assert "pydra: lost worker rank" in done.stderr
 
