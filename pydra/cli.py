@@ -7,6 +7,7 @@ import importlib
 import os
 import shlex
 import sys
+import time
 from typing import Callable
 
 from pydra import __version__
@@ -267,12 +268,20 @@ def _without_ranks(argv: list[str]) -> list[str]:
     return kept
 
 
+#: seconds the ranks other than 0 wait before leaving over a bad setting, so that rank 0's line is not lost
+SILENT_RANKS_WAIT = 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pydra`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in JOB_COMMANDS and (problem := check_settings()) is not None:
         if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":  # once per job
             print(f"pydra: error: {problem}", file=sys.stderr)
+        else:
+            # Open MPI stops every rank once one exits non-zero, and drops what they had yet to
+            # write: leave rank 0 time to say why (it lost the line 4 times in 20 on a busy box).
+            time.sleep(SILENT_RANKS_WAIT)
         return 2
     if argv and argv[0] in SELF_PARSING:  # these parse their own (ssh-style) options
         module, function = SELF_PARSING[argv[0]].split(":")
