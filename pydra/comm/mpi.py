@@ -106,6 +106,13 @@ class Received(NamedTuple):
 # buffers, each buffer's size and seal counter (0 unsealed), then the pickle; then one MPI message
 # per buffer, straight from the sender's memory into a receive buffer of its own. All carry the
 # message's tag; one sending thread per tag at a time (_send_locks) keeps them together.
+#
+# An MPI message over 2 GiB counts its bytes in a C int only from MPI-4 on (MPICH 4); before it (Open
+# MPI 5.0) it goes as one element of a contiguous datatype of its size (_spec), and its receiver
+# counts it with Get_elements, which takes an MPI_Count, where Get_count says MPI_UNDEFINED.
+
+#: the most bytes one MPI call may count in MPI.BYTE: a C int's worth before MPI-4's large counts
+MAX_COUNT = 2**31 - 1 if MPI.Get_version() < (4, 0) else 2**63 - 1
 
 _PARTS = b"\x00parts"
 _COUNT = struct.Struct(">I")
@@ -151,6 +158,19 @@ def _sealed_wire(payload: bytes, buffers: Sequence, dest: int, tag: int) -> list
     return [_sealer.seal(_framed(payload, sizes, counters), dest, tag), *parts]
 
 
+def _spec(message: Any) -> list:
+    """*message* (bytes, or a flat byte buffer) as MPI calls take it; :func:`_done` once the call has it."""
+    if len(message) <= MAX_COUNT:
+        return [message, MPI.BYTE]
+    return [message, 1, MPI.BYTE.Create_contiguous(len(message)).Commit()]
+
+
+def _done(spec: list) -> None:
+    """Free *spec*'s datatype, if it has one of its own (MPI keeps it until pending calls complete)."""
+    if len(spec) == 3:
+        spec[2].Free()
+
+
 def allocate(nbytes: int) -> Any:
     """A receive buffer of *nbytes*: numpy's (no byte written before MPI's, huge pages for large ones)."""
     import numpy  # here: a job that sends no buffer need not import it
@@ -168,9 +188,11 @@ def _receive_parts(comm: MPI.Comm, source: int, tag: int, sizes: list[int]) -> l
     parts, status = [], MPI.Status()
     for size in sizes:
         message = comm.Mprobe(source, tag, status)
-        count = status.Get_count(MPI.BYTE)
+        count = status.Get_elements(MPI.BYTE)
         part = allocate(count)  # whatever its size: it is taken off the wire
-        message.Recv([part, MPI.BYTE])
+        spec = _spec(part)
+        message.Recv(spec)
+        _done(spec)
         if count != size:
             raise SealError(f"a part of {count} bytes where its message named {size}")
         parts.append(part)
@@ -193,8 +215,10 @@ def _take(comm: MPI.Comm, source: int, tag: int, status: MPI.Status) -> tuple[in
             raise
         raise RanksFailed(failed_ranks(comm)) from None
     source, tag = status.Get_source(), status.Get_tag()
-    buffer = bytearray(status.Get_count(MPI.BYTE))
-    comm.Recv([buffer, MPI.BYTE], source, tag)
+    buffer = bytearray(status.Get_elements(MPI.BYTE))
+    spec = _spec(buffer)
+    comm.Recv(spec, source, tag)
+    _done(spec)
     return source, tag, buffer
 
 
@@ -245,7 +269,9 @@ def send(comm: MPI.Comm, payload: bytes, dest: int, tag: int, buffers: Sequence 
 def _put(comm: MPI.Comm, messages: list, dest: int, tag: int) -> None:
     """Hand a message's MPI messages to MPI, in order (the tag's send lock held)."""
     for message in messages:
-        comm.Send([message, MPI.BYTE], dest, tag)
+        spec = _spec(message)
+        comm.Send(spec, dest, tag)
+        _done(spec)
 
 
 class _Parts:
@@ -285,7 +311,9 @@ class Outbox:
         if buffers:
             self._post_all(_wire(payload, buffers), dest, tag)
             return
-        request = self.comm.Isend([payload, MPI.BYTE], dest, tag)
+        spec = _spec(payload)
+        request = self.comm.Isend(spec, dest, tag)
+        _done(spec)
         if not request.Test():  # small messages usually complete at once
             self._pending.append((request, payload, dest))
 
@@ -293,7 +321,10 @@ class Outbox:
         self._post_all(_sealed_wire(payload, buffers, world_ranks(self.comm)[dest], tag), dest, tag)
 
     def _post_all(self, messages: list, dest: int, tag: int) -> None:
-        requests = [self.comm.Isend([message, MPI.BYTE], dest, tag) for message in messages]
+        specs = [_spec(message) for message in messages]
+        requests = [self.comm.Isend(spec, dest, tag) for spec in specs]
+        for spec in specs:
+            _done(spec)
         if not MPI.Request.Testall(requests):
             self._pending.append((_Parts(requests), messages, dest))
 
