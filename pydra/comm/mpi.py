@@ -191,8 +191,12 @@ def _receive_parts(comm: MPI.Comm, source: int, tag: int, sizes: list[int]) -> l
         count = status.Get_elements(MPI.BYTE)
         part = allocate(count)  # whatever its size: it is taken off the wire
         spec = _spec(part)
-        message.Recv(spec)
-        _done(spec)
+        try:
+            message.Recv(spec)
+        except MPI.Exception as error:  # under ULFM, the sender died on the way
+            _raise_failed(comm, error)
+        finally:
+            _done(spec)
         if count != size:
             raise SealError(f"a part of {count} bytes where its message named {size}")
         parts.append(part)
@@ -210,16 +214,23 @@ def _take(comm: MPI.Comm, source: int, tag: int, status: MPI.Status) -> tuple[in
     try:
         if not comm.Iprobe(source, tag, status) and not comm.Iprobe(source, tag, status):
             return None
-    except MPI.Exception as error:  # under ULFM, a peer's death surfaces here
-        if not peer_failed(error):
-            raise
-        raise RanksFailed(failed_ranks(comm)) from None
-    source, tag = status.Get_source(), status.Get_tag()
-    buffer = bytearray(status.Get_elements(MPI.BYTE))
-    spec = _spec(buffer)
-    comm.Recv(spec, source, tag)
-    _done(spec)
+        source, tag = status.Get_source(), status.Get_tag()
+        buffer = bytearray(status.Get_elements(MPI.BYTE))
+        spec = _spec(buffer)
+        try:
+            comm.Recv(spec, source, tag)
+        finally:
+            _done(spec)
+    except MPI.Exception as error:  # under ULFM, a peer's death surfaces here (its message cut short too)
+        _raise_failed(comm, error)
     return source, tag, buffer
+
+
+def _raise_failed(comm: MPI.Comm, error: MPI.Exception) -> None:
+    """Raise :class:`RanksFailed` if *error* says that peers died (ULFM), else *error* itself."""
+    if not peer_failed(error):
+        raise error
+    raise RanksFailed(failed_ranks(comm)) from None
 
 
 def pending(comm: MPI.Comm) -> bool:
