@@ -24,11 +24,13 @@ would ever tell them it is gone. The rank reports each start-up step on a
 pipe (``PYDRA_STARTUP_FD``, see :mod:`pydra.startup`); if it dies before
 ``joined``, the supervisor prints which rank was lost and in which step, and
 ends the whole job: it kills itself with SIGKILL, which makes Hydra (or Open
-MPI without ULFM) stop every rank. Under Open MPI's ULFM a death ends
-nothing, and a rank lost before MPI's start-up leaves the others waiting in
-MPI_Init forever, so the supervisor first sends SIGTERM to its parent, Open
-MPI's launcher on this host (``prterun``, or a ``prted`` daemon), which then
-stops every rank of the job.
+MPI without ULFM) stop every rank (a forked witness keeps its pipes open
+until it is dead, so that Hydra hears of the death only once it can see
+it). Under Open MPI's ULFM a death ends nothing, and a rank lost before
+MPI's start-up leaves the others waiting in MPI_Init forever, so the
+supervisor first sends SIGTERM to its parent, Open MPI's launcher on this
+host (``prterun``, or a ``prted`` daemon), which then stops every rank of
+the job.
 
 It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
 SIGINT, SIGTERM, SIGHUP and SIGUSR2 (Open MPI's relayed stop) on to the
@@ -47,6 +49,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 #: what a rank reports once its start-up is over (pydra.startup.JOINED)
 JOINED = "joined"
@@ -154,7 +157,43 @@ def end_job() -> None:
     launcher = os.getppid()
     if under_ulfm() and _command_name(launcher) in _OPEN_MPI_LAUNCHERS:
         os.kill(launcher, signal.SIGTERM)
+    _leave_a_witness()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _leave_a_witness() -> None:
+    """Fork a child that holds this process's stdout and stderr open until this process is dead.
+
+    Hydra's proxy looks for a dead child (``waitpid``, ``WNOHANG``) only
+    after news on the pipes it reads from its children. If this process
+    held the last ends of its pipes, their closing could wake the proxy
+    before the kernel had made this process a zombie: the proxy would find
+    no one dead and, the other ranks waiting silently in a collective,
+    never hear anything again (a CI job hung that way). The witness's own
+    exit, once this process is a zombie, is the news that comes after.
+    """
+    supervisor = os.getpid()
+    if os.fork() != 0:
+        return
+    deadline = time.monotonic() + WITNESS_WAIT
+    while _state(supervisor) not in _DEAD and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os._exit(0)
+
+
+#: at most how long the witness of a supervisor's end waits for it (seconds; it takes microseconds)
+WITNESS_WAIT = 10.0
+#: process states of a dead process: a zombie, dead, or gone ('')
+_DEAD = ("Z", "X", "")
+
+
+def _state(pid: int) -> str:
+    """Process *pid*'s state letter (R, S, Z...), or '' if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _command_name(pid: int) -> str:

@@ -34,6 +34,7 @@ class Tracked:
     stderr: str
     pgid: int
     descendants: set[int]  # seen while the job ran (only when a snapshot was asked for)
+    hung: str = ""  # on a timeout: what was still running then (the job's group and descendants)
 
 
 def process_table() -> list[tuple[int, int, int, str]]:
@@ -68,6 +69,7 @@ def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = 
         start_new_session=True,
     )
     seen: set[int] = set()
+    hung = ""
     try:
         if snapshot_after is not None:
             try:
@@ -79,6 +81,7 @@ def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = 
             stdout, stderr = process.communicate(timeout=timeout)
         code: int | None = process.returncode
     except subprocess.TimeoutExpired:
+        hung = still_running(process, seen)
         stop_group(process)
         stdout, stderr = process.communicate()
         code = None
@@ -86,7 +89,16 @@ def run_tracked(argv: list[str], timeout: float, snapshot_after: float | None = 
         if process.poll() is None:
             stop_group(process)
             process.wait()
-    return Tracked(code, stdout, stderr, process.pid, seen)
+    return Tracked(code, stdout, stderr, process.pid, seen, hung)
+
+
+def still_running(process: subprocess.Popen, seen: set[int]) -> str:
+    """What of *process*'s job runs now: its own state, then its group's and its descendants' rows of ``ps``."""
+    ours = descendants_of(process.pid) | seen
+    rows = [f"{pid} (pgid {pgid}, ppid {ppid}): {args}" for pid, ppid, pgid, args in process_table()
+            if pgid == process.pid or pid in ours]
+    state = "still running" if process.poll() is None else f"ended with {process.returncode}"
+    return "\n".join([f"pid {process.pid} {state}; running at the timeout:", *rows])
 
 
 def leftovers(job: Tracked, marker: str, wait: float = 10.0) -> list[str]:
@@ -130,7 +142,7 @@ def test_no_process_outlives_a_finished_job(name: str) -> None:
     make_argv, expected = JOBS_TO_RUN[name]
     tag = marker()
     job = run_tracked(make_argv(tag), timeout=60)
-    assert job.returncode is not None, f"{name} did not finish in time"
+    assert job.returncode is not None, f"{name} did not finish in time\n{job.hung}"
     if expected == "nonzero":
         assert job.returncode != 0
     else:

@@ -59,7 +59,8 @@ SMOKE = {(2, "start"), (2, "gather-problems")}
 ])
 def test_a_rank_lost_at_start_up_ends_the_job_with_one_line(rank: int, step: str) -> None:
     job, tag = run_losing(rank, step)
-    assert job.returncode is not None, f"the job hung after losing rank {rank} at {step}:\n{job.stderr[-3000:]}"
+    assert job.returncode is not None, \
+        f"the job hung after losing rank {rank} at {step}:\n{job.stderr[-3000:]}\n{job.hung}"
     assert job.returncode != 0
     said = re.findall(rf"^pydra: rank {rank} \(pid \d+\) was killed by SIGKILL during start-up, (.*); ending the job$",
                       job.stderr, re.M)
@@ -90,7 +91,8 @@ def only_that_line(stderr: str) -> bool:
 def test_a_rank_that_exits_at_start_up_ends_the_job_with_one_line(rank: int, step: str) -> None:
     """An exit the other ranks did not agree on (os._exit in the TARGET's import, say) is a loss too."""
     job, tag = run_losing(rank, step, how="exit")
-    assert job.returncode is not None, f"the job hung after rank {rank} exited at {step}:\n{job.stderr[-3000:]}"
+    assert job.returncode is not None, \
+        f"the job hung after rank {rank} exited at {step}:\n{job.stderr[-3000:]}\n{job.hung}"
     assert job.returncode != 0
     said = re.findall(rf"^pydra: rank {rank} \(pid \d+\) exited with status 3 during start-up, (.*); ending the job$",
                       job.stderr, re.M)

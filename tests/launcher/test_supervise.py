@@ -8,6 +8,7 @@ the same job on the same host would.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -90,6 +91,51 @@ def test_a_rank_that_does_not_stop_when_told_is_killed() -> None:
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=STOP_GRACE + 60)  # not the 600 s the rank would take
     assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
+#: a rank lost during start-up: it reports a step (pydra.startup), then exits without a word
+LOST_AT_START_UP = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'bcast-spec\\n'); os._exit(3)"
+
+
+def test_a_rank_lost_at_start_up_is_dead_by_the_time_its_pipes_close() -> None:
+    """Hydra's proxy looks for a dead child (waitpid, WNOHANG) once per piece of news on its pipes, and
+    nothing else wakes it: a supervisor that ends the job by dying must be a zombie by the time the last
+    of its pipes closes, or the job hangs. Here it runs as the proxy would see it at worst: on this test's
+    CPU at the lowest priority, so that its pipes' closing wakes this test at once (without the witness
+    the supervisor forks, 195 of 200 such deaths were not visible yet)."""
+    kept = os.sched_getaffinity(0)
+    cpu = min(kept)
+    env = {**os.environ, "PMI_RANK": "2", "PYTHONPATH": str(ROOT)}
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for _ in range(20):
+            child = subprocess.Popen(
+                [sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", LOST_AT_START_UP],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=lambda: (os.nice(19), os.sched_setaffinity(0, {cpu})))
+            _started.append(child)
+            said = read_to_the_end(child.stdout, child.stderr)
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+            assert pid == child.pid, "the supervisor's pipes closed before it was dead"
+            child.returncode = -os.WTERMSIG(status)
+            assert child.returncode == -signal.SIGKILL
+            assert said.decode().startswith("pydra: rank 2 (pid "), said
+    finally:
+        os.sched_setaffinity(0, kept)
+
+
+def read_to_the_end(*pipes) -> bytes:
+    """All that *pipes* carry, once every one of them is closed at its other end, as Hydra's proxy reads them."""
+    said, open_ = b"", list(pipes)
+    while open_:
+        ready, _, _ = select.select(open_, [], [], 60)
+        assert ready, "a pipe stayed open"
+        for pipe in ready:
+            chunk = os.read(pipe.fileno(), 65536)
+            said += chunk
+            if not chunk:
+                open_.remove(pipe)
+    return said
 
 
 def test_rank_zero_hears_only_well_formed_notices() -> None:
