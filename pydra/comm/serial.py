@@ -12,6 +12,12 @@ anything with the buffer protocol) and returns them beside it, so that
 :mod:`pydra.comm.mpi` can send each one with MPI's buffer calls instead of
 copying it into the pickle; ``loads(data, buffers=...)`` takes them back.
 
+Large ``bytes``, out of band: pickle copies a ``bytes`` object into the
+message whatever its size (2 GiB hold the GIL for seconds: long enough, on a
+busy host, to stop a rank's heartbeats). :func:`compact` gives one of
+:data:`OUT_OF_BAND_BYTES` or more a wire form whose data goes out of band,
+rebuilt on arrival with ``bytes()`` (one copy, as unpickling makes anyway).
+
 Plain arrays, short: :func:`compact` gives a plain numpy array (exactly
 ``numpy.ndarray``, C order, of a builtin numeric or bool dtype in native
 byte order) a wire form of its own: its buffer (in or out of band, as
@@ -69,17 +75,20 @@ def array_type() -> type:
 
 
 def _compact(obj: Any) -> Any:
-    """*obj*, or the short wire form of it if it is a plain numpy array (see above): ``loads`` gives the array back."""
-    if type(obj) is array_type() and obj.flags.c_contiguous and obj.dtype.isbuiltin == 1 and not obj.dtype.hasobject:
+    """*obj*, or its wire form if it is a plain numpy array or large ``bytes`` (see above): ``loads`` gives it back."""
+    kind = type(obj)
+    if kind is bytes:
+        return _LargeBytes(obj) if len(obj) >= OUT_OF_BAND_BYTES else obj
+    if kind is array_type() and obj.flags.c_contiguous and obj.dtype.isbuiltin == 1 and not obj.dtype.hasobject:
         return _PlainArray(obj)
     return obj
 
 
 def _compact_args(args: tuple) -> tuple:
-    """*args* (the same tuple if it holds no array), each plain numpy array in its short wire form."""
+    """*args* (the same tuple if it holds no array and no large ``bytes``), each of those in its wire form."""
     ndarray = array_type()
     for arg in args:
-        if type(arg) is ndarray:
+        if type(arg) is ndarray or type(arg) is bytes and len(arg) >= OUT_OF_BAND_BYTES:
             return tuple(map(_compact, args))
     return args
 
@@ -109,6 +118,18 @@ class _PlainArray:
     def __reduce__(self) -> tuple:
         array = self.array
         return _array, (pickle.PickleBuffer(array), array.dtype.str, array.shape)
+
+
+class _LargeBytes:
+    """A large ``bytes`` object on its way out: its data out of band, where pickle would copy it into the message."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple:
+        return bytes, (pickle.PickleBuffer(self.data),)
 
 
 def _array(buffer: Any, code: str, shape: tuple) -> Any:
@@ -145,8 +166,8 @@ def use(name: str) -> None:
     module whose functions take no ``buffer_callback`` and ``buffers``
     (pickle's out-of-band arguments) pickles every buffer in band.
     mpi4py's own object messages (``comm.bcast`` in a gang task) follow suit.
-    Plain arrays keep their short form (:func:`compact`) under ``pickle``
-    and ``cloudpickle`` only.
+    Plain arrays and large ``bytes`` keep their wire forms (:func:`compact`)
+    under ``pickle`` and ``cloudpickle`` only.
     """
     global dumps, dumps_oob, loads, compact, compact_args
     if name == "pickle":

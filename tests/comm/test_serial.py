@@ -124,6 +124,28 @@ def test_compact_args_makes_a_new_tuple_only_for_arrays() -> None:
     assert number == 1 and np.array_equal(got, array)
 
 
+@pytest.mark.parametrize("size", [0, serial.OUT_OF_BAND_BYTES - 1, serial.OUT_OF_BAND_BYTES, 3 << 20])
+def test_large_bytes_go_out_of_band_and_arrive_as_bytes(size: int) -> None:
+    """pickle copies bytes into the message at any size; in their wire form the large ones' data goes beside it."""
+    sent = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    wire = serial.compact(sent)
+    assert (wire is sent) == (size < serial.OUT_OF_BAND_BYTES)
+    payload, buffers = serial.dumps_oob(wire)
+    assert len(buffers) == (size >= serial.OUT_OF_BAND_BYTES)
+    assert len(payload) < 100 if buffers else len(payload) > size  # the data beside the message, or in it
+    got = serial.loads(payload, buffers=received(buffers))
+    assert type(got) is bytes and got == sent
+    assert serial.loads(serial.dumps(wire)) == sent  # all in band (a journal's record, say): the same bytes
+
+
+def test_compact_args_takes_large_bytes_too() -> None:
+    small, large = b"x" * 10, b"y" * serial.OUT_OF_BAND_BYTES
+    assert serial.compact_args((1, small)) == (1, small)
+    args = serial.compact_args((small, large))
+    assert args[0] is small and args[1] is not large
+    assert _through(args) == (small, large)
+
+
 def test_only_pickle_and_cloudpickle_take_the_short_form() -> None:
     """Another serializer gets arrays as they are (dill's pure-Python pickler trips on in-band PickleBuffers)."""
     code = ("import numpy; from pydra.comm import serial; a = numpy.arange(3.0)\n"

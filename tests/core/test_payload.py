@@ -5,12 +5,13 @@ process, sealed, and with each serializer: every value of
 ``job_payload.values()`` (large and small arrays, Fortran order,
 non-contiguous and transposed views, 0-size arrays, big-endian, complex,
 structured, datetime and object dtypes, read-only arrays, a bytearray,
-arrays nested in dicts, lists and tuples) reaches the worker and comes back
-with the same type, dtype, shape, memory order, writability and bytes,
-through ``Executor.submit``, ``Executor.map`` and a GangTask's arguments and
-result; and every large contiguous array travels out of band (it lands in a
-receive buffer of its own) unless the serializer cannot do that. One array
-over 2 GiB goes there and back (slow; skipped with less than 8 GiB free).
+``bytes`` large and small, arrays nested in dicts, lists and tuples) reaches
+the worker and comes back with the same type, dtype, shape, memory order,
+writability and bytes, through ``Executor.submit``, ``Executor.map`` and a
+GangTask's arguments and result; and every large contiguous array travels
+out of band (it lands in a receive buffer of its own) unless the serializer
+cannot do that. One array over 2 GiB goes there and back (slow; skipped
+with less than 8 GiB free).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def values() -> dict[str, object]:
         "object": np.array([1, "two", None, 3.0], dtype=object),
         "readonly": readonly,
         "bytearray": bytearray(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()),
+        "bytes": rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes(),  # out of band in a call and a result
+        "bytes-small": b"\x00pydra\xff",
         "nested": {"a": [large, (np.arange(7), {"deep": grid[:100]})], "b": (np.empty((0, 3)), grid[:, :1].copy()),
                    "same twice": [piece, piece]},
     }
@@ -66,8 +68,8 @@ def fingerprint(value: object) -> object:
         order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
         digest = hashlib.sha256(value.tobytes() if value.dtype != object else repr(value.tolist()).encode()).hexdigest()
         return ["ndarray", value.dtype.str, list(value.shape), order, value.flags.writeable, digest]
-    if isinstance(value, bytearray):
-        return ["bytearray", hashlib.sha256(value).hexdigest()]
+    if isinstance(value, (bytes, bytearray)):
+        return [type(value).__name__, hashlib.sha256(value).hexdigest()]
     if isinstance(value, dict):
         return {key: fingerprint(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
