@@ -13,8 +13,8 @@ trigger that makes it, and :meth:`Scheduler._move` is the only place a phase
 changes. The rules, each in one method:
 
 * dispatch (:meth:`_dispatch`): units are dealt one per worker per round to
-  the workers with room, so idle workers are served before queues grow; each
-  worker's share becomes one :class:`Send`;
+  the workers with room, the least busy first, so idle workers are served
+  before queues grow; each worker's share becomes one :class:`Send`;
 * pipeline depth (:meth:`_adapt_pipeline`): about ``pipeline_seconds`` of
   work queued at each worker, between ``depth`` and :data:`MAX_INFLIGHT`
   units;
@@ -305,7 +305,9 @@ class Scheduler:
         self._start_gangs()
         limit = self.inflight_limit
         room = {w.rank: limit - w.inflight for w in self.workers if w.phase in TAKES_WORK}
-        ready = [w.rank for w in self.workers if room.get(w.rank, 0) > 0]
+        # The least busy first (ties in rank order): a unit that comes alone runs beside the others,
+        # not queued behind one of them.
+        ready = sorted((rank for rank, free in room.items() if free > 0), key=room.__getitem__, reverse=True)
         shares: dict[int, list[tuple]] = {rank: [] for rank in ready}
         pending, next_unit = self.pending, self._next_unit  # locals: the loop runs once per unit
         while ready:

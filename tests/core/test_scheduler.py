@@ -141,6 +141,21 @@ def test_units_are_dealt_round_robin_one_message_per_worker_up_to_the_pipeline_d
     assert [c[2] for c in sent[1]] == ["e"] and 2 not in sent
 
 
+def test_a_call_that_comes_alone_goes_to_an_idle_worker_before_a_busy_one() -> None:
+    """Each pass deals to the least busy workers first: a second call, submitted after the first was sent,
+    runs beside it on the idle worker rather than queue behind it (seen on a busy box: both on rank 1)."""
+    scheduler = make(depth=2)
+    calls = Calls(scheduler)
+    calls.submit("a")
+    assert [c[2] for c in sends(scheduler.handle(Dispatch(0.0)))[1]] == ["a"]
+    calls.submit("b")
+    assert [c[2] for c in sends(scheduler.handle(Dispatch(0.0)))[2]] == ["b"]
+    for name in "cd":
+        calls.submit(name)
+    sent = sends(scheduler.handle(Dispatch(0.0)))
+    assert [c[2] for c in sent[1]] == ["c"] and [c[2] for c in sent[2]] == ["d"]  # then round robin again
+
+
 def test_a_definition_goes_to_each_worker_once_before_its_first_use() -> None:
     scheduler = make(depth=4)
     stream(scheduler, range(10))
