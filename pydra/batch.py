@@ -193,7 +193,7 @@ def run_job(request: JobRequest) -> int:
     interrupts.stop_quietly()  # before MPI starts: an interrupted job ends without a traceback
     from mpi4py import MPI
 
-    from pydra import target as targets
+    from pydra import cpus, target as targets
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import mpi
     from pydra.launcher.allocation import refuse_foreign_world
@@ -204,6 +204,7 @@ def run_job(request: JobRequest) -> int:
     interrupts.joined(comm.rank, comm.size)
     mpi.start_sealing(comm)  # raises SealConfigError on every rank, for pydra.cli to report once
     abort_on_uncaught_exit(comm)  # from here on, no rank may leave the others waiting
+    cpus.share_cores(comm)  # before the TARGET's imports load numpy's OpenBLAS and the like
     root = spec = record = None
     if comm.rank == 0:
         from pydra.journal import JournalError  # rank 0 keeps the journal; the workers never load it

@@ -80,6 +80,13 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _threads(text: str) -> str | int:
+    """``PYDRA_THREADS``, read by :mod:`pydra.cpus`, imported only then."""
+    from pydra import cpus
+
+    return cpus.parse_threads(text)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One ``PYDRA_<name>``: its default, how its text is read, what a value must be, and what it does.
@@ -114,6 +121,9 @@ SETTINGS: dict[str, Setting] = {
                                  "seconds of silence after which rank 0 declares a worker lost"),
     "ISOLATE": Setting(False, flag, "1 or 0 (yes/no, true/false, on/off)",
                        "run task code in a child process of each worker rank"),
+    "THREADS": Setting("auto", _threads, "auto, off or a positive integer",
+                       "threads each rank's numerical libraries (OpenBLAS, MKL, OpenMP...) may start: auto shares "
+                       "the rank's cores among the workers on them; off leaves them alone (pydra.cpus)"),
     "MAX_RESULT_BYTES": Setting(1 << 30, _POSITIVE_INT, "a positive number of bytes",
                                 "largest pickled result a worker sends back for one unit"),
     "PROGRESS": Setting("", _one_of("bar", "lines", "off"), "bar, lines or off",

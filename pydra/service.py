@@ -438,7 +438,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
 
     from mpi4py import MPI
 
-    from pydra import journal as journals, rundirs
+    from pydra import cpus, journal as journals, rundirs
     from pydra._core.session import abort_on_uncaught_exit
     from pydra.comm import failures
     from pydra.control import ControlServer, configure_logging
@@ -451,6 +451,7 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     if refuse_foreign_world(comm):  # N copies of a one-rank cluster, each serving alone
         return 2
     abort_on_uncaught_exit(comm)
+    cpus.share_cores(comm)  # before any job's TARGET loads numpy's OpenBLAS and the like
     if comm.rank != 0:
         # Ctrl-C in a terminal (and mpiexec's SIGTERM or SIGUSR2) reach every rank: rank 0 shuts the
         # cluster down in order; a worker ends when told to, or when rank 0 falls silent.

@@ -30,8 +30,10 @@ from pydra.config import setting
 from pydra.launcher.supervise import JOINED
 
 #: collective label -> the start-up step a rank is in from when it enters that collective until the next
+_AFTER_MPI_STARTED = "after MPI's start-up, before the TARGET was shipped"
 STEPS = {
-    "start-sealing": "after MPI's start-up, before the TARGET was shipped",
+    "start-sealing": _AFTER_MPI_STARTED,
+    "share-cores": _AFTER_MPI_STARTED,  # pydra.cpus
     "bcast-spec": "while the TARGET was shipped to the workers and loaded there",
     "gather-problems": "while the ranks reported whether the TARGET loaded",
     "bcast-failures": "while rank 0 told the ranks whether the TARGET loaded everywhere",

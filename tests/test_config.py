@@ -24,6 +24,7 @@ BAD = {  # a value each setting must refuse, and the words of what it expects
     "MAX_RESULT_BYTES": ("1.5", "a positive number of bytes"),
     "PROGRESS": ("bogus", "bar, lines or off"),
     "SEAL": ("sometimes", "1 or 0"),
+    "THREADS": ("0", "auto, off or a positive integer"),
 }
 
 

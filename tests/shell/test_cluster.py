@@ -215,6 +215,17 @@ def test_a_job_whose_target_cannot_load_fails_and_the_cluster_goes_on(cluster: C
     assert result_of(cluster.wait_final(fine)[fine]) == [144]
 
 
+def test_the_workers_share_the_cores_before_any_job_loads_numpy(cluster: Cluster) -> None:
+    """pydra.cpus at the cluster's start: three workers on this host share its cores (tests/test_cpus.py has the rules)."""
+    from pydra import cpus
+
+    cluster.settle()
+    report = cluster.submit(f"{HERE.parent / 'core' / 'jobs' / 'cpus_report.py'}:Report", "a", "b", "c")
+    for item in result_of(cluster.wait_final(report)[report]):
+        share = str(max(1, item["cpus"] // 3))
+        assert item["told"] == {name: share for name in cpus.VARIABLES}, item
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
