@@ -281,8 +281,10 @@ def _put(comm: MPI.Comm, messages: list, dest: int, tag: int) -> None:
     """Hand a message's MPI messages to MPI, in order (the tag's send lock held)."""
     for message in messages:
         spec = _spec(message)
-        comm.Send(spec, dest, tag)
-        _done(spec)
+        try:
+            comm.Send(spec, dest, tag)
+        finally:  # a Send that raises (the job is ending) must not keep a >2 GiB message's datatype
+            _done(spec)
 
 
 class _Parts:
