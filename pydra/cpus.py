@@ -18,7 +18,9 @@ of this host that may run on the same cores. Rank 0 runs no task while it
 has workers, so it takes no share. Ranks bound to cores of their own keep
 them all; ranks whose CPU sets overlap without being the same are counted
 apart (launchers do not bind so). If the user set any of the variables,
-they are all left as they are: the user chose.
+they are all left as they are: the user chose. A CPU quota is not an
+affinity (a container started with ``--cpus 4`` still sees every core of
+its host): there, set ``PYDRA_THREADS`` to the quota's share.
 
 Task processes (``PYDRA_ISOLATE``) inherit the variables. A program that
 runs its own ``Executor`` under mpiexec has loaded numpy before Pydra could
