@@ -28,6 +28,7 @@ class Toolbar:
         self.status: dict | None = None
         self.problem: str | None = None
         self._states: dict[int, str] = {}
+        self._looked = False  # whether a refresh has seen the jobs: what had ended before that is no news
         self._lock = threading.Lock()
         self._held: list[str] | None = None  # announcements kept back (see held)
         self._stopped = threading.Event()
@@ -66,10 +67,11 @@ class Toolbar:
         self.facts.job_ids = [job["id"] for job in jobs]
         self.facts.ranks = [worker["rank"] for worker in workers]
         for job in jobs:
-            previous = self._states.get(job["id"])
-            if previous is not None and previous != job["state"] and job["state"] in ("done", "failed"):
+            # A job first seen already ended is news too: it was submitted and ran between two polls.
+            if self._looked and self._states.get(job["id"]) != job["state"] and job["state"] in ("done", "failed"):
                 self._announce(f"job {job['id']} ({job['target']}) {job['state']}")
             self._states[job["id"]] = job["state"]
+        self._looked = True
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

@@ -139,9 +139,34 @@ def test_the_toolbar_shows_health_and_announces_finished_jobs():
     assert said == ["job 7 (t.py:T) failed"]
 
 
+class ChangingCluster(RecordedCluster):
+    """A cluster whose job list is whatever the test last set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[dict] = []
+
+    def call(self, command: str, **args):
+        return self.jobs if command == "jobs" else super().call(command, **args)
+
+
+def test_the_toolbar_announces_a_job_that_ran_between_two_polls_but_not_what_ended_before_it_looked():
+    cluster, said = ChangingCluster(), []
+    cluster.jobs = [{**JOB, "id": 3, "state": "done"}]  # ended before the shell started
+    toolbar = Toolbar(cluster, ClusterFacts(), said.append)
+    toolbar.refresh()
+    assert said == []
+    cluster.jobs.append({**JOB, "id": 8, "state": "done"})  # submitted, run and done within one poll interval
+    toolbar.refresh()
+    assert said == ["job 8 (t.py:T) done"]
+    toolbar.refresh()
+    assert said == ["job 8 (t.py:T) done"]  # once
+
+
 def test_the_toolbar_holds_announcements_back_while_progress_draws():
     said: list[str] = []
     toolbar = Toolbar(RecordedCluster(), ClusterFacts(), said.append)
+    toolbar.refresh()  # the first look: job 7 had failed before it
     toolbar._states[7] = "running"
     with toolbar.held():
         toolbar.refresh()
