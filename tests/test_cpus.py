@@ -8,8 +8,11 @@ OpenBLAS then starts that many threads, and that a user's own choice stands.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 from testkit import ROOT, mpi_environment, mpiexec_argv, run_process
@@ -83,6 +86,56 @@ def test_the_setting_refuses(text: str) -> None:
         cpus.parse_threads(text)
 
 
+def fake_cgroups(tmp_path, membership: str, mount: str, files: dict[str, str]):
+    """A /proc/self/cgroup, a mountinfo and a hierarchy of cgroup files under tmp_path/fs: quota()'s arguments."""
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(membership)
+    (tmp_path / "mountinfo").write_text(mount.replace("FS", str(tmp_path / "fs")))
+    return str(tmp_path / "cgroup"), str(tmp_path / "mountinfo")
+
+
+V1_MOUNT = "32 31 0:29 / FS rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+V2_MOUNT = "30 23 0:27 / FS rw,nosuid - cgroup2 cgroup2 rw\n"
+
+
+def test_v1_quotas_the_least_of_a_cgroup_and_its_ancestors_counts(tmp_path) -> None:
+    files = {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000",
+             "job/cpu.cfs_quota_us": "400000", "job/cpu.cfs_period_us": "100000",
+             "job/step/cpu.cfs_quota_us": "150000", "job/step/cpu.cfs_period_us": "100000"}
+    assert cpus.quota(*fake_cgroups(tmp_path, "4:cpu,cpuacct:/job/step\n1:memory:/\n", V1_MOUNT, files)) == 2
+
+
+def test_no_v1_quota_is_none(tmp_path) -> None:
+    files = {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"}
+    assert cpus.quota(*fake_cgroups(tmp_path, "4:cpu,cpuacct:/\n", V1_MOUNT, files)) is None
+
+
+def test_a_v2_cpu_max_counts_and_max_is_no_quota(tmp_path) -> None:
+    files = {"cpu.max": "max 100000", "pod/cpu.max": "300000 100000"}
+    assert cpus.quota(*fake_cgroups(tmp_path, "0::/pod\n", V2_MOUNT, files)) == 3
+    assert cpus.quota(*fake_cgroups(tmp_path / "b", "0::/\n", V2_MOUNT, {"cpu.max": "max 100000"})) is None
+
+
+def test_a_container_that_sees_its_own_cgroup_as_the_mount_reads_the_mount(tmp_path) -> None:
+    """Without a cgroup namespace: the membership names the host's path, the mount is the container's cgroup."""
+    mount = "32 31 0:29 /docker/abc FS rw - cgroup cgroup rw,cpu\n"
+    files = {"cpu.cfs_quota_us": "200000", "cpu.cfs_period_us": "100000"}
+    assert cpus.quota(*fake_cgroups(tmp_path, "4:cpu:/docker/abc\n", mount, files)) == 2
+    assert cpus.quota(*fake_cgroups(tmp_path / "b", "4:cpu:/elsewhere\n", mount, files)) == 2
+
+
+def test_no_cgroups_is_no_quota(tmp_path) -> None:
+    assert cpus.quota(str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
+def test_files_that_do_not_read_as_expected_are_no_quota(tmp_path) -> None:
+    files = {"cpu.cfs_quota_us": "lots", "cpu.cfs_period_us": "100000"}
+    assert cpus.quota(*fake_cgroups(tmp_path, "4:cpu:/\n", V1_MOUNT, files)) is None
+    assert cpus.quota(*fake_cgroups(tmp_path / "b", "0::/\n", V2_MOUNT, {"cpu.max": "100000 0"})) is None
+
+
 # -- real jobs --------------------------------------------------------------------------------------
 
 
@@ -131,3 +184,33 @@ def test_pydra_threads_sets_a_number(tmp_path) -> None:
     for item in run_report(tmp_path, 3, PYDRA_THREADS="7"):
         assert item["told"] == {name: "7" for name in cpus.VARIABLES}
         assert item["threads"] == min(7, item["cpus"])
+
+
+def cpu_hierarchy() -> str | None:
+    """Where cgroup v1's cpu controller is mounted (its root), if it is."""
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            after = fields[fields.index("-") + 1:]
+            if after[0] == "cgroup" and "cpu" in after[2].split(",") and fields[3] == "/":
+                return fields[4]
+    return None
+
+
+def test_a_cpu_quota_caps_a_workers_share(tmp_path) -> None:
+    """The job in a cgroup of its own with a quota of one CPU: its one worker gets one thread, not one per core."""
+    hierarchy = cpu_hierarchy()
+    if os.geteuid() != 0 or hierarchy is None:
+        pytest.skip("needs root and cgroup v1's cpu controller, to make a cgroup with a quota")
+    group = Path(hierarchy) / f"pydra-test-{uuid.uuid4().hex[:12]}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+        enter = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh"]
+        for item in run_report(tmp_path, 2, enter):
+            if item["cpus"] == 1:
+                pytest.skip("the launcher bound the worker to one CPU: the quota changes nothing")
+            assert item["told"] == {name: "1" for name in cpus.VARIABLES}
+            assert item["threads"] == 1
+    finally:
+        group.rmdir()  # the job has ended: the cgroup is empty
