@@ -29,8 +29,8 @@ from pydra import interrupts
 from pydra.config import setting
 from pydra.launcher.supervise import JOINED
 
-#: collective label -> the start-up step a rank is in from when it enters that collective until the next
 _AFTER_MPI_STARTED = "after MPI's start-up, before the TARGET was shipped"
+#: collective label -> the start-up step a rank is in from when it enters that collective until the next
 STEPS = {
     "start-sealing": _AFTER_MPI_STARTED,
     "share-cores": _AFTER_MPI_STARTED,  # pydra.cpus
