@@ -13,20 +13,22 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures._base import PENDING, RUNNING
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mpi4py import MPI
 
 from pydra._core import protocol, session
-from pydra._core.evaluate import UnitLog, Walk
 from pydra._core.futures import LeanFuture
 from pydra._core.jobs import JobHandle
-from pydra._core.master import Master
 from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import Chunk, ChunkStream
 from pydra.comm import failures, serial
 from pydra.config import setting
 from pydra.tasks.base import as_task
+
+if TYPE_CHECKING:  # rank 0's half, which loads asyncio: session.start imports it there alone
+    from pydra._core.evaluate import UnitLog
+    from pydra._core.master import Master
 
 
 class Executor(concurrent.futures.Executor):
@@ -146,6 +148,8 @@ class Executor(concurrent.futures.Executor):
         With a *log* (a run's journal), finished units are recorded there and
         units it already holds are not run again.
         """
+        from pydra._core.evaluate import Walk
+
         job = Walk.start(self.master, as_task(task), inputs, log)
         self._jobs.add(job)
         return job.future

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 
-from mpijobs import JOBS, mpi_environment, run_process
+from mpijobs import JOBS, mpi_environment, result_line, run_process, run_script
 
 #: never needed to launch a job or to run a plain tree
 HEAVY = ["numpy", "cryptography", "prompt_toolkit"]
@@ -50,6 +50,19 @@ def test_a_worker_rank_loads_neither_rank_0s_half_nor_heavy_libraries(tmp_path) 
     rank_0 = ast.literal_eval(re.search(r"^rank 0 loaded: (.*)$", done.stderr, re.M).group(1))
     assert "pydra._core.master" in rank_0  # the probe sees what is loaded
     assert [name for name in HEAVY + ["pydra.comm.admission"] if name in rank_0] == []
+
+
+def test_a_worker_of_a_script_loads_neither_asyncio_nor_the_master(tmp_path) -> None:
+    """``pydra.run`` in a user's script under mpiexec: the workers import the Executor's module, not rank 0's half.
+
+    asyncio alone took about 40 ms to import here, paid by every worker
+    before its first unit (and on a 2-core machine, by rank 0 beside them).
+    """
+    done = run_script(3, "startup_modules.py", timeout=120)
+    assert done.returncode == 0, done.stderr
+    for modules in result_line(done):
+        assert [name for name in HEAVY + ["asyncio", "pydra._core.master", "pydra._core.evaluate"]
+                if name in modules] == []
 
 
 def test_a_mapreduce_shuffle_loads_nothing_heavy(tmp_path) -> None:
