@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # However this rank ends from here (a bad TARGET every rank agreed on, the job's end), it is
         # not lost: a supervised rank that leaves during start-up without saying so ends the job.
-        startup.joined()
+        startup.left()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

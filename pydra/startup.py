@@ -6,9 +6,11 @@ the others waiting forever, since the heartbeats that notice a lost worker
 only start with the session. Under ``pydra run -n`` and ``pydra launch``
 each rank runs under :mod:`pydra.launcher.supervise`, which hands it the write end of a pipe
 in ``PYDRA_STARTUP_FD``. The rank writes one line to it at each start-up
-step and ``joined`` once the session has started, then closes it. If the
-rank dies before that, its supervisor says which rank was lost and in which
-step, and ends the job rather than let it hang (see that module).
+step, ``joined`` once the session has started and ``left`` once it is over
+(or the rank ends on purpose). If the rank dies before ``joined``, its
+supervisor says which rank was lost and in which step, and ends the job
+rather than let it hang; a worker that dies between ``joined`` and ``left``
+was lost in the session, which goes on without it (see that module).
 
 Without a supervisor (another launcher, or plain ``mpiexec``) nothing is
 written: MPICH's launcher itself ends a job whose rank was killed.
@@ -27,7 +29,7 @@ import time
 
 from pydra import interrupts
 from pydra.config import setting
-from pydra.launcher.supervise import JOINED
+from pydra.launcher.supervise import JOINED, LEFT
 
 _AFTER_MPI_STARTED = "after MPI's start-up, before the TARGET was shipped"
 #: collective label -> the start-up step a rank is in from when it enters that collective until the next
@@ -69,12 +71,19 @@ def reached(label: str) -> None:
 
 def joined() -> None:
     """Tell the supervisor (if any) that this rank's start-up is over; a later loss is the session's to handle."""
-    global _fd
     fd = _supervisor_fd()
     if fd is not None:
         _write(fd, JOINED)
-        os.close(fd)
-        _fd = None
+
+
+def left() -> None:
+    """Tell the supervisor (if any) that this rank is out of its session: however it ends now is its own doing.
+
+    The pipe stays open: a script may start another session.
+    """
+    fd = _supervisor_fd()
+    if fd is not None:
+        _write(fd, LEFT)
 
 
 def _write(fd: int, line: str) -> None:
@@ -95,7 +104,7 @@ def lost(rank: int, size: int, failed: list[int], label: str) -> None:
     stopped it, the lowest surviving rank says which ranks were lost.
     """
     supervised = _supervisor_fd() is not None
-    joined()  # this rank leaves as its peers do, not lost: its supervisor must not end the job too
+    left()  # this rank leaves as its peers do, not lost: its supervisor must not end the job too
     if supervised:
         if threading.current_thread() is threading.main_thread():
             for signum in (*interrupts.STOPS, interrupts.RELAYED_STOP):

@@ -57,6 +57,7 @@ def run_session(comm: MPI.Intracomm) -> Master | None:
         from pydra._core.worker import WorkerLoop
 
         WorkerLoop(comm, host_name(), heartbeat, isolate=setting("ISOLATE")).serve()
+        startup.left()  # served to the end: how this rank ends from here on is its program's doing
         return None
     from pydra._core.master import Master
 

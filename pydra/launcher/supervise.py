@@ -5,7 +5,12 @@ dies *by a signal*, whatever ``-disable-auto-cleanup`` says; a rank that
 *exits* with a status is left to the others. So Pydra starts each rank under
 this small supervisor: it runs the rank as its child and reports a worker
 rank's death by a signal (SIGKILL, a segfault) as a message and a normal
-exit, so rank 0 can reschedule that worker's units on the survivors. The
+exit, so rank 0 can reschedule that worker's units on the survivors. A
+worker that exits with a status in the middle of a session (a task's
+``os._exit(9)``) is lost the same way, and its supervisor exits with 0: the
+job's status is rank 0's, so a job that recovered ends with 0. Once the
+rank says its session is over (``left``, :func:`pydra.startup.left`), its
+status is its program's own again. The
 death of rank 0, the master, still ends the job with status 128 + signal.
 Under Open MPI's ULFM, which reports a rank's death to the others only when
 its launcher sees a death, the supervisor ends as its rank did, by the same
@@ -51,8 +56,10 @@ import sys
 import threading
 import time
 
-#: what a rank reports once its start-up is over (pydra.startup.JOINED)
+#: what a rank reports once its start-up is over and it is in a session (pydra.startup.joined)
 JOINED = "joined"
+#: what a rank reports once its session is over, or it ends on purpose: its exit status is its own (pydra.startup.left)
+LEFT = "left"
 #: environment variables holding a process's rank in the job, per MPI launcher (Slurm's last:
 #: under an mpiexec in a Slurm job it numbers mpiexec's proxies, not the ranks)
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -108,25 +115,27 @@ def supervise(program: list[str]) -> int:
     step = _last_step(steps)
     how = f"exited with status {status}" if status >= 0 else f"was killed by {signal.Signals(-status).name}"
     # A rank that leaves during start-up, other than by an exit the ranks agreed on (which reports
-    # `joined` first, see pydra.cli), leaves the others waiting for it inside MPI's start-up or a
+    # `left` first, see pydra.cli), leaves the others waiting for it inside MPI's start-up or a
     # collective forever: end the job. Hydra stops every rank once one has died by a signal. (An exit
     # before MPI started is every rank's own: a bad command line, say.)
-    if step != JOINED and (status < 0 or step):
+    if step not in (JOINED, LEFT) and (status < 0 or step):
         where = step or "before it had started MPI"
         print(f"pydra: rank {rank} (pid {child.pid}) {how} during start-up, {where}; ending the job",
               file=sys.stderr, flush=True)
         end_job()
     if under_ulfm():
         return _end_as(status)  # ULFM tells the others of a death only if the launcher sees one
-    if status > 0 and rank not in (0, None):
-        tell_rank_zero(address, rank, how)
-    if status >= 0:
-        return status
-    print(f"pydra: rank {rank} (pid {child.pid}) {how}", file=sys.stderr, flush=True)
+    if status >= 0 and (rank in (0, None) or step != JOINED):
+        return status  # rank 0's status is the job's; a worker's, out of a session, is its program's own
+    if status < 0:
+        print(f"pydra: rank {rank} (pid {child.pid}) {how}", file=sys.stderr, flush=True)
     if rank == 0:
         return 128 - status  # the master is gone: the job has failed
-    tell_rank_zero(address, rank, how)
-    return 0  # a worker: rank 0 carries on without it
+    # A worker that ends in a session was lost (a task's os._exit, say) unless it left on purpose, which
+    # says `left` first: rank 0 carries on without it, and its status is not the job's.
+    if status != 0:
+        tell_rank_zero(address, rank, how)
+    return 0
 
 
 def under_ulfm() -> bool:

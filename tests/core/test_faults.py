@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pydra
 import pytest
 from mpijobs import JOBS, mpi_environment, rank_params, run_pydra
-from testkit import gang_after_losing_a_member, run_mpi, survives_losses
+from testkit import gang_after_losing_a_member, run_mpi, run_process, survives_losses
 
 from pydra.launcher.mpiexec import find_mpiexec
 
@@ -114,6 +115,24 @@ def test_an_isolated_crash_without_retries_names_the_signal(tmp_path, ranks):
     assert finished.returncode == 1
     assert "TaskProcessDied: the task's process" in finished.stderr
     assert "was killed by SIGSEGV" in finished.stderr or "exited with status 3" in finished.stderr
+
+
+@pytest.mark.skipif(not survives_losses(), reason="surviving a lost worker rank needs MPICH or Open MPI 5 (docs/FAULT-TOLERANCE.md)")
+def test_a_worker_lost_to_a_tasks_exit_status_leaves_a_job_that_recovered_ending_with_0(tmp_path):
+    """``pydra run -n 3``: a task's ``os._exit(9)`` ends its worker rank; the job reschedules and succeeds.
+
+    The lost rank's supervisor used to exit with the rank's 9, which mpiexec
+    passed on: a batch script saw a job that had printed its result fail.
+    """
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    output = tmp_path / "result.json"
+    env = {**mpi_environment(), "FAULT_DIR": str(faults)}
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "3", f"{TARGETS}:exits_once", *ITEMS[:12],
+                            "-o", str(output), "--no-journal"], timeout=120, env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(output.read_text()) == SQUARES[:12]
+    assert "lost worker rank" in finished.stderr and "exited with status 9" in finished.stderr
 
 
 @pytest.mark.parametrize("ranks", rank_params(1, 3))

@@ -38,6 +38,8 @@ def _stop_what_was_started():
 
 #: what a rank says once its start-up is over (pydra.startup.joined): the rank of these tests is past it
 JOINED = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'joined\\n')\n"
+#: what it says once its session is over (pydra.startup.left)
+LEFT = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'left\\n')\n"
 
 
 def supervised(rank: int, code: str) -> subprocess.Popen:
@@ -61,12 +63,38 @@ def test_a_worker_killed_by_a_signal_is_told_to_rank_zero_and_ends_the_superviso
         assert child.returncode == 0  # a worker: the job goes on without it
         assert "pydra: rank 2" in stderr and "was killed by SIGKILL" in stderr
         assert with_rank_zero.take() == [(2, "was killed by SIGKILL")]
-        child = supervised(1, "raise SystemExit(3)")
-        child.communicate(timeout=60)
-        assert child.returncode == 3 and with_rank_zero.take() == [(1, "exited with status 3")]
         child = supervised(1, "pass")
         child.communicate(timeout=60)
         assert child.returncode == 0 and with_rank_zero.take() == []  # a worker's normal end is no news
+    finally:
+        with_rank_zero.close()
+
+
+def test_a_worker_that_exits_with_a_status_in_its_session_is_lost_and_its_status_is_not_the_jobs() -> None:
+    """A task's ``os._exit(3)``: rank 0 hears of it and carries on; the job's status is rank 0's."""
+    with_rank_zero = notices()
+    try:
+        child = supervised(1, "import os; os._exit(3)")
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 0 and with_rank_zero.take() == [(1, "exited with status 3")]
+        assert stderr == ""  # rank 0 says which worker it lost
+        child = supervised(0, "import os; os._exit(3)")
+        child.communicate(timeout=60)
+        assert child.returncode == 3 and with_rank_zero.take() == []  # rank 0's status is the job's
+    finally:
+        with_rank_zero.close()
+
+
+def test_once_out_of_its_session_a_worker_ends_with_its_own_status() -> None:
+    """After ``left`` (a script's code after its Executor, a job's agreed end) the status is the program's."""
+    with_rank_zero = notices()
+    try:
+        child = supervised(1, LEFT + "raise SystemExit(3)")
+        child.communicate(timeout=60)
+        assert child.returncode == 3 and with_rank_zero.take() == []
+        child = supervised(1, LEFT + JOINED + "raise SystemExit(4)")  # a second session: lost again
+        child.communicate(timeout=60)
+        assert child.returncode == 0 and with_rank_zero.take() == [(1, "exited with status 4")]
     finally:
         with_rank_zero.close()
 

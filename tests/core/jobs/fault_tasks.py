@@ -68,6 +68,15 @@ class CrashesOnce(pydra.Task):
         return square(x)
 
 
+class ExitsOnce(pydra.Task):
+    """Item 6 ends its worker rank with ``os._exit(9)`` on its first try (not isolated: the rank is lost)."""
+
+    def work(self, x: str) -> int:
+        if x == "6" and first_try("exit", x):
+            os._exit(9)
+        return square(x)
+
+
 class WordsOnce(pydra.MapReduce):
     """Counts characters; the map of item "c" raises on its first try after emitting some pairs."""
 
@@ -114,6 +123,10 @@ def crashes_once() -> pydra.Task:
 
 def crashes_no_retry() -> pydra.Task:
     return pydra.Parallel(CrashesOnce(), chunksize=1, retries=0)
+
+
+def exits_once() -> pydra.Task:
+    return pydra.Parallel(ExitsOnce(), chunksize=1)
 
 
 def words_once() -> pydra.Task:
