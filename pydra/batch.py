@@ -42,7 +42,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         mpiexec = find_mpiexec()
     except MPIExecError as exc:
         print(f"pydra: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if setting("MPIEXEC") else EXIT_FAILED  # a bad setting is the user's to mend
     cpus = os.cpu_count() or 1
     if ranks > OVERSUBSCRIBED * cpus:  # more often a typo than a plan; mpiexec starts them all regardless
         print(f"pydra: warning: -n {ranks} starts {ranks} ranks on this host's {cpus} CPUs: "

