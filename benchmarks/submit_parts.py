@@ -43,7 +43,7 @@ def measure() -> dict[str, float]:
     for _ in range(BATCHES):
         scheduler.inflight_limit = BATCH  # (replies adapt it)
         started = time.thread_time()
-        calls = [_Call(noop, (i,), {}) for i in range(BATCH)]
+        calls = [_Call(noop, (i,), {}, None) for i in range(BATCH)]  # no master: nothing here waits on a result
         note("make the future", started)
         for call in calls:
             scheduler.calls.add(call)
