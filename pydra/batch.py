@@ -36,6 +36,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     With ``PYDRA_SEAL=1`` the job gets a fresh ``PYDRA_JOB_KEY`` and seals its messages.
     *resume_with* is the command that resumes the job, less ``--resume DIR`` (rank 0 says it).
     """
+    from pydra.launcher.jobwatch import JobWatch
     from pydra.launcher.mpiexec import MPIExecError, find_mpiexec
 
     try:
@@ -56,7 +57,11 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     if resume_with:
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
-    return wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal)
+    watch = JobWatch()
+    status = wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
+    # A rank lost during start-up ends the job (its supervisor said so in one line): a failure, whatever
+    # status Hydra makes of it (9, the supervisor's SIGKILL; 255 if it failed writing to a proxy meanwhile).
+    return EXIT_FAILED if watch.ends_job and not watch.stopping else status
 
 
 def progress_environment() -> dict[str, str]:

@@ -29,7 +29,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,12 +38,13 @@ from pydra.cli import add_job_arguments, add_service_arguments, check_job_argume
 from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
-from pydra.launcher import authorized, keys, netns, proctree, sshagent, tunnel
+from pydra.launcher import authorized, keys, netns, sshagent, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
 )
 from pydra.launcher.identity import add_identity_arguments, load_identity, missing_file
+from pydra.launcher.jobwatch import JobWatch
 from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec, login_name
@@ -350,84 +350,6 @@ class Launch:
             flags += ["--mca", "btl_tcp_if_include", self.iface, "--mca", "oob_tcp_if_include", self.iface]
         command[1:1] = flags
         return command
-
-
-class JobWatch:
-    """Watches mpiexec's stderr as :func:`~pydra.batch.wait_for` relays it.
-
-    - A rank lost during start-up has its supervisor print a line
-      ``pydra: rank N ... during start-up, ...; ending the job``
-      (:mod:`pydra.launcher.supervise`, :mod:`pydra.startup`).
-      Hydra ends a job only on the proxy that lost the rank: the ranks on the
-      other hosts would wait for it in MPI's start-up forever. The line makes
-      ``ends_job`` true, and :meth:`stop_proxies` (given to ``wait_for``) stops
-      the job at once.
-    - Under ULFM prterun exits 0 for a job it stopped because a daemon was lost
-      (a rank lost on a prted's host ends the job so: its supervisor stops that
-      prted), and for ranks that died by a signal. What it prints then is all
-      there is to see on this host: the start-up loss's line, or PRRTE's own
-      about a lost daemon.
-    - Rank 0's first line says how to resume the job; if the job is stopped
-      and rank 0's last word is lost (with its host, or dropped by prterun),
-      :meth:`say_how_to_resume` says it.
-    - Once the job is being stopped, Hydra's ``[mpiexec@host] ...`` error lines
-      only say that its proxies went away: they are dropped.
-    """
-
-    #: the line that says a start-up loss ends the job (pydra.launcher.supervise, pydra.startup), whole: a
-    #: task's own line that merely ends the same way must not stop the job
-    START_UP_LOSS = re.compile(rb"^pydra: ranks? [\d, ]+ .*during start-up, .*; ending the job$")
-    #: the start of PRRTE's paragraph about a daemon it lost
-    LOST_DAEMON = b"PRTE has lost communication with a remote daemon"
-    #: rank 0's first line (pydra.batch) and its last on an interrupt (pydra.interrupts)
-    RESUME = re.compile(rb"^pydra: run directory .* \(resume with: (.*)\)$")
-    TOLD = b"pydra: interrupted; resume with: "
-
-    def __init__(self) -> None:
-        self.ends_job = False
-        self.stopping = False
-        self.resume: str | None = None
-        self._told = False
-        self._line = b""  # the start of a line not yet seen whole
-        self._passed = 0  # how much of it was passed on already
-
-    def __call__(self, chunk: bytes) -> bytes:
-        *lines, rest = (self._line + chunk).split(b"\n")
-        for line in lines:
-            self.ends_job = self.ends_job or bool(self.START_UP_LOSS.match(line)) or self.LOST_DAEMON in line
-            self._told = self._told or self.TOLD in line
-            if self.resume is None and (found := self.RESUME.match(line)):
-                self.resume = found.group(1).decode(errors="replace")
-        if not self.stopping:
-            self._line, self._passed = rest, len(rest)
-            return chunk
-        # Whole lines only from here on (Hydra writes its prefix and its message apart).
-        kept = []
-        for i, line in enumerate(lines):
-            passed = self._passed if i == 0 else 0  # (the start of a line may have gone before we stopped)
-            if passed or not line.startswith(b"[mpiexec@"):
-                kept.append(line[passed:] + b"\n")
-        if lines:
-            self._passed = 0
-        self._line = rest
-        return b"".join(kept)
-
-    def say_how_to_resume(self, status: int) -> None:
-        """For a job stopped (*status* over 128) whose rank 0 could not say how to resume it, say it."""
-        if status > 128 and not self._told and self.resume is not None:
-            print(f"pydra: interrupted; resume with: {self.resume}", file=sys.stderr)
-
-    def stop_proxies(self, mpiexec: subprocess.Popen) -> None:
-        """Stop a Hydra job at once, everywhere: stop every host's ``pydra-remote-exec``.
-
-        Each one's agent then kills its host's proxy and ranks, and mpiexec,
-        its proxies gone, ends. (Hydra cannot be told: with a proxy already
-        gone it fails writing to it, and gives up on the others.)
-        """
-        self.stopping = True
-        for pid in proctree.children(mpiexec.pid) or [mpiexec.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
 
 
 def interface_settings(iface: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pydra.launcher.launch import JobWatch
+from pydra.launcher.jobwatch import JobWatch
 
 
 def feed(watch: JobWatch, *chunks: bytes) -> bytes:
