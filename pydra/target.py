@@ -86,7 +86,9 @@ def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:
     try:
         obj = getattr(module, spec.attribute)
     except AttributeError:
-        raise TargetError(f"{spec.module} has no attribute {spec.attribute!r}") from None
+        where = spec.text.rpartition(":")[0]  # as the user wrote it: a file's module name may be made up
+        kind = "task file" if spec.path else "module"
+        raise TargetError(f"{kind} {where} has no attribute {spec.attribute!r}") from None
     if isinstance(obj, type) and issubclass(obj, Task):
         return _build(spec, obj)
     if isinstance(obj, Task):

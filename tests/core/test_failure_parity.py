@@ -93,4 +93,4 @@ def test_a_failure_in_no_frame_of_the_users_is_one_line_both_ways(both_ways, tar
 def test_a_bad_target_is_one_line_both_ways(both_ways) -> None:
     one, three = both_ways("NoSuchTask")
     assert one.returncode == three.returncode == 2
-    assert shape(one) == shape(three) == ["pydra: error: failure_targets has no attribute 'NoSuchTask'"], three.stderr
+    assert shape(one) == shape(three) == [f"pydra: error: task file {TARGETS} has no attribute 'NoSuchTask'"], three.stderr
