@@ -376,7 +376,10 @@ class ControlClient:
             self.address, self.port, self.expected = (
                 self.details["address"], int(self.details["port"]), self.details["host_key"]
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise ControlError(f"the connection file {connection_file} has no {exc.args[0]!r}: is it a "
+                               "cluster's (pydra serve writes one)?") from None
+        except (OSError, ValueError, TypeError) as exc:
             raise ControlError(f"cannot read the connection file {connection_file}: {exc}") from None
         self.identity = identity
         self.timeout = timeout

@@ -186,3 +186,14 @@ def test_malformed_requests_change_nothing_and_the_cluster_goes_on(tmp_path: Pat
         assert not re.search(rf"{re.escape(admin)}: (status|queue|jobs|job|workers|config {{\"key\": null)", log)  # reads
         assert f"refused admin {stranger_fingerprint} from 127.0.0.1: key {stranger_fingerprint} is not in" in log
         assert json.dumps({"now": False}, sort_keys=True) in log  # the shutdown's args
+
+
+def test_a_connection_file_without_an_address_is_one_clear_line(tmp_path: Path) -> None:
+    """``pydra shell --connect FILE`` on a JSON file that is not a cluster's (it said only ``'address'``)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    connection = home / "cluster.json"
+    connection.write_text("{}")
+    connection.chmod(0o600)
+    with pytest.raises(ControlError, match=r"^the connection file .*cluster\.json has no 'address': is it a cluster's"):
+        ControlClient(connection, identity=None)  # type: ignore[arg-type]  (never reached)
