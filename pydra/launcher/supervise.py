@@ -14,7 +14,9 @@ status is its program's own again. The
 death of rank 0, the master, still ends the job with status 128 + signal.
 Under Open MPI's ULFM, which reports a rank's death to the others only when
 its launcher sees a death, the supervisor ends as its rank did, by the same
-signal, and says nothing.
+signal, and says nothing; a worker that exits with a status in its session
+it ends by SIGKILL, which ULFM reports at once (and prterun does not make the
+job's status).
 
 A worker's unexpected end is also told to rank 0 at once when rank 0 runs on
 the same host: the supervisors of one job on one host share a parent (the
@@ -124,6 +126,10 @@ def supervise(program: list[str]) -> int:
               file=sys.stderr, flush=True)
         end_job()
     if under_ulfm():
+        if status > 0 and rank not in (0, None) and step == JOINED:
+            # Lost in its session: ULFM reports a death by a signal at once (an exit only to the
+            # heartbeats), and prterun does not make it the job's status.
+            status = -signal.SIGKILL
         return _end_as(status)  # ULFM tells the others of a death only if the launcher sees one
     if status >= 0 and (rank in (0, None) or step != JOINED):
         return status  # rank 0's status is the job's; a worker's, out of a session, is its program's own
