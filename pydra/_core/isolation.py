@@ -98,7 +98,14 @@ class _Child:
         from_child_r, from_child_w = os.pipe()
         environment = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
         argv = [sys.executable, "-m", "pydra._core.child", str(to_child_r), str(from_child_w), str(rank), str(size), host]
-        self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=environment)
+        # MPICH's launcher signals SIGUSR1 to a rank's whole process group when another rank ends, and
+        # SIGUSR1 ends a process that does not handle it. The child inherits this thread's signal mask
+        # through fork and exec: started with SIGUSR1 blocked, it never receives one (nor needs to).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=environment)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(to_child_r)
         os.close(from_child_w)
         self.pipe = Pipe(from_child_r, to_child_w)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import sqlite3
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pydra
 import pytest
-from mpijobs import JOBS, mpi_environment, rank_params, run_pydra
+from mpijobs import JOBS, mpi_environment, rank_params, run_pydra, stop_group
 from testkit import gang_after_losing_a_member, run_mpi, run_process, survives_losses
 
 from pydra.launcher.mpiexec import find_mpiexec
@@ -133,6 +137,35 @@ def test_a_worker_lost_to_a_tasks_exit_status_leaves_a_job_that_recovered_ending
     assert finished.returncode == 0, finished.stderr
     assert json.loads(output.read_text()) == SQUARES[:12]
     assert "lost worker rank" in finished.stderr
+
+
+@pytest.mark.skipif(not survives_losses(), reason="surviving a lost worker rank needs MPICH or Open MPI 5 (docs/FAULT-TOLERANCE.md)")
+def test_with_isolation_a_lost_worker_costs_no_other_workers_task(tmp_path):
+    """``pydra run -n 3 --isolate``, worker rank killed: the other worker's task process lives on.
+
+    MPICH's launcher signals SIGUSR1 to every other rank's process group when
+    one ends; an isolated task process, in its rank's group, died of it, and
+    the job (no retries) failed with ``TaskProcessDied: ... SIGUSR1``.
+    """
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    output = tmp_path / "result.json"
+    env = {**mpi_environment(), "FAULT_DIR": str(faults)}
+    job = subprocess.Popen([sys.executable, "-m", "pydra", "run", "-n", "3", "--isolate", f"{TARGETS}:slow_no_retry",
+                            *ITEMS[:16], "-o", str(output), "--no-journal"], env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks := list(faults.glob("rank-*"))) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        assert marks, "item 0 never ran"
+        os.kill(int(marks[0].name.split("-")[1]), signal.SIGKILL)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        stop_group(job)
+    assert job.returncode == 0, stderr
+    assert json.loads(output.read_text()) == SQUARES[:16]
+    assert "lost worker rank" in stderr and "SIGUSR1" not in stderr
 
 
 @pytest.mark.parametrize("ranks", rank_params(1, 3))

@@ -77,6 +77,18 @@ class ExitsOnce(pydra.Task):
         return square(x)
 
 
+class SlowOnce(pydra.Task):
+    """No retries; each item takes 0.2 s. Run isolated, item 0 notes its rank's pid (``rank-PID``: its parent's)."""
+
+    retries = 0
+
+    def work(self, x: str) -> int:
+        if x == "0":
+            open(os.path.join(os.environ["FAULT_DIR"], f"rank-{os.getppid()}"), "w").close()
+        time.sleep(0.2)
+        return square(x)
+
+
 class WordsOnce(pydra.MapReduce):
     """Counts characters; the map of item "c" raises on its first try after emitting some pairs."""
 
@@ -127,6 +139,10 @@ def crashes_no_retry() -> pydra.Task:
 
 def exits_once() -> pydra.Task:
     return pydra.Parallel(ExitsOnce(), chunksize=1)
+
+
+def slow_no_retry() -> pydra.Task:
+    return pydra.Parallel(SlowOnce(), chunksize=1)
 
 
 def words_once() -> pydra.Task:
