@@ -37,6 +37,7 @@ from pydra._core.scheduler import Scheduler, Settings
 from pydra._core.sources import Call, GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
 from pydra.comm import failures, mpi, serial
+from pydra import startup
 from pydra.config import setting
 from pydra.launcher.supervise import DeathNotices
 
@@ -118,6 +119,7 @@ class Master:
         """Wait until the scheduler thread has stopped every worker and ended."""
         self._thread.join()
         self._ctrl_c.uninstall()
+        startup.left()  # the session is over: how rank 0 ends from here on is its program's doing
 
     def call_soon(self, function: Callable, *args: Any) -> None:
         """Run *function(\\*args)* in the scheduler thread, in the order asked (any thread).

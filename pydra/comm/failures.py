@@ -86,6 +86,9 @@ def exit_without_finalize(status: int) -> None:
     Once a rank of the job has died, MPI_Finalize would wait for it forever;
     the survivors flush what they printed and leave without it.
     """
+    from pydra import startup
+
+    startup.left()  # an end on purpose: a supervisor takes *status* for this rank's own, not for a loss
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

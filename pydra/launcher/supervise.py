@@ -125,8 +125,14 @@ def supervise(program: list[str]) -> int:
         print(f"pydra: rank {rank} (pid {child.pid}) {how} during start-up, {where}; ending the job",
               file=sys.stderr, flush=True)
         end_job()
+    if rank == 0 and status == 0 and step == JOINED:
+        # Every end of rank 0's on purpose says `left` first: this one came from inside the job (a
+        # task's os._exit(0)), which is then neither done nor failed. A 0 would say it was done.
+        print(f"pydra: rank 0 (pid {child.pid}) exited with status 0 in the middle of the job (a task's "
+              "os._exit?); the job did not finish", file=sys.stderr, flush=True)
+        return 1
     if under_ulfm():
-        if status > 0 and rank not in (0, None) and step == JOINED:
+        if status >= 0 and rank not in (0, None) and step == JOINED:
             # Lost in its session: ULFM reports a death by a signal at once (an exit only to the
             # heartbeats), and prterun does not make it the job's status.
             status = -signal.SIGKILL
@@ -137,10 +143,9 @@ def supervise(program: list[str]) -> int:
         print(f"pydra: rank {rank} (pid {child.pid}) {how}", file=sys.stderr, flush=True)
     if rank == 0:
         return 128 - status  # the master is gone: the job has failed
-    # A worker that ends in a session was lost (a task's os._exit, say) unless it left on purpose, which
-    # says `left` first: rank 0 carries on without it, and its status is not the job's.
-    if status != 0:
-        tell_rank_zero(address, rank, how)
+    # A worker that ends in a session was lost (a task's os._exit, say): ends on purpose say `left`
+    # first. Rank 0 carries on without it, and its status is not the job's.
+    tell_rank_zero(address, rank, how)
     return 0
 
 

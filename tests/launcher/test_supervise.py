@@ -63,7 +63,7 @@ def test_a_worker_killed_by_a_signal_is_told_to_rank_zero_and_ends_the_superviso
         assert child.returncode == 0  # a worker: the job goes on without it
         assert "pydra: rank 2" in stderr and "was killed by SIGKILL" in stderr
         assert with_rank_zero.take() == [(2, "was killed by SIGKILL")]
-        child = supervised(1, "pass")
+        child = supervised(1, LEFT + "pass")
         child.communicate(timeout=60)
         assert child.returncode == 0 and with_rank_zero.take() == []  # a worker's normal end is no news
     finally:
@@ -81,6 +81,23 @@ def test_a_worker_that_exits_with_a_status_in_its_session_is_lost_and_its_status
         child = supervised(0, "import os; os._exit(3)")
         child.communicate(timeout=60)
         assert child.returncode == 3 and with_rank_zero.take() == []  # rank 0's status is the job's
+    finally:
+        with_rank_zero.close()
+
+
+def test_an_exit_0_in_the_session_is_a_lost_worker_or_an_unfinished_job() -> None:
+    """A task's ``os._exit(0)``: a worker is lost (rank 0 hears at once); rank 0 gone that way is no success."""
+    with_rank_zero = notices()
+    try:
+        child = supervised(1, "import os; os._exit(0)")
+        child.communicate(timeout=60)
+        assert child.returncode == 0 and with_rank_zero.take() == [(1, "exited with status 0")]
+        child = supervised(0, "import os; os._exit(0)")
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 1
+        assert stderr.startswith("pydra: rank 0 (pid ") and "exited with status 0 in the middle of the job" in stderr
+        child = supervised(0, LEFT + "pass")  # the session ended, then the program
+        assert child.communicate(timeout=60) == ("", "") and child.returncode == 0
     finally:
         with_rank_zero.close()
 

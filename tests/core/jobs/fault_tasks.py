@@ -77,6 +77,15 @@ class ExitsOnce(pydra.Task):
         return square(x)
 
 
+class ExitsZero(pydra.Task):
+    """Item 3 ends whatever process runs it with ``os._exit(0)``, on every try."""
+
+    def work(self, x: str) -> int:
+        if x == "3":
+            os._exit(0)
+        return square(x)
+
+
 class SlowOnce(pydra.Task):
     """No retries; each item takes 0.2 s. Run isolated, item 0 notes its rank's pid (``rank-PID``: its parent's)."""
 
@@ -139,6 +148,10 @@ def crashes_no_retry() -> pydra.Task:
 
 def exits_once() -> pydra.Task:
     return pydra.Parallel(ExitsOnce(), chunksize=1)
+
+
+def exits_zero() -> pydra.Task:
+    return pydra.Parallel(ExitsZero(), chunksize=1)
 
 
 def slow_no_retry() -> pydra.Task:
