@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -409,8 +408,9 @@ class Scheduler:
                 lost = isinstance(value.exception, WorkerLost)
                 error = value.to_exception(f"in a gang on ranks {members}")
                 if not lost:
-                    # The other members may be blocked in a collective with the failed one.
-                    self.broken = "".join(traceback.format_exception(error))
+                    # The other members may be blocked in a collective with the failed one. (The
+                    # failure itself, traceback and all, is the gang's caller's to report.)
+                    self.broken = f"{type(value.exception).__name__} on rank {rank}, in a gang on ranks {members}"
                 gang.callback(None, error)
                 if lost and not self._collective_raises(rank):
                     # Those still in the gang's collectives wait for the lost rank forever, and
@@ -553,7 +553,7 @@ class Scheduler:
         if self.broken:
             # A failed gang left members blocked in a collective that will never
             # complete; MPI offers no way to free them, so the job may have to end.
-            self._out.append(AbortIfStuck(f"{self.broken}pydra: a gang task failed and left ranks blocked in MPI;"
+            self._out.append(AbortIfStuck(f"pydra: a gang task failed ({self.broken}) and left ranks blocked in MPI;"
                                           " aborting the job\n", 2.0))
         # After a loss, MPI_Finalize would wait for the lost ranks forever: the workers
         # must end their processes instead (and so must rank 0, see lost_ranks).

@@ -361,7 +361,11 @@ def test_a_failed_gang_is_given_up_and_the_stop_guards_against_stuck_members() -
     assert isinstance(outcome["e"], RuntimeError) and uid not in scheduler.pending
     scheduler.handle(StopRequested())
     out = scheduler.handle(Dispatch(0.2))
-    assert any(isinstance(i, AbortIfStuck) for i in out)  # rank 2 may be blocked in the gang's collective
+    guards = [i for i in out if isinstance(i, AbortIfStuck)]  # rank 2 may be blocked in the gang's collective
+    assert [guard.reason for guard in guards] == [
+        "pydra: a gang task failed (RuntimeError on rank 1, in a gang on ranks [1, 2]) and left ranks blocked in MPI;"
+        " aborting the job\n"  # one line: the failure's traceback is its caller's to print, once
+    ]
     assert ops(sends(out)[2]) == [protocol.STOP]
 
 
