@@ -216,6 +216,8 @@ def run_job(request: JobRequest) -> int:
 
         try:
             record = resume_record(Path(request.resume)) if request.resume else None
+            if record is not None and request.output:  # --resume DIR --output PATH: the result goes there now
+                record.output = str(Path(request.output).resolve())
             spec = record.spec if record is not None else targets.read_target(request.target or "")
             root = targets.resolve(spec, targets.load_module(spec))
             if record is None and request.journal:  # only for a target that loads

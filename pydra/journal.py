@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from pydra.errors import PydraError
 from pydra.jobstates import INITIAL, JobState, as_state, check_move
-from pydra.rundirs import make_private_dirs
+from pydra.rundirs import claim, holder, make_private_dirs
 
 __all__ = [
     "BATCH_ROWS",
@@ -115,9 +115,10 @@ class Journal:
     """
 
     def __init__(self, run_dir: Path, reader: sqlite3.Connection, writer: sqlite3.Connection,
-                 flush_interval: float) -> None:
-        """Use :meth:`Journal.open`; this takes connections already checked and configured."""
+                 flush_interval: float, claimed: int) -> None:
+        """Use :meth:`Journal.open`; this takes connections already checked and configured, and the claim."""
         self.run_dir = run_dir
+        self._claimed = claimed  # the run directory's lock (pydra.rundirs.claim), let go on close
         self.path = run_dir / JOURNAL_NAME
         self.flush_interval = flush_interval
         self._reader = reader
@@ -170,6 +171,13 @@ class Journal:
             raise JournalError(f"no run directory {run_dir}: give the directory a run printed at its start")
         elif not path.is_file():
             raise JournalError(f"no journal in {run_dir}: expected {path} (was it made with --run-dir?)")
+        try:
+            claimed = claim(run_dir)
+        except OSError as exc:
+            raise JournalError(f"cannot lock the run directory {run_dir}: {exc.strerror or exc}") from exc
+        if claimed is None:
+            raise JournalError(f"{run_dir} is in use by another run ({holder(run_dir)}): let it end, "
+                               "or give another run directory")
         reader = writer = None
         try:
             reader = _connect(path)
@@ -181,10 +189,11 @@ class Journal:
             for connection in (reader, writer):
                 if connection is not None:
                     connection.close()
+            os.close(claimed)
             if isinstance(exc, sqlite3.Error):  # not a database, unreadable, locked...
                 raise JournalError(f"cannot open the journal {path}: {exc}") from exc
             raise
-        return cls(run_dir, reader, writer, flush_interval)
+        return cls(run_dir, reader, writer, flush_interval, claimed)
 
     def close(self) -> None:
         """Commit everything recorded, stop the writer thread and close the database.
@@ -203,6 +212,7 @@ class Journal:
         self._thread.join()
         with self._read_lock:
             self._reader.close()
+        os.close(self._claimed)
         if self._failed is not None:
             raise self._write_error()
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import time
@@ -73,3 +75,40 @@ def make_private_dirs(path: Path) -> None:
         except FileExistsError:
             continue  # made meanwhile by someone else: not ours to chmod
         os.chmod(directory, 0o700)
+
+
+#: the file a run keeps locked while it uses its run directory (pydra.journal.Journal holds it)
+LOCK_NAME = "lock"
+
+
+def claim(run_dir: Path) -> int | None:
+    """Take *run_dir* for this process: the descriptor to close to let go, or None if another process has it.
+
+    An ``flock`` on ``run_dir/lock``, which the kernel drops when its holder
+    ends, however it ends: a resume after a killed rank 0 is not refused.
+    Where the file system cannot lock (some NFS mounts), the run goes ahead
+    unguarded.
+    """
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            os.close(fd)
+            raise
+        return fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for the message of the run refused (holder)
+    return fd
+
+
+def holder(run_dir: Path) -> str:
+    """Who has *run_dir* (see :func:`claim`), as far as its lock file says."""
+    try:
+        pid = (run_dir / LOCK_NAME).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"

@@ -95,11 +95,38 @@ def test_create_makes_private_directory_and_files(run_dir):
     with Journal.open(run_dir / "deeper", create=True) as journal_:
         journal_.add_job("t.py:T", [], {}, None)
         files = sorted(p.name for p in (run_dir / "deeper").iterdir())
-        assert files == ["journal.sqlite", "journal.sqlite-shm", "journal.sqlite-wal"]
+        assert files == ["journal.sqlite", "journal.sqlite-shm", "journal.sqlite-wal", "lock"]
         for name in files:
             assert mode(run_dir / "deeper" / name) == 0o600, name
     assert mode(run_dir) == 0o700
     assert mode(run_dir / "deeper") == 0o700
+
+
+def test_a_run_directory_is_used_by_one_run_at_a_time(run_dir):
+    """A second run on the same directory is refused in one line (it redid the work and died in tracebacks)."""
+    with Journal.open(run_dir, create=True) as first:
+        first.add_job("t.py:T", [], {}, None)
+        with pytest.raises(JournalError, match=rf"^{run_dir} is in use by another run \(pid {os.getpid()}\): let it end"):
+            Journal.open(run_dir, create=False)
+    with Journal.open(run_dir, create=False):  # let go once closed
+        pass
+
+
+def test_a_run_directory_is_let_go_when_its_holder_dies(run_dir):
+    """The kernel drops the lock of a killed rank 0: resuming after it is not refused."""
+    Journal.open(run_dir, create=True).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from pydra.journal import Journal; Journal.open(Path(sys.argv[1]), create=False); "
+                               "print('held', flush=True); time.sleep(60)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(JournalError, match="is in use by another run"):
+            Journal.open(run_dir, create=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    Journal.open(run_dir, create=False).close()
 
 
 def test_journal_uses_wal_and_records_its_schema_version(opened, run_dir):

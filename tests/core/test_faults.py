@@ -237,6 +237,38 @@ def test_a_journaled_run_records_each_item_once_and_resumes_without_recomputing(
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert tried(tmp_path, "raise") == markers
 
+    # --output given with --resume sends the result there this time (it was ignored).
+    elsewhere = tmp_path / "elsewhere.json"
+    again = run_pydra(ranks, ["run", "--resume", str(run_dir), "--output", str(elsewhere)],
+                      env=mpi_environment() | {"FAULT_DIR": str(tmp_path / "faults")})
+    assert again.returncode == 0, again.stderr
+    assert json.loads(elsewhere.read_text()) == result
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path):
+    """The same command twice at once on one --run-dir: the second resumed the first's job beside it, then
+    died in tracebacks (``job 1 cannot go from done to done``) and MPI_Abort."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pydra", "run", f"{TARGETS}:slow_no_retry", *ITEMS[:16], "--run-dir", str(run_dir)]
+    env = {**mpi_environment(), "FAULT_DIR": str(faults)}
+    first = subprocess.Popen([*command, "-o", str(tmp_path / "first.json")], env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(faults.glob("rank-*")) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        second = run_process([*command, "-o", str(tmp_path / "second.json")], timeout=60, env=env)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        stop_group(first)
+    assert second.returncode == 2 and not (tmp_path / "second.json").exists()
+    assert second.stderr.splitlines()[-1] == (f"pydra: error: {run_dir} is in use by another run (pid {first.pid}): "
+                                              "let it end, or give another run directory")
+    assert first.returncode == 0, stderr
+    assert json.loads((tmp_path / "first.json").read_text()) == SQUARES[:16]
+
 
 @pytest.mark.parametrize("ranks", rank_params(1, 3))
 def test_the_same_command_again_resumes_the_job_its_run_dir_journals(tmp_path, ranks):
