@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ def _stop(signum: int, frame: Any) -> None:
         from pydra.progress import progress_mode
 
         os.write(2, ("\r\x1b[K" if progress_mode() == "bar" else "").encode() + message.encode() + b"\n")
+    # Stopped on purpose: the status is this rank's own (pydra.launcher.supervise). (No import in a
+    # signal handler: a rank that never loaded pydra.startup never told a supervisor anything.)
+    startup = sys.modules.get("pydra.startup")
+    if startup is not None:
+        startup.left()
     os._exit(128 + signum)  # no MPI_Finalize: the other ranks are ending too
 
 

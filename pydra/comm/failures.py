@@ -52,6 +52,7 @@ def failed_ranks(comm: MPI.Comm) -> list[int]:
 def abort(comm: MPI.Comm, message: str) -> None:
     """Print *message* to stderr and abort the whole MPI job (never returns)."""
     os.write(2, message.encode())
+    _ending_on_purpose()
     # The launcher forwards stderr asynchronously and stops once the job is aborted:
     # give it a moment, or the one message saying why would be lost.
     time.sleep(0.5)
@@ -77,6 +78,7 @@ def end_job_after_loss(comm: MPI.Comm, status: int, stuck: list[int]) -> None:
         except (OSError, ValueError):
             pass
     time.sleep(0.3)  # let the healthy workers' exits (and their last output) through
+    _ending_on_purpose()
     comm.Abort(status)
 
 
@@ -86,12 +88,17 @@ def exit_without_finalize(status: int) -> None:
     Once a rank of the job has died, MPI_Finalize would wait for it forever;
     the survivors flush what they printed and leave without it.
     """
-    from pydra import startup
-
-    startup.left()  # an end on purpose: a supervisor takes *status* for this rank's own, not for a loss
+    _ending_on_purpose()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(status)
+
+
+def _ending_on_purpose() -> None:
+    """Tell this rank's supervisor (if any) that the end coming is Pydra's doing: its status is this rank's own."""
+    from pydra import startup
+
+    startup.left()  # (a rank that ends in its session without saying so was lost, see pydra.launcher.supervise)

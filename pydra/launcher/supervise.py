@@ -125,10 +125,10 @@ def supervise(program: list[str]) -> int:
         print(f"pydra: rank {rank} (pid {child.pid}) {how} during start-up, {where}; ending the job",
               file=sys.stderr, flush=True)
         end_job()
-    if rank == 0 and status == 0 and step == JOINED:
+    if rank == 0 and status >= 0 and step == JOINED:
         # Every end of rank 0's on purpose says `left` first: this one came from inside the job (a
-        # task's os._exit(0)), which is then neither done nor failed. A 0 would say it was done.
-        print(f"pydra: rank 0 (pid {child.pid}) exited with status 0 in the middle of the job (a task's "
+        # task's os._exit(N) once no worker was left), which ended unfinished and unreported.
+        print(f"pydra: rank 0 (pid {child.pid}) exited with status {status} in the middle of the job (a task's "
               "os._exit?); the job did not finish", file=sys.stderr, flush=True)
         return 1
     if under_ulfm():

@@ -140,17 +140,20 @@ def test_a_worker_lost_to_a_tasks_exit_status_leaves_a_job_that_recovered_ending
 
 
 @pytest.mark.skipif(not survives_losses(), reason="surviving a lost worker rank needs MPICH or Open MPI 5 (docs/FAULT-TOLERANCE.md)")
-def test_a_task_that_exits_0_wherever_it_runs_fails_the_job_it_does_not_end_it_well(tmp_path):
-    """Item 3's ``os._exit(0)`` ends each worker in turn, then rank 0, which runs what is left itself.
+@pytest.mark.parametrize("status", [0, 7])
+def test_a_task_that_exits_wherever_it_runs_fails_the_job_in_one_line(tmp_path, status):
+    """Item 3's ``os._exit(N)`` ends each worker in turn, then rank 0, which runs what is left itself.
 
-    It used to end the job with 0, no result and no word (and each worker
-    was missed only by its heartbeats, 10 s apiece).
+    With 0 it used to end the job with 0, no result and no word (and each
+    worker was missed only by its heartbeats, 10 s apiece); with 7, with 7
+    and no word.
     """
     output = tmp_path / "result.json"
-    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "3", f"{TARGETS}:exits_zero", *ITEMS[:6],
-                            "-o", str(output), "--no-journal"], timeout=120)
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "3", f"{TARGETS}:exits_always", *ITEMS[:6],
+                            "-o", str(output), "--no-journal"], timeout=120, env={**mpi_environment(),
+                                                                                   "EXIT_STATUS": str(status)})
     assert finished.returncode == 1 and not output.exists(), finished.stderr
-    assert "exited with status 0 in the middle of the job" in last_pydra_line(finished.stderr)
+    assert f"exited with status {status} in the middle of the job" in last_pydra_line(finished.stderr)
     assert "no heartbeat" not in finished.stderr  # each worker's supervisor told rank 0 at once
 
 

@@ -78,9 +78,12 @@ def test_a_worker_that_exits_with_a_status_in_its_session_is_lost_and_its_status
         _, stderr = child.communicate(timeout=60)
         assert child.returncode == 0 and with_rank_zero.take() == [(1, "exited with status 3")]
         assert stderr == ""  # rank 0 says which worker it lost
-        child = supervised(0, "import os; os._exit(3)")
+        child = supervised(0, LEFT + "raise SystemExit(3)")
         child.communicate(timeout=60)
         assert child.returncode == 3 and with_rank_zero.take() == []  # rank 0's status is the job's
+        child = supervised(0, "import os; os._exit(3)")  # unless it ended from inside the job: a failure
+        _, stderr = child.communicate(timeout=60)
+        assert child.returncode == 1 and "exited with status 3 in the middle of the job" in stderr
     finally:
         with_rank_zero.close()
 

@@ -77,12 +77,12 @@ class ExitsOnce(pydra.Task):
         return square(x)
 
 
-class ExitsZero(pydra.Task):
-    """Item 3 ends whatever process runs it with ``os._exit(0)``, on every try."""
+class ExitsAlways(pydra.Task):
+    """Item 3 ends whatever process runs it with ``os._exit(EXIT_STATUS)``, on every try."""
 
     def work(self, x: str) -> int:
         if x == "3":
-            os._exit(0)
+            os._exit(int(os.environ["EXIT_STATUS"]))
         return square(x)
 
 
@@ -150,8 +150,8 @@ def exits_once() -> pydra.Task:
     return pydra.Parallel(ExitsOnce(), chunksize=1)
 
 
-def exits_zero() -> pydra.Task:
-    return pydra.Parallel(ExitsZero(), chunksize=1)
+def exits_always() -> pydra.Task:
+    return pydra.Parallel(ExitsAlways(), chunksize=1)
 
 
 def slow_no_retry() -> pydra.Task:
