@@ -58,10 +58,31 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
     watch = JobWatch()
-    status = wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
+    status = wait_for(mpiexec.local_command(ranks, program), env, preexec_fn=_ends_with_this_process(),
+                      stop_with=mpiexec.stop_signal, watch_stderr=watch)
     # A rank lost during start-up ends the job (its supervisor said so in one line): a failure, whatever
     # status Hydra makes of it (9, the supervisor's SIGKILL; 255 if it failed writing to a proxy meanwhile).
     return EXIT_FAILED if watch.ends_job and not watch.stopping else status
+
+
+def _ends_with_this_process() -> Callable[[], None]:
+    """mpiexec's ``preexec_fn``: it gets SIGTERM when this process dies, however it dies.
+
+    Else a ``pydra run -n`` killed outright (``kill -9``) would leave its job
+    running to the end. (Linux's ``PR_SET_PDEATHSIG``, which fires when the
+    thread that started mpiexec ends: the main thread, which waits for it.)
+    """
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after fork, only the call
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # gone already, before the request was made
+            os._exit(1)
+
+    return preexec
 
 
 def progress_environment() -> dict[str, str]:

@@ -12,6 +12,7 @@ name, and nothing here kills anything but the job's own process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -172,6 +173,28 @@ def test_no_process_outlives_a_job_killed_on_timeout(launch: str) -> None:
     ranks_seen = [pid for pid in job.descendants]
     assert len(ranks_seen) >= 3, "the snapshot should have found the job's ranks running"
     assert leftovers(job, tag) == []
+
+
+def test_no_process_outlives_a_launcher_killed_outright() -> None:
+    """``kill -9`` of ``pydra run -n 3`` alone (not its group): mpiexec, in a session of its own, ran on to the end."""
+    tag = marker()
+    launcher = subprocess.Popen(self_launch_argv(3, [f"{TARGETS}:Sleepy", "60", tag]), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=mpi_environment(), start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(seen) < 7 and time.monotonic() < deadline:  # mpiexec, its proxy, 3 supervisors, 3 ranks
+            time.sleep(0.2)
+            seen = descendants_of(launcher.pid)
+        assert len(seen) >= 7, "the job never started"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    left = leftovers(Tracked(launcher.returncode, "", "", launcher.pid, seen, ""), tag, wait=60)
+    for row in left:  # what is left of the job (alive just now): ours, stopped by pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(row.split()[0]), signal.SIGKILL)
+    assert left == []
 
 
 def test_leftover_check_sees_a_surviving_process() -> None:
