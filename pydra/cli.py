@@ -158,6 +158,14 @@ def check_job_arguments(args: argparse.Namespace, prog: str) -> bool:
     if not args.resume and not args.target and not getattr(args, "serve", False):
         print(f"{prog}: error: give a TARGET to run, or --resume DIR", file=sys.stderr)
         return False
+    for flag in ("output", "run_dir", "resume"):
+        if getattr(args, flag, None) == "":  # (taken for no option at all further on)
+            print(f"{prog}: error: --{flag.replace('_', '-')}: give a path, not an empty one", file=sys.stderr)
+            return False
+    if getattr(args, "no_journal", False) and (getattr(args, "run_dir", None) or args.resume):
+        print(f"{prog}: error: --no-journal keeps no run directory: give it or --run-dir/--resume, not both",
+              file=sys.stderr)
+        return False
     output = getattr(args, "output", None)
     if output:
         problem = _unwritable(output)

@@ -255,6 +255,9 @@ def test_usage_errors_exit_2() -> None:
         (["run", "-n", "0", "x.py:T"], "-n/--ranks: expected a positive number of ranks, got '0'"),
         (["run", "--serve", "--max-jobs", "0"], "--max-jobs: expected a positive number of jobs, got '0'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["run", "x.py:T", "--output", ""], "--output: give a path, not an empty one"),
+        (["run", "x.py:T", "--run-dir", ""], "--run-dir: give a path, not an empty one"),
+        (["run", "x.py:T", "--no-journal", "--run-dir", "d"], "--no-journal keeps no run directory"),
     ):
         finished = run_process([sys.executable, "-m", "pydra", *argv], timeout=30)
         assert finished.returncode == 2, argv
