@@ -100,9 +100,15 @@ def supervise(program: list[str]) -> int:
     child = subprocess.Popen(program, close_fds=False, env=env)
     os.close(report)
     stopping: list[int] = []
+    last_step = _StepReader(steps)
 
     def stop(signum: int, frame: object) -> None:
         stopping.append(signum)
+        if len(stopping) > 1 or last_step() not in (JOINED, LEFT):
+            # A second stop, or a rank still starting, with nothing to save: it may be deaf to signals,
+            # waiting in MPI's start-up (C code) for a rank that is gone. It ends now, not in STOP_GRACE.
+            child.kill()
+            return
         child.send_signal(signum)
         killer = threading.Timer(STOP_GRACE, child.kill)
         killer.daemon = True
@@ -114,7 +120,7 @@ def supervise(program: list[str]) -> int:
     rank = world_rank()
     if stopping:
         return status if status >= 0 else 128 - status  # stopped as asked: the job is ending, quietly
-    step = _last_step(steps)
+    step = last_step()
     how = f"exited with status {status}" if status >= 0 else f"was killed by {signal.Signals(-status).name}"
     # A rank that leaves during start-up, other than by an exit the ranks agreed on (which reports
     # `left` first, see pydra.cli), leaves the others waiting for it inside MPI's start-up or a
@@ -225,17 +231,24 @@ def _command_name(pid: int) -> str:
         return ""
 
 
-def _last_step(steps: int) -> str:
-    """The last start-up step the rank reported on the pipe *steps* ('' for none)."""
-    os.set_blocking(steps, False)  # a process the rank started may hold the write end open still
-    data = b""
-    try:
-        while chunk := os.read(steps, 4096):
-            data += chunk
-    except BlockingIOError:
-        pass
-    lines = data.decode(errors="replace").splitlines()
-    return lines[-1] if lines else ""
+class _StepReader:
+    """The last step the rank reported on the pipe *steps* so far ('' for none), read as it is asked for."""
+
+    def __init__(self, steps: int) -> None:
+        os.set_blocking(steps, False)  # a process the rank started may hold the write end open still
+        self.steps = steps
+        self.last = ""
+        self._rest = b""  # the start of a line not written whole yet
+
+    def __call__(self) -> str:
+        try:
+            while chunk := os.read(self.steps, 4096):
+                *lines, self._rest = (self._rest + chunk).split(b"\n")
+                if lines:
+                    self.last = lines[-1].decode(errors="replace")
+        except BlockingIOError:
+            pass
+        return self.last
 
 
 def tell_rank_zero(address: str, rank: int, how: str) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,33 @@ def test_a_rank_that_does_not_stop_when_told_is_killed() -> None:
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=STOP_GRACE + 60)  # not the 600 s the rank would take
     assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
+def test_a_second_stop_kills_the_rank_at_once() -> None:
+    """A second Ctrl-C stops at once (the README's promise): the supervisor does not wait out STOP_GRACE."""
+    child = supervised(1, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(600)")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=STOP_GRACE / 2)  # (the supervisor is killed by the fixture if not)
+    assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
+def test_a_rank_still_starting_is_killed_at_once_when_stopped() -> None:
+    """Stopped in start-up (it said no `joined`), a rank has nothing to save, and may be deaf to signals in
+    MPI's start-up, waiting for a rank already gone (Ctrl-C then took 30 s and said nothing)."""
+    env = {**os.environ, "PMI_RANK": "1", "PYTHONPATH": str(ROOT)}
+    code = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "os.write(int(os.environ['PYDRA_STARTUP_FD']), b'bcast-spec\\n'); print('ready', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", code], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _started.append(child)
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=STOP_GRACE / 2)
+    assert child.returncode == 128 + signal.SIGKILL and stderr == ""  # stopped: no "lost during start-up" line
 
 
 #: a rank lost during start-up: it reports a step (pydra.startup), then exits without a word
