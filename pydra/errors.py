@@ -38,12 +38,16 @@ def user_traceback(exception: BaseException) -> tuple[str, bool]:
 
     The frames before it are Pydra's own machinery (a worker's serve loop,
     rank 0's tree walk) or the standard library's (``concurrent.futures``
-    under it), which tell the user nothing about their code.
+    under it), which tell the user nothing about their code. So are Pydra's
+    frames after the user's last: a timeout's handler, which raises where
+    the task was interrupted.
     """
     report = traceback.TracebackException.from_exception(exception)
     frames = list(report.stack)
     while frames and _is_machinery(frames[0].filename):
         frames.pop(0)
+    while frames and frames[-1].filename.startswith(_standard_paths()[0]):
+        frames.pop()
     report.stack = traceback.StackSummary.from_list(frames)
     return "".join(report.format()), bool(frames)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -103,6 +104,9 @@ def test_a_hang_without_retries_fails_with_a_timeout(tmp_path, ranks):
     assert finished.returncode == 1
     last = last_pydra_line(finished.stderr)
     assert "UnitTimeout: ran past its timeout of 1 s" in last and "item 5" in last
+    # The worker's traceback ends where the task was interrupted, not in Pydra's timeout handler.
+    frames = re.findall(r'^  File "([^"]+)", line \d+, in (\w+)$', finished.stderr, re.M)
+    assert frames and frames[-1] == (str(TARGETS), "work"), finished.stderr
 
 
 @pytest.mark.parametrize("ranks", rank_params(2, 3))
