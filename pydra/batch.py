@@ -60,9 +60,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     watch = JobWatch()
     status = wait_for(mpiexec.local_command(ranks, program), env, preexec_fn=_ends_with_this_process(),
                       stop_with=mpiexec.stop_signal, watch_stderr=watch)
-    # A rank lost during start-up ends the job (its supervisor said so in one line): a failure, whatever
-    # status Hydra makes of it (9, the supervisor's SIGKILL; 255 if it failed writing to a proxy meanwhile).
-    return EXIT_FAILED if watch.ends_job and not watch.stopping else status
+    return watch.conclude(status)
 
 
 def _ends_with_this_process() -> Callable[[], None]:

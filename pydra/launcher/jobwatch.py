@@ -34,7 +34,8 @@ class JobWatch:
       about a lost daemon.
     - Rank 0's first line says how to resume the job; if the job is stopped
       and rank 0's last word is lost (with its host, or dropped by prterun),
-      :meth:`say_how_to_resume` says it.
+      or the job ends before it finished without a word, :meth:`conclude`
+      says it.
     - Once the job is being stopped, or is ending over a start-up loss,
       Hydra's ``[mpiexec@host] ...`` error lines only say that its proxies
       went away: they are dropped.
@@ -78,10 +79,30 @@ class JobWatch:
         self._line = rest
         return b"".join(kept)
 
-    def say_how_to_resume(self, status: int) -> None:
-        """For a job stopped (*status* over 128) whose rank 0 could not say how to resume it, say it."""
-        if status > 128 and not self._told and self.resume is not None:
-            print(f"pydra: interrupted; resume with: {self.resume}", file=sys.stderr)
+    def conclude(self, status: int) -> int:
+        """The launcher's exit status for mpiexec's *status*, after saying what rank 0 could not.
+
+        - A start-up loss ended the job: its supervisor said so in one line; 1.
+        - Rank 0's own status (at most 128): rank 0 said how the job ended.
+        - Stopped by the user (Ctrl-C): if rank 0's last word, how to resume,
+          was lost (with its host, or dropped by prterun), it is said here.
+        - Otherwise the job ended before it finished, and nobody said so: a
+          rank 0 killed (128 + its signal), or Hydra's own failure (255, 1
+          here) when a host's agent or MPI proxy went away. Said, with how to
+          resume.
+        """
+        if self.ends_job:
+            return 1
+        if status <= 128:
+            return status
+        resume = f"; resume with: {self.resume}" if self.resume is not None else ""
+        if self.stopping:
+            if not self._told and resume:
+                print(f"pydra: interrupted{resume}", file=sys.stderr)
+            return status
+        print(f"pydra: the job ended before it finished (mpiexec's status {status}: rank 0, or a host's agent "
+              f"or MPI proxy, was lost){resume}", file=sys.stderr)
+        return 1 if status == 255 else status
 
     def stop_proxies(self, mpiexec: subprocess.Popen) -> None:
         """Stop a Hydra job at once, everywhere: stop every host's ``pydra-remote-exec``.

@@ -309,8 +309,7 @@ class Launch:
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
                 watch = JobWatch()  # prterun ends the job itself, but may call it a success
                 status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
-                watch.say_how_to_resume(status)
-                return 1 if status == 0 and watch.ends_job else status
+                return watch.conclude(status)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
             with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
@@ -326,8 +325,7 @@ class Launch:
                           "user namespaces disabled?); the job is not started, since mpiexec's control port would "
                           "be open to the network (see docs/SECURITY.md)", file=sys.stderr)
                     return 1
-                watch.say_how_to_resume(status)
-                return 1 if watch.ends_job and status in (0, 255) else status  # (255: Hydra's own failure)
+                return watch.conclude(status)
 
     def mpich_command(self, mpiexec: MPIExec, machinefile: str, env: dict[str, str], program: list[str]) -> list[str]:
         """Hydra's mpiexec, in its namespace: control port on the private loopback, ranks via agents."""

@@ -54,13 +54,32 @@ def test_once_stopping_hydra_lines_are_dropped_even_written_in_pieces() -> None:
 
 def test_the_resume_line_comes_from_rank_0s_first_when_its_last_is_lost(capsys: pytest.CaptureFixture) -> None:
     watch = JobWatch()
-    watch.say_how_to_resume(130)
+    watch.stopping = True  # (wait_for's doing, on Ctrl-C)
+    assert watch.conclude(130) == 130
     assert capsys.readouterr().err == ""  # (no journal: nothing to resume)
     feed(watch, b"pydra: run directory /r (resume with: pydra launch -f hosts -n 4 --resume /r)", b"\n")
-    watch.say_how_to_resume(0)
-    assert capsys.readouterr().err == ""  # not stopped
-    watch.say_how_to_resume(130)
+    assert watch.conclude(0) == 0 and watch.conclude(1) == 1
+    assert capsys.readouterr().err == ""  # rank 0's own end: it said how the job ended
+    assert watch.conclude(130) == 130
     assert capsys.readouterr().err == "pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r\n"
     feed(watch, b"pydra: interrupted; resume with: pydra launch -f hosts -n 4 --resume /r\n")
-    watch.say_how_to_resume(130)
+    assert watch.conclude(130) == 130
     assert capsys.readouterr().err == ""  # rank 0 said it
+
+
+def test_a_job_that_ended_unfinished_and_unsaid_is_not_called_interrupted(capsys: pytest.CaptureFixture) -> None:
+    """A host's agent stopped mid-job: Hydra fails (255) and rank 0 says nothing. It was "interrupted"."""
+    watch = JobWatch()
+    feed(watch, b"pydra: run directory /r (resume with: pydra launch -f hosts -n 4 --resume /r)\n")
+    assert watch.conclude(255) == 1
+    assert capsys.readouterr().err == (
+        "pydra: the job ended before it finished (mpiexec's status 255: rank 0, or a host's agent or MPI proxy, "
+        "was lost); resume with: pydra launch -f hosts -n 4 --resume /r\n")
+    assert watch.conclude(137) == 137 and "status 137" in capsys.readouterr().err  # rank 0 killed
+
+
+def test_a_start_up_loss_ends_the_launcher_with_1_whatever_mpiexec_says() -> None:
+    watch = JobWatch()
+    feed(watch, b"pydra: rank 2 (pid 9) was killed by SIGKILL during start-up, while the session started; "
+                b"ending the job\n")
+    assert [watch.conclude(status) for status in (0, 9, 137, 255)] == [1, 1, 1, 1]
