@@ -58,12 +58,12 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
     watch = JobWatch()
-    status = wait_for(mpiexec.local_command(ranks, program), env, preexec_fn=_ends_with_this_process(),
+    status = wait_for(mpiexec.local_command(ranks, program), env, preexec_fn=ends_with_this_process(),
                       stop_with=mpiexec.stop_signal, watch_stderr=watch)
     return watch.conclude(status)
 
 
-def _ends_with_this_process() -> Callable[[], None]:
+def ends_with_this_process() -> Callable[[], None]:
     """mpiexec's ``preexec_fn``: it gets SIGTERM when this process dies, however it dies.
 
     Else a ``pydra run -n`` killed outright (``kill -9``) would leave its job

@@ -52,6 +52,7 @@ class JobWatch:
 
     def __init__(self) -> None:
         self.ends_job = False
+        self._lost_daemon = False  # PRRTE said it lost a host's daemon (its paragraph names no job to resume)
         self.stopping = False
         self.resume: str | None = None
         self._told = False
@@ -61,7 +62,8 @@ class JobWatch:
     def __call__(self, chunk: bytes) -> bytes:
         *lines, rest = (self._line + chunk).split(b"\n")
         for line in lines:
-            self.ends_job = self.ends_job or bool(self.START_UP_LOSS.match(line)) or self.LOST_DAEMON in line
+            self._lost_daemon = self._lost_daemon or self.LOST_DAEMON in line
+            self.ends_job = self.ends_job or bool(self.START_UP_LOSS.match(line)) or self._lost_daemon
             self._told = self._told or self.TOLD in line
             if self.resume is None and (found := self.RESUME.match(line)):
                 self.resume = found.group(1).decode(errors="replace")
@@ -91,11 +93,14 @@ class JobWatch:
           here) when a host's agent or MPI proxy went away. Said, with how to
           resume.
         """
+        resume = f"; resume with: {self.resume}" if self.resume is not None else ""
         if self.ends_job:
+            if self._lost_daemon:  # (a start-up loss's supervisor has said its line)
+                print(f"pydra: the job ended before it finished (a host's MPI daemon was lost){resume}",
+                      file=sys.stderr)
             return 1
         if status <= 128:
             return status
-        resume = f"; resume with: {self.resume}" if self.resume is not None else ""
         if self.stopping:
             if not self._told and resume:
                 print(f"pydra: interrupted{resume}", file=sys.stderr)

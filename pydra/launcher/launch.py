@@ -272,7 +272,7 @@ class Launch:
             return self._run(forwarded, resume_with, agent)
 
     def _run(self, forwarded: list[str], resume_with: str, agent: str) -> int:
-        from pydra.batch import wait_for
+        from pydra.batch import ends_with_this_process, wait_for
         from pydra.progress import progress_mode
 
         try:
@@ -308,7 +308,8 @@ class Launch:
                 machinefile.flush()
                 command = self.open_mpi_command(mpiexec, machinefile.name, env, program)
                 watch = JobWatch()  # prterun ends the job itself, but may call it a success
-                status = wait_for(command, env, stop_with=mpiexec.stop_signal, watch_stderr=watch)
+                status = wait_for(command, env, preexec_fn=ends_with_this_process(), stop_with=mpiexec.stop_signal,
+                                  watch_stderr=watch)
                 return watch.conclude(status)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
@@ -316,8 +317,14 @@ class Launch:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 watch = JobWatch()
+                dies_with_us = ends_with_this_process()
+
+                def isolated() -> None:  # mpiexec's preexec_fn: a network of its own, and our end is its end
+                    netns.isolate()
+                    dies_with_us()
+
                 try:
-                    status = wait_for(command, env, preexec_fn=netns.isolate, watch_stderr=watch,
+                    status = wait_for(command, env, preexec_fn=isolated, watch_stderr=watch,
                                       stop_hard=watch.stop_proxies)
                 except (netns.NamespaceError, subprocess.SubprocessError):
                     # (subprocess reports a failing preexec_fn without its message)

@@ -83,3 +83,13 @@ def test_a_start_up_loss_ends_the_launcher_with_1_whatever_mpiexec_says() -> Non
     feed(watch, b"pydra: rank 2 (pid 9) was killed by SIGKILL during start-up, while the session started; "
                 b"ending the job\n")
     assert [watch.conclude(status) for status in (0, 9, 137, 255)] == [1, 1, 1, 1]
+
+
+def test_a_lost_daemon_ends_the_job_with_a_line_saying_how_to_resume(capsys: pytest.CaptureFixture) -> None:
+    """prterun (ULFM) exits 0 for a job it stopped over a lost host daemon; its paragraph names no run to resume."""
+    watch = JobWatch()
+    feed(watch, b"pydra: run directory /r (resume with: pydra launch -f hosts -n 4 --resume /r)\n",
+         b"PRTE has lost communication with a remote daemon.\n")
+    assert watch.conclude(0) == 1
+    assert capsys.readouterr().err == ("pydra: the job ended before it finished (a host's MPI daemon was lost); "
+                                       "resume with: pydra launch -f hosts -n 4 --resume /r\n")

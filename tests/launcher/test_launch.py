@@ -202,13 +202,15 @@ def processes_with(marker: str) -> list[str]:
     return [line for line in listing.splitlines() if marker in line and "ps -eo" not in line]
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "dead-host"])
+@pytest.mark.parametrize("how", ["ctrl-c", "dead-host", "killed-launcher"])
 def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how: str) -> None:
     marker = f"pydra-launch-{uuid.uuid4().hex[:12]}"
     target = str(ROOT / "tests" / "core" / "jobs" / "cli_targets.py") + ":Sleepy"
+    # (Without progress lines: a job that writes to a dead launcher's pipe may die of it, and hide a job left running.)
+    env = {**cluster.env, "PYDRA_PROGRESS": "off"} if how == "killed-launcher" else cluster.env
     launcher = subprocess.Popen(
         pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", target, "60", marker),
-        env=cluster.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     said: list[str] = []
     threading.Thread(target=lambda: said.extend(launcher.stderr), daemon=True).start()
@@ -221,6 +223,8 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
             time.sleep(0.1)
         if how == "ctrl-c":
             os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        elif how == "killed-launcher":
+            launcher.kill()  # kill -9 of `pydra launch` alone: mpiexec, in a session of its own, ran on
         else:
             # The host vanishes: its agent and everything under it die at once (ranks included,
             # though Hydra gives them sessions of their own).
@@ -231,6 +235,10 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
             dead.wait()
         launcher.wait(timeout=30)
         assert launcher.returncode != 0
+        if how == "dead-host":  # not "interrupted": nobody interrupted it
+            time.sleep(0.5)  # (the stderr thread's last lines)
+            assert launcher.returncode == 1 and said[-1].startswith("pydra: the job ended before it finished ("), said
+            assert "; resume with: pydra launch " in said[-1] and " --resume " in said[-1], said
         deadline = time.monotonic() + 15
         while processes_with(marker):
             assert time.monotonic() < deadline, "\n".join(processes_with(marker))
