@@ -140,7 +140,8 @@ def launch_main(argv: list[str] | None = None) -> int:
                         help="trust and record the key of a host seen for the first time (a changed key is always refused)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                         help="give the ranks this variable (its value here, or VALUE); repeatable. Nothing else of "
-                             "this environment is forwarded but PYDRA_* and MPI's own settings")
+                             "this environment is forwarded but PYDRA_* and MPI's own settings. The resume "
+                             "command names the variable, never its VALUE: set it in the shell that resumes")
     parser.add_argument("--iface", metavar="IFACE", default=setting("IFACE"),
                         help="the network interface MPI's connections between hosts use (default: MPI's choice)")
     add_job_arguments(parser)
@@ -218,8 +219,12 @@ def launch_words(args: argparse.Namespace) -> list[str]:
         words += ["--passphrase-file", str(args.passphrase_file)]
     if args.known_hosts != authorized.known_hosts_path():
         words += ["--known-hosts", str(args.known_hosts)]
+    if args.agent_port != DEFAULT_AGENT_PORT:
+        words += ["--agent-port", str(args.agent_port)]
     for text in args.env:
-        words += ["--env", text]
+        # The name alone: a value (a token, say) must not be printed in the resume line, nor logged with it.
+        # Resuming takes the variable from that shell's environment.
+        words += ["--env", text.partition("=")[0]]
     return words + (["--iface", args.iface] if args.iface else [])
 
 

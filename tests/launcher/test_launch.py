@@ -450,3 +450,18 @@ def test_a_rank_lost_at_start_up_on_another_host_fails_the_launch(cluster: Clust
     while processes_with(tag):
         assert time.monotonic() < deadline, "\n".join(processes_with(tag))
         time.sleep(0.1)
+
+
+def test_the_resume_command_names_env_values_never_and_keeps_the_agent_port(tmp_path: Path) -> None:
+    """``--env TOKEN=secret`` printed its secret in the resume line (and rank 0's log of it); ``--agent-port``
+    was dropped, so the printed command could not reach the hosts."""
+    import argparse
+
+    from pydra.launcher import authorized
+    from pydra.launcher.launch import launch_words
+
+    args = argparse.Namespace(hostfile=None, ranks=2, identity=None, passphrase_file=None,
+                              known_hosts=authorized.known_hosts_path(), agent_port=7471,
+                              env=["TOKEN=s3cret", "FAULT_DIR"], iface=None)
+    assert launch_words(args) == ["pydra", "launch", "-n", "2", "--agent-port", "7471",
+                                  "--env", "TOKEN", "--env", "FAULT_DIR"]
