@@ -60,15 +60,15 @@ SYSTEM_HOST_KEY = Path("/etc/pydra/host_ed25519")
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``ADDR:PORT``, ``ADDR`` (default port) or ``:PORT`` (loopback)."""
+    """``ADDR:PORT``, ``ADDR`` (default port) or ``:PORT`` (loopback); IPv6 as ``::1`` or ``[::1]:PORT``."""
+    if text.startswith("[") and text.endswith("]") or text.count(":") > 1 and not text.startswith("["):
+        return text.strip("[]"), DEFAULT_AGENT_PORT  # an IPv6 address alone
     host, sep, port = text.rpartition(":")
     if not sep:
         return text, DEFAULT_AGENT_PORT
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}") from None
-    return host.strip("[]") or "127.0.0.1", number
+    if not (port.isdigit() and 0 < int(port) <= 65535):  # (the socket would take 99999 for 34463)
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT with a port from 1 to 65535, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 async def serve(listen: tuple[str, int], host_key: Path, authorized_keys: Path | None) -> None:
@@ -175,6 +175,13 @@ def node_main(argv: list[str] | None = None) -> int:
     else:
         args.host_key = args.host_key or keys.host_key_path()
         args.authorized_keys = args.authorized_keys or authorized.authorized_keys_path()
+    if args.log is not None and not args.log.resolve().parent.is_dir():
+        print(f"pydra node: error: --log {args.log}: no such directory {args.log.resolve().parent}", file=sys.stderr)
+        return 2
+    if args.pid_file and (other := _running_pid(args.pid_file)) is not None:
+        print(f"pydra node: error: --pid-file {args.pid_file} names a running process (pid {other}), another "
+              "agent's: stop it, or give this one another pid file", file=sys.stderr)
+        return 2
     if args.daemon:
         if args.log is None:
             parser.error("--daemon needs --log PATH: a daemon has no terminal to log to")
@@ -211,7 +218,7 @@ def node_main(argv: list[str] | None = None) -> int:
         log.info("pydra node stopped")
         return 0
     finally:
-        if args.pid_file:
+        if args.pid_file and _running_pid(args.pid_file) == os.getpid():  # ours still (not another's since)
             args.pid_file.unlink(missing_ok=True)
     return 0
 
@@ -228,3 +235,12 @@ def _detach() -> bool:
     for stream in (0, 1, 2):
         os.dup2(null, stream)
     return False
+
+
+def _running_pid(pid_file: Path) -> int | None:
+    """The pid *pid_file* holds, if that process is running Pydra; else None (no file, not a pid, gone, reused)."""
+    try:
+        text = pid_file.read_text().strip()
+        return int(text) if text.isdigit() and b"pydra" in Path(f"/proc/{text}/cmdline").read_bytes() else None
+    except OSError:
+        return None
