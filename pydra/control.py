@@ -29,7 +29,7 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pydra import strictmodes
-from pydra.comm.aio import Channel, ChannelClosed, open_channel, retry_refused, serve_channel
+from pydra.comm.aio import Channel, ChannelClosed, HandshakeTimeout, open_channel, retry_refused, serve_channel
 from pydra.comm.channel import ChannelError, Identity, Refused
 from pydra.errors import PydraError
 from pydra.launcher import authorized, keys
@@ -393,6 +393,8 @@ class ControlClient:
     def call(self, command: str, **args: Any) -> Any:
         """Send one request and return its result; raise :class:`ControlError` with the cluster's reason."""
         with self._lock:
+            if self._channel is None:  # the last request was given up: its reply must not answer this one
+                self._run(self._connect())
             reply = self._run(self._request({"command": command, "args": args}))
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "the cluster gave no reason"))
@@ -408,10 +410,21 @@ class ControlClient:
         self._thread.join(timeout=5)
 
     def _run(self, coroutine: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
-            return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self.timeout)
-        except (OSError, ChannelError, TimeoutError, asyncio.TimeoutError) as exc:
-            raise ControlError(f"lost the connection to the cluster at {self.address}:{self.port}: {exc or type(exc).__name__}") from None
+            return future.result(self.timeout)
+        except BaseException as exc:  # (Ctrl-C included)
+            future.cancel()
+            self._drop_channel()  # a request given up may still be answered: the next one connects anew
+            if not isinstance(exc, (OSError, ChannelError, TimeoutError, asyncio.TimeoutError)):
+                raise
+            reason = str(exc) or f"no answer within {self.timeout:g} s"
+            raise ControlError(f"lost the connection to the cluster at {self.address}:{self.port}: {reason}") from None
+
+    def _drop_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            asyncio.run_coroutine_threadsafe(channel.close(), self._loop)  # best effort, not waited for
 
     async def _connect(self) -> None:
         def verify_server(public_key: bytes) -> None:
@@ -432,6 +445,8 @@ class ControlClient:
             self._channel = await retry_refused(open_once)
         except Refused as exc:
             raise ControlError(f"the cluster at {self.address}:{self.port} would not talk to us: {exc}") from None
+        except HandshakeTimeout as exc:  # no answer is no refusal: a cluster stopped, or swamped
+            raise ControlError(f"the cluster at {self.address}:{self.port} did not answer: {exc}") from None
         except ChannelError as exc:
             raise ControlError(f"the cluster refused this key ({keys.sha256_fingerprint(self.identity.public_key())}): {exc}") from None
 

@@ -293,7 +293,12 @@ class Service:
                     raise ServiceError(f"{key} must be a finite number, got {value}")
                 if parsed < 0 or (parsed == 0 and key != "retries"):
                     raise ServiceError(f"{key} must be {'0 or more' if key == 'retries' else 'positive'}, got {value}")
+                if key == "heartbeat_timeout" and parsed <= 2 * setting("HEARTBEAT"):  # (every worker would be lost)
+                    raise ServiceError(f"heartbeat_timeout must be more than twice the heartbeat, "
+                                       f"{setting('HEARTBEAT'):g} s (PYDRA_HEARTBEAT), got {value}")
                 self._apply(key, parsed)
+                # The scheduler takes it on its own thread soon: the reply says the value set, not the one before.
+                return {**{name: self._current(name) for name in CONFIG}, key: parsed}
         return {name: self._current(name) for name in CONFIG}
 
     # -- internals ---------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def shell_main(argv: list[str] | None = None) -> int:
 
 def run_once(client: Any, line: str, as_json: bool) -> int:
     """``-c``: one command; its output on stdout, a refusal on stderr; the exit status."""
+    if line.strip() in ("exit", "quit"):  # (help lists them: nothing to do here)
+        return EXIT_OK
     try:
         output = answer(client, line, as_json)
     except ShellUsageError as exc:
@@ -75,6 +77,9 @@ def run_once(client: Any, line: str, as_json: bool) -> int:
     except PydraError as exc:
         print(f"pydra shell: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the cluster: what it does with the request is its own
+        print("pydra shell: interrupted (the cluster may still carry the command out)", file=sys.stderr)
+        return 130
     if output:
         print(output)
     return EXIT_OK
@@ -113,7 +118,7 @@ def follow_progress(client: Any, words: list[str], interval: float = 0.5, stream
     On a terminal the bars are redrawn in place; elsewhere (a pipe, a log)
     the lines are printed when first seen, every ``LINE_SECONDS`` and at the end.
     """
-    if len(words) > 1 or (words and not words[0].isdigit()):
+    if len(words) > 1 or (words and not (words[0].isascii() and words[0].isdigit())):  # (int() refuses '²')
         raise ShellUsageError("progress: usage: progress [ID]")
     if stream is None:
         # The real terminal: the interactive loop's patched stdout would escape the redrawing codes.
@@ -204,6 +209,9 @@ def interact(client: Any, as_json: bool, session: Any = None, echo: Callable[[st
                         output = answer(client, line, as_json)
                 except PydraError as exc:  # usage errors and the cluster's refusals: one line, then the prompt
                     echo(f"error: {exc}")
+                    continue
+                except KeyboardInterrupt:  # while waiting for the cluster: the prompt comes back
+                    echo("interrupted (the cluster may still carry the command out)")
                     continue
                 except Exception as exc:  # noqa: BLE001 - a bug in the shell must not end the session
                     echo(f"error: {type(exc).__name__}: {exc} (a bug in pydra shell)")

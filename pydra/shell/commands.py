@@ -284,7 +284,9 @@ def parse(line: str) -> tuple[Command, argparse.Namespace]:
         words = shlex.split(line)
     except ValueError as exc:
         raise ShellUsageError(f"cannot split the line: {exc}") from None
-    command = COMMANDS.get(words[0]) if words else None
+    if not words:
+        raise ShellUsageError("no command: type help for the list")
+    command = COMMANDS.get(words[0])
     if command is None:
         raise ShellUsageError(f"unknown command {words[0]!r}: type help for the list")
     return command, command.parser.parse_args(words[1:])

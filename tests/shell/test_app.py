@@ -176,7 +176,7 @@ def test_the_toolbar_holds_announcements_back_while_progress_draws():
 
 @pytest.mark.parametrize(
     "line, status",
-    [("status", 0), ("cancel 99", 1), ("bogus", 2), ("job", 2)],
+    [("status", 0), ("cancel 99", 1), ("bogus", 2), ("job", 2), ("", 2), ("   ", 2), ("progress \u00b2", 2)],
 )
 def test_one_command_exits_with_its_status(line, status, capsys):
     assert app.run_once(RecordedCluster(), line, as_json=False) == status
@@ -185,6 +185,36 @@ def test_one_command_exits_with_its_status(line, status, capsys):
         assert captured.err.startswith("pydra shell: ") and captured.err.count("\n") == 1
     else:
         assert "cluster   c1" in captured.out
+
+
+def test_exit_in_one_command_does_nothing_and_succeeds(capsys):
+    """help lists exit and quit; as -c they said "unknown command"."""
+    cluster = RecordedCluster()
+    assert app.run_once(cluster, "exit", as_json=False) == app.run_once(cluster, "quit", as_json=False) == 0
+    assert cluster.asked == [] and capsys.readouterr() == ("", "")
+
+
+class InterruptedCluster(RecordedCluster):
+    """Ctrl-C while waiting for the cluster's reply to a submit."""
+
+    def call(self, command: str, **args):
+        if command == "submit":
+            raise KeyboardInterrupt
+        return super().call(command, **args)
+
+
+def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(capsys):
+    """It ended the shell with a KeyboardInterrupt traceback (the REPL too)."""
+    assert app.run_once(InterruptedCluster(), "submit t.py:T", as_json=False) == 130
+    assert capsys.readouterr().err == "pydra shell: interrupted (the cluster may still carry the command out)\n"
+    shown: list[str] = []
+    with create_pipe_input() as pipe:
+        pipe.send_text("submit t.py:T\nstatus\n")
+        pipe.close()
+        status = app.interact(InterruptedCluster(), as_json=False, session=PromptSession(input=pipe, output=DummyOutput()),
+                              echo=shown.append)
+    assert status == 0
+    assert "interrupted (the cluster may still carry the command out)" in shown and "cluster   c1" in "\n".join(shown)
 
 
 def test_json_prints_the_cluster_reply(capsys):

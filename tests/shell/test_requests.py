@@ -197,3 +197,27 @@ def test_a_connection_file_without_an_address_is_one_clear_line(tmp_path: Path) 
     connection.chmod(0o600)
     with pytest.raises(ControlError, match=r"^the connection file .*cluster\.json has no 'address': is it a cluster's"):
         ControlClient(connection, identity=None)  # type: ignore[arg-type]  (never reached)
+
+
+def test_a_request_given_up_leaves_the_client_working_and_config_says_what_it_set(tmp_path: Path) -> None:
+    """After a request timed out, the next one read the stale reply (a dict where a list was due) or failed with
+    "read() called while another coroutine is already waiting", for as long as the shell ran."""
+    slow = tmp_path / "slow_import.py"
+    slow.write_text("import time\ntime.sleep(4)\nimport pydra\n\n\nclass T(pydra.Task):\n"
+                    "    def work(self, x):\n        return x\n")
+    with serving(tmp_path) as cluster:
+        client = ControlClient(cluster.connection_file, keys.load_private_key(cluster.identity))
+        try:
+            client.timeout = 1.0
+            with pytest.raises(ControlError, match=r"^lost the connection to the cluster at .*: no answer within 1 s$"):
+                client.call("submit", target=f"{slow}:T", inputs=["x"], priority=0)
+            client.timeout = 60.0
+            assert client.call("status")["cluster"]  # this request's own reply
+            assert isinstance(client.call("queue"), list)
+            # config: the reply has the value just set (it had the one before), and a timeout that would
+            # lose every worker is refused.
+            assert client.call("config", key="retries", value="3")["retries"] == 3
+            with pytest.raises(ControlError, match=r"^heartbeat_timeout must be more than twice the heartbeat"):
+                client.call("config", key="heartbeat_timeout", value="0.1")
+        finally:
+            client.close()
