@@ -45,6 +45,10 @@ __all__ = [
     "read_hostfile",
 ]
 
+#: the most slots (or max_slots) one host may have: more is a typo (slots=1000000 forked ranks until the
+#: host gave out; 10**20 wrapped around in MPICH's machinefile, and rank 0 went elsewhere)
+MAX_SLOTS = 16384
+
 #: The TCP port a Pydra agent listens on unless a hostfile says ``port=P``.
 DEFAULT_AGENT_PORT = 7470
 
@@ -116,6 +120,9 @@ def _parse_entry(entry: str) -> Host:
     max_slots = _positive_int("max_slots", values["max_slots"]) if "max_slots" in values else None
     if max_slots is not None and max_slots < slots:
         raise ValueError(f"max_slots ({max_slots}) must not be less than slots ({slots})")
+    if max(slots, max_slots or 0) > MAX_SLOTS:
+        raise ValueError(f"{'slots' if slots > MAX_SLOTS else 'max_slots'}={max(slots, max_slots or 0)} is more "
+                         f"processes than one host runs (at most {MAX_SLOTS})")
     port = _positive_int("port", values.get("port", str(DEFAULT_AGENT_PORT)))
     if port > _MAX_PORT:
         raise ValueError(f"port must be at most {_MAX_PORT}, got {port}")

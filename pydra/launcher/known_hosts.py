@@ -161,7 +161,7 @@ def check_host(
         raise UnknownHostKey(
             f"the host key of {name} ({keys.sha256_fingerprint(offered_key)}) "
             f"is not in {path}; compare it with 'pydra keygen -l -f "
-            f"~/.pydra/{keys.HOST_KEY_NAME}.pub' run on {host}, then accept it"
+            f"~/.pydra/{keys.HOST_KEY_NAME}.pub' run on {host}, then accept it (--accept-new)"
         )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not text:

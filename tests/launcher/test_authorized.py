@@ -312,6 +312,7 @@ def test_unknown_host_is_refused(tmp_path):
     with pytest.raises(UnknownHostKey) as raised:
         check_host("node01", 7470, key, path=path)
     assert keys.sha256_fingerprint(key) in str(raised.value)
+    assert str(raised.value).endswith(", then accept it (--accept-new)")  # it said how to check, not how to accept
     assert not path.exists()
 
 
