@@ -148,9 +148,15 @@ class WorkerLoop:
         itself: a launcher told to let ranks die alone will not stop it.
         """
         status = MPI.Status()  # this thread's own: the main thread polls with the module's
+        # Never a blocking send: with rank 0 dead, MPICH's queue to it fills after about 64 beats, and a
+        # blocking Send then spins for good (a worker at 100% of a core), before the silence below is seen.
+        # A beat goes only once the last one has.
+        beats = mpi.Outbox(self.comm)
         heard = time.monotonic()
         while not stopped.wait(self.heartbeat):
-            mpi.send(self.comm, protocol.encode(_usage()), 0, Tag.HEARTBEAT)
+            beats.collect()
+            if not beats:
+                beats.post(protocol.encode(_usage()), 0, Tag.HEARTBEAT)
             while mpi.try_receive(self.comm, 0, Tag.HEARTBEAT, status) is not None:
                 heard = time.monotonic()
             silence = time.monotonic() - heard

@@ -22,7 +22,7 @@ from pathlib import Path
 import pydra
 import pytest
 from mpijobs import JOBS, mpi_environment, rank_params, run_pydra, stop_group
-from testkit import gang_after_losing_a_member, run_mpi, run_process, survives_losses
+from testkit import Running, gang_after_losing_a_member, run_mpi, run_process, survives_losses
 
 from pydra.launcher.mpiexec import find_mpiexec
 
@@ -250,6 +250,30 @@ def test_a_journaled_run_records_each_item_once_and_resumes_without_recomputing(
                       env=mpi_environment() | {"FAULT_DIR": str(tmp_path / "faults")})
     assert again.returncode == 0, again.stderr
     assert json.loads(elsewhere.read_text()) == result
+
+
+@pytest.mark.skipif(not survives_losses(), reason="surviving a lost worker rank needs MPICH or Open MPI 5 (docs/FAULT-TOLERANCE.md)")
+def test_workers_stop_on_rank_0s_silence_however_many_beats_it_missed() -> None:
+    """Rank 0 killed: each worker stops once rank 0 has been silent for PYDRA_HEARTBEAT_TIMEOUT.
+
+    With a long timeout the workers' beats filled MPICH's queue to the dead
+    rank 0 (about 64 of them), and the next blocking Send spun for good: two
+    workers at 100% of a core, never stopping. (Here 0.05 s beats fill it in
+    about 3 s, well before the 8 s timeout.)
+    """
+    env = {**mpi_environment(), "PYDRA_HEARTBEAT": "0.05", "PYDRA_HEARTBEAT_TIMEOUT": "8"}
+    job = Running([sys.executable, "-m", "pydra", "run", "-n", "3", "--no-journal",
+                   str(JOBS / "cli_targets.py") + ":Sleepy", "120"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "pydra: " not in "".join(job.stderr) and time.monotonic() < deadline:  # past start-up
+            time.sleep(0.1)
+        os.kill(job.rank_pid(0), signal.SIGKILL)
+        job.wait(timeout=90)
+    finally:
+        job.close()
+    said = "".join(job.stderr)
+    assert said.count("pydra: rank 0 has been silent for 8 s; rank ") == 2, said
 
 
 def test_a_run_directory_in_use_is_refused_in_one_line(tmp_path):
