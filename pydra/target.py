@@ -9,6 +9,9 @@ find their way home.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
 import sys
 import types
@@ -62,21 +65,56 @@ def load_module(spec: TargetSpec) -> types.ModuleType:
     existing = sys.modules.get(spec.module)
     if existing is not None and getattr(existing, "__file__", None) == spec.path:
         return existing
-    assert spec.path is not None
     module = types.ModuleType(spec.module)
+    sys.modules[spec.module] = module  # before exec: dataclasses and pickle look it up
+    try:
+        _execute(spec, module)
+    except TargetError:
+        del sys.modules[spec.module]
+        raise
+    LOADED.append(spec)
+    return module
+
+
+def _execute(spec: TargetSpec, module: types.ModuleType) -> None:
+    """Run a task file's shipped source as *module*; TargetError if it raises."""
+    assert spec.path is not None and spec.source is not None
     module.__file__ = spec.path
     # Like `python file.py`: the file's own directory comes first on the path, when this host has it.
     directory = str(Path(spec.path).parent)
     if Path(directory).is_dir() and directory not in sys.path:
         sys.path.insert(0, directory)
-    sys.modules[spec.module] = module  # before exec: dataclasses and pickle look it up
     try:
         exec(compile(spec.source, spec.path, "exec"), module.__dict__)
     except BaseException as exc:
-        del sys.modules[spec.module]
         raise TargetError(f"task file {spec.path} failed to import: {type(exc).__name__}: {exc}") from exc
-    LOADED.append(spec)
-    return module
+
+
+class TaskFiles(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Task files imported when first needed (by unpickling), not when announced.
+
+    An isolated worker's child process knows every task file its rank has
+    loaded, but imports one only when a unit's definition refers to it. So a
+    file that no longer imports (its data file removed) fails that file's
+    units alone, and a slow import slows only them.
+    """
+
+    def __init__(self) -> None:
+        self.specs: dict[str, TargetSpec] = {}
+
+    def add(self, specs: list[TargetSpec]) -> None:
+        """Announce task files (their module names become importable)."""
+        self.specs.update((spec.module, spec) for spec in specs if spec.source is not None)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        spec = self.specs.get(fullname)
+        return None if spec is None else importlib.util.spec_from_loader(fullname, self, origin=spec.path)
+
+    def create_module(self, module_spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        _execute(self.specs[module.__name__], module)
 
 
 def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:

@@ -10,7 +10,8 @@ next unit. Gang units and the MapReduce shuffle use MPI and stay in the rank.
 
 The two sides talk over a pair of pipes in length-prefixed pickles
 (:class:`Pipe`): the rank sends ``("load", specs)`` (the task files it
-loaded) once, then ``("define", tid, blob)`` and ``("run", command)``; the child answers ``("progress", uid, done, total, message)``
+loaded, which the child imports only once a definition refers to one:
+:class:`~pydra.target.TaskFiles`), then ``("define", tid, blob)`` and ``("run", command)``; the child answers ``("progress", uid, done, total, message)``
 and ``("log", uid, time, level, logger, message)``
 any number of times, then ``("reply", reply, pairs)`` where *pairs* are the
 (key, values) a ``MR_MAP`` produced, for the rank to keep until the shuffle.
@@ -259,15 +260,16 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
         pipe.send(("progress", uid, done, total, message))
 
     runner = UnitRunner(rank, size, host, _no_groups, report_progress, lambda uid: False)
+    task_files = targets.TaskFiles()
+    sys.meta_path.insert(0, task_files)  # first: a task file's module name wins, as on the rank
     logging.getLogger().addHandler(context.LogForwarder(lambda *record: pipe.send(("log", *record))))
     while True:
         try:
             message = pipe.receive()
         except EOFError:
             return
-        if message[0] == "load":  # the task files this rank loaded: definitions refer to them
-            for spec in message[1]:
-                targets.load_module(spec)
+        if message[0] == "load":  # the task files this rank loaded: definitions may refer to them
+            task_files.add(message[1])
             continue
         if message[0] == "define":
             runner.execute((protocol.DEFINE, message[1], message[2]))

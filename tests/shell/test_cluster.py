@@ -215,6 +215,30 @@ def test_a_job_whose_target_cannot_load_fails_and_the_cluster_goes_on(cluster: C
     assert result_of(cluster.wait_final(fine)[fine]) == [144]
 
 
+def test_a_task_file_that_no_longer_imports_fails_its_own_jobs_only(cluster: Cluster, tmp_path: Path) -> None:
+    """An isolated worker's new child imported every task file the cluster had run: one gone bad failed every job."""
+    cluster.settle()
+    data = tmp_path / "data.txt"
+    data.write_text("read at import ")
+    reads_data = tmp_path / "reads_data.py"
+    reads_data.write_text(
+        "import pydra\n"
+        f"DATA = open({str(data)!r}).read()\n\n"
+        "def say(x: str) -> str:\n"
+        "    return DATA + x\n\n"
+        "def job() -> pydra.Task:\n"
+        "    return pydra.Parallel(say)\n"
+    )
+    first = cluster.submit(f"{reads_data}:job", "a", "b", "c")
+    assert result_of(cluster.wait_final(first)[first]) == ["read at import a", "read at import b", "read at import c"]
+    data.unlink()
+    for rank in (1, 2, 3):  # new children, which no longer import reads_data.py unless a unit needs it
+        cluster.ok(f"restart {rank}")
+    fine = cluster.submit(SQUARES, "2", "3", "4")
+    job = cluster.wait_final(fine)[fine]
+    assert job["state"] == "done" and result_of(job) == [4, 9, 16], job
+
+
 def test_the_workers_share_the_cores_before_any_job_loads_numpy(cluster: Cluster) -> None:
     """pydra.cpus at the cluster's start: three workers on this host share its cores (tests/test_cpus.py has the rules)."""
     from pydra import cpus
