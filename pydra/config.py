@@ -124,6 +124,8 @@ SETTINGS: dict[str, Setting] = {
     "THREADS": Setting("auto", _threads, "auto, off or a positive integer",
                        "threads each rank's numerical libraries (OpenBLAS, MKL, OpenMP...) may start: auto shares "
                        "the rank's cores among the workers on them; off leaves them alone (pydra.cpus)"),
+    "IMPORT_TIMEOUT": Setting(20.0, _POSITIVE_FLOAT, "a positive number of seconds",
+                              "longest a service lets a job's TARGET take to import, in a child process first"),
     "MAX_RESULT_BYTES": Setting(1 << 30, _POSITIVE_INT, "a positive number of bytes",
                                 "largest pickled result a worker sends back for one unit"),
     "PROGRESS": Setting("", _one_of("bar", "lines", "off"), "bar, lines or off",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydra import target as targets
+from pydra import importcheck, target as targets
 from pydra._core.evaluate import Walk
 from pydra._core.jobs import JobHandle
 from pydra._core.master import Master
@@ -66,6 +66,10 @@ class Job:
     #: the handle of its last run (None while queued)
     handle: JobHandle | None = None
     tries: int = 0
+    #: its target, read and imported in a child process at submission (or retry): :func:`checked`
+    spec: targets.TargetSpec | None = None
+    #: why its target cannot load, if the check said so (the job fails when it starts)
+    unloadable: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (what ``jobs`` and ``job ID`` show)."""
@@ -110,11 +114,12 @@ class Service:
 
     def submit(self, target: str, inputs: list[str], priority: int = 0) -> dict[str, Any]:
         """Queue *target* on *inputs*; the new job's summary."""
+        self._refuse_if_shutting_down()
+        spec, unloadable = checked(target)  # outside the lock: an import that takes its time holds up no one
         with self._lock:
-            if self._shutting_down:
-                raise ServiceError("the cluster is shutting down: it takes no new jobs")
+            self._refuse_if_shutting_down()
             job_id = self.journal.add_job(target, list(inputs), {"service": self.cluster_id}, None, priority)
-            job = Job(job_id, target, list(inputs), priority, time.time())
+            job = Job(job_id, target, list(inputs), priority, time.time(), spec=spec, unloadable=unloadable)
             self.jobs[job_id] = job
             self._start_ready()
             return job.describe()
@@ -141,9 +146,14 @@ class Service:
             return job.describe()
 
     def retry(self, job_id: int) -> dict[str, Any]:
-        """Queue a failed or cancelled job again (units its earlier runs journaled are not redone)."""
+        """Queue a failed or cancelled job again (units its earlier runs journaled are not redone).
+
+        Its target is read and checked again: a task file fixed since is used.
+        """
+        spec, unloadable = checked(self._job_may_become(job_id, JobState.QUEUED, "retried").target)
         with self._lock:
             job = self._job_may_become(job_id, JobState.QUEUED, "retried")
+            job.spec, job.unloadable = spec, unloadable
             self._move(job, JobState.QUEUED)
             job.error, job.traceback, job.finished, job.handle = None, None, None, None
             self._start_ready()
@@ -338,6 +348,10 @@ class Service:
                 record["job"] = job.id
                 return
 
+    def _refuse_if_shutting_down(self) -> None:
+        if self._shutting_down:
+            raise ServiceError("the cluster is shutting down: it takes no new jobs")
+
     def _worker(self, rank: int) -> None:
         if not any(w.rank == rank for w in self.master.workers) or rank == 0:
             raise ServiceError(f"no worker rank {rank}: the workers are ranks 1..{self.master.comm.size - 1}")
@@ -380,8 +394,11 @@ class Service:
     def _start(self, job: Job) -> None:
         self._move(job, JobState.RUNNING)
         job.started, job.finished, job.tries = time.time(), None, job.tries + 1
+        spec = job.spec
+        if spec is None:
+            self._finish(job, JobState.FAILED, error=job.unloadable)
+            return
         try:
-            spec = targets.read_target(job.target)
             root = targets.resolve(spec, targets.load_module(spec))
         except TargetError as exc:
             self._finish(job, JobState.FAILED, error=str(exc))
@@ -425,6 +442,20 @@ class Service:
     def _check_ended(self) -> None:
         if self._shutting_down and not any(job.state in ACTIVE for job in self.jobs.values()):
             self._ended.set()
+
+
+def checked(target: str) -> tuple[targets.TargetSpec | None, str | None]:
+    """Read *target* and have a child process import it first (:mod:`pydra.importcheck`): its spec, or why not.
+
+    So a task file that exits, crashes or hangs at import costs its job, not
+    the cluster (rank 0 imports it only once the child could).
+    """
+    try:
+        spec = targets.read_target(target)
+        importcheck.check_in_child(spec, setting("IMPORT_TIMEOUT"))
+    except TargetError as exc:
+        return None, str(exc)
+    return spec, None
 
 
 def _write_result(result: Any, path: Path) -> None:

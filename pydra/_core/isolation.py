@@ -97,14 +97,13 @@ class _Child:
     def __init__(self, rank: int, size: int, host: str) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
         argv = [sys.executable, "-m", "pydra._core.child", str(to_child_r), str(from_child_w), str(rank), str(size), host]
         # MPICH's launcher signals SIGUSR1 to a rank's whole process group when another rank ends, and
         # SIGUSR1 ends a process that does not handle it. The child inherits this thread's signal mask
         # through fork and exec: started with SIGUSR1 blocked, it never receives one (nor needs to).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         try:
-            self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=environment)
+            self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=child_environment())
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(to_child_r)
@@ -180,7 +179,7 @@ class IsolatedRunner:
             except EOFError:
                 status = child.process.wait()
                 self._discard_child()
-                return self._failed(uid, TaskProcessDied(f"the task's process (pid {child.process.pid}) {_describe(status)}"), started)
+                return self._failed(uid, TaskProcessDied(f"the task's process (pid {child.process.pid}) {describe_status(status)}"), started)
             if message[0] == "progress":
                 self.runner.report_progress(*message[1:])
                 continue
@@ -238,7 +237,13 @@ class IsolatedRunner:
         return (uid, False, Failure.capture(error, self.rank, self.size, self.host), time.perf_counter() - started)
 
 
-def _describe(status: int) -> str:
+def child_environment() -> dict[str, str]:
+    """This process's environment without the variables by which a process would join the MPI job."""
+    return {name: value for name, value in os.environ.items() if not name.startswith(_LAUNCHER_PREFIXES)}
+
+
+def describe_status(status: int) -> str:
+    """A child's end in words, from its return code: "exited with status 1", "was killed by SIGSEGV"."""
     if status < 0:
         try:
             return f"was killed by {signal.Signals(-status).name}"

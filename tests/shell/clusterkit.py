@@ -32,6 +32,7 @@ FINAL = ("done", "failed", "cancelled")
 WORKER_KEYS = {"rank", "host", "state", "jobs", "heartbeat_age", "cpu_percent", "memory_bytes", "units_done"}
 SHELL_TIMEOUT = 30  # one `pydra shell -c` (each takes well under a second)
 JOB_TIMEOUT = 60  # a job reaching a final state
+IMPORT_TIMEOUT = 8  # the clusters' PYDRA_IMPORT_TIMEOUT: a task file's import takes well under a second
 
 
 
@@ -158,7 +159,7 @@ def serving(root: Path) -> Iterator[Cluster]:
     service_dir = root / "marks"
     service_dir.mkdir()
     env = mpi_environment()
-    env.update(PYDRA_HOME=str(home), FAULT_DIR=str(service_dir))
+    env.update(PYDRA_HOME=str(home), FAULT_DIR=str(service_dir), PYDRA_IMPORT_TIMEOUT=str(IMPORT_TIMEOUT))
     identity = keygen(home / "id_ed25519")
     (home / "authorized_keys").write_text(f'pydra-role="admin" {identity.with_suffix(".pub").read_text()}')
     log = root / "serve.log"

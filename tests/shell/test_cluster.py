@@ -35,15 +35,19 @@ from clusterkit import (
     FAILS_FIRST_TIME,
     FINAL,
     HERE,
+    IMPORT_TIMEOUT,
     NAPS,
+    SHELL_TIMEOUT,
     SQUARES,
     WORKER_KEYS,
     Cluster,
     keygen,
+    pydra,
     result_of,
     serving,
     wait_until,
 )
+from testkit import stop_group
 
 # -- health --------------------------------------------------------------------------------------
 
@@ -213,6 +217,39 @@ def test_a_job_whose_target_cannot_load_fails_and_the_cluster_goes_on(cluster: C
     assert job["state"] == "failed" and "does not exist" in job["error"], job
     fine = cluster.submit(SQUARES, "12")
     assert result_of(cluster.wait_final(fine)[fine]) == [144]
+
+
+def test_a_task_file_that_exits_or_hangs_at_import_fails_its_job_and_the_cluster_goes_on(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Rank 0 imported a submitted file itself: os._exit at import ended the cluster, a hang froze its control plane."""
+    cluster.settle()
+    exits = tmp_path / "exits_at_import.py"
+    exits.write_text("import os\nos._exit(7)\n")
+    job_id = cluster.submit(f"{exits}:job", "1")
+    job = cluster.wait_final(job_id)[job_id]
+    assert job["state"] == "failed", job
+    assert job["error"] == f"task file {exits} ended the process importing it: it exited with status 7 (os._exit at import?)"
+
+    hangs = tmp_path / "hangs_at_import.py"
+    hangs.write_text("import time\ntime.sleep(600)\n")
+    submitting = subprocess.Popen(
+        pydra("shell", "--connect", str(cluster.connection_file), "-i", str(cluster.identity), "--json", "-c",
+              f"submit {hangs}:job 1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env, start_new_session=True,
+    )
+    try:
+        assert cluster.call("status")["ranks"] == 4  # answered while the file is still importing
+        out, err = submitting.communicate(timeout=SHELL_TIMEOUT + IMPORT_TIMEOUT)
+    finally:
+        if submitting.poll() is None:
+            stop_group(submitting)
+            submitting.wait()
+    job = json.loads(out)
+    assert job["state"] == "failed", job
+    assert job["error"] == f"task file {hangs} took more than {IMPORT_TIMEOUT} s to import (PYDRA_IMPORT_TIMEOUT)"
+
+    fine = cluster.submit(SQUARES, "5")
+    assert result_of(cluster.wait_final(fine)[fine]) == [25]
 
 
 def test_a_task_file_that_no_longer_imports_fails_its_own_jobs_only(cluster: Cluster, tmp_path: Path) -> None:
