@@ -16,6 +16,7 @@ number of requests, one at a time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -388,6 +389,7 @@ class ControlClient:
         self._thread.start()
         self._lock = threading.Lock()  # one request at a time on the one channel
         self._channel: Channel | None = None
+        self._closing: list[concurrent.futures.Future] = []  # channels dropped, closing in the background
         self._run(self._connect())
 
     def call(self, command: str, **args: Any) -> Any:
@@ -406,6 +408,8 @@ class ControlClient:
                 self._run(self._channel.close())
             except ControlError:
                 pass
+        # Let dropped channels finish closing: a loop stopped under them prints asyncio's warnings at exit.
+        concurrent.futures.wait(self._closing, timeout=2)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
@@ -424,7 +428,7 @@ class ControlClient:
     def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            asyncio.run_coroutine_threadsafe(channel.close(), self._loop)  # best effort, not waited for
+            self._closing.append(asyncio.run_coroutine_threadsafe(channel.close(), self._loop))  # not waited for here
 
     async def _connect(self) -> None:
         def verify_server(public_key: bytes) -> None:

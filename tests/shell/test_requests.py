@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import NAPS, SQUARES, Cluster, keygen, result_of, serving
+from clusterkit import NAPS, SHELL_TIMEOUT, SQUARES, Cluster, keygen, one_line, pydra, result_of, serving
+from testkit import run_process, stop_group
 
 from pydra.control import FIELD_TYPES, REQUESTS, ControlClient, ControlError, validate_request
 from pydra.launcher import keys
@@ -221,3 +224,36 @@ def test_a_request_given_up_leaves_the_client_working_and_config_says_what_it_se
                 client.call("config", key="heartbeat_timeout", value="0.1")
         finally:
             client.close()
+
+
+DYING_CLUSTER = """
+import os, threading
+from pydra.control import ControlServer
+
+def handle(command, args):
+    os._exit(3)  # the cluster dies in the middle of a request
+
+print(ControlServer(handle, "dying").start(), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_cluster_that_dies_during_a_request_is_one_line_from_the_shell(tmp_path: Path) -> None:
+    """The shell said so, then printed asyncio's "Task was destroyed but it is pending!" and the task at exit."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    identity = keygen(home / "id_ed25519")
+    (home / "authorized_keys").write_text(f'pydra-role="admin" {identity.with_suffix(".pub").read_text()}')
+    env = {**os.environ, "PYDRA_HOME": str(home)}
+    server = subprocess.Popen([sys.executable, "-c", DYING_CLUSTER], stdout=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    try:
+        connection_file = server.stdout.readline().strip()  # type: ignore[union-attr]
+        done = run_process(pydra("shell", "--connect", connection_file, "-i", str(identity), "-c", "status"),
+                           timeout=SHELL_TIMEOUT, env=env)
+    finally:
+        if server.poll() is None:
+            stop_group(server)
+        server.wait()
+    assert done.returncode == 1 and done.stdout == ""
+    assert one_line(done.stderr).startswith("pydra shell: lost the connection to the cluster at 127.0.0.1:"), done.stderr
