@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import sys
 import threading
 import time
 import traceback
@@ -43,6 +44,9 @@ from pydra.journal import Journal, UnitRecorder
 class ServiceError(PydraError):
     """A request the service cannot carry out (an unknown job, a job in the wrong state)."""
 
+
+NO_WORKER_LEFT = ("every worker rank was lost, and an MPI job cannot start new ones: this cluster runs no more "
+                  "jobs; shut it down and start a new one")
 
 #: every state ``workers`` may show (see pydra._core.master), as ``status`` counts them
 WORKER_STATES = tuple(phase.value for phase in Phase)
@@ -107,17 +111,21 @@ class Service:
         self._lock = threading.RLock()
         self._ended = threading.Event()
         self._shutting_down = False
+        self._workerless = False  # every worker rank is lost: no job can run any more
         (run_dir / "results").mkdir(exist_ok=True)
         master.log_hook = self._attribute_log
+        # Rank 0 holds the control plane and every job: it never runs task code (isolated or not) itself.
+        master.no_worker_hook = self._no_worker_left
+        master.scheduler.take_over = False
 
     # -- the queue ---------------------------------------------------------------------------
 
     def submit(self, target: str, inputs: list[str], priority: int = 0) -> dict[str, Any]:
         """Queue *target* on *inputs*; the new job's summary."""
-        self._refuse_if_shutting_down()
+        self._refuse_new_jobs()
         spec, unloadable = checked(target)  # outside the lock: an import that takes its time holds up no one
         with self._lock:
-            self._refuse_if_shutting_down()
+            self._refuse_new_jobs()
             job_id = self.journal.add_job(target, list(inputs), {"service": self.cluster_id}, None, priority)
             job = Job(job_id, target, list(inputs), priority, time.time(), spec=spec, unloadable=unloadable)
             self.jobs[job_id] = job
@@ -150,8 +158,10 @@ class Service:
 
         Its target is read and checked again: a task file fixed since is used.
         """
+        self._refuse_new_jobs()
         spec, unloadable = checked(self._job_may_become(job_id, JobState.QUEUED, "retried").target)
         with self._lock:
+            self._refuse_new_jobs()
             job = self._job_may_become(job_id, JobState.QUEUED, "retried")
             job.spec, job.unloadable = spec, unloadable
             self._move(job, JobState.QUEUED)
@@ -348,9 +358,24 @@ class Service:
                 record["job"] = job.id
                 return
 
-    def _refuse_if_shutting_down(self) -> None:
+    def _refuse_new_jobs(self) -> None:
         if self._shutting_down:
             raise ServiceError("the cluster is shutting down: it takes no new jobs")
+        if self._workerless:
+            raise ServiceError(NO_WORKER_LEFT)
+
+    def _no_worker_left(self) -> None:
+        """Every worker rank is lost (scheduler thread): fail the running and queued jobs, take no more."""
+        with self._lock:
+            self._workerless = True
+            self.master.note(NO_WORKER_LEFT, level="ERROR")
+            print(f"pydra: {NO_WORKER_LEFT}", file=sys.stderr, flush=True)
+            for job in self.jobs.values():
+                if job.state is JobState.RUNNING:
+                    self._finish(job, JobState.FAILED, error=NO_WORKER_LEFT)  # first: _on_done then ignores it
+                    if job.handle is not None:
+                        job.handle.cancel()
+            self._start_ready()  # the queued ones fail as they start
 
     def _worker(self, rank: int) -> None:
         if not any(w.rank == rank for w in self.master.workers) or rank == 0:
@@ -389,14 +414,14 @@ class Service:
             if running >= self.max_jobs:
                 return
             self._start(job)
-            running += 1
+            running += job.state is JobState.RUNNING  # one that failed to start takes no place
 
     def _start(self, job: Job) -> None:
         self._move(job, JobState.RUNNING)
         job.started, job.finished, job.tries = time.time(), None, job.tries + 1
         spec = job.spec
-        if spec is None:
-            self._finish(job, JobState.FAILED, error=job.unloadable)
+        if spec is None or self._workerless:
+            self._finish(job, JobState.FAILED, error=NO_WORKER_LEFT if self._workerless else job.unloadable)
             return
         try:
             root = targets.resolve(spec, targets.load_module(spec))
@@ -470,7 +495,6 @@ def run_service(run_dir: str | None, listen: tuple[str, int], max_jobs: int, fir
     *first_job* (TARGET INPUT...) is queued at start, as if submitted.
     """
     import signal
-    import sys
 
     from mpi4py import MPI
 

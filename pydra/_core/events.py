@@ -117,6 +117,11 @@ class TakeOver:
 
 
 @dataclass(frozen=True)
+class NoWorkerLeft:
+    """Every worker is lost and rank 0 may not take the work over (a service): the work waits for none."""
+
+
+@dataclass(frozen=True)
 class AbortIfStuck:
     """A gang failed and may have left ranks blocked in MPI: abort the job if STOP is not answered in time."""
 

@@ -287,6 +287,8 @@ def serve_child(read_fd: int, write_fd: int, rank: int, size: int, host: str) ->
             pairs = buffer.values if buffer is not None else {}
         try:
             pipe.send(("reply", reply, pairs))
+        except BrokenPipeError:
+            return  # the rank is gone (its task may have killed it): no one to tell
         except (Exception, SystemExit) as exc:  # the result (or a pair) cannot be pickled
             exc.add_note(f"(while sending a result from rank {rank} to rank 0)")
             failed = (reply[0], False, Failure.capture(exc, rank, size, host), reply[3])

@@ -92,6 +92,8 @@ class Master:
         self._log_numbers = itertools.count(1)
         #: called with each new record before it is kept (a service tells which job it belongs to)
         self.log_hook: Callable[[dict], None] | None = None
+        #: called once every worker is lost when the scheduler may not take the work over (a service)
+        self.no_worker_hook: Callable[[], None] | None = None
 
     # -- lifecycle (any thread) --------------------------------------------------------------
 
@@ -247,6 +249,9 @@ class Master:
                 self._transport(instruction.ranks[0]).beat(instruction.ranks)
             elif kind is ev.Lost:
                 self._lost(instruction)
+            elif kind is ev.NoWorkerLeft:
+                if self.no_worker_hook is not None:
+                    self.no_worker_hook()
             elif kind is ev.TakeOver:
                 print("pydra: no worker rank is left; rank 0 runs the remaining work itself", file=sys.stderr)
                 self.local = LocalTransport(self)

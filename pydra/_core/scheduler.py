@@ -26,7 +26,8 @@ changes. The rules, each in one method:
   :class:`~pydra.errors.WorkerLost` (their sources reschedule them), gang
   members stuck in a collective with it are lost too (unless MPI raises in a
   collective that meets a dead rank: ULFM), and with no worker left rank 0
-  takes the work over;
+  takes the work over (unless ``take_over`` is off: a service's rank 0 runs
+  no task code, and says :class:`NoWorkerLeft` once every worker is lost);
 * heartbeats and timers (:class:`Tick`), draining and the stop.
 """
 
@@ -40,8 +41,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydra._core import protocol
 from pydra._core.events import (
-    AbortIfStuck, Beat, Dispatch, Heard, Lost, Progress, RepliesReceived, Send, SendCancel, StopRequested, TakeOver,
-    Tick, WorkerGone,
+    AbortIfStuck, Beat, Dispatch, Heard, Lost, NoWorkerLeft, Progress, RepliesReceived, Send, SendCancel, StopRequested,
+    TakeOver, Tick, WorkerGone,
 )
 from pydra._core.phases import TAKES_WORK, TRANSITIONS, Phase, Trigger, Worker
 from pydra._core.protocol import Failure
@@ -110,6 +111,7 @@ class Scheduler:
         self.workers = [Worker(rank, hosts[rank], last_heard=now) for rank in ranks]
         self._by_rank = {worker.rank: worker for worker in self.workers}
         self.least_retries = 0  # a service's admin may raise it (config retries N)
+        self.take_over = True  # with no worker left, rank 0 runs the work itself (a service turns it off)
         self.inflight_limit = max(1, settings.depth)
         self._unit_seconds: float | None = None  # running mean of worker time per unit
         self.calls = CallQueue()
@@ -535,6 +537,10 @@ class Scheduler:
 
     def _take_over(self) -> None:
         """Every worker is lost: rank 0 runs the rest of the work itself, as a one-process job does."""
+        if not self.take_over:  # the work waits for a drained worker to come back, or fails if none is left
+            if not any(worker.alive for worker in self.workers):
+                self._out.append(NoWorkerLeft())
+            return
         itself = Worker(0, self.host, last_heard=self.now)
         self.workers.append(itself)
         self._by_rank[0] = itself

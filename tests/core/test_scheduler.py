@@ -18,7 +18,8 @@ import pytest
 from pydra._core import protocol
 from pydra._core.protocol import Failure
 from pydra._core.events import (
-    AbortIfStuck, Beat, Dispatch, Heard, Lost, RepliesReceived, Send, SendCancel, StopRequested, TakeOver, Tick,
+    AbortIfStuck, Beat, Dispatch, Heard, Lost, NoWorkerLeft, RepliesReceived, Send, SendCancel, StopRequested, TakeOver,
+    Tick,
     WorkerGone,
 )
 from pydra._core.phases import TRANSITIONS, Phase, Trigger
@@ -262,6 +263,24 @@ def test_every_worker_lost_rank_0_takes_over() -> None:
     calls = Calls(scheduler)
     calls.submit("x")
     assert ops(sends(scheduler.handle(Dispatch(1.0)))[0]) == [protocol.CALL]
+
+
+def test_without_take_over_rank_0_runs_nothing_and_says_when_no_worker_is_left() -> None:
+    """A service's rank 0 (the control plane and every job) never runs task code, isolated or not."""
+    scheduler = make()
+    scheduler.take_over = False
+    calls = Calls(scheduler)
+    calls.submit("x")
+    (first,) = sends(scheduler.handle(Dispatch(0.0)))
+    scheduler.drain(3 - first)
+    out = scheduler.handle(WorkerGone(first, "gone"))
+    assert NoWorkerLeft() not in out and TakeOver() not in out  # the drained worker is still there
+    assert sends(scheduler.handle(Dispatch(0.1))) == {}  # and the call waits for it
+    scheduler.undrain(3 - first)
+    assert [c[2] for c in sends(scheduler.handle(Dispatch(0.2)))[3 - first]] == ["x"]
+    out = scheduler.handle(WorkerGone(3 - first, "gone"))
+    assert NoWorkerLeft() in out and TakeOver() not in out
+    assert sends(scheduler.handle(Dispatch(0.3))) == {} and 0 not in [w.rank for w in scheduler.workers]
 
 
 # -- gangs --------------------------------------------------------------------------------------------

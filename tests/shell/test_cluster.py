@@ -276,6 +276,18 @@ def test_a_task_file_that_no_longer_imports_fails_its_own_jobs_only(cluster: Clu
     assert job["state"] == "done" and result_of(job) == [4, 9, 16], job
 
 
+def test_jobs_that_fail_to_start_take_no_place_in_the_queue(cluster: Cluster) -> None:
+    """With max_jobs 1, a job whose target could not load counted as running: the next queued job never started."""
+    cluster.settle()
+    cluster.ok("pause")
+    missing = [cluster.submit(f"{HERE / 'jobs' / 'no_such_file.py'}:nothing", "1") for _ in range(2)]
+    fine = cluster.submit(SQUARES, "3")
+    cluster.ok("resume")
+    jobs = cluster.wait_final(*missing, fine)
+    assert [jobs[job_id]["state"] for job_id in missing] == ["failed", "failed"], jobs
+    assert result_of(jobs[fine]) == [9]
+
+
 def test_the_workers_share_the_cores_before_any_job_loads_numpy(cluster: Cluster) -> None:
     """pydra.cpus at the cluster's start: three workers on this host share its cores (tests/test_cpus.py has the rules)."""
     from pydra import cpus
@@ -447,4 +459,29 @@ def test_shutdown_with_a_job_still_queued_ends_the_cluster(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             states = own.jobs([running, queued])
             pytest.fail(f"still up 60 s after `shutdown`; jobs: {[(i, j['state']) for i, j in states.items()]}")
+        assert status == 0, own.tail()
+
+
+def test_with_every_worker_lost_rank_0_runs_no_task_and_the_cluster_takes_no_more_jobs(tmp_path: Path) -> None:
+    """Rank 0 took the work over, running task code unisolated in the process that holds the control plane."""
+    killer = tmp_path / "jobs" / "kills_its_rank.py"
+    killer.parent.mkdir()
+    killer.write_text(
+        "import os, signal\nimport pydra\n\n"
+        "def kill_my_rank(x: str) -> None:\n"
+        "    os.kill(os.getppid(), signal.SIGKILL)  # isolated: the parent is the worker rank\n\n"
+        "def job() -> pydra.Task:\n"
+        "    return pydra.Parallel(kill_my_rank, chunksize=1)\n"
+    )
+    with serving(tmp_path) as own:
+        doomed = own.submit(f"{killer}:job", "a", "b", "c")
+        assert own.wait_final(doomed)[doomed]["state"] == "failed"
+        wait_until("every worker lost", lambda: own.call("workers"),
+                   lambda rows: [row["state"] for row in rows] == ["lost"] * 3)
+        assert "every worker rank was lost, and an MPI job cannot start new ones" in own.refused(f"submit {SQUARES} 3")
+        assert own.ok("shutdown").strip() == "shutting down"
+        status = own.process.wait(timeout=60)
+        log = own.log.read_text()
+        assert "rank 0 runs the remaining work itself" not in log and "Traceback" not in log, own.tail()
+        assert "pydra: every worker rank was lost, and an MPI job cannot start new ones" in log, own.tail()
         assert status == 0, own.tail()
