@@ -222,6 +222,9 @@ class Service:
         """Log records collected on rank 0 (tasks' and the cluster's), numbered; those after number *after*."""
         if job_id is not None:
             self._job(job_id)
+        size = self.master.comm.size
+        if rank is not None and not 0 <= rank < size:  # rank 0 logs too: the cluster's own events
+            raise ServiceError(f"no rank {rank}: the ranks are 0..{size - 1}")
         records = [record for record in list(self.master.logs) if record["number"] > after]
         return [
             record for record in records

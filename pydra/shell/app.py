@@ -126,11 +126,22 @@ def follow_progress(client: Any, words: list[str], interval: float = 0.5, stream
         stream = sys.__stdout__ if sys.__stdout__ is not None and sys.__stdout__.isatty() else sys.stdout
     board = _ProgressBoard(stream)
     first: dict[int, tuple[float, int]] = {}
+    ended: dict[int, dict] = {}  # jobs seen running that have ended since: `jobs` no longer lists them
     try:
         while True:
-            jobs = [client.call("job", job_id=int(words[0]))] if words else client.call("jobs")
+            just_ended: list[int] = []
+            if words:
+                jobs = [client.call("job", job_id=int(words[0]))]
+            else:
+                jobs = client.call("jobs")
+                listed = {job["id"] for job in jobs}
+                just_ended = sorted(set(first) - listed - set(ended))
+                ended.update((job_id, client.call("job", job_id=job_id)) for job_id in just_ended)
+                jobs = sorted([*ended.values(), *jobs], key=lambda job: job["id"])
             running = [job for job in jobs if job["state"] in ("queued", "running")]
-            board.show([progress_line(job, first) for job in jobs], final=not running)
+            if not jobs:
+                return "no job is queued or running"
+            board.show([progress_line(job, first) for job in jobs], news=not running or bool(just_ended))
             if not running:
                 return ""
             time.sleep(interval)
@@ -147,7 +158,8 @@ class _ProgressBoard:
         self.drawn = 0  # lines drawn last time (terminal)
         self.printed_at: float | None = None  # when lines were last printed (not a terminal)
 
-    def show(self, lines: list[str], final: bool) -> None:
+    def show(self, lines: list[str], news: bool) -> None:
+        """Draw *lines*; off a terminal, print them if *news* (a job ended) or the last print is old enough."""
         if self.redraw:
             up = f"\x1b[{self.drawn}A\r" if self.drawn else ""
             # Each line cleared before it is written, and whatever was below the last one after.
@@ -155,7 +167,7 @@ class _ProgressBoard:
             self.drawn = len(lines)
         else:
             now = time.monotonic()
-            if not final and self.printed_at is not None and now - self.printed_at < LINE_SECONDS:
+            if not news and self.printed_at is not None and now - self.printed_at < LINE_SECONDS:
                 return
             self.printed_at = now
             self.stream.write("".join(f"{line}\n" for line in lines))

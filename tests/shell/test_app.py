@@ -347,15 +347,26 @@ def test_undrain_asks_the_cluster_and_completes_ranks():
 
 
 class ProgressingCluster:
-    """A job that advances by 25 items at each look, from 0 to 100, then is done."""
+    """Jobs that advance by 25 items at each look of ``jobs``, from 0 to 100, then are done.
 
-    def __init__(self) -> None:
+    As a service does, ``jobs`` lists only the queued and running ones, and ``job ID`` any.
+    """
+
+    def __init__(self, *sizes: int) -> None:
+        self.sizes = dict(enumerate(sizes or (100,), start=7))
         self.looks = 0
 
+    def job(self, job_id: int) -> dict:
+        total = self.sizes[job_id]
+        done = min(25 * self.looks, total)
+        return {**JOB, "id": job_id, "state": "done" if done == total else "running", "items_done": done,
+                "items_total": total}
+
     def call(self, command: str, **args):
-        done = min(25 * self.looks, 100)
+        if command == "job":
+            return self.job(args["job_id"])
         self.looks += 1
-        return [{**JOB, "state": "done" if done == 100 else "running", "items_done": done, "items_total": 100}]
+        return [job for job in map(self.job, self.sizes) if job["state"] == "running"]
 
 
 class Screen(io.StringIO):
@@ -371,8 +382,8 @@ def test_progress_redraws_its_bars_in_place_on_a_terminal():
     screen = Screen(terminal=True)
     assert app.follow_progress(ProgressingCluster(), [], interval=0, stream=screen) == ""
     drawn = screen.getvalue()
-    assert drawn.count("\n") == 5  # five looks at one job, each line drawn over the last
-    assert drawn.count("\x1b[1A\r") == 4  # back up one line before each redraw
+    assert drawn.count("\n") == 4  # four looks at one job, each line drawn over the last
+    assert drawn.count("\x1b[1A\r") == 3  # back up one line before each redraw
     last = drawn.split("\x1b[1A\r")[-1]
     assert last.startswith("\x1b[2Kjob 7 done [" + "#" * 30 + "] 100/100 100%") and last.endswith("\n\x1b[J"), last
 
@@ -384,3 +395,20 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal():
     assert "\x1b" not in screen.getvalue()
     assert len(lines) == 2, lines  # when first seen and at the end: the looks between came within LINE_SECONDS
     assert lines[0].startswith("job 7 running [") and lines[1].startswith("job 7 done [")
+
+
+def test_progress_off_a_terminal_prints_each_jobs_end_when_it_ends():
+    """Without an ID, a job that ended left the list (``jobs`` shows the active ones): its end was never printed."""
+    screen = Screen(terminal=False)
+    app.follow_progress(ProgressingCluster(50, 100), [], interval=0, stream=screen)
+    lines = screen.getvalue().splitlines()
+    assert [line.split(" [")[0] for line in lines] == [
+        "job 7 running", "job 8 running",  # when first seen
+        "job 7 done", "job 8 running",  # when job 7 ended
+        "job 7 done", "job 8 done",  # at the end
+    ], lines
+
+
+def test_progress_with_nothing_running_says_so():
+    assert app.follow_progress(ProgressingCluster(0), [], interval=0, stream=Screen(terminal=False)) == (
+        "no job is queued or running")

@@ -327,6 +327,8 @@ def test_unknown_and_launch_only_keys_and_bad_command_lines_are_refused(cluster:
     cluster.refused("priority 1", status=2)
     cluster.refused("jobs --everything", status=2)
     assert "no job 999999" in cluster.refused("job 999999")
+    assert cluster.refused("logs --rank 9") == "pydra shell: no rank 9: the ranks are 0..3"  # it said: (no log records)
+    cluster.ok("logs --rank 3")
     cluster.ok("status")  # the cluster is unharmed
 
 
