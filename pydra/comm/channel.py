@@ -65,6 +65,8 @@ DEFAULT_MAX_FRAME_LENGTH = 1 << 20  #: default limit on a frame body after the c
 # bytes), so an unauthenticated peer never gets to make us buffer more than this.
 _PREAUTH_FRAME_LIMIT = 256
 _HEADER_LENGTH = 4
+#: how much of a non-Pydra server's first bytes a refusal quotes
+_FIRST_BYTES_SHOWN = 16
 _KEY_LENGTH = 32  # raw Ed25519 public key
 _SIGNATURE_LENGTH = 64
 _PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -351,6 +353,10 @@ class Connection:
         limit = self.max_frame_length if self.state is State.OPEN else _PREAUTH_FRAME_LIMIT
         # Checked before waiting for the body, so a huge length costs us nothing.
         if length > limit:
+            if self.state is State.HANDSHAKE and self.role is Role.INITIATOR:
+                # The server's first bytes are no handshake: another service on that port (sshd, a web server).
+                began = bytes(self._received[:_FIRST_BYTES_SHOWN])
+                raise ProtocolError(f"the other side does not speak Pydra's protocol (it began with {began!r})")
             raise ProtocolError(f"frame length {length} exceeds limit {limit}")
         end = _HEADER_LENGTH + length
         if len(self._received) < end:

@@ -283,6 +283,14 @@ def test_frames_before_authentication_are_small():
     assert str(failure(drain(responder))) == "frame length 257 exceeds limit 256"
 
 
+def test_a_server_that_is_not_pydras_is_named_by_its_first_bytes():
+    """An agent's port where sshd answers: the refusal said only "frame length 1397966893 exceeds limit 256"."""
+    initiator = client()
+    initiator.receive_data(b"SSH-2.0-OpenSSH_9.6p1 Ubuntu\r\n")
+    assert str(failure(drain(initiator))) == (
+        "the other side does not speak Pydra's protocol (it began with b'SSH-2.0-OpenSSH_')")
+
+
 def test_max_frame_length_is_configurable():
     initiator, responder = open_pair(max_frame_length=1000)
     responder.receive_data(initiator.send(Data(bytes(1000 - 17))))
