@@ -99,6 +99,10 @@ async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) 
                 raise ChannelError(f"agent refused: {reply.get('message')}")
             if reply.get("type") != "pong":
                 raise ChannelError(f"expected pong, got {reply.get('type')!r}")
+            runs_as = reply.get("user")
+            if host.user and runs_as and runs_as != host.user:  # a single-user agent ignores the user asked for
+                raise ChannelError(f"this agent runs everything as {runs_as}, not {host.user}: start `pydra node "
+                                   f"--system` there, or write the host without {host.user}@")
             return HostCheck(host, keys.sha256_fingerprint(channel.peer_key), rtt, None)
     except ConnectionRefusedError:
         return HostCheck(host, "-", None, "no agent listening there (start `pydra node` on that host)")

@@ -206,7 +206,7 @@ class SystemUsers:
             self.log.warning("refused the request of %s from %s as %s: %s",
                              keys.sha256_fingerprint(channel.peer_key), channel.peer_address, account.name, refusal)
             raise
-        return Command(account.shell, env, f"{account.name} (uid {account.uid})", spawn_options(account))
+        return Command(account.shell, env, f"{account.name} (uid {account.uid})", spawn_options(account), account.name)
 
     def keyfile_of(self, channel: Channel) -> AuthorizedKeysFile | None:
         """The file that allowed *channel*, or None before its request was authorized."""

@@ -11,7 +11,7 @@ launcher -> agent                           agent -> launcher
 ``"env": {...}, "user": "..."}``            ``{"type": "stdout"|"stderr", "data": B64}``
 ``{"type": "stdin", "data": B64}``          ``{"type": "exit", "status": N}`` (then close)
 ``{"type": "stdin_eof"}``                   ``{"type": "error", "message": "..."}`` (refused)
-``{"type": "ping", "user": "..."}``         ``{"type": "pong"}`` (then close)
+``{"type": "ping", "user": "..."}``         ``{"type": "pong", "user": "..."}`` (then close)
 ``{"type": "tunnel", "data": B64}``         ``{"type": "tunnel", "data": B64}``
 ``{"type": "tunnel_eof"}``                  ``{"type": "tunnel_eof"}``
 ==========================================  =========================================
@@ -75,6 +75,7 @@ class Command:
     env: dict[str, str]
     who: str  #: who it runs as, for the log: ``bob (uid 1001)``
     options: dict[str, Any] = field(default_factory=dict)  #: more for subprocess (user=, group=, cwd=...)
+    user: str | None = None  #: the name of the user it runs as (None: a uid with no name), told in the pong
 
 
 class Runner(Protocol):
@@ -95,15 +96,17 @@ class OwnUser:
     def __init__(self) -> None:
         uid = os.geteuid()
         try:
-            self.who = f"{pwd.getpwuid(uid).pw_name} (uid {uid}, the agent's own user)"
+            self.user: str | None = pwd.getpwuid(uid).pw_name
+            self.who = f"{self.user} (uid {uid}, the agent's own user)"
         except KeyError:  # a uid with no passwd entry (some containers)
+            self.user = None
             self.who = f"uid {uid} (the agent's own user)"
 
     def prepare(self, channel: Channel, request: dict[str, Any]) -> Command:
         """The agent's environment plus the request's ``env``; ``/bin/sh``; the request's ``user`` is ignored."""
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
-        return Command("/bin/sh", env, self.who)
+        return Command("/bin/sh", env, self.who, user=self.user)
 
 
 async def server_exec(channel: Channel, runner: Runner) -> None:
@@ -124,7 +127,8 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
         await channel.send_json({"type": "error", "message": str(refusal)})
         return
     if request["type"] == "ping":
-        await channel.send_json({"type": "pong"})
+        # Who the commands would run as: the launcher checks it against a hostfile's user@host.
+        await channel.send_json({"type": "pong", **({"user": how.user} if how.user else {})})
         return
     command, listener = request["command"], None
     fingerprint = keys.sha256_fingerprint(channel.peer_key)

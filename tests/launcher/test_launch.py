@@ -72,6 +72,23 @@ def test_changed_host_key_is_refused_loudly(cluster: Cluster, tmp_path: Path) ->
     assert "accepted" not in cluster.log(host).split("listening")[-1]  # nothing ran on the impostor
 
 
+def test_user_at_host_for_another_user_than_a_single_user_agents_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """The agent ran the job as its own user without a word, whatever user the hostfile named."""
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"nobody@{HOSTS[0]} port={cluster.ports[HOSTS[0]]}\n{me}@{HOSTS[1]} port={cluster.ports[HOSTS[1]]}\n")
+    done = run_process(pydra("launch", "-f", str(hostfile), "-n", "2", "--accept-new", "examples/pipeline.py:pipeline",
+                             "3"), timeout=90, env=cluster.env)
+    assert done.returncode == 1 and "finished" not in done.stdout
+    row = next(line for line in done.stderr.splitlines() if line.startswith(f"nobody@{HOSTS[0]}"))
+    assert row.endswith(f"FAILED: this agent runs everything as {me}, not nobody: start `pydra node --system` "
+                        "there, or write the host without nobody@"), done.stderr
+    assert next(line for line in done.stderr.splitlines() if line.startswith(f"{me}@{HOSTS[1]}")).endswith("  ok")
+    assert "started pid" not in cluster.log(HOSTS[0])  # nothing ran
+
+
 def test_unauthorized_key_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     keygen(stranger, "stranger")
