@@ -518,13 +518,15 @@ async def serve_channel(
     )
 
 
-async def retry_refused(open_once: Callable[[], Awaitable[Channel]], attempts: int = 6) -> Channel:
+async def retry_refused(open_once: Callable[[], Awaitable[Channel]], attempts: int = 6,
+                        on_retry: Callable[[BaseException], None] | None = None) -> Channel:
     """``await open_once()``, tried again after a growing random pause while the server refuses it.
 
     A listener under a flood drops some new connections at random before their handshake
     (MaxStartups); a legitimate client that tries again a few times gets through.  Refused means
     closed before the handshake: `Refused`, or a reset that came before connect() even returned.
-    Any other failure, and the last refusal (as `Refused`), is raised.
+    Any other failure, and the last refusal (as `Refused`), is raised.  *on_retry* is called with
+    each refusal that is tried again (a penalised source's take seconds each: the caller may say so).
     """
     for attempt in range(attempts):
         try:
@@ -532,6 +534,8 @@ async def retry_refused(open_once: Callable[[], Awaitable[Channel]], attempts: i
         except (Refused, ConnectionResetError) as error:  # reset: refused before connect() returned
             if attempt == attempts - 1:
                 raise Refused(str(error)) if isinstance(error, ConnectionResetError) else error
+            if on_retry is not None:
+                on_retry(error)
             await asyncio.sleep(random.uniform(0.5, 1.0) * _RETRY_PAUSE * 2**attempt)
     raise AssertionError("unreachable")
 

@@ -82,8 +82,16 @@ async def connect(host: str, port: int, identity, known_hosts: Path, accept_new:
             verify_server=lambda key: authorized.check_host(host, port, key, accept_new, path=known_hosts),
         )
 
+    def say_once(error: BaseException) -> None:
+        # A penalised address's connections are held for the grace time, then dropped: each try takes seconds.
+        if not told:
+            told.append(error)
+            print(f"pydra launch: the agent at {host}:{port} dropped our connection before the handshake (busy, or "
+                  "penalising this address for failed logins: see its log); trying again", file=sys.stderr, flush=True)
+
+    told: list[BaseException] = []
     # An agent under a flood drops some new connections before their handshake: try again.
-    return await retry_refused(open_once)
+    return await retry_refused(open_once, on_retry=say_once)
 
 
 async def check_host(host: Host, identity, known_hosts: Path, accept_new: bool) -> HostCheck:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra
+from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra, start_node
 from testkit import gang_after_losing_a_member
 from pydra.launcher.mpiexec import OPEN_MPI, find_mpiexec
 from testkit import ROOT, Running, mpi_environment, run_process, survives_losses
@@ -87,6 +87,35 @@ def test_user_at_host_for_another_user_than_a_single_user_agents_is_refused(clus
                         "there, or write the host without nobody@"), done.stderr
     assert next(line for line in done.stderr.splitlines() if line.startswith(f"{me}@{HOSTS[1]}")).endswith("  ok")
     assert "started pid" not in cluster.log(HOSTS[0])  # nothing ran
+
+
+def test_a_launch_held_off_by_a_penalty_says_so_and_gets_through_once_it_ends(cluster: Cluster, tmp_path: Path) -> None:
+    """A penalised address's connections are held for the grace time, then dropped: the launch waited silently."""
+    host, port = HOSTS[0], free_port(HOSTS[0])
+    key = tmp_path / "host-key"
+    keygen(key, host)
+    # One refused key earns 8 s of penalty; a held connection is dropped after 2 s, so the launch's six tries
+    # span more than 10 s: at least the first is refused, and a later one gets through.
+    env = {**cluster.env, "PYDRA_PER_SOURCE_PENALTIES": "authfail:8 noauth:0 grace-exceeded:0 min:1 max:8",
+           "PYDRA_LOGIN_GRACE_TIME": "2"}
+    agent = start_node(["--listen", f"{host}:{port}", "--host-key", str(key), "--authorized-keys", str(cluster.authorized)],
+                       tmp_path / "agent.log", env)
+    try:
+        hostfile = tmp_path / "hosts.txt"
+        hostfile.write_text(f"{host} port={port}\n")
+        stranger = tmp_path / "stranger"
+        keygen(stranger, "stranger")
+        job = ["-n", "1", "--accept-new", "examples/pi.py:estimate_pi", "10"]
+        refused = run_process(pydra("launch", "-f", str(hostfile), "-i", str(stranger), *job), timeout=90, env=cluster.env)
+        assert refused.returncode == 1, refused.stderr
+        done = run_process(pydra("launch", "-f", str(hostfile), *job), timeout=90, env=cluster.env)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count(f"pydra launch: the agent at {host}:{port} dropped our connection before the handshake "
+                                 "(busy, or penalising this address for failed logins: see its log); trying again") == 1
+        assert "source penalised" in (tmp_path / "agent.log").read_text()
+    finally:
+        os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(timeout=10)
 
 
 def test_unauthorized_key_is_refused(cluster: Cluster, tmp_path: Path) -> None:
