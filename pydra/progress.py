@@ -28,14 +28,18 @@ def progress_mode(stream: TextIO = sys.stderr) -> str:
     return setting("PROGRESS") or ("bar" if stream.isatty() else "lines")
 
 
-def progress_text(done: int, total: int | None, rate: float, width: int = 30) -> str:
-    """``[#########.....] 300/1000 30%  120/s  ETA 6s``, or ``300 items  120/s`` without a total."""
+def progress_text(done: int, total: int | None, rate: float | None, width: int = 30) -> str:
+    """``[#########.....] 300/1000 30%  120/s  ETA 6s``, or ``300 items  120/s`` without a total.
+
+    *rate* None (not measured yet: a first look) leaves the rate and the ETA out.
+    """
+    speed = "" if rate is None else f"  {rate:,.0f}/s"
     if not total:
-        return f"{done} items  {rate:,.0f}/s"
+        return f"{done} items{speed}"
     filled = int(width * min(done, total) / total)
     bar = "#" * filled + "." * (width - filled)
-    eta = f"  ETA {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
-    return f"[{bar}] {done}/{total} {100 * done // total}%  {rate:,.0f}/s{eta}"
+    eta = f"  ETA {_duration((total - done) / rate)}" if rate and done < total else ""
+    return f"[{bar}] {done}/{total} {100 * done // total}%{speed}{eta}"
 
 
 def _duration(seconds: float) -> str:

@@ -179,7 +179,7 @@ def progress_line(job: dict, first: dict[int, tuple[float, int]]) -> str:
     done, total = job.get("items_done") or 0, job.get("items_total")
     now = time.monotonic()
     seen_at, seen_done = first.setdefault(job["id"], (now, done))
-    rate = (done - seen_done) / (now - seen_at) if now > seen_at else 0.0
+    rate = (done - seen_done) / (now - seen_at) if now > seen_at else None  # None: first seen just now
     return f"job {job['id']} {job['state']} {progress_text(done, total, rate)}"
 
 

@@ -206,7 +206,7 @@ def _build() -> dict[str, Command]:
 
     def submit_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("target", metavar="TARGET")
-        parser.add_argument("inputs", metavar="INPUT", nargs="*")
+        parser.add_argument("inputs", metavar="INPUT", nargs="*", default=[])  # a default: argparse calls it required otherwise
         parser.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first (default 0)")
 
     add("submit", "queue TARGET on INPUTs (--priority N: higher runs first)",

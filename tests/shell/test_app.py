@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 
@@ -222,10 +223,14 @@ def test_json_prints_the_cluster_reply(capsys):
     assert json.loads(capsys.readouterr().out) == [JOB]
 
 
-def test_progress_lines_show_rate_and_eta():
-    first = {7: (0.0, 0)}
+def test_progress_lines_show_rate_and_eta_once_measured():
+    """The first line of a job said "0/s": no rate was measured yet."""
+    first: dict = {}
     line = app.progress_line({**JOB, "state": "running", "items_done": 50, "items_total": 100}, first)
-    assert line.startswith("job 7 running [###############...............] 50/100 50%")
+    assert line == "job 7 running [###############...............] 50/100 50%"
+    first[7] = (first[7][0] - 10.0, 0)  # as if first seen 10 s ago, at 0 items
+    line = app.progress_line({**JOB, "state": "running", "items_done": 50, "items_total": 100}, first)
+    assert re.fullmatch(r"job 7 running \[#{15}\.{15}\] 50/100 50%  5/s  ETA (9|10)s", line), line
 
 
 # -- the shell's own commands, a submit that fails at once, a missing key -------------------------------
@@ -412,3 +417,11 @@ def test_progress_off_a_terminal_prints_each_jobs_end_when_it_ends():
 def test_progress_with_nothing_running_says_so():
     assert app.follow_progress(ProgressingCluster(0), [], interval=0, stream=Screen(terminal=False)) == (
         "no job is queued or running")
+
+
+def test_submit_without_a_target_calls_only_the_target_required():
+    """argparse listed the optional INPUT as required too: "required: TARGET, INPUT"."""
+    from pydra.shell.commands import ShellUsageError, parse
+
+    with pytest.raises(ShellUsageError, match=r"^submit: the following arguments are required: TARGET \(usage: "):
+        parse("submit")
