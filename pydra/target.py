@@ -38,11 +38,17 @@ class TargetSpec:
     source: str | None = None
 
 
-def read_target(text: str) -> TargetSpec:
-    """Parse *text* and, for a file target, read the file (rank 0)."""
+def parse_target(text: str) -> tuple[str, str]:
+    """*text*'s file or module and its attribute; TargetError if it does not look like a TARGET."""
     where, sep, attribute = text.rpartition(":")
     if not sep or not where or not attribute.isidentifier():
         raise TargetError(f"{USAGE}, got {text!r}")
+    return where, attribute
+
+
+def read_target(text: str) -> TargetSpec:
+    """Parse *text* and, for a file target, read the file (rank 0)."""
+    where, attribute = parse_target(text)
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where)
         try:
@@ -127,6 +133,10 @@ def resolve(spec: TargetSpec, module: types.ModuleType) -> Any:
         where = spec.text.rpartition(":")[0]  # as the user wrote it: a file's module name may be made up
         kind = "task file" if spec.path else "module"
         raise TargetError(f"{kind} {where} has no attribute {spec.attribute!r}") from None
+    if isinstance(obj, type) and obj.__module__.partition(".")[0] == "pydra":
+        # pydra:Task, pydra:MapReduce...: a base class to subclass (or, for Parallel, a task to give), not a task
+        raise TargetError(f"{spec.text} is Pydra's own {obj.__name__}: name a task of yours (a subclass, an "
+                          "instance or a factory)")
     if isinstance(obj, type) and issubclass(obj, Task):
         return _build(spec, obj)
     if isinstance(obj, Task):

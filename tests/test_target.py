@@ -74,3 +74,11 @@ def test_a_module_target_is_left_to_the_usual_import(task_files: targets.TaskFil
 def test_a_malformed_target_is_one_line_saying_what_it_must_look_like(text: str) -> None:
     with pytest.raises(TargetError, match="TARGET must look like path/to/file.py:Name or package.module:Name"):
         targets.read_target(text)
+
+
+@pytest.mark.parametrize("name", ["Task", "MapReduce", "GangTask", "Parallel"])
+def test_pydras_own_classes_are_no_target(name: str) -> None:
+    """``pydra:Task`` ran, and failed at run time with "Task must override work()" and exit 1."""
+    spec = targets.read_target(f"pydra:{name}")
+    with pytest.raises(TargetError, match=rf"^pydra:{name} is Pydra's own {name}: name a task of yours"):
+        targets.resolve(spec, targets.load_module(spec))

@@ -38,6 +38,7 @@ from pydra.cli import add_job_arguments, add_service_arguments, check_job_argume
 from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
+from pydra.errors import TargetError
 from pydra.launcher import authorized, keys, netns, sshagent, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import (
@@ -49,6 +50,7 @@ from pydra.launcher.mpiexec import MPICH, MPIExec, MPIExecError, find_mpiexec
 from pydra.launcher.node import PURPOSE
 from pydra.launcher.remote import client_exec, login_name
 from pydra.strictmodes import StrictModeError
+from pydra.target import parse_target
 
 CONNECT_TIMEOUT = 10.0
 
@@ -165,7 +167,9 @@ def launch_main(argv: list[str] | None = None) -> int:
     try:
         for text in args.env:
             parse_env_option(text)
-    except ValueError as exc:
+        if args.target:  # its form, before any host is asked (the file is read where rank 0 runs)
+            parse_target(args.target)
+    except (ValueError, TargetError) as exc:
         print(f"pydra launch: error: {exc}", file=sys.stderr)
         return 2
     forwarded = job_arguments(args)

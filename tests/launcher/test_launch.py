@@ -118,6 +118,16 @@ def test_a_launch_held_off_by_a_penalty_says_so_and_gets_through_once_it_ends(cl
         agent.wait(timeout=10)
 
 
+def test_a_malformed_target_is_refused_before_any_host_is_asked(cluster: Cluster) -> None:
+    """The hosts were authenticated and the MPI job started before rank 0 said the TARGET was malformed."""
+    done = cluster.launch("-n", "2", "--accept-new", "examples/pipeline.py", "3")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("pydra launch: error: TARGET must look like path/to/file.py:Name or "
+                                   "package.module:Name, got 'examples/pipeline.py'")
+    for host in HOSTS:
+        assert "from 127.0.0.1" not in cluster.log(host)  # no connection at all
+
+
 def test_unauthorized_key_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     keygen(stranger, "stranger")
