@@ -29,7 +29,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pydra.comm.aio import Channel, open_channel, retry_refused
 from pydra.comm.channel import ChannelError, Identity
 from pydra.config import setting
 from pydra.errors import TargetError
-from pydra.launcher import authorized, keys, netns, sshagent, tunnel
+from pydra.launcher import authorized, keys, netns, scratch, sshagent, tunnel
 from pydra.launcher.environment import forwarded_names, job_environment, parse_env_option
 from pydra.launcher.hostfile import (
     DEFAULT_AGENT_PORT, Host, HostfileError, allocation_source, hosts_from_environment, read_hostfile,
@@ -289,10 +288,11 @@ class Launch:
 
         *resume_with* is the command that resumes the job, less ``--resume DIR``.
         """
-        with sshagent.signing_socket(self.identity) as agent:
-            return self._run(forwarded, resume_with, agent)
+        # Every temporary file in one directory, which a later launch removes if this one is killed outright.
+        with scratch.Scratch() as directory, sshagent.signing_socket(self.identity, directory.path) as agent:
+            return self._run(forwarded, resume_with, agent, directory.path)
 
-    def _run(self, forwarded: list[str], resume_with: str, agent: str) -> int:
+    def _run(self, forwarded: list[str], resume_with: str, agent: str, directory: str) -> int:
         from pydra.batch import ends_with_this_process, wait_for
         from pydra.progress import progress_mode
 
@@ -323,7 +323,7 @@ class Launch:
             print(f"pydra launch: error: {exc}", file=sys.stderr)
             return 2
         program = [sys.executable, "-m", "pydra", "run", *forwarded]
-        with tempfile.NamedTemporaryFile("w", prefix="pydra-hosts-", suffix=".txt") as machinefile:
+        with open(os.path.join(directory, "hosts.txt"), "w") as machinefile:
             if mpiexec.implementation != MPICH:
                 machinefile.write("".join(f"{name} slots={h.slots}\n" for name, h in zip(names, self.hosts)))
                 machinefile.flush()
@@ -334,7 +334,7 @@ class Launch:
                 return watch.conclude(status)
             machinefile.write("".join(f"{name}:{h.slots}\n" for name, h in zip(names, self.hosts)))
             machinefile.flush()
-            with netns.Connector((host, port) for host, port, _ in agents.values()) as connector:
+            with netns.Connector(((host, port) for host, port, _ in agents.values()), directory) as connector:
                 env["PYDRA_CONNECTOR"] = connector.path
                 command = self.mpich_command(mpiexec, machinefile.name, env, program)
                 watch = JobWatch()

@@ -63,9 +63,9 @@ class Connector(PrivateSocketServer):
 
     timeout = CONNECT_TIMEOUT
 
-    def __init__(self, agents: Iterable[tuple[str, int]]) -> None:
+    def __init__(self, agents: Iterable[tuple[str, int]], directory: str | None = None) -> None:
         self.agents = {(host, int(port)) for host, port in agents}
-        super().__init__("pydra-launch-", "connect")
+        super().__init__("pydra-connect-", "connect", directory)
 
     def answer(self, client: socket.socket, ours: bool) -> None:
         host, _, port = client.recv(1024).decode(errors="replace").strip().rpartition(" ")

@@ -10,6 +10,7 @@ the client's uid (as the kernel says) checked before anything is given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -24,8 +25,11 @@ class PrivateSocketServer:
     #: seconds a client may take to say what it wants
     timeout = 10.0
 
-    def __init__(self, prefix: str, name: str) -> None:
-        self._directory = tempfile.mkdtemp(prefix=prefix)  # mode 0700: ours alone
+    def __init__(self, prefix: str, name: str, directory: str | None = None) -> None:
+        """Listen at *name* in *directory* (private: a launch's :class:`~pydra.launcher.scratch.Scratch`), or in
+        a new directory of mode 0700 named *prefix*..., removed on :meth:`close`."""
+        self._own_directory = directory is None
+        self._directory = tempfile.mkdtemp(prefix=prefix) if directory is None else directory
         self.path = os.path.join(self._directory, name)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.path)
@@ -51,9 +55,13 @@ class PrivateSocketServer:
             self.answer(client, uid == os.getuid())
 
     def close(self) -> None:
-        """Stop serving and remove the socket's directory."""
+        """Stop serving and remove the socket (and its directory, if it made it)."""
         self._server.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
+        if self._own_directory:
+            shutil.rmtree(self._directory, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def __enter__(self) -> "PrivateSocketServer":
         return self

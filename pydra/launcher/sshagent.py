@@ -132,10 +132,10 @@ class KeyLender(PrivateSocketServer):
 
     timeout = TIMEOUT
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
+    def __init__(self, key: Ed25519PrivateKey, directory: str | None = None) -> None:
         self._key = key
         self._blob = keys.public_key_blob(keys.public_key_bytes(key))
-        super().__init__("pydra-agent-", "agent")
+        super().__init__("pydra-agent-", "agent", directory)
 
     def answer(self, client: socket.socket, ours: bool) -> None:
         if not ours:
@@ -163,12 +163,15 @@ class KeyLender(PrivateSocketServer):
 
 
 @contextlib.contextmanager
-def signing_socket(identity: Identity) -> Iterator[str]:
-    """An ssh-agent socket that signs as *identity* while the block runs: its own agent's, or a :class:`KeyLender`'s."""
+def signing_socket(identity: Identity, directory: str | None = None) -> Iterator[str]:
+    """An ssh-agent socket that signs as *identity* while the block runs: its own agent's, or a :class:`KeyLender`'s.
+
+    A lender's socket goes in *directory* (private), if given.
+    """
     if isinstance(identity, AgentKey):
         yield identity.socket_path
         return
     if not isinstance(identity, Ed25519PrivateKey):
         raise TypeError(f"cannot lend a {type(identity).__name__}")
-    with KeyLender(identity) as lender:
+    with KeyLender(identity, directory) as lender:
         yield lender.path

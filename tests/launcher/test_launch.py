@@ -25,6 +25,7 @@ import pytest
 
 from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra, start_node
 from testkit import gang_after_losing_a_member
+from pydra.launcher import scratch
 from pydra.launcher.mpiexec import OPEN_MPI, find_mpiexec
 from testkit import ROOT, Running, mpi_environment, run_process, survives_losses
 
@@ -259,11 +260,14 @@ def processes_with(marker: str) -> list[str]:
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "dead-host", "killed-launcher"])
-def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how: str) -> None:
-    marker = f"pydra-launch-{uuid.uuid4().hex[:12]}"
+def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how: str, tmp_path: Path) -> None:
+    """And a launch killed outright leaves its temporary files in one directory, which the next launch sweeps."""
+    marker = f"pydra-job-{uuid.uuid4().hex[:12]}"
     target = str(ROOT / "tests" / "core" / "jobs" / "cli_targets.py") + ":Sleepy"
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     # (Without progress lines: a job that writes to a dead launcher's pipe may die of it, and hide a job left running.)
-    env = {**cluster.env, "PYDRA_PROGRESS": "off"} if how == "killed-launcher" else cluster.env
+    env = {**cluster.env, "PYDRA_PROGRESS": "off", "TMPDIR": str(temporary)} if how == "killed-launcher" else cluster.env
     launcher = subprocess.Popen(
         pydra("launch", "-f", str(cluster.hostfile), "-n", "4", "--accept-new", target, "60", marker),
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -299,6 +303,12 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
         while processes_with(marker):
             assert time.monotonic() < deadline, "\n".join(processes_with(marker))
             time.sleep(0.1)
+        if how == "killed-launcher":
+            (left,) = [path for path in temporary.iterdir() if path.name.startswith(scratch.PREFIX)]
+            assert {"hosts.txt", "lock"} <= {path.name for path in left.iterdir()}
+            past = time.time() - 120  # as a launch a few minutes later finds it
+            os.utime(left / "lock", (past, past))
+            assert scratch.sweep(str(temporary)) == [str(left)] and not any(temporary.iterdir())
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
