@@ -283,7 +283,7 @@ def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[
             try:
                 probe.bind(address)
             except OSError as error:
-                findings.append(_bind_refused(where, port, error, pid_file))
+                findings.append(_bind_refused(where, address[0], port, error, pid_file))
                 continue
         findings.append(_ok(f"{where} is free to listen on"))
     if all(ipaddress.ip_address(address[4][0]).is_loopback for address in addresses):
@@ -294,10 +294,10 @@ def check_listen(listen: tuple[str, int], pid_file: Path | None = None) -> list[
     return findings
 
 
-def _bind_refused(where: str, port: int, error: OSError, pid_file: Path | None) -> Finding:
+def _bind_refused(where: str, host: str, port: int, error: OSError, pid_file: Path | None) -> Finding:
     """What a refused bind means: the running agent holds the port (fine), or a problem and its fix."""
     if error.errno == errno.EADDRINUSE:
-        holders = _listeners(port)  # only processes we may look at: ours (all of them for root)
+        holders = _listeners(host, port)  # only processes we may look at: ours (all of them for root)
         agents = [pid for pid in holders if _is_agent(pid)]
         if agents:
             by_file = f", as {pid_file} says" if _pid_in(pid_file) in agents else ""
@@ -329,8 +329,13 @@ def check_mpi() -> list[Finding]:
 # -- who holds a port ----------------------------------------------------------------------------
 
 
-def _listeners(port: int) -> list[int]:
-    """Pids of the processes (that we may look at) with a TCP socket listening on *port*."""
+def _listeners(host: str, port: int) -> list[int]:
+    """Pids of the processes (that we may look at) listening where a bind to *host*:*port* collides.
+
+    That is on *port* at *host* itself, or at a wildcard address (or anywhere, if *host* is one):
+    agents on one port at two addresses are told apart.
+    """
+    ours = ipaddress.ip_address(host.partition("%")[0])  # (an IPv6 address may name its interface)
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -339,7 +344,11 @@ def _listeners(port: int) -> list[int]:
             continue
         for line in lines:
             fields = line.split()
-            if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == _TCP_LISTEN:
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port or fields[3] != _TCP_LISTEN:
+                continue
+            theirs = _proc_address(address)
+            if ours.is_unspecified or theirs.is_unspecified or theirs == ours:
                 inodes.add(f"socket:[{fields[9]}]")
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -349,6 +358,13 @@ def _listeners(port: int) -> list[int]:
         except OSError:  # not ours to look at, or gone
             continue
     return sorted(pids)
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it: hex of 32-bit words in the host's (little-endian) order."""
+    raw = bytes.fromhex(text)
+    address = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+    return getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1 is 127.0.0.1
 
 
 def _command(pid: int) -> str:

@@ -119,6 +119,30 @@ def test_a_port_held_by_the_running_agent_is_fine(setup: Setup) -> None:
     assert expected in done.stdout.splitlines(), done.stdout
 
 
+def test_an_agent_on_the_same_port_at_another_address_is_not_taken_for_this_ones(
+        setup: Setup, capsys: pytest.CaptureFixture) -> None:
+    """The listener was found by its port alone: a check of 127.0.0.2:P named the agent on 127.0.0.3:P as its own."""
+    env = {**mpi_environment(), "PYDRA_HOME": str(setup.home)}
+    log = setup.home / "other-node.log"
+    elsewhere = ["--listen", f"127.0.0.3:{setup.port}", "--host-key", str(setup.host_key),
+                 "--authorized-keys", str(setup.authorized)]
+    agent = subprocess.Popen(pydra("node", *elsewhere, "--log", str(log)), env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "listening" not in (log.read_text() if log.exists() else ""):
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.05)
+        with socket.create_server((HOST, setup.port)):  # this test's own process holds this address
+            status, lines = check(setup, capsys)
+    finally:
+        stop_group(agent)
+        agent.wait()
+    assert status == 1
+    [line] = problems(lines)
+    assert line.startswith(f"problem: {HOST}:{setup.port} is in use by pid {os.getpid()} "), line
+
+
 def test_a_port_taken_by_another_process(setup: Setup, capsys: pytest.CaptureFixture) -> None:
     with socket.create_server((HOST, setup.port)):  # this test's own process holds it
         status, lines = check(setup, capsys)
