@@ -325,6 +325,10 @@ class _OrderedFeed:
                 values = self._chunks.pop(position)
                 into.extend(values)
                 position += len(values)
+                # The scheduler thread may hold this list a moment longer (the reply it came in, in one
+                # process the runner's list itself): emptied, it keeps no value alive that the reader dropped.
+                # (A map's stream journals nothing, so nothing else reads it.)
+                values.clear()
             self._awaited = position
             return position - start
 
