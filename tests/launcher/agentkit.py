@@ -6,10 +6,12 @@ The agents run in their own process groups and are stopped by pid when the test 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,6 +100,19 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(agent.pid, signal.SIGKILL)
                 agent.wait()
+
+
+def session_directories() -> set[Path]:
+    """Open MPI's daemons' session directories, ``/tmp/prted.PID``."""
+    return set(Path(tempfile.gettempdir()).glob("prted.*"))
+
+
+def remove_session_directories(pids: set[int]) -> None:
+    """Open MPI's daemon (prted) killed outright leaves ``/tmp/prted.PID``; a later one given that pid fails to start
+    ("A daemon failed to report back", status 213): remove those of *pids* that no process has now."""
+    for pid in pids:
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(Path(tempfile.gettempdir()) / f"prted.{pid}", ignore_errors=True)
 
 
 def alive(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""The ``cluster`` fixture: three agents on loopback hosts (see agentkit.py)."""
+"""The ``cluster`` fixture: three agents on loopback hosts (see agentkit.py); Open MPI's leftovers removed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from agentkit import Cluster
+from agentkit import Cluster, remove_session_directories, session_directories
+
+#: session directories there before these tests: not theirs to remove
+_FOUND = session_directories()
 
 
 @pytest.fixture
@@ -14,3 +17,18 @@ def cluster(tmp_path: Path):
     cluster = Cluster(tmp_path)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_session_directory_left() -> None:
+    """The agents kill a disconnected launch's daemons outright, so Open MPI's prted leaves its session directory:
+    remove those the tests left, once their daemons are gone (their pids come back, and a prted given one fails to
+    start). Before and after each test: a daemon may still be dying when its test ends."""
+    remove_session_directories(_left())
+    yield
+    remove_session_directories(_left())
+
+
+def _left() -> set[int]:
+    return {int(path.name.partition(".")[2]) for path in session_directories() - _FOUND
+            if path.name.partition(".")[2].isdigit()}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra, start_node
+from agentkit import HOSTS, Cluster, descendants, free_port, keygen, pydra, remove_session_directories, start_node
 from testkit import gang_after_losing_a_member
 from pydra.launcher import scratch
 from pydra.launcher.mpiexec import OPEN_MPI, find_mpiexec
@@ -289,10 +289,12 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
             # The host vanishes: its agent and everything under it die at once (ranks included,
             # though Hydra gives them sessions of their own).
             dead = cluster.agents.pop(1)
-            for pid in descendants([dead.pid]):
+            killed = descendants([dead.pid])
+            for pid in killed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             dead.wait()
+            remove_session_directories(killed)
         launcher.wait(timeout=30)
         assert launcher.returncode != 0
         if how == "dead-host":  # not "interrupted": nobody interrupted it
@@ -308,7 +310,8 @@ def test_interrupted_launch_leaves_no_process_on_any_host(cluster: Cluster, how:
             assert {"hosts.txt", "lock"} <= {path.name for path in left.iterdir()}
             past = time.time() - 120  # as a launch a few minutes later finds it
             os.utime(left / "lock", (past, past))
-            assert scratch.sweep(str(temporary)) == [str(left)] and not any(temporary.iterdir())
+            assert scratch.sweep(str(temporary)) == [str(left)]
+            assert not [path for path in temporary.iterdir() if path.name.startswith(scratch.PREFIX)]
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
