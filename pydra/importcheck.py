@@ -17,6 +17,7 @@ everything it started once its time is up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -49,10 +50,19 @@ def check_in_child(spec: targets.TargetSpec, timeout: float) -> None:
         try:
             child.communicate(pickle.dumps(spec), timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)  # and whatever it started: its session is its own
-            child.wait()
             raise TargetError(f"{_where(spec)} took more than {timeout:g} s to import (PYDRA_IMPORT_TIMEOUT)") from None
-        said = pipe.read().decode(errors="replace")
+        finally:
+            # It, and whatever its import started (its session is its own; the group's number stays taken while
+            # any member lives, so it names no one else).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        # What it said is in the pipe already; a process the import forked may hold the other end open still.
+        os.set_blocking(read_fd, False)
+        try:
+            said = (pipe.read() or b"").decode(errors="replace")
+        except BlockingIOError:
+            said = ""
     if child.returncode == _EXPLAINED and said:
         raise TargetError(said)
     if child.returncode != 0:
