@@ -382,7 +382,13 @@ def signalled_while_waiting(ex, signum, raised):
             except raised:
                 interrupted[0] += 1
     finally:
-        stop.set()
+        # The handler may raise here too, before stop.set() has run: the sender would then go on signalling
+        # after the case restored the default action, which ends the process (CI under load: exit -10).
+        while not stop.is_set():
+            try:
+                stop.set()
+            except raised:
+                pass
         while sender.is_alive() or not stop.is_set():
             try:
                 sender.join()
