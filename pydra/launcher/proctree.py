@@ -6,23 +6,34 @@ process group is not all of it: stopping a command means stopping its tree.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import select
 import signal
 
+#: seconds between two looks at whether a stopped tree has ended
+_POLL = 0.05
 
-def parents() -> dict[int, int]:
-    """pid -> parent pid, for every process now."""
+
+def _table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group), for every process now."""
     table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat", "rb") as stat:
                     # (the command name, in parentheses, may hold spaces and parentheses itself)
-                    table[int(entry)] = int(stat.read().rsplit(b")", 1)[1].split()[1])
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+                table[int(entry)] = (int(fields[1]), int(fields[2]))
             except (OSError, IndexError, ValueError):  # ended while we looked
                 continue
     return table
+
+
+def parents() -> dict[int, int]:
+    """pid -> parent pid, for every process now."""
+    return {pid: parent for pid, (parent, _) in _table().items()}
 
 
 def children(pid: int) -> list[int]:
@@ -32,7 +43,10 @@ def children(pid: int) -> list[int]:
 
 def tree(*roots: int) -> set[int]:
     """*roots* and every process below them."""
-    table = parents()
+    return _below(parents(), roots)
+
+
+def _below(table: dict[int, int], roots: tuple[int, ...] | list[int]) -> set[int]:
     found, frontier = set(), set(roots)
     while frontier:
         found |= frontier
@@ -49,3 +63,69 @@ def kill_tree(pid: int) -> None:
     for each in doomed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(each, signal.SIGKILL)
+
+
+async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
+    """Stop *pid*'s process group (it leads one) and every process below it: SIGTERM, then SIGKILL after *grace* s.
+
+    SIGTERM first lets MPI's daemons stop their ranks and remove their files
+    (Open MPI's ``/tmp/prted.PID``, Hydra's topology files), which SIGKILL does
+    not. Both signals go through pidfds, which name one process for as long as
+    it exists: a pid that ends in the grace and is given to a new process is
+    not signalled. Returns once every process found has ended, or been sent
+    SIGKILL; cancelled, it sends SIGKILL at once. Without pidfds (Linux before
+    5.3), SIGKILL at once, as :func:`kill_tree`.
+
+    ``leader=False`` says *pid* itself has ended and been reaped: its pid may
+    now be another process's, so only what is left of its group, and below
+    that, is stopped (a group's id is not reused while the group has members).
+    """
+    table = _table()
+    group = {p for p, (_, of) in table.items() if of == pid}  # holds what was reparented before we looked
+    members = _below({p: parent for p, (parent, _) in table.items()}, [pid] if leader else list(group)) | group
+    try:
+        handles = _open(members)
+    except OSError:  # no pidfd_open here
+        kill_tree(pid)
+        return
+    try:
+        _send(handles, signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + grace
+        while _running(handles) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(_POLL)
+    finally:
+        # What the grace left, and what it started meanwhile (the parent links of a live process still hold).
+        handles.update(_open(tree(*_running(handles)) - handles.keys()))
+        _send({p: handles[p] for p in _running(handles)}, signal.SIGKILL)
+        for handle in handles.values():
+            os.close(handle)
+
+
+def _open(pids: set[int]) -> dict[int, int]:
+    """pid -> pidfd, for those of *pids* that still exist (OSError if this kernel has no pidfds)."""
+    handles = {}
+    for pid in pids:
+        try:
+            handles[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:  # ended meanwhile
+            continue
+        except OSError:
+            for handle in handles.values():
+                os.close(handle)
+            raise
+    return handles
+
+
+def _running(handles: dict[int, int]) -> list[int]:
+    """The pids of *handles* whose process has not ended (a pidfd turns readable when it does)."""
+    poller = select.poll()
+    for handle in handles.values():
+        poller.register(handle, select.POLLIN)
+    ended = {handle for handle, _ in poller.poll(0)}
+    return [pid for pid, handle in handles.items() if handle not in ended]
+
+
+def _send(handles: dict[int, int], signum: int) -> None:
+    for handle in handles.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # (PermissionError: setuid since)
+            signal.pidfd_send_signal(handle, signum)

@@ -29,9 +29,10 @@ puts a loopback address of its own host where the command says
 ``@PYDRA_TUNNEL@``, and the bytes of the connection the command makes there
 travel as tunnel messages (see :mod:`pydra.launcher.tunnel`).
 
-If the launcher disconnects before the command ends, the agent kills the
-command's whole process group: nothing started through an agent outlives
-the launcher that asked for it.
+If the launcher disconnects before the command ends, the agent stops the
+command's whole tree (SIGTERM, then SIGKILL :data:`STOP_GRACE` seconds later:
+:func:`pydra.launcher.proctree.stop_tree`): nothing started through an agent
+outlives the launcher that asked for it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ READ_SIZE = 64 * 1024
 LINGER = 10.0
 #: how much of a command the log line that records it keeps
 LOGGED_COMMAND = 2000
+#: seconds a command whose launcher went away has, after SIGTERM, to end before SIGKILL: enough for MPI's
+#: daemons to stop their ranks and remove their files, short enough that nothing of the job runs on for long
+STOP_GRACE = 5.0
 
 
 class Refused(Exception):
@@ -162,7 +166,15 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
     tunnel_pumps: list[asyncio.Task] = []
     if listener is not None:
         forwarded = asyncio.ensure_future(_accept_tunnel(listener, process.pid, channel, tunnel_pumps))
-    feeder = asyncio.ensure_future(_feed_stdin(channel, process, forwarded))
+    stopping: asyncio.Task | None = None
+
+    def stop() -> None:
+        nonlocal stopping
+        if stopping is None:
+            # (once the command has ended, its pid may be another process's: only what is left of its group)
+            stopping = asyncio.ensure_future(proctree.stop_tree(process.pid, STOP_GRACE, process.returncode is None))
+
+    feeder = asyncio.ensure_future(_feed_stdin(channel, process, forwarded, stop))
     try:
         await asyncio.gather(*pumps)
         status = await process.wait()
@@ -179,8 +191,10 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
             if forwarded.done() and not forwarded.cancelled() and forwarded.exception() is None:
                 forwarded.result().close()
         if process.returncode is None:
-            proctree.kill_tree(process.pid)
-            await process.wait()
+            stop()
+        if stopping is not None:
+            await stopping
+        await process.wait()
 
 
 async def _accept_tunnel(listener: socket.socket, pgid: int, channel: Channel, pumps: list[asyncio.Task]) -> socket.socket:
@@ -267,9 +281,12 @@ async def _pump_out(stream: asyncio.StreamReader, kind: str, channel: Channel) -
 
 
 async def _feed_stdin(
-    channel: Channel, process: asyncio.subprocess.Process, forwarded: asyncio.Future[socket.socket] | None
+    channel: Channel,
+    process: asyncio.subprocess.Process,
+    forwarded: asyncio.Future[socket.socket] | None,
+    stop: Callable[[], None],
 ) -> None:
-    """Pass the launcher's stdin (and tunnel bytes) on; when the launcher goes away, stop the command."""
+    """Pass the launcher's stdin (and tunnel bytes) on; when the launcher goes away, *stop* the command."""
     try:
         while True:
             message = await channel.recv_json()
@@ -282,7 +299,7 @@ async def _feed_stdin(
             elif kind in ("tunnel", "tunnel_eof") and forwarded is not None:
                 await tunnel.deliver(await forwarded, message)
     except (ChannelClosed, ChannelError, OSError):
-        proctree.kill_tree(process.pid)
+        stop()
 
 
 async def _forward_stdin(channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
@@ -327,9 +344,6 @@ async def _nothing() -> bytes:
     return b""
 
 
-
-
 def _exit_status(status: int) -> int:
     """A shell-style status: 128 + N for a process killed by signal N."""
     return 128 - status if status < 0 else status
-

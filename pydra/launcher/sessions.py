@@ -6,8 +6,8 @@ gets ``SIGHUP``: then it reloads the file (logging what it holds and every
 skipped line), checks each running launch's key and address against it again,
 and stops, with a log line, every launch the file no longer allows (removed,
 restricted by ``from=``, expired, or without the role). Stopping a launch ends
-its channel with an authenticated close saying why, and the agent then kills
-the command's whole process group, as when a launcher goes away
+its channel with an authenticated close saying why, and the agent then stops
+the command's whole tree, as when a launcher goes away
 (:mod:`pydra.launcher.remote`).
 
 A file that cannot be read, or that strict modes refuse, stops nothing: the

@@ -21,9 +21,9 @@ def cluster(tmp_path: Path):
 
 @pytest.fixture(autouse=True)
 def no_session_directory_left() -> None:
-    """The agents kill a disconnected launch's daemons outright, so Open MPI's prted leaves its session directory:
-    remove those the tests left, once their daemons are gone (their pids come back, and a prted given one fails to
-    start). Before and after each test: a daemon may still be dying when its test ends."""
+    """Open MPI's prted killed outright (a host that dies, a job that a rank's death ends) leaves its session
+    directory: remove those the tests left, once their daemons are gone (their pids come back, and a prted given one
+    fails to start). Before and after each test: a daemon may still be dying when its test ends."""
     remove_session_directories(_left())
     yield
     remove_session_directories(_left())

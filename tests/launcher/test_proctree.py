@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -38,3 +39,111 @@ def test_kill_tree_reaches_a_child_in_its_own_session() -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# A command that says when SIGTERM reaches it, then ends (or, with IGNORE, stays), and a child in its own session
+# that does the same: a parent link is all that ties it to the command, as Hydra's ranks to their proxy.
+STOPPABLE = """
+import os, signal, subprocess, sys, time
+mark, ignore = sys.argv[1], sys.argv[2] == "ignore"
+def stopped(signum, frame):
+    with open(mark, "a") as out:
+        out.write(f"{os.getpid()} got SIGTERM\\n")
+    if not ignore:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+open(f"{mark}.ready-{os.getpid()}", "w").close()
+if len(sys.argv) < 4:
+    child = subprocess.Popen([sys.executable, __file__, mark, sys.argv[2], "child"], start_new_session=True)
+    print(child.pid, flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, int, Path]:
+    script, mark = tmp_path / "stoppable.py", tmp_path / "mark"
+    script.write_text(STOPPABLE)
+    parent = subprocess.Popen([sys.executable, str(script), str(mark), mode], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{mark}.ready-{pid}").exists() for pid in (parent.pid, child)):  # their handlers are set
+        assert time.monotonic() < deadline, "the stoppable tree did not start"
+        time.sleep(0.05)
+    return parent, child, mark
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    except OSError:
+        return True
+
+
+def _cleanup(parent: subprocess.Popen, child: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)
+    if parent.poll() is None:
+        parent.kill()
+    parent.wait()
+
+
+def test_stop_tree_lets_the_whole_tree_handle_sigterm(tmp_path: Path) -> None:
+    parent, child, mark = _start(tmp_path, "end")
+    try:
+        asyncio.run(proctree.stop_tree(parent.pid, grace=60))
+        assert parent.wait(timeout=30) == 0  # it ended by its handler, not by SIGKILL
+        assert sorted(mark.read_text().splitlines()) == sorted(f"{pid} got SIGTERM" for pid in (parent.pid, child))
+        assert _gone(child)
+    finally:
+        _cleanup(parent, child)
+
+
+def test_stop_tree_kills_what_ignores_sigterm_once_the_grace_is_over(tmp_path: Path) -> None:
+    parent, child, mark = _start(tmp_path, "ignore")
+    try:
+        asyncio.run(proctree.stop_tree(parent.pid, grace=1))
+        assert parent.wait(timeout=30) == -signal.SIGKILL
+        assert len(mark.read_text().splitlines()) == 2  # both were asked first
+        deadline = time.monotonic() + 30
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the child in its own session survived"
+            time.sleep(0.05)
+    finally:
+        _cleanup(parent, child)
+
+
+def test_a_cancelled_stop_kills_at_once(tmp_path: Path) -> None:
+    parent, child, mark = _start(tmp_path, "ignore")
+
+    async def cancel_in_the_grace() -> None:
+        stopping = asyncio.ensure_future(proctree.stop_tree(parent.pid, grace=3600))
+        while not (mark.exists() and len(mark.read_text().splitlines()) == 2):
+            await asyncio.sleep(0.05)
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+
+    try:
+        asyncio.run(asyncio.wait_for(cancel_in_the_grace(), 60))
+        assert parent.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        _cleanup(parent, child)
+
+
+def test_without_its_leader_only_what_is_left_of_the_group_is_stopped(tmp_path: Path) -> None:
+    # The leader (a shell) has ended and been reaped; its background process is still in its group.
+    leader = subprocess.Popen(["/bin/sh", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    left = int(leader.stdout.readline())
+    try:
+        assert leader.wait(timeout=30) == 0
+        asyncio.run(proctree.stop_tree(leader.pid, grace=60, leader=False))
+        deadline = time.monotonic() + 30
+        while not _gone(left):
+            assert time.monotonic() < deadline, "the group's member survived"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(left, signal.SIGKILL)

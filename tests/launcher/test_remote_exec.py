@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,13 +25,17 @@ from testkit import run_process
 TEXT = "first line\nsecond line, no newline at the end"
 
 
-@pytest.mark.parametrize("kind", ["devnull", "file", "pipe"])
-def test_remote_exec_passes_on_any_stdin_without_a_traceback(cluster: Cluster, tmp_path: Path, kind: str) -> None:
+def _helper_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
     host, port = HOSTS[0], cluster.ports[HOSTS[0]]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[{host}]:{port} {Path(cluster.root / f'host-{host}.pub').read_text()}")
-    env = dict(cluster.env, PYDRA_AGENTS=json.dumps({"node": [host, port, login_name()]}),
-               PYDRA_IDENTITY=str(cluster.identity), PYDRA_KNOWN_HOSTS=str(known_hosts))
+    return dict(cluster.env, PYDRA_AGENTS=json.dumps({"node": [host, port, login_name()]}),
+                PYDRA_IDENTITY=str(cluster.identity), PYDRA_KNOWN_HOSTS=str(known_hosts))
+
+
+@pytest.mark.parametrize("kind", ["devnull", "file", "pipe"])
+def test_remote_exec_passes_on_any_stdin_without_a_traceback(cluster: Cluster, tmp_path: Path, kind: str) -> None:
+    env = _helper_env(cluster, tmp_path)
     expected = "" if kind == "devnull" else TEXT
     if kind == "devnull":
         stdin = os.open(os.devnull, os.O_RDONLY)
@@ -47,3 +54,25 @@ def test_remote_exec_passes_on_any_stdin_without_a_traceback(cluster: Cluster, t
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected + "<end>\n"
     assert done.stderr == ""
+
+
+def test_a_command_whose_launcher_is_killed_is_asked_to_stop_first(cluster: Cluster, tmp_path: Path) -> None:
+    # SIGTERM lets MPI's daemons stop their ranks and remove their files; a command that ignores it is
+    # killed STOP_GRACE seconds later (tests/launcher/test_proctree.py).
+    mark = tmp_path / "stopped"
+    command = f"trap 'echo SIGTERM > {mark}; exit 0' TERM; echo ready; while :; do sleep 0.1; done"
+    helper = subprocess.Popen([helper_path(), "-x", "node", command], env=_helper_env(cluster, tmp_path),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert helper.stdout.readline() == "ready\n"
+        os.killpg(helper.pid, signal.SIGKILL)  # the launcher's end of the channel, gone without a word
+        helper.wait()
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline, f"the command never got SIGTERM; agent log:\n{cluster.log(HOSTS[0])}"
+            time.sleep(0.1)
+        assert mark.read_text() == "SIGTERM\n"
+    finally:
+        if helper.poll() is None:
+            os.killpg(helper.pid, signal.SIGKILL)
+            helper.wait()
