@@ -8,6 +8,7 @@ prints or writes the result. ``pydra run -n N`` starts that mpiexec itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -475,13 +476,22 @@ def write_json(result: Any, path: Path) -> None:
     sees half of it: a new file beside it, renamed over it, with the old
     file's mode (a new one's follows the umask, as the shell's ``>`` does).
     Anything else, a device (``/dev/stdout``) or a named pipe, is written
-    into, never replaced.
+    into, never replaced. The JSON is strict: NaN and the infinities, which
+    it cannot hold, are written as the strings ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"`` (as Protocol Buffers' JSON form does).
     """
     import json
     import secrets
     import stat
 
-    text = json.dumps(result, default=_json_default, indent=1) + "\n"
+    try:
+        text = json.dumps(result, default=_json_default, indent=1, allow_nan=False) + "\n"
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise  # a circular reference, say
+        # Rare, so only then the walk through the whole result that spells them out.
+        text = json.dumps(_spelled(result), default=lambda value: _spelled(_json_default(value)),
+                          indent=1, allow_nan=False) + "\n"
     path = Path(os.path.realpath(path))
     try:
         mode: int | None = path.stat().st_mode
@@ -504,6 +514,17 @@ def write_json(result: Any, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)  # a full disk leaves no half-written file behind
         raise
+
+
+def _spelled(value: Any) -> Any:
+    """*value* with every NaN and infinity, as a float or a dict's key, spelled as a JSON string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {_spelled(key) if isinstance(key, float) else key: _spelled(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_spelled(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -426,3 +426,23 @@ def test_a_quick_job_shows_no_progress() -> None:
     env["PYDRA_PROGRESS"] = "lines"
     finished = run_pydra(3, ["run", f"{TARGETS}:Echo", "hello", "--no-journal"], env=env)
     assert finished.returncode == 0 and "[" not in finished.stderr, finished.stderr
+
+
+def test_output_is_strict_json_with_nan_and_the_infinities_spelled_out(tmp_path: Path) -> None:
+    import numpy
+
+    from pydra.batch import write_json
+
+    path = tmp_path / "result.json"
+    result = {"mean": float("nan"), "bounds": (float("-inf"), 1.5, float("inf")), float("inf"): "key",
+              "array": numpy.array([numpy.nan, 2.0], dtype=numpy.float32), "scalar": numpy.float64("nan")}
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    write_json(result, path)
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "mean": "NaN", "bounds": ["-Infinity", 1.5, "Infinity"], "Infinity": "key",
+        "array": ["NaN", 2.0], "scalar": "NaN"}
+    write_json({"finite": [0.1, 2]}, path)
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"finite": [0.1, 2]}
