@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from pydra import interrupts
 from pydra.config import setting
@@ -39,6 +39,7 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
     """
     from pydra.launcher.jobwatch import JobWatch
     from pydra.launcher.mpiexec import MPIExecError, find_mpiexec
+    from pydra.launcher.supervise import STARTED_VARIABLE
 
     try:
         mpiexec = find_mpiexec()
@@ -59,9 +60,37 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
     watch = JobWatch()
-    status = wait_for(mpiexec.local_command(ranks, program), env, preexec_fn=ends_with_this_process(),
-                      stop_with=mpiexec.stop_signal, watch_stderr=watch)
-    return watch.conclude(status)
+    with _started_notice() as (address, started):
+        env[STARTED_VARIABLE] = address
+        status = watch.conclude(wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal,
+                                         preexec_fn=ends_with_this_process(), watch_stderr=watch))
+        if status == EXIT_OK and not started():
+            print(f"pydra: error: {mpiexec.path} exited with status 0 but never started rank 0 "
+                  "(an mpiexec that does not run its command?)", file=sys.stderr)
+            return EXIT_FAILED
+    return status
+
+
+@contextlib.contextmanager
+def _started_notice() -> Iterator[tuple[str, Callable[[], bool]]]:
+    """An abstract socket's name for rank 0's supervisor to say rank 0 has started, and whether it has said so."""
+    import secrets
+    import socket
+
+    address = f"pydra-started-{os.getpid()}-{secrets.token_hex(8)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + address)
+        sock.setblocking(False)
+
+        def started() -> bool:
+            try:
+                while sock.recv(64) != b"started":  # (anyone on this host may send here: read them all)
+                    pass
+                return True
+            except BlockingIOError:
+                return False
+
+        yield address, started
 
 
 def ends_with_this_process() -> Callable[[], None]:

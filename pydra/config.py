@@ -149,6 +149,8 @@ SETTINGS: dict[str, Setting] = {
     "STARTUP_FD": Setting("", str, "a file descriptor number",
                           "set by each rank's supervisor (pydra.launcher.supervise): "
                           "the pipe on which the rank tells it its start-up steps"),
+    "STARTED_NOTICE": Setting("", str, "a socket name", "set by pydra run -n for rank 0's supervisor: where it "
+                              "says rank 0 has started (an mpiexec that exits 0 having started none is an error)"),
     "DEATH_NOTICES": Setting("", str, "a socket name", "set by pydra.launcher.supervise for its rank: "
                              "where the supervisors on this host report a worker's death"),
     "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n and pydra launch for rank 0: "

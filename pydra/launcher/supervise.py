@@ -68,6 +68,8 @@ _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCI
 
 #: the variable that tells a supervised rank where its job's death notices go on this host
 NOTICES_VARIABLE = "PYDRA_DEATH_NOTICES"
+#: the variable that tells rank 0's supervisor where to say that rank 0 has started (set by pydra run -n)
+STARTED_VARIABLE = "PYDRA_STARTED_NOTICE"
 
 #: Open MPI's launcher processes: the parent of every rank on a host (prterun on its own host, prted elsewhere)
 _OPEN_MPI_LAUNCHERS = ("prterun", "prted")
@@ -96,6 +98,9 @@ def supervise(program: list[str]) -> int:
     # The ranks of this job on this host are all children of one launcher process: its pid names the socket.
     address = f"pydra-death-notices-{os.getuid()}-{os.getppid()}"
     env = {**os.environ, "PYDRA_STARTUP_FD": str(report), NOTICES_VARIABLE: address}
+    started = env.pop(STARTED_VARIABLE, "")
+    if started and world_rank() in (0, None):
+        _send(started, b"started")  # pydra run -n: an mpiexec that exits 0 having started no rank 0 is caught
     # close_fds=False: the rank needs the launcher's fds (MPICH's PMI_FD), and *report*.
     child = subprocess.Popen(program, close_fds=False, env=env)
     os.close(report)
@@ -253,11 +258,16 @@ class _StepReader:
 
 def tell_rank_zero(address: str, rank: int, how: str) -> None:
     """Tell rank 0, if it listens on this host, that worker *rank* ended (*how*); best effort."""
+    _send(address, f"{rank} {how}".encode())  # (if not: rank 0 is on another host, or gone, and its heartbeats tell)
+
+
+def _send(address: str, message: bytes) -> None:
+    """Send *message* to the abstract datagram socket *address*, if anything listens there."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(f"{rank} {how}".encode(), "\0" + address)
+            sock.sendto(message, "\0" + address)
     except OSError:
-        pass  # rank 0 is on another host, or gone: its heartbeat check will notice
+        pass
 
 
 class DeathNotices:

@@ -233,20 +233,37 @@ def test_a_run_dir_option_that_cannot_be_made_is_one_line(mode: str, tmp_path: P
     assert_one_error_line(finished, f"cannot make the run directory {blocker / 'run'}: Not a directory")
 
 
-def test_far_more_ranks_than_cpus_is_warned_of(tmp_path: Path) -> None:
-    """-n 500 on a small host is more often a typo than a plan: a warning, then mpiexec as asked (a stub here)."""
+def _stub_mpiexec(tmp_path: Path) -> Path:
+    """An mpiexec that passes Pydra's check of its version, writes its argv to tmp_path/argv, runs nothing and exits 0."""
     from pydra.launcher.mpiexec import OPEN_MPI, library_implementation
 
     version = "mpiexec (Open MPI) 5.0.0" if library_implementation() == OPEN_MPI else "HYDRA build details: MPICH"
     stub = tmp_path / "mpiexec"
     stub.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "{version}" && exit 0\necho "$@" > {tmp_path}/argv\n')
     stub.chmod(0o755)
+    return stub
+
+
+def test_far_more_ranks_than_cpus_is_warned_of(tmp_path: Path) -> None:
+    """-n 500 on a small host is more often a typo than a plan: a warning, then mpiexec as asked (a stub here)."""
     ranks = 4 * (os.cpu_count() or 1) + 1
-    env = {**mpi_environment(), "PYDRA_MPIEXEC": str(stub)}
+    env = {**mpi_environment(), "PYDRA_MPIEXEC": str(_stub_mpiexec(tmp_path))}
     finished = run_process([sys.executable, "-m", "pydra", "run", "-n", str(ranks), "examples/pi.py:estimate_pi", "10",
                             "--no-journal"], timeout=60, env=env)
     assert f"pydra: warning: -n {ranks} starts {ranks} ranks on this host's {os.cpu_count()} CPUs" in finished.stderr
     assert f"-n {ranks}" in (tmp_path / "argv").read_text()
+
+
+def test_an_mpiexec_that_exits_0_without_starting_rank_0_is_an_error(tmp_path: Path) -> None:
+    """Else `pydra run -n` said nothing and exited 0: a job that never ran looked like one that succeeded."""
+    stub = _stub_mpiexec(tmp_path)
+    env = {**mpi_environment(), "PYDRA_MPIEXEC": str(stub)}
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "2", "examples/pi.py:estimate_pi", "10",
+                            "--no-journal"], timeout=60, env=env)
+    assert (tmp_path / "argv").exists()  # it did run the stub
+    assert finished.returncode == 1
+    assert finished.stderr.splitlines() == [f"pydra: error: {stub} exited with status 0 but never started rank 0 "
+                                            "(an mpiexec that does not run its command?)"]
 
 
 def test_usage_errors_exit_2() -> None:
