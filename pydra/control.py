@@ -63,13 +63,18 @@ class Request:
     (a trailing ``?`` also allows null); those in *required* must be there, the
     others take the method's default when left out. *changes* says whether the
     command changes the cluster (and so is logged): True, or the name of the
-    field whose presence makes it a change.
+    field whose presence makes it a change. *imports* says whether it may
+    import task code first (up to ``PYDRA_IMPORT_TIMEOUT`` seconds,
+    :mod:`pydra.importcheck`): such requests run on threads of their own
+    (:data:`IMPORTING_THREADS`), so that every other request is answered
+    meanwhile.
     """
 
     method: str
     fields: dict[str, str] = field(default_factory=dict)
     required: tuple[str, ...] = ()
     changes: bool | str = False
+    imports: bool = False
 
     def changes_cluster(self, args: dict[str, Any]) -> bool:
         """Whether a request with these (valid) *args* changes the cluster."""
@@ -86,10 +91,11 @@ REQUESTS: dict[str, Request] = {
     "jobs": Request("list_jobs", {"everything": "bool"}),
     "job": Request("job", {"job_id": "int"}, ("job_id",)),
     "logs": Request("logs", {"job_id": "int?", "rank": "int?", "after": "int"}),
-    "submit": Request("submit", {"target": "str", "inputs": "[str]", "priority": "int"}, ("target", "inputs"), True),
+    "submit": Request("submit", {"target": "str", "inputs": "[str]", "priority": "int"}, ("target", "inputs"), True,
+                      imports=True),
     "cancel": Request("cancel", {"job_id": "int"}, ("job_id",), True),
     "priority": Request("set_priority", {"job_id": "int", "priority": "int"}, ("job_id", "priority"), True),
-    "retry": Request("retry", {"job_id": "int"}, ("job_id",), True),
+    "retry": Request("retry", {"job_id": "int"}, ("job_id",), True, imports=True),
     "pause": Request("pause", changes=True),
     "resume": Request("resume", changes=True),
     "drain": Request("drain", {"rank": "int"}, ("rank",), True),
@@ -98,6 +104,9 @@ REQUESTS: dict[str, Request] = {
     "config": Request("configure", {"key": "str?", "value": "str?"}, changes="value"),
     "shutdown": Request("shutdown", {"now": "bool"}, changes=True),
 }
+
+#: threads that carry out requests that import task code (more such requests wait for one)
+IMPORTING_THREADS = 4
 
 _INT64 = range(-(2**63), 2**63)  # what the journal (SQLite) can store
 
@@ -238,6 +247,8 @@ class ControlServer:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()  # one per connected admin
+        # (every other request runs on the loop's default executor)
+        self._importing = concurrent.futures.ThreadPoolExecutor(IMPORTING_THREADS, "pydra-control-import")
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="pydra-control", daemon=True)
@@ -268,6 +279,7 @@ class ControlServer:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+        self._importing.shutdown(wait=False, cancel_futures=True)
 
     async def _close(self) -> None:
         self._server.close()
@@ -352,7 +364,8 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
         try:
             # The handlers take locks and may wait on the scheduler: keep this loop free.
-            result = await asyncio.get_running_loop().run_in_executor(None, self.handle, command, args)
+            threads = self._importing if REQUESTS[command].imports else None
+            result = await asyncio.get_running_loop().run_in_executor(threads, self.handle, command, args)
         except PydraError as exc:
             _log.warning("admin %s: refused %s %s: %s", admin, command, _clip(args, 200), exc)
             return {"ok": False, "error": str(exc)}

@@ -252,6 +252,52 @@ def test_a_task_file_that_exits_or_hangs_at_import_fails_its_job_and_the_cluster
     assert result_of(cluster.wait_final(fine)[fine]) == [25]
 
 
+def test_requests_that_import_leave_every_thread_of_the_others_free(cluster: Cluster, tmp_path: Path) -> None:
+    """Submits of files that hung at import took every thread of the control plane (six on two cores): `status`,
+    `cancel` and every other request waited for one, up to PYDRA_IMPORT_TIMEOUT."""
+    import os
+    import threading
+
+    from pydra.control import IMPORTING_THREADS, ControlClient
+    from pydra.launcher import keys
+
+    cluster.settle()
+    marks = tmp_path / "importing"
+    marks.mkdir()
+    hangs = tmp_path / "hangs_at_import.py"
+    hangs.write_text(f"import os, time\nopen(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close()\n"
+                     "time.sleep(600)\n")
+    identity = keys.load_private_key(cluster.identity)
+    # More than the threads of the loop's default executor, which every request shared.
+    submits = min(32, (os.cpu_count() or 1) + 4) + 1
+    replies: list = []
+
+    def submit() -> None:
+        client = ControlClient(cluster.connection_file, identity, timeout=SHELL_TIMEOUT + 3 * IMPORT_TIMEOUT * submits)
+        try:
+            replies.append(client.call("submit", target=f"{hangs}:job", inputs=["1"]))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=submit, daemon=True) for _ in range(submits)]
+    for thread in threads:
+        thread.start()
+    wait_until("imports under way on every importing thread", lambda: len(list(marks.iterdir())),
+               lambda count: count >= IMPORTING_THREADS, timeout=SHELL_TIMEOUT)
+    status = ControlClient(cluster.connection_file, identity)
+    try:
+        assert status.call("status")["ranks"] == 4
+    finally:
+        status.close()
+    assert replies == []  # answered while every importing thread was still importing
+    for thread in threads:
+        thread.join(SHELL_TIMEOUT + 3 * IMPORT_TIMEOUT * submits)
+    assert len(replies) == submits
+    for job in replies:
+        assert job["state"] == "failed", job
+        assert job["error"] == f"task file {hangs} took more than {IMPORT_TIMEOUT} s to import (PYDRA_IMPORT_TIMEOUT)"
+
+
 def test_a_task_file_that_no_longer_imports_fails_its_own_jobs_only(cluster: Cluster, tmp_path: Path) -> None:
     """An isolated worker's new child imported every task file the cluster had run: one gone bad failed every job."""
     cluster.settle()
