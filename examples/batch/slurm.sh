@@ -36,6 +36,11 @@
 #   --run-dir        start the job, or resume it if the directory journals this same job
 #                    (same target, inputs and task file); another job's journal there is
 #                    refused, exit 2.
+#   PYDRA_RESUME_WITH
+#                    the command rank 0 names in its "resume with:" line (at the start, and
+#                    when the job is interrupted: scancel, the time limit): this srun, so that
+#                    a resume by hand in an allocation is as fault-tolerant as this job. Or
+#                    submit this script again with RUN_DIR set to the run directory.
 # Exit status: 0 success, 1 the job failed, 2 bad usage, target or launch.
 #
 # examples/batch/check-slurm.sh is how this script was checked on a real Slurm.
@@ -49,6 +54,7 @@
 set -euo pipefail
 source "${VENV:-$HOME/pydra-venv}/bin/activate"
 run_dir="${RUN_DIR:-$HOME/pydra-runs/wordcount-$SLURM_JOB_ID}"
+export PYDRA_RESUME_WITH="srun --mpi=${SRUN_MPI:-pmi2} python -m pydra.launcher.supervise python -m pydra run"
 
 srun --mpi="${SRUN_MPI:-pmi2}" python -m pydra.launcher.supervise \
     python -m pydra run examples/wordcount.py:WordCount examples/data/*.txt \

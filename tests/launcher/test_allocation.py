@@ -147,6 +147,16 @@ def test_the_slurm_script_runs_as_shipped_and_resumes_when_requeued(tmp_path: Pa
     assert requeued.returncode == 0, requeued.stderr
     assert f"resuming examples/wordcount.py:WordCount from {tmp_path / 'run'}" in requeued.stderr
     assert json.loads(result.read_text()) == counts
+    # Rank 0's "resume with:" names the script's own srun and supervisor (it said a bare mpiexec, which is
+    # not fault-tolerant), and that command, run in the allocation, resumes the job.
+    hint = f"srun --mpi=pmi2 python -m pydra.launcher.supervise python -m pydra run --resume {tmp_path / 'run'}"
+    assert f"(resume with: {hint})" in first.stderr
+    path = f"{shims}:{Path(sys.executable).parent}:{mpi_environment()['PATH']}"
+    resumed = run_process(["bash", "-c", hint], timeout=180, cwd=tmp_path / "work",
+                          env=clean_environment(**{**variables, "PATH": path}))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming examples/wordcount.py:WordCount from {tmp_path / 'run'}" in resumed.stderr
+    assert "on 3 ranks" in resumed.stdout
 
 
 @pytest.mark.skipif(library_implementation() != MPICH, reason="the scripts' fault-tolerant form is MPICH's")
@@ -160,6 +170,8 @@ def test_the_pbs_script_runs_as_shipped_and_resumes_when_rerun(tmp_path: Path) -
     assert "on 3 ranks" in first.stdout
     pi = json.loads((work / "pi-42.server.json").read_text())
     assert abs(pi - 3.14159) < 0.01
+    hint = f"mpiexec -disable-auto-cleanup -n 3 python -m pydra.launcher.supervise python -m pydra run --resume {tmp_path / 'run'}"
+    assert f"(resume with: {hint})" in first.stderr
     rerun = batch_job(tmp_path, "pbs.sh", variables)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming examples/pi.py:estimate_pi" in rerun.stderr
