@@ -95,7 +95,8 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
             await asyncio.sleep(_POLL)
     finally:
         # What the grace left, and what it started meanwhile (the parent links of a live process still hold).
-        handles.update(_open(tree(*_running(handles)) - handles.keys()))
+        with contextlib.suppress(OSError):  # out of descriptors: what was found first is killed all the same
+            handles.update(_open(tree(*_running(handles)) - handles.keys()))
         _send({p: handles[p] for p in _running(handles)}, signal.SIGKILL)
         for handle in handles.values():
             os.close(handle)
