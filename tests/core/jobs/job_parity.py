@@ -334,7 +334,9 @@ def remember(obj, go: str, report: str) -> None:
         while ref() is not None and time.monotonic() < deadline:
             gc.collect()
             time.sleep(0.05)
-        Path(report).write_text("kept" if ref() is not None else "freed")
+        # Written whole, then renamed: the reader waits for the file to exist, and read it empty once.
+        Path(report + ".partial").write_text("kept" if ref() is not None else "freed")
+        os.replace(report + ".partial", report)
 
     threading.Thread(target=check, daemon=True).start()
 
