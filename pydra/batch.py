@@ -17,12 +17,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pydra import interrupts
 from pydra.config import setting
 from pydra.errors import ItemFailed, RemoteTraceback, TargetError, user_traceback
 from pydra.jobstates import JobState, JobStateError
+
+if TYPE_CHECKING:
+    from pydra.launcher.supervise import Notices
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,37 +63,32 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
         env["PYDRA_RESUME_WITH"] = resume_with
     program = [sys.executable, "-m", "pydra", command, *forwarded]
     watch = JobWatch()
-    with _started_notice() as (address, started):
-        env[STARTED_VARIABLE] = address
+    started = _started_notices()  # where rank 0's supervisor says rank 0 has started
+    if started is not None:
+        env[STARTED_VARIABLE] = started.address
+    try:
         status = watch.conclude(wait_for(mpiexec.local_command(ranks, program), env, stop_with=mpiexec.stop_signal,
                                          preexec_fn=ends_with_this_process(), watch_stderr=watch))
-        if status == EXIT_OK and not started():
+        if status == EXIT_OK and started is not None and "started" not in started.messages():
             print(f"pydra: error: {mpiexec.path} exited with status 0 but never started rank 0 "
                   "(an mpiexec that does not run its command?)", file=sys.stderr)
             return EXIT_FAILED
+    finally:
+        if started is not None:
+            started.close()
     return status
 
 
-@contextlib.contextmanager
-def _started_notice() -> Iterator[tuple[str, Callable[[], bool]]]:
-    """An abstract socket's name for rank 0's supervisor to say rank 0 has started, and whether it has said so."""
+def _started_notices() -> Notices | None:
+    """:class:`~pydra.launcher.supervise.Notices` at a new address, or None where there can be none (not Linux)."""
     import secrets
-    import socket
 
-    address = f"pydra-started-{os.getpid()}-{secrets.token_hex(8)}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + address)
-        sock.setblocking(False)
+    from pydra.launcher.supervise import Notices
 
-        def started() -> bool:
-            try:
-                while sock.recv(64) != b"started":  # (anyone on this host may send here: read them all)
-                    pass
-                return True
-            except BlockingIOError:
-                return False
-
-        yield address, started
+    try:
+        return Notices(f"pydra-started-{os.getpid()}-{secrets.token_hex(8)}")
+    except (OSError, AttributeError):  # no abstract namespace, or no SO_PASSCRED
+        return None
 
 
 def ends_with_this_process() -> Callable[[], None]:

@@ -270,14 +270,16 @@ def _send(address: str, message: bytes) -> None:
         pass
 
 
-class DeathNotices:
-    """Rank 0's end of the death notices: a datagram socket (Linux abstract namespace) at *address*.
+class Notices:
+    """A datagram socket (Linux abstract namespace) at *address* that hears only this user's processes.
 
-    Only a process of this user can be heard (the kernel vouches for the
-    sender's uid), so no one else can make rank 0 drop a healthy worker.
+    The kernel vouches for each sender's uid, so no one else can make rank 0
+    drop a healthy worker, say. ``OSError`` if it cannot be made (no such
+    namespace, or the address is taken).
     """
 
     def __init__(self, address: str) -> None:
+        self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -286,6 +288,30 @@ class DeathNotices:
             self.sock.close()
             raise
         self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def messages(self) -> list[str]:
+        """What this user's processes have sent since the last look."""
+        messages = []
+        space = socket.CMSG_SPACE(3 * 4)  # struct ucred: pid, uid, gid
+        while True:
+            try:
+                data, ancillary, _flags, _sender = self.sock.recvmsg(256, space)
+            except (BlockingIOError, InterruptedError):
+                return messages
+            uid = next((int.from_bytes(body[4:8], sys.byteorder) for level, kind, body in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            if uid == os.getuid():
+                messages.append(data.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DeathNotices(Notices):
+    """Rank 0's end of the death notices, at the address its supervisor gives (:data:`NOTICES_VARIABLE`)."""
 
     @classmethod
     def open(cls) -> "DeathNotices | None":
@@ -298,26 +324,14 @@ class DeathNotices:
         except OSError:
             return None
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def take(self) -> list[tuple[int, str]]:
         """The notices that have arrived: ``(rank, how it ended)`` each."""
         notices = []
-        space = socket.CMSG_SPACE(3 * 4)  # struct ucred: pid, uid, gid
-        while True:
-            try:
-                data, ancillary, _flags, _sender = self.sock.recvmsg(256, space)
-            except (BlockingIOError, InterruptedError):
-                return notices
-            uid = next((int.from_bytes(body[4:8], sys.byteorder) for level, kind, body in ancillary
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
-            rank, _, how = data.decode(errors="replace").partition(" ")
-            if uid == os.getuid() and rank.isdigit():
+        for message in self.messages():
+            rank, _, how = message.partition(" ")
+            if rank.isdigit():
                 notices.append((int(rank), how))
-
-    def close(self) -> None:
-        self.sock.close()
+        return notices
 
 
 def main() -> None:
