@@ -130,8 +130,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that say which job to run and how: shared by ``pydra run`` and ``pydra launch``."""
     parser.add_argument("target", metavar="TARGET", nargs="?", help="the task to run, file.py:Name or module:Name")
     parser.add_argument("inputs", metavar="INPUT", nargs="*", help="input strings for the root task")
-    parser.add_argument("--output", "-o", metavar="PATH", help="write the result as JSON to PATH (strict: NaN and the infinities as the strings "
-                        "\"NaN\", \"Infinity\", \"-Infinity\")")
+    parser.add_argument("--output", "-o", metavar="PATH",
+                        help='write the result as JSON to PATH (strict: NaN and the infinities as the strings "NaN", '
+                             '"Infinity", "-Infinity")')
     parser.add_argument(
         "--run-dir",
         metavar="DIR",
