@@ -60,7 +60,11 @@ def kill_tree(pid: int) -> None:
     doomed = tree(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    for each in doomed:
+    _kill(doomed)
+
+
+def _kill(pids: set[int]) -> None:
+    for each in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(each, signal.SIGKILL)
 
@@ -74,7 +78,7 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
     it exists: a pid that ends in the grace and is given to a new process is
     not signalled. Returns once every process found has ended, or been sent
     SIGKILL; cancelled, it sends SIGKILL at once. Without pidfds (Linux before
-    5.3), SIGKILL at once, as :func:`kill_tree`.
+    5.3, or no descriptor left), SIGKILL at once to what it found.
 
     ``leader=False`` says *pid* itself has ended and been reaped: its pid may
     now be another process's, so only what is left of its group, and below
@@ -85,8 +89,8 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
     members = _below({p: parent for p, (parent, _) in table.items()}, [pid] if leader else list(group)) | group
     try:
         handles = _open(members)
-    except OSError:  # no pidfd_open here
-        kill_tree(pid)
+    except OSError:  # no pidfd_open here, or no descriptor left
+        _kill(members)
         return
     try:
         _send(handles, signal.SIGTERM)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from pydra.launcher import proctree
 
@@ -147,3 +150,21 @@ def test_without_its_leader_only_what_is_left_of_the_group_is_stopped(tmp_path: 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(left, signal.SIGKILL)
+
+
+def test_without_pidfds_the_tree_is_killed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfds(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    parent, child, mark = _start(tmp_path, "end")
+    try:
+        monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+        asyncio.run(proctree.stop_tree(parent.pid, grace=60))
+        assert parent.wait(timeout=30) == -signal.SIGKILL
+        assert not mark.exists()  # no SIGTERM first
+        deadline = time.monotonic() + 30
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the child in its own session survived"
+            time.sleep(0.05)
+    finally:
+        _cleanup(parent, child)
