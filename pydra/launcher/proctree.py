@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import signal
+from typing import NamedTuple
 
 #: seconds between two looks at whether a stopped tree has ended
 _POLL = 0.05
@@ -69,7 +70,14 @@ def _kill(pids: set[int]) -> None:
             os.kill(each, signal.SIGKILL)
 
 
-async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
+class Stopped(NamedTuple):
+    """What :func:`stop_tree` did: how many processes it found, and how many of them it had to kill."""
+
+    found: int
+    killed: int
+
+
+async def stop_tree(pid: int, grace: float, leader: bool = True) -> Stopped:
     """Stop *pid*'s process group (it leads one) and every process below it: SIGTERM, then SIGKILL after *grace* s.
 
     SIGTERM first lets MPI's daemons stop their ranks and remove their files
@@ -77,7 +85,7 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
     not. Both signals go through pidfds, which name one process for as long as
     it exists: a pid that ends in the grace and is given to a new process is
     not signalled. Returns once every process found has ended, or been sent
-    SIGKILL; cancelled, it sends SIGKILL at once. Without pidfds (Linux before
+    SIGKILL (found and killed, counted); cancelled, it sends SIGKILL at once. Without pidfds (Linux before
     5.3, or no descriptor left), SIGKILL at once to what it found.
 
     ``leader=False`` says *pid* itself has ended and been reaped: its pid may
@@ -91,7 +99,7 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
         handles = _open(members)
     except OSError:  # no pidfd_open here, or no descriptor left
         _kill(members)
-        return
+        return Stopped(len(members), len(members))
     try:
         _send(handles, signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
@@ -101,9 +109,11 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> None:
         # What the grace left, and what it started meanwhile (the parent links of a live process still hold).
         with contextlib.suppress(OSError):  # out of descriptors: what was found first is killed all the same
             handles.update(_open(tree(*_running(handles)) - handles.keys()))
-        _send({p: handles[p] for p in _running(handles)}, signal.SIGKILL)
+        left = _running(handles)
+        _send({p: handles[p] for p in left}, signal.SIGKILL)
         for handle in handles.values():
             os.close(handle)
+    return Stopped(len(handles), len(left))
 
 
 def _open(pids: set[int]) -> dict[int, int]:

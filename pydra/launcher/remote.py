@@ -168,16 +168,24 @@ async def server_exec(channel: Channel, runner: Runner) -> None:
         forwarded = asyncio.ensure_future(_accept_tunnel(listener, process.pid, channel, tunnel_pumps))
     stopping: asyncio.Task | None = None
 
+    async def stop_tree() -> None:
+        # (once the command has ended, its pid may be another process's: only what is left of its group)
+        stopped = await proctree.stop_tree(process.pid, STOP_GRACE, process.returncode is None)
+        if stopped.found:
+            log.warning("pid %d: its channel from %s ended before the command did: %d processes asked to stop "
+                        "(SIGTERM), %d of them killed %g s later", process.pid, channel.peer_address, stopped.found,
+                        stopped.killed, STOP_GRACE)
+
     def stop() -> None:
         nonlocal stopping
         if stopping is None:
-            # (once the command has ended, its pid may be another process's: only what is left of its group)
-            stopping = asyncio.ensure_future(proctree.stop_tree(process.pid, STOP_GRACE, process.returncode is None))
+            stopping = asyncio.ensure_future(stop_tree())
 
     feeder = asyncio.ensure_future(_feed_stdin(channel, process, forwarded, stop))
     try:
         await asyncio.gather(*pumps)
         status = await process.wait()
+        log.info("pid %d ended with status %d", process.pid, _exit_status(status))
         # What the command wrote to its tunnel just before exiting goes out before "exit".
         await asyncio.gather(*tunnel_pumps)
         await channel.send_json({"type": "exit", "status": _exit_status(status)})

@@ -95,7 +95,7 @@ def _cleanup(parent: subprocess.Popen, child: int) -> None:
 def test_stop_tree_lets_the_whole_tree_handle_sigterm(tmp_path: Path) -> None:
     parent, child, mark = _start(tmp_path, "end")
     try:
-        asyncio.run(proctree.stop_tree(parent.pid, grace=60))
+        assert asyncio.run(proctree.stop_tree(parent.pid, grace=60)) == (2, 0)  # found, killed
         assert parent.wait(timeout=30) == 0  # it ended by its handler, not by SIGKILL
         assert sorted(mark.read_text().splitlines()) == sorted(f"{pid} got SIGTERM" for pid in (parent.pid, child))
         assert _gone(child)
@@ -106,7 +106,7 @@ def test_stop_tree_lets_the_whole_tree_handle_sigterm(tmp_path: Path) -> None:
 def test_stop_tree_kills_what_ignores_sigterm_once_the_grace_is_over(tmp_path: Path) -> None:
     parent, child, mark = _start(tmp_path, "ignore")
     try:
-        asyncio.run(proctree.stop_tree(parent.pid, grace=1))
+        assert asyncio.run(proctree.stop_tree(parent.pid, grace=1)) == (2, 2)
         assert parent.wait(timeout=30) == -signal.SIGKILL
         assert len(mark.read_text().splitlines()) == 2  # both were asked first
         deadline = time.monotonic() + 30
@@ -142,7 +142,7 @@ def test_without_its_leader_only_what_is_left_of_the_group_is_stopped(tmp_path: 
     left = int(leader.stdout.readline())
     try:
         assert leader.wait(timeout=30) == 0
-        asyncio.run(proctree.stop_tree(leader.pid, grace=60, leader=False))
+        assert asyncio.run(proctree.stop_tree(leader.pid, grace=60, leader=False)) == (1, 0)
         deadline = time.monotonic() + 30
         while not _gone(left):
             assert time.monotonic() < deadline, "the group's member survived"
@@ -159,7 +159,7 @@ def test_without_pidfds_the_tree_is_killed_at_once(tmp_path: Path, monkeypatch: 
     parent, child, mark = _start(tmp_path, "end")
     try:
         monkeypatch.setattr(os, "pidfd_open", no_pidfds)
-        asyncio.run(proctree.stop_tree(parent.pid, grace=60))
+        assert asyncio.run(proctree.stop_tree(parent.pid, grace=60)) == (2, 2)
         assert parent.wait(timeout=30) == -signal.SIGKILL
         assert not mark.exists()  # no SIGTERM first
         deadline = time.monotonic() + 30

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -72,6 +73,12 @@ def test_a_command_whose_launcher_is_killed_is_asked_to_stop_first(cluster: Clus
             assert time.monotonic() < deadline, f"the command never got SIGTERM; agent log:\n{cluster.log(HOSTS[0])}"
             time.sleep(0.1)
         assert mark.read_text() == "SIGTERM\n"
+        # The agent says so: the shell (and its `sleep` of the moment) asked to stop, none killed.
+        stopped = re.compile(r"pid \d+: its channel from \S+ ended before the command did: [12] processes asked to stop "
+                             r"\(SIGTERM\), 0 of them killed 5 s later")
+        while not stopped.search(cluster.log(HOSTS[0])):
+            assert time.monotonic() < deadline, f"no line about the stop; agent log:\n{cluster.log(HOSTS[0])}"
+            time.sleep(0.1)
     finally:
         if helper.poll() is None:
             os.killpg(helper.pid, signal.SIGKILL)
