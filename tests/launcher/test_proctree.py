@@ -84,6 +84,13 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _wait_gone(pid: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not _gone(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def _cleanup(parent: subprocess.Popen, child: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(child, signal.SIGKILL)
@@ -109,10 +116,7 @@ def test_stop_tree_kills_what_ignores_sigterm_once_the_grace_is_over(tmp_path: P
         assert asyncio.run(proctree.stop_tree(parent.pid, grace=1)) == (2, 2)
         assert parent.wait(timeout=30) == -signal.SIGKILL
         assert len(mark.read_text().splitlines()) == 2  # both were asked first
-        deadline = time.monotonic() + 30
-        while not _gone(child):
-            assert time.monotonic() < deadline, "the child in its own session survived"
-            time.sleep(0.05)
+        _wait_gone(child, "the child in its own session survived")
     finally:
         _cleanup(parent, child)
 
@@ -143,10 +147,7 @@ def test_without_its_leader_only_what_is_left_of_the_group_is_stopped(tmp_path: 
     try:
         assert leader.wait(timeout=30) == 0
         assert asyncio.run(proctree.stop_tree(leader.pid, grace=60, leader=False)) == (1, 0)
-        deadline = time.monotonic() + 30
-        while not _gone(left):
-            assert time.monotonic() < deadline, "the group's member survived"
-            time.sleep(0.05)
+        _wait_gone(left, "the group's member survived")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(left, signal.SIGKILL)
@@ -162,9 +163,6 @@ def test_without_pidfds_the_tree_is_killed_at_once(tmp_path: Path, monkeypatch: 
         assert asyncio.run(proctree.stop_tree(parent.pid, grace=60)) == (2, 2)
         assert parent.wait(timeout=30) == -signal.SIGKILL
         assert not mark.exists()  # no SIGTERM first
-        deadline = time.monotonic() + 30
-        while not _gone(child):
-            assert time.monotonic() < deadline, "the child in its own session survived"
-            time.sleep(0.05)
+        _wait_gone(child, "the child in its own session survived")
     finally:
         _cleanup(parent, child)
