@@ -20,7 +20,6 @@ from mpi4py import MPI
 from pydra._core import protocol, session
 from pydra._core.futures import LeanFuture
 from pydra._core.jobs import JobHandle
-from pydra._core.scheduler import MAX_INFLIGHT
 from pydra._core.sources import Chunk, ChunkStream
 from pydra.comm import failures, serial
 from pydra.config import setting
@@ -124,6 +123,8 @@ class Executor(concurrent.futures.Executor):
         feed = _OrderedFeed()
         self._feeds.add(feed)
         # Items computed ahead of the reader: enough to keep every worker's pipeline full.
+        from pydra._core.scheduler import MAX_INFLIGHT  # rank 0's half, loaded there already; never on a worker
+
         workers = len(master.workers)
         window = max(setting("MAX_BATCH") * (2 * workers + 2), 2 * MAX_INFLIGHT * workers)
 

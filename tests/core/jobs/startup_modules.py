@@ -15,7 +15,8 @@ import pydra
 
 #: modules a plain `pydra run` has no use for on a worker (rank 0 needs asyncio and sqlite3)
 HEAVY = ("numpy", "cryptography", "prompt_toolkit", "sqlite3", "asyncio", "pydra._core.master",
-         "pydra._core.scheduler", "pydra.journal", "pydra.executor", "pydra._core.isolation", "pydra._core.evaluate")
+         "pydra._core.scheduler", "pydra.journal", "pydra.executor", "pydra._core.isolation", "pydra._core.evaluate",
+         "importlib.abc", "tempfile")
 
 
 def loaded(_item: str) -> list[str]:
