@@ -30,6 +30,7 @@ from pydra._core.sources import Chunk, ChunkStream, GangRequest, RetryPolicy
 from pydra.comm import serial
 from pydra.errors import ItemFailed, WorkerLost
 from pydra.tasks import GangTask, MapReduce, Parallel, Sequence, Task
+from pydra.tasks.mapreduce import in_key_order
 
 #: how often a gang (or a MapReduce's reduce) starts again after losing a member.
 GANG_LOSSES = 3
@@ -257,13 +258,11 @@ def as_exception(error: BaseException) -> Exception:
 
 
 def _merged(parts: list[dict]) -> dict:
+    """The reduce members' results as one dict in key order (each part is sorted already: a merge of runs)."""
     merged: dict = {}
     for part in parts:
         merged.update(part)
-    try:
-        return {key: merged[key] for key in sorted(merged)}  # keys alone: twice as quick as sorting the items
-    except TypeError:  # keys of mixed types: keep the shuffle's order
-        return merged
+    return in_key_order(merged)
 
 
 def run_gang(master: Master, make_command: Callable, count: int, members: list | None = None) -> Awaitable[list]:

@@ -37,15 +37,23 @@ SHUFFLE = "shuffle"
 _HEAD = struct.Struct("<QI")
 
 
-def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
-    """Send ``buckets[i]`` to member *i*; return what each member sent here, by member."""
+def exchange(comm: MPI.Intracomm, buckets: list[Any], copy_own: bool = True) -> list[Any]:
+    """Send ``buckets[i]`` to member *i*; return what each member sent here, by member.
+
+    What comes back is a copy, as if it had crossed the wire, even this
+    member's own bucket; with *copy_own* false that one is returned as it is,
+    not pickled at all (half of a two-member shuffle's pickling), for a caller
+    that changes neither it nor the values in it.
+    """
     if len(buckets) != comm.size:
         raise ValueError(f"expected {comm.size} buckets, one per member, got {len(buckets)}")
     sealer = seal.current()
-    payloads = [_pack(bucket) for bucket in buckets]
+    own = None if copy_own else comm.rank
+    payloads = [[] if member == own else _pack(bucket) for member, bucket in enumerate(buckets)]
     if sealer.enabled:  # once per shuffle, not per bucket
         world = mpi.world_ranks(comm)
-        payloads = [[sealer.seal(b"".join(pieces), world[member], SHUFFLE)] for member, pieces in enumerate(payloads)]
+        payloads = [pieces if member == own else [sealer.seal(b"".join(pieces), world[member], SHUFFLE)]
+                    for member, pieces in enumerate(payloads)]
     # Byte counts in array.array, not numpy: a worker that never imported numpy would pay its
     # import (a tenth of a second) here, on every member at once, inside the job.
     send_counts = array("q", [sum(len(piece) for piece in pieces) for pieces in payloads])
@@ -65,8 +73,9 @@ def exchange(comm: MPI.Intracomm, buckets: list[Any]) -> list[Any]:
     view = memoryview(recv_buffer)
     parts = [view[start : start + count] for start, count in zip(recv_displs, recv_counts)]
     if sealer.enabled:
-        parts = [mpi.open_sealed(part, world[member], SHUFFLE) for member, part in enumerate(parts)]
-    return [_unpack(memoryview(part)) for part in parts]
+        parts = [part if member == own else mpi.open_sealed(part, world[member], SHUFFLE)
+                 for member, part in enumerate(parts)]
+    return [buckets[member] if member == own else _unpack(memoryview(part)) for member, part in enumerate(parts)]
 
 
 def _starts(counts: array) -> list[int]:

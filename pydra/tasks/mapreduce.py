@@ -186,8 +186,11 @@ class MapBuffer:
     def partitions(self, count: int) -> list[dict[Hashable, Any]]:
         """Split ``values`` into *count* dicts by :func:`stable_hash` of the key."""
         parts: list[dict[Hashable, Any]] = [{} for _ in range(count)]
+        crc32 = zlib.crc32
         for key, values in self.values.items():
-            parts[stable_hash(key) % count][key] = values
+            # stable_hash's first case inline: a word count's keys are all str, and the call was half the time
+            code = crc32(key.encode("utf-8", "surrogatepass")) if type(key) is str else stable_hash(key)
+            parts[code % count][key] = values
         return parts
 
 
@@ -226,8 +229,21 @@ def _collect(lists: dict[Hashable, list[Any]], pairs: Iterable[tuple[Hashable, A
     return count
 
 
+def in_key_order(values: dict[Hashable, Any]) -> dict[Hashable, Any]:
+    """*values* with its keys sorted, or as it is if they do not compare (keys of mixed types).
+
+    Each reduce member sorts its own keys, so that rank 0, sorting the
+    members' results laid end to end, finds runs and merges them in about
+    linear time: the sort is spread over the members, not done whole on rank 0.
+    """
+    try:
+        return {key: values[key] for key in sorted(values)}  # keys alone: twice as quick as sorting the items
+    except TypeError:
+        return values
+
+
 def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable, Any]:
-    """Collective over *comm*: exchange partitions, then reduce the keys that landed here.
+    """Collective over *comm*: exchange partitions, then reduce the keys that landed here, in key order.
 
     The members first agree that every one of them is ready; if a combiner
     failed on one rank, the others skip the exchange instead of waiting in it
@@ -241,19 +257,23 @@ def shuffle_and_reduce(buffer: MapBuffer, comm: MPI.Intracomm) -> dict[Hashable,
         raise
     if not _all_ready(comm, True):
         return {}
-    received = exchange(comm, parts)
-    if buffer.running and sums_its_values(type(buffer.job).reduce):
+    adding_up = buffer.running and sums_its_values(type(buffer.job).reduce)
+    # Adding up makes new totals and changes no value, so this rank's own part need not be copied; a
+    # reduce of the user's might change its values in place, and the buffer must stay as it is (a lost
+    # member makes the reduce run again).
+    received = exchange(comm, parts, copy_own=not adding_up)
+    if adding_up:
         totals: dict[Hashable, Any] = {}  # reduce(key, [t0, t1, ...]) is 0 + t0 + t1 ...: add them up as they come
         for part in received:
             _add_up(totals, part.items())
-        return totals
+        return in_key_order(totals)
     merged: dict[Hashable, list[Any]] = {}
     for part in received:
         if buffer.running:
             part = {key: [total] for key, total in part.items()}
         _merge_lists(merged, part)
     reduce = buffer.job.reduce
-    return {key: reduce(key, values) for key, values in merged.items()}
+    return in_key_order({key: reduce(key, values) for key, values in merged.items()})
 
 
 def _all_ready(comm: MPI.Intracomm, ready: bool) -> bool:
