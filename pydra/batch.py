@@ -81,12 +81,10 @@ def run_locally(ranks: int, forwarded: list[str], command: str = "run", resume_w
 
 def _started_notices() -> Notices | None:
     """:class:`~pydra.launcher.supervise.Notices` at a new address, or None where there can be none (not Linux)."""
-    import secrets
-
     from pydra.launcher.supervise import Notices
 
-    try:
-        return Notices(f"pydra-started-{os.getpid()}-{secrets.token_hex(8)}")
+    try:  # os.urandom, not secrets: a name need not be a secret, and secrets costs 6 ms to import
+        return Notices(f"pydra-started-{os.getpid()}-{os.urandom(8).hex()}")
     except (OSError, AttributeError):  # no abstract namespace, or no SO_PASSCRED
         return None
 

@@ -6,7 +6,6 @@ process group is not all of it: stopping a command means stopping its tree.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
@@ -100,6 +99,8 @@ async def stop_tree(pid: int, grace: float, leader: bool = True) -> Stopped:
     except OSError:  # no pidfd_open here, or no descriptor left
         _kill(members)
         return Stopped(len(members), len(members))
+    import asyncio  # here: `pydra run -n` imports this module (jobwatch) and has no use for asyncio's 28 ms
+
     try:
         _send(handles, signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + grace
