@@ -506,7 +506,6 @@ def write_json(result: Any, path: Path) -> None:
     ``"-Infinity"`` (as Protocol Buffers' JSON form does).
     """
     import json
-    import secrets
     import stat
 
     try:
@@ -527,7 +526,7 @@ def write_json(result: Any, path: Path) -> None:
             stream.write(text)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    temporary = path.with_name(f".{path.name}.{os.urandom(4).hex()}")  # a unique name (O_EXCL), not a secret
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to `>`
     try:
         with open(fd, "w", encoding="utf-8") as stream:

@@ -16,7 +16,7 @@ import pydra
 #: modules a plain `pydra run` has no use for on a worker (rank 0 needs asyncio and sqlite3)
 HEAVY = ("numpy", "cryptography", "prompt_toolkit", "sqlite3", "asyncio", "pydra._core.master",
          "pydra._core.scheduler", "pydra.journal", "pydra.executor", "pydra._core.isolation", "pydra._core.evaluate",
-         "importlib.abc", "tempfile")
+         "importlib.abc", "tempfile", "secrets")
 
 
 def loaded(_item: str) -> list[str]:
