@@ -93,8 +93,9 @@ class Worker:
     last_heard: float = 0.0
     #: lost, and its process known to have ended (not merely silent)
     dead: bool = False
-    #: (CPU seconds, resident bytes, worker clock) from its last heartbeat, and the CPU share since the one before
-    usage: tuple = (0.0, 0, 0.0)
+    #: (CPU seconds, resident bytes, OS threads, worker clock) from its last heartbeat,
+    #: and the CPU share since the one before
+    usage: tuple = (0.0, 0, 0, 0.0)
     cpu_percent: float | None = None
 
     @property

@@ -201,10 +201,11 @@ class LogRecord(NamedTuple):
 
 
 class Usage(NamedTuple):
-    """HEARTBEAT from a worker: its CPU seconds, resident bytes, and its clock when measured."""
+    """HEARTBEAT from a worker: its CPU seconds, resident bytes, OS threads, and its clock when measured."""
 
     cpu: float
     rss: int
+    threads: int
     when: float
 
 

@@ -473,11 +473,11 @@ class Scheduler:
         self.inflight_limit = max(depth, min(MAX_INFLIGHT, int(self.settings.pipeline_seconds / max(mean, 1e-6))))
 
     def _note_usage(self, worker: Worker, usage: tuple) -> None:
-        cpu, rss, when = usage  # *when* is the worker's clock: heartbeats may arrive bunched
-        previous_cpu, _, previous_time = worker.usage
+        cpu, _, _, when = usage  # *when* is the worker's clock: heartbeats may arrive bunched
+        previous_cpu, _, _, previous_time = worker.usage
         if previous_time and when > previous_time:
             worker.cpu_percent = 100.0 * (cpu - previous_cpu) / (when - previous_time)
-        worker.usage = (cpu, rss, when)
+        worker.usage = tuple(usage)
 
     # -- heartbeats and losses ------------------------------------------------------------------
 
@@ -587,6 +587,7 @@ class Scheduler:
                     "busy_seconds": w.busy_seconds,
                     "cpu_percent": w.cpu_percent,
                     "memory_bytes": w.usage[1] or None,
+                    "threads": w.usage[2] or None,
                     "last_heard": w.last_heard,
                 }
                 for w in list(self.workers)

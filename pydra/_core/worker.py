@@ -287,12 +287,20 @@ def _end_orphan(comm: MPI.Intracomm) -> None:
 
 
 def _usage() -> protocol.Usage:
-    """This process's CPU seconds so far, resident memory in bytes, and when (for the admin's ``workers``)."""
-    times = os.times()
-    try:
-        with open("/proc/self/statm") as statm:
-            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        resident = 0  # not Linux: memory is not reported
-    return protocol.Usage(times.user + times.system, resident, time.monotonic())
+    """This process's CPU seconds so far, resident bytes, OS threads and when (for the admin's ``workers``).
 
+    The threads are the kernel's count: a numerical library's pool shows,
+    not only the threads Python knows of.
+    """
+    times = os.times()
+    resident = threads = 0  # not Linux: neither is reported
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    resident = int(line.split()[1]) * 1024  # in kB there
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return protocol.Usage(times.user + times.system, resident, threads, time.monotonic())

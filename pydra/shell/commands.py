@@ -106,10 +106,12 @@ def show_workers(rows: list[dict]) -> str:
             str(w["rank"]), w["host"], w["state"], ",".join(map(str, w["jobs"])) or "-", str(w["units_inflight"]),
             str(w["units_done"]), str(w["failures"]), f"{w['heartbeat_age']:.1f}s",
             "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.0f}%", memory(w["memory_bytes"]),
+            str(w["threads"] or "-"),
         ]
         for w in rows
     ]
-    header = ["RANK", "HOST", "STATE", "JOBS", "UNITS", "DONE", "FAILED", "HEARTBEAT", "CPU", "MEMORY"]
+    header = ["RANK", "HOST", "STATE", "JOBS", "UNITS", "DONE", "FAILED", "HEARTBEAT", "CPU", "MEMORY",
+              "THREADS"]
     return _table(table, header)
 
 

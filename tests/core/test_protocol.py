@@ -37,7 +37,7 @@ def test_every_command_is_documented_in_both_places() -> None:
     protocol.ProgressReport(7, 3, 10, "a third"),
     protocol.ProgressReport(8, 1, None, None),
     protocol.LogRecord(None, 1.5, "WARNING", "task", "careful"),
-    protocol.Usage(1.25, 4096, 99.0),
+    protocol.Usage(1.25, 4096, 3, 99.0),
     protocol.Bounce(4, serial.dumps(ValueError("x"))),
 ])
 def test_records_round_trip_as_plain_tuples(record) -> None:

@@ -255,6 +255,18 @@ def test_silence_past_the_heartbeat_timeout_loses_a_worker_and_rank_0_beats() ->
     assert Beat([2]) in out
 
 
+def test_heartbeats_give_each_workers_cpu_share_memory_and_threads() -> None:
+    scheduler = make()
+    scheduler.handle(Heard(1, 1.0, protocol.Usage(2.0, 64 << 20, 5, 100.0)))
+    first = {w["rank"]: w for w in scheduler.statistics()["workers"]}
+    assert first[1]["cpu_percent"] is None and first[1]["memory_bytes"] == 64 << 20 and first[1]["threads"] == 5
+    assert first[2]["memory_bytes"] is None and first[2]["threads"] is None  # not heard from yet
+    # The worker's own clock times its CPU: a heartbeat that arrives late changes nothing.
+    scheduler.handle(Heard(1, 9.0, protocol.Usage(2.5, 80 << 20, 3, 101.0)))
+    worker = scheduler.statistics()["workers"][0]
+    assert worker["cpu_percent"] == 50.0 and worker["memory_bytes"] == 80 << 20 and worker["threads"] == 3
+
+
 def test_every_worker_lost_rank_0_takes_over() -> None:
     scheduler = make()
     scheduler.handle(WorkerGone(1, "gone"))

@@ -29,7 +29,7 @@ NAPS = f"{TASKS}:naps"
 FAILS_FIRST_TIME = f"{TASKS}:fails_first_time"
 
 FINAL = ("done", "failed", "cancelled")
-WORKER_KEYS = {"rank", "host", "state", "jobs", "heartbeat_age", "cpu_percent", "memory_bytes", "units_done"}
+WORKER_KEYS = {"rank", "host", "state", "jobs", "heartbeat_age", "cpu_percent", "memory_bytes", "threads", "units_done"}
 SHELL_TIMEOUT = 30  # one `pydra shell -c` (each takes well under a second)
 JOB_TIMEOUT = 60  # a job reaching a final state
 IMPORT_TIMEOUT = 8  # the clusters' PYDRA_IMPORT_TIMEOUT: a task file's import takes well under a second

@@ -41,7 +41,7 @@ JOB = {
 }
 WORKER = {
     "rank": 1, "host": "a", "state": "busy", "jobs": [7], "units_inflight": 2, "units_done": 10, "failures": 1,
-    "busy_seconds": 1.0, "heartbeat_age": 0.2, "cpu_percent": 95.0, "memory_bytes": 64 << 20,
+    "busy_seconds": 1.0, "heartbeat_age": 0.2, "cpu_percent": 95.0, "memory_bytes": 64 << 20, "threads": 3,
 }
 
 
@@ -97,6 +97,9 @@ def test_commands_send_their_arguments():
     assert "submitted job 8 (queued)" in out and "job 7 cancelled" in out
     assert "Worker 1 of 4 on a" in out  # the traceback of a failed job
     assert "RANK" in out and "95%" in out and "64 MiB" in out
+    header, row = next((line, next_line) for line, next_line in zip(out.splitlines(), out.splitlines()[1:])
+                       if line.startswith("RANK"))
+    assert header.split()[-1] == "THREADS" and row.split()[-1] == "3"
 
 
 def test_help_lists_every_command_and_explains_one():

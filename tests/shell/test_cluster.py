@@ -75,14 +75,17 @@ def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(
         assert isinstance(worker["heartbeat_age"], float) and worker["heartbeat_age"] >= 0
         assert worker["cpu_percent"] is None or worker["cpu_percent"] >= 0
         assert worker["memory_bytes"] is None or worker["memory_bytes"] > 0
+        assert worker["threads"] is None or worker["threads"] > 0
     table = cluster.ok("workers").splitlines()
     assert table[0].split()[:3] == ["RANK", "HOST", "STATE"] and len(table) == 4
 
     settings = cluster.call("config")
     assert settings["max_jobs"] == 1 and set(settings) == {"max_jobs", "heartbeat_timeout", "batch_seconds", "retries"}
     if settings["heartbeat_timeout"] is not None:  # heartbeats carry the workers' usage
-        wait_until("every worker reporting its memory", lambda: cluster.call("workers"),
-                   lambda rows: all(row["memory_bytes"] for row in rows), timeout=20)
+        rows = wait_until("every worker reporting its memory", lambda: cluster.call("workers"),
+                          lambda rows: all(row["memory_bytes"] for row in rows), timeout=20)
+        # Its main thread and its heartbeat thread at least: the kernel's count, not Python's.
+        assert all(row["threads"] >= 2 for row in rows), rows
 
     assert isinstance(cluster.call("queue"), list)
     assert isinstance(cluster.call("jobs"), list)
