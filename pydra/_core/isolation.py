@@ -143,6 +143,11 @@ class IsolatedRunner:
         self.blobs: dict[int, bytes] = {}
         self.child: _Child | None = None
 
+    def task_pids(self) -> list[int]:
+        """The child that runs task code, if one runs now (any thread: the heartbeat's reports its usage)."""
+        child = self.child  # once: the main thread may replace it meanwhile
+        return [] if child is None else [child.process.pid]
+
     def execute(self, command: tuple) -> tuple | None:
         op = command[0]
         if op == protocol.DEFINE:

@@ -48,6 +48,10 @@ class UnitRunner:
         self.buffers: dict[int, MapBuffer] = {}
         self.units_done = 0
 
+    def task_pids(self) -> list[int]:
+        """The processes task code runs in besides this one: none (an isolated runner has its child)."""
+        return []
+
     def execute(self, command: tuple) -> tuple | None:
         """Run one command; return its reply, or None for a command that has none."""
         op = command[0]

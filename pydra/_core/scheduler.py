@@ -473,10 +473,10 @@ class Scheduler:
         self.inflight_limit = max(depth, min(MAX_INFLIGHT, int(self.settings.pipeline_seconds / max(mean, 1e-6))))
 
     def _note_usage(self, worker: Worker, usage: tuple) -> None:
-        cpu, _, _, when = usage  # *when* is the worker's clock: heartbeats may arrive bunched
-        previous_cpu, _, _, previous_time = worker.usage
+        # *when*: the worker's clock (beats may arrive bunched). At least 0: a task process may end mid-beat.
+        (previous_cpu, *_, previous_time), (cpu, *_, when) = worker.usage, usage
         if previous_time and when > previous_time:
-            worker.cpu_percent = 100.0 * (cpu - previous_cpu) / (when - previous_time)
+            worker.cpu_percent = max(0.0, 100.0 * (cpu - previous_cpu) / (when - previous_time))
         worker.usage = tuple(usage)
 
     # -- heartbeats and losses ------------------------------------------------------------------
@@ -586,8 +586,7 @@ class Scheduler:
                     "failures": w.failures,
                     "busy_seconds": w.busy_seconds,
                     "cpu_percent": w.cpu_percent,
-                    "memory_bytes": w.usage[1] or None,
-                    "threads": w.usage[2] or None,
+                    "memory_bytes": w.usage[1] or None, "threads": w.usage[2] or None,
                     "last_heard": w.last_heard,
                 }
                 for w in list(self.workers)

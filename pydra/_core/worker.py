@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Iterable
 
 from mpi4py import MPI
 
@@ -26,6 +26,8 @@ _PROGRESS_INTERVAL = 0.2
 _CANCEL_POLL_INTERVAL = 0.01
 # Longest a finished unit's reply waits for the rest of its message before it is sent alone.
 _HOLD_REPLIES_SECONDS = 0.005
+# /proc's unit of CPU time, in clock ticks a second.
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class ReplyBuffer:
@@ -156,7 +158,7 @@ class WorkerLoop:
         while not stopped.wait(self.heartbeat):
             beats.collect()
             if not beats:
-                beats.post(protocol.encode(_usage()), 0, Tag.HEARTBEAT)
+                beats.post(protocol.encode(_usage(self.runner.task_pids())), 0, Tag.HEARTBEAT)
             while mpi.try_receive(self.comm, 0, Tag.HEARTBEAT, status) is not None:
                 heard = time.monotonic()
             silence = time.monotonic() - heard
@@ -286,16 +288,37 @@ def _end_orphan(comm: MPI.Intracomm) -> None:
     failures.exit_without_finalize(1)
 
 
-def _usage() -> protocol.Usage:
-    """This process's CPU seconds so far, resident bytes, OS threads and when (for the admin's ``workers``).
+def _usage(task_pids: Iterable[int] = ()) -> protocol.Usage:
+    """This rank's CPU seconds so far, resident bytes and OS threads, its task processes' (*task_pids*) added,
+    and when (for the admin's ``workers``).
 
-    The threads are the kernel's count: a numerical library's pool shows,
-    not only the threads Python knows of.
+    An isolated worker's task code runs in a child process: without it, a
+    worker whose task keeps a core busy would show idle. The CPU seconds
+    include the children that have ended (the task processes replaced so far,
+    and whatever they started). The threads are the kernel's count: a
+    numerical library's pool shows, not only the threads Python knows of.
     """
     times = os.times()
-    resident = threads = 0  # not Linux: neither is reported
+    cpu = times.user + times.system + times.children_user + times.children_system
+    resident, threads = _memory_and_threads("self")
+    for pid in task_pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                # utime, stime, cutime, cstime: the 14th to 17th fields, counted past the name's closing parenthesis
+                ticks = stat.read().rpartition(")")[2].split()[11:15]
+            cpu += sum(map(int, ticks)) / _CLOCK_TICKS
+        except (OSError, ValueError):
+            continue  # it has just ended (and been waited for: its seconds are among ours now), or not Linux
+        more_resident, more_threads = _memory_and_threads(pid)
+        resident, threads = resident + more_resident, threads + more_threads
+    return protocol.Usage(cpu, resident, threads, time.monotonic())
+
+
+def _memory_and_threads(pid: int | str) -> tuple[int, int]:
+    """Resident bytes and OS threads of process *pid* (``"self"``: this one); zeros where /proc cannot say."""
+    resident = threads = 0
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     resident = int(line.split()[1]) * 1024  # in kB there
@@ -303,4 +326,4 @@ def _usage() -> protocol.Usage:
                     threads = int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return protocol.Usage(times.user + times.system, resident, threads, time.monotonic())
+    return resident, threads

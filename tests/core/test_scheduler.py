@@ -265,6 +265,9 @@ def test_heartbeats_give_each_workers_cpu_share_memory_and_threads() -> None:
     scheduler.handle(Heard(1, 9.0, protocol.Usage(2.5, 80 << 20, 3, 101.0)))
     worker = scheduler.statistics()["workers"][0]
     assert worker["cpu_percent"] == 50.0 and worker["memory_bytes"] == 80 << 20 and worker["threads"] == 3
+    # A task process that ended between two reads of one heartbeat counted twice there: no negative share after.
+    scheduler.handle(Heard(1, 10.0, protocol.Usage(2.4, 80 << 20, 3, 102.0)))
+    assert scheduler.statistics()["workers"][0]["cpu_percent"] == 0.0
 
 
 def test_every_worker_lost_rank_0_takes_over() -> None:

@@ -26,6 +26,7 @@ TASKS = HERE / "jobs" / "service_tasks.py"
 
 SQUARES = f"{TASKS}:squares"
 NAPS = f"{TASKS}:naps"
+SPINS = f"{TASKS}:spins"
 FAILS_FIRST_TIME = f"{TASKS}:fails_first_time"
 
 FINAL = ("done", "failed", "cancelled")

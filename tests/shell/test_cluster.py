@@ -36,8 +36,10 @@ from clusterkit import (
     FINAL,
     HERE,
     IMPORT_TIMEOUT,
+    JOB_TIMEOUT,
     NAPS,
     SHELL_TIMEOUT,
+    SPINS,
     SQUARES,
     WORKER_KEYS,
     Cluster,
@@ -101,6 +103,30 @@ def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(
     assert re.search(rf"^job {job_id}: done$", cluster.ok(f"job {job_id}"), re.M)
 
     assert all(name in cluster.ok("help") for name in ("status", "submit", "cancel", "drain", "shutdown"))
+
+
+def test_workers_counts_the_task_process_of_an_isolated_worker(cluster: Cluster) -> None:
+    """The cluster isolates task code in a child process of each worker (the default): a worker's CPU, memory and
+    threads are its own and its child's, or the admin would see an idle worker beside a task using a whole core."""
+    cluster.settle()
+    pool = 4  # threads the task starts, as a numerical library would
+    job_id = cluster.submit(SPINS, f"600,{pool}")  # cancelled below, once seen
+
+    def running_it(rows: list[dict]) -> dict | None:
+        return next((row for row in rows if job_id in row["jobs"]), None)
+
+    def counted_with_its_child(rows: list[dict]) -> bool:
+        # The worker's own threads (main, heartbeat, ...) and the child's main thread beside the task's pool.
+        row = running_it(rows)
+        return row is not None and (row["cpu_percent"] or 0) >= 10 and (row["threads"] or 0) >= pool + 3
+
+    try:
+        rows = wait_until("the worker running the spin counted with its child", lambda: cluster.call("workers"),
+                          counted_with_its_child, timeout=JOB_TIMEOUT)
+        assert running_it(rows)["memory_bytes"] > 0, rows
+    finally:
+        assert cluster.ok(f"cancel {job_id}").strip() == f"job {job_id} cancelled"
+    assert cluster.wait_final(job_id)[job_id]["state"] == "cancelled"
 
 
 # -- the queue -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ directory where a task marks what it has tried (``testkit.first_try``), so
 retries.
 """
 
+import threading
 import time
 
 import pydra
@@ -28,6 +29,26 @@ class Nap(pydra.Task):
         return 1
 
 
+class Spin(pydra.Task):
+    """*x* is "SECONDS,THREADS": keep a core busy that long (or until cancelled), THREADS idle threads beside it."""
+
+    def work(self, x: str) -> int:
+        seconds, threads = x.split(",")
+        release = threading.Event()
+        pool = [threading.Thread(target=release.wait) for _ in range(int(threads))]
+        for thread in pool:
+            thread.start()
+        try:
+            deadline = time.monotonic() + float(seconds)
+            while time.monotonic() < deadline and not self.cancelled:
+                sum(range(10_000))
+        finally:
+            release.set()
+            for thread in pool:
+                thread.join()
+        return 1
+
+
 class FailsFirstTime(pydra.Task):
     """Raises on the first run of the job whose input tag is *x*, succeeds afterwards (no in-job retry)."""
 
@@ -47,6 +68,11 @@ def squares() -> pydra.Task:
 def naps() -> pydra.Task:
     """One nap per input, one item per unit: several seconds of wall time over three workers."""
     return pydra.Parallel(Nap(), chunksize=1)
+
+
+def spins() -> pydra.Task:
+    """One spin per input."""
+    return Spin()
 
 
 def fails_first_time() -> pydra.Task:
