@@ -134,12 +134,14 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     passes a stop on to every rank (rank 0 then says how to resume); we wait
     while they stop, so that nothing is left behind, and return 128 + the
     signal we got. A second signal, or a job still running
-    :data:`HARD_STOP_AFTER` seconds after the first, gets *stop_hard*
-    (default: SIGTERM, which every mpiexec obeys itself).
+    :data:`HARD_STOP_MARGIN` seconds after the ranks' grace
+    (``PYDRA_STOP_GRACE``) since the first, gets *stop_hard* (default:
+    SIGTERM, which every mpiexec obeys itself).
     """
     received: list[int] = []
     process: subprocess.Popen | None = None
     hard = stop_hard or _terminate
+    hard_after = setting("STOP_GRACE") + HARD_STOP_MARGIN
 
     def stop(signum: int, frame: Any) -> None:
         received.append(signum)
@@ -153,7 +155,7 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
         process.send_signal(stop_with)
         # Hydra may never end: a stop it fails to pass on to a host whose proxy has gone can
         # leave it waiting for the other hosts for good (seen during start-up).
-        timer = threading.Timer(HARD_STOP_AFTER, lambda: process.returncode is None and hard(process))
+        timer = threading.Timer(hard_after, lambda: process.returncode is None and hard(process))
         timer.daemon = True
         timer.start()
 
@@ -183,8 +185,9 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
 #: seconds the launcher waits, once mpiexec has ended, for the rest of its stderr
 RELAY_GRACE = 5.0
 
-#: seconds after a stop before mpiexec is stopped hard (after the ranks' own grace, pydra.launcher.supervise)
-HARD_STOP_AFTER = 45.0
+#: seconds past the ranks' own grace (PYDRA_STOP_GRACE, pydra.launcher.supervise) before a stopped mpiexec is
+#: stopped hard: time for the killed ranks' launcher to end the job itself
+HARD_STOP_MARGIN = 15.0
 
 
 class StderrWatch(Protocol):

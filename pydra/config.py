@@ -119,6 +119,9 @@ SETTINGS: dict[str, Setting] = {
                          "seconds between two heartbeats of a worker rank"),
     "HEARTBEAT_TIMEOUT": Setting(10.0, _POSITIVE_FLOAT, "a positive number of seconds",
                                  "seconds of silence after which rank 0 declares a worker lost"),
+    "STOP_GRACE": Setting(30.0, _POSITIVE_FLOAT, "a positive number of seconds",
+                          "seconds a rank told to stop (Ctrl-C, a batch system's SIGTERM) has to end before its "
+                          "supervisor kills it; pydra run -n and pydra launch stop mpiexec hard 15 s after that"),
     "ISOLATE": Setting(False, flag, "1 or 0 (yes/no, true/false, on/off)",
                        "run task code in a child process of each worker rank"),
     "THREADS": Setting("auto", _threads, "auto, off or a positive integer",

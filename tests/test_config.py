@@ -20,6 +20,7 @@ BAD = {  # a value each setting must refuse, and the words of what it expects
     "SPIN_SECONDS": ("-0.1", "0 or more seconds"),
     "HEARTBEAT": ("0", "a positive number of seconds"),
     "HEARTBEAT_TIMEOUT": ("abc", "a positive number of seconds"),
+    "STOP_GRACE": ("-5", "a positive number of seconds"),
     "ISOLATE": ("maybe", "1 or 0"),
     "MAX_RESULT_BYTES": ("1.5", "a positive number of bytes"),
     "PROGRESS": ("bogus", "bar, lines or off"),

@@ -42,8 +42,8 @@ the job.
 It ignores Hydra's SIGUSR1 (sent to every rank when one ends) and passes
 SIGINT, SIGTERM, SIGHUP and SIGUSR2 (Open MPI's relayed stop) on to the
 rank: a rank stopped that way ends without a word (the job is being
-stopped), and one that has not ended :data:`STOP_GRACE` seconds later is
-killed. It imports nothing of Pydra or MPI:
+stopped), and one that has not ended ``PYDRA_STOP_GRACE`` seconds later
+(:func:`stop_grace`) is killed. It imports nothing of Pydra or MPI:
 ``pydra run -n`` starts it as ``python -I -S .../supervise.py``, without
 site-packages, because that is three times quicker.
 """
@@ -74,7 +74,8 @@ STARTED_VARIABLE = "PYDRA_STARTED_NOTICE"
 #: Open MPI's launcher processes: the parent of every rank on a host (prterun on its own host, prted elsewhere)
 _OPEN_MPI_LAUNCHERS = ("prterun", "prted")
 
-#: seconds a rank told to stop has before it is killed
+#: seconds a rank told to stop has before it is killed, unless PYDRA_STOP_GRACE says otherwise (the
+#: settings table, pydra.config.SETTINGS, has the same default: a test keeps the two equal)
 STOP_GRACE = 30.0
 
 #: what stops a rank (SIGUSR2: Open MPI's launcher passes it on untouched, see pydra.interrupts.RELAYED_STOP)
@@ -88,6 +89,20 @@ def world_rank() -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+def stop_grace() -> float:
+    """``PYDRA_STOP_GRACE``: seconds a rank told to stop has before it is killed.
+
+    Read here, not through :mod:`pydra.config`, which this module must not
+    import. A value that does not read as a positive number counts as unset:
+    the rank's own ``pydra`` refuses it in one line before MPI starts.
+    """
+    try:
+        seconds = float(os.environ.get("PYDRA_STOP_GRACE", ""))
+    except ValueError:
+        return STOP_GRACE
+    return seconds if 0 < seconds < float("inf") else STOP_GRACE
 
 
 def supervise(program: list[str]) -> int:
@@ -106,16 +121,17 @@ def supervise(program: list[str]) -> int:
     os.close(report)
     stopping: list[int] = []
     last_step = _StepReader(steps)
+    grace = stop_grace()
 
     def stop(signum: int, frame: object) -> None:
         stopping.append(signum)
         if len(stopping) > 1 or last_step() not in (JOINED, LEFT):
             # A second stop, or a rank still starting, with nothing to save: it may be deaf to signals,
-            # waiting in MPI's start-up (C code) for a rank that is gone. It ends now, not in STOP_GRACE.
+            # waiting in MPI's start-up (C code) for a rank that is gone. It ends now, not after its grace.
             child.kill()
             return
         child.send_signal(signum)
-        killer = threading.Timer(STOP_GRACE, child.kill)
+        killer = threading.Timer(grace, child.kill)
         killer.daemon = True
         killer.start()
 

@@ -43,9 +43,13 @@ JOINED = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'joined\\n')
 LEFT = "import os; os.write(int(os.environ['PYDRA_STARTUP_FD']), b'left\\n')\n"
 
 
-def supervised(rank: int, code: str) -> subprocess.Popen:
-    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, past its start-up, in a session of its own."""
-    env = {**os.environ, "PMI_RANK": str(rank), "PYTHONPATH": str(ROOT)}
+def supervised(rank: int, code: str, **settings: str) -> subprocess.Popen:
+    """``python -m pydra.launcher.supervise python -c CODE`` as rank *rank*, past its start-up, in a session of its own.
+
+    *settings* are ``PYDRA_*`` variables for the supervisor and its rank (``STOP_GRACE="2"``).
+    """
+    env = {**os.environ, "PMI_RANK": str(rank), "PYTHONPATH": str(ROOT),
+           **{f"PYDRA_{name}": value for name, value in settings.items()}}
     child = subprocess.Popen([sys.executable, "-m", "pydra.launcher.supervise", sys.executable, "-c", JOINED + code], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _started.append(child)
@@ -133,13 +137,43 @@ def test_a_rank_stopped_by_a_signal_it_was_passed_ends_without_a_word() -> None:
         with_rank_zero.close()
 
 
-def test_a_rank_that_does_not_stop_when_told_is_killed() -> None:
-    child = supervised(1, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                          "print('ready', flush=True); time.sleep(600)")
+#: a rank that says when it is told to stop, and does not stop
+DEAF = ("import signal, time; signal.signal(signal.SIGTERM, lambda *_: print('told', flush=True)); "
+        "print('ready', flush=True)\nwhile True: time.sleep(600)")
+
+
+def test_a_rank_that_does_not_stop_when_told_is_killed_after_its_grace() -> None:
+    child = supervised(1, DEAF, STOP_GRACE="2")
     assert child.stdout.readline() == "ready\n"
     child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=STOP_GRACE + 60)  # not the 600 s the rank would take
+    # Within the default grace of 30 s only if PYDRA_STOP_GRACE counts; not the 600 s the rank would take.
+    stdout, stderr = child.communicate(timeout=STOP_GRACE - 5)
     assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+    assert stdout == "told\n"  # it was told first
+
+
+def test_a_rank_told_to_stop_has_its_grace() -> None:
+    child = supervised(1, DEAF, STOP_GRACE="600")
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    assert child.stdout.readline() == "told\n"
+    time.sleep(1)
+    assert child.poll() is None  # the supervisor waits for it (600 s): it passed the stop on, no more
+    child.send_signal(signal.SIGTERM)  # a second stop: killed at once
+    _, stderr = child.communicate(timeout=STOP_GRACE / 2)
+    assert child.returncode == 128 + signal.SIGKILL and stderr == ""
+
+
+def test_the_supervisor_and_the_settings_table_agree_on_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor imports nothing of Pydra, so it keeps its own default and reading of ``PYDRA_STOP_GRACE``."""
+    from pydra.config import SETTINGS
+    from pydra.launcher.supervise import stop_grace
+
+    assert SETTINGS["STOP_GRACE"].default == STOP_GRACE
+    for text, seconds in [("", STOP_GRACE), ("2.5", 2.5), ("0", STOP_GRACE), ("-1", STOP_GRACE), ("soon", STOP_GRACE),
+                          ("inf", STOP_GRACE), ("nan", STOP_GRACE)]:
+        monkeypatch.setenv("PYDRA_STOP_GRACE", text)
+        assert stop_grace() == seconds, text
 
 
 def test_a_second_stop_kills_the_rank_at_once() -> None:

@@ -1,0 +1,42 @@
+"""pydra.batch: how `pydra run -n` and `pydra launch` wait for mpiexec and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from testkit import ROOT, stop_group
+
+#: a stand-in for an mpiexec that does not end when told to stop: it says so, and ends at the second stop
+STUBBORN = ("import signal, sys, time\n"
+            "stops = []\n"
+            "def stop(*_):\n"
+            "    stops.append(1)\n"
+            "    print('told', flush=True)\n"
+            "    if len(stops) > 1: sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('ready', flush=True)\n"
+            "while True: time.sleep(1)\n")
+
+#: the launcher's side: wait_for with a short hard-stop margin, so the test waits seconds, not 15
+LAUNCHER = ("import os, sys\n"
+            "from pydra import batch\n"
+            "batch.HARD_STOP_MARGIN = 0.5\n"
+            "status = batch.wait_for([sys.executable, '-c', sys.argv[1]], dict(os.environ))\n"
+            "print('status', status, flush=True)\n")
+
+
+def test_an_mpiexec_that_does_not_stop_is_stopped_hard_after_the_ranks_grace() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYDRA_STOP_GRACE": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, STUBBORN], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert launcher.stdout.readline() == "ready\n"
+        launcher.send_signal(signal.SIGTERM)  # once: the second stop is the launcher's own, after 1 + 0.5 s
+        # (with the default grace of 30 s, or none read, it would wait past this timeout)
+        stdout, stderr = launcher.communicate(timeout=25)
+    finally:
+        stop_group(launcher)
+    assert stdout == "told\ntold\nstatus 143\n", stderr
