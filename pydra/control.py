@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -186,11 +187,15 @@ def connection_dir() -> Path:
 
 
 def newest_connection_file() -> Path:
-    """The connection file of the newest local cluster that is still running.
+    """The connection file of the newest cluster of this host that is still running.
 
     Strict modes: the directory must be yours and writable by you alone (else
     anyone could plant a cluster there), and so must the file be:
-    :class:`~pydra.strictmodes.StrictModeError` otherwise.
+    :class:`~pydra.strictmodes.StrictModeError` otherwise. A file left by a
+    cluster of this host that was killed (its rank 0 is gone, or its pid now
+    names a process started later) is removed; one written on another host
+    (a home shared over NFS) is left alone, since whether that cluster runs
+    cannot be told from here.
     """
     directory = connection_dir()
     if directory.is_dir():
@@ -198,12 +203,37 @@ def newest_connection_file() -> Path:
     files = sorted(directory.glob("*.json"), key=_modified, reverse=True)
     for path in files:
         try:
-            pid = json.loads(strictmodes.read_bytes(path, strictmodes.Kind.OWN))["pid"]
-            os.kill(pid, 0)
+            running = _still_running(json.loads(strictmodes.read_bytes(path, strictmodes.Kind.OWN)))
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # gone, unreadable, or its rank 0 is gone
-        return path
+            continue  # removed meanwhile, or not a cluster's
+        if running:
+            return path
+        if running is False:
+            path.unlink(missing_ok=True)
     raise ControlError(f"no running cluster has a connection file in {connection_dir()}: start one with `pydra serve`")
+
+
+def _still_running(details: dict) -> bool | None:
+    """Whether the rank 0 that wrote connection file *details* still runs; None if it ran on another host."""
+    if details.get("host", socket.gethostname()) != socket.gethostname():  # (no host: an older Pydra's file)
+        return None
+    pid, started = details["pid"], details.get("process_started")
+    if started is not None:
+        return _process_started(pid) == started
+    try:  # written by an older Pydra, or where there is no /proc: the pid alone
+        os.kill(pid, 0)
+    except OSError:  # (EPERM too: the pid is another user's now, not this user's rank 0)
+        return False
+    return True
+
+
+def _process_started(pid: int) -> int | None:
+    """When process *pid* started (clock ticks since boot, from Linux's /proc): None if it is not there."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _modified(path: Path) -> float:
@@ -331,7 +361,9 @@ class ControlServer:
             "address": self.address[0],
             "port": self.address[1],
             "host_key": keys.sha256_fingerprint(self.identity.public_key()),
+            "host": socket.gethostname(),
             "pid": os.getpid(),
+            "process_started": _process_started(os.getpid()),  # with the pid: this rank 0, not a later process
             "started": time.time(),
         }
         temporary = self.connection_file.with_suffix(".tmp")

@@ -51,14 +51,19 @@ from clusterkit import (
 )
 from testkit import stop_group
 
+from pydra.control import newest_connection_file
+
 # -- health --------------------------------------------------------------------------------------
 
 
-def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(cluster: Cluster) -> None:
+def test_status_and_workers_describe_four_ranks_and_every_reply_has_a_json_form(cluster: Cluster,
+                                                                                 monkeypatch) -> None:
     details = json.loads(cluster.connection_file.read_text())
     assert cluster.connection_file.parent == cluster.home / "run"
     assert stat.S_IMODE(cluster.connection_file.stat().st_mode) == 0o600
     assert details["cluster"] == cluster.run_dir.name and details["port"] > 0 and details["host_key"].startswith("SHA256:")
+    monkeypatch.setenv("PYDRA_HOME", str(cluster.home))
+    assert newest_connection_file() == cluster.connection_file  # its rank 0 runs: the shell's choice
 
     status = cluster.call("status")
     assert status["ranks"] == 4

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import typing
@@ -26,6 +27,7 @@ import pytest
 from clusterkit import NAPS, SHELL_TIMEOUT, SQUARES, Cluster, keygen, one_line, pydra, result_of, serving
 from testkit import run_process, stop_group
 
+from pydra import control
 from pydra.control import FIELD_TYPES, REQUESTS, ControlClient, ControlError, validate_request
 from pydra.launcher import keys
 from pydra.service import Service
@@ -200,6 +202,37 @@ def test_a_connection_file_without_an_address_is_one_clear_line(tmp_path: Path) 
     connection.chmod(0o600)
     with pytest.raises(ControlError, match=r"^the connection file .*cluster\.json has no 'address': is it a cluster's"):
         ControlClient(connection, identity=None)  # type: ignore[arg-type]  (never reached)
+
+
+def connection_file(run: Path, name: str, modified: float, **details: Any) -> Path:
+    """A connection file in *run* as a cluster writes it, with *details* (host, pid, process_started) of its rank 0."""
+    path = run / f"{name}.json"
+    path.write_text(json.dumps({"cluster": name, "address": "127.0.0.1", "port": 1, "host_key": "SHA256:x", **details}))
+    path.chmod(0o600)
+    os.utime(path, (modified, modified))
+    return path
+
+
+def test_the_shell_takes_the_newest_running_cluster_and_removes_the_files_of_killed_ones(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.setenv("PYDRA_HOME", str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    host, me = socket.gethostname(), os.getpid()
+    started = control._process_started(me)
+    never = int(Path("/proc/sys/kernel/pid_max").read_text())  # no process has this pid
+    running = connection_file(run, "running", 100, host=host, pid=me, process_started=started)
+    killed = connection_file(run, "killed", 200, host=host, pid=never, process_started=started)
+    reused = connection_file(run, "reused", 300, host=host, pid=me, process_started=started - 1)  # an earlier process
+    older_pydra = connection_file(run, "older", 400, pid=never)  # no host, no start time: the pid alone
+    elsewhere = connection_file(run, "elsewhere", 500, host=f"not-{host}", pid=never, process_started=1)
+    assert control.newest_connection_file() == running
+    assert not killed.exists() and not reused.exists() and not older_pydra.exists()
+    assert elsewhere.exists()  # a home shared with another host: its cluster may run there
+    running.unlink()
+    with pytest.raises(ControlError, match="^no running cluster has a connection file in"):
+        control.newest_connection_file()
+    assert elsewhere.exists()
 
 
 def test_a_request_given_up_leaves_the_client_working_and_config_says_what_it_set(tmp_path: Path) -> None:
