@@ -139,6 +139,7 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
     SIGTERM, which every mpiexec obeys itself).
     """
     received: list[int] = []
+    passed_on: list[int] = []  # the stops mpiexec was given
     process: subprocess.Popen | None = None
     hard = stop_hard or _terminate
     hard_after = setting("STOP_GRACE") + HARD_STOP_MARGIN
@@ -147,15 +148,18 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
         received.append(signum)
         if watch_stderr is not None:
             watch_stderr.stopping = True
-        if process is None or process.returncode is not None:
-            return
+        if process is not None and process.returncode is None:
+            pass_on(process)
+
+    def pass_on(started: subprocess.Popen) -> None:
+        passed_on.append(received[-1])
         if len(received) > 1:
-            hard(process)
+            hard(started)
             return
-        process.send_signal(stop_with)
+        started.send_signal(stop_with)
         # Hydra may never end: a stop it fails to pass on to a host whose proxy has gone can
         # leave it waiting for the other hosts for good (seen during start-up).
-        timer = threading.Timer(hard_after, lambda: process.returncode is None and hard(process))
+        timer = threading.Timer(hard_after, lambda: started.returncode is None and hard(started))
         timer.daemon = True
         timer.start()
 
@@ -168,8 +172,8 @@ def wait_for(command: list[str], env: dict[str, str], preexec_fn: Callable[[], N
         process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec_fn,
                                    stderr=subprocess.PIPE if watch_stderr else None, restore_signals=False)
         relay = _relay(process, watch_stderr, stop_hard) if watch_stderr else None
-        if received:
-            process.send_signal(stop_with)
+        if received and not passed_on:  # stopped while mpiexec started: as if just now
+            pass_on(process)
         status = process.wait()
         if relay is not None:
             relay.join(RELAY_GRACE)  # what mpiexec wrote last (a daemon mpiexec left behind may hold the pipe)

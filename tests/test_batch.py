@@ -40,3 +40,32 @@ def test_an_mpiexec_that_does_not_stop_is_stopped_hard_after_the_ranks_grace() -
     finally:
         stop_group(launcher)
     assert stdout == "told\ntold\nstatus 143\n", stderr
+
+
+#: the same launcher, stopped while mpiexec starts: the child says so, then takes its time before it is mpiexec
+WHILE_STARTING = ("import os, signal, sys, time\n"
+                  "from pydra import batch\n"
+                  "batch.HARD_STOP_MARGIN = 0.5\n"
+                  "def starting():\n"
+                  "    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (kept through exec: it hears no stop)\n"
+                  "    os.write(1, b'starting\\n')\n"
+                  "    time.sleep(2)\n"
+                  "def stop_hard(process):\n"
+                  "    print('stopped hard', flush=True)\n"
+                  "    process.kill()\n"
+                  "status = batch.wait_for([sys.executable, '-c', 'import time; time.sleep(600)'], dict(os.environ),\n"
+                  "                        preexec_fn=starting, stop_hard=stop_hard)\n"
+                  "print('status', status, flush=True)\n")
+
+
+def test_a_stop_while_mpiexec_starts_is_passed_on_and_stopped_hard_after_the_grace_too() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYDRA_STOP_GRACE": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", WHILE_STARTING], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert launcher.stdout.readline() == "starting\n"
+        launcher.send_signal(signal.SIGTERM)  # the launcher is in Popen, waiting for the exec
+        stdout, stderr = launcher.communicate(timeout=25)  # (the code before waited for the 600 s sleep)
+    finally:
+        stop_group(launcher)
+    assert stdout == "stopped hard\nstatus 143\n", stderr
