@@ -218,6 +218,8 @@ def _still_running(details: dict) -> bool | None:
     if details.get("host", socket.gethostname()) != socket.gethostname():  # (no host: an older Pydra's file)
         return None
     pid, started = details["pid"], details.get("process_started")
+    if type(pid) is not int:
+        raise TypeError(f"a pid of {pid!r}")  # not a cluster's file: kept
     if started is not None:
         return _process_started(pid) == started
     try:  # written by an older Pydra, or where there is no /proc: the pid alone

@@ -226,13 +226,15 @@ def test_the_shell_takes_the_newest_running_cluster_and_removes_the_files_of_kil
     reused = connection_file(run, "reused", 300, host=host, pid=me, process_started=started - 1)  # an earlier process
     older_pydra = connection_file(run, "older", 400, pid=never)  # no host, no start time: the pid alone
     elsewhere = connection_file(run, "elsewhere", 500, host=f"not-{host}", pid=never, process_started=1)
+    strange = connection_file(run, "strange", 600, host=host, pid="../self", process_started=started)
     assert control.newest_connection_file() == running
     assert not killed.exists() and not reused.exists() and not older_pydra.exists()
     assert elsewhere.exists()  # a home shared with another host: its cluster may run there
+    assert strange.exists()  # not a cluster's file: neither taken nor removed
     running.unlink()
     with pytest.raises(ControlError, match="^no running cluster has a connection file in"):
         control.newest_connection_file()
-    assert elsewhere.exists()
+    assert elsewhere.exists() and strange.exists()
 
 
 def test_a_request_given_up_leaves_the_client_working_and_config_says_what_it_set(tmp_path: Path) -> None:
