@@ -28,17 +28,25 @@ LAUNCHER = ("import os, sys\n"
             "print('status', status, flush=True)\n")
 
 
-def test_an_mpiexec_that_does_not_stop_is_stopped_hard_after_the_ranks_grace() -> None:
+def stopped_once(script: list[str], first_line: str) -> tuple[str, str]:
+    """Run ``python -c *script`` as a launcher under ``PYDRA_STOP_GRACE=1``, stop it once when it prints *first_line*.
+
+    What it prints after, and its stderr.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYDRA_STOP_GRACE": "1"}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, STUBBORN], env=env, stdout=subprocess.PIPE,
+    launcher = subprocess.Popen([sys.executable, "-c", *script], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert launcher.stdout.readline() == "ready\n"
-        launcher.send_signal(signal.SIGTERM)  # once: the second stop is the launcher's own, after 1 + 0.5 s
-        # (with the default grace of 30 s, or none read, it would wait past this timeout)
-        stdout, stderr = launcher.communicate(timeout=25)
+        assert launcher.stdout.readline() == first_line
+        launcher.send_signal(signal.SIGTERM)  # once: the next stop must be the launcher's own, after 1 + 0.5 s
+        # With the default grace of 30 s, or no hard stop at all, it would wait past this timeout.
+        return launcher.communicate(timeout=25)
     finally:
         stop_group(launcher)
+
+
+def test_an_mpiexec_that_does_not_stop_is_stopped_hard_after_the_ranks_grace() -> None:
+    stdout, stderr = stopped_once([LAUNCHER, STUBBORN], "ready\n")
     assert stdout == "told\ntold\nstatus 143\n", stderr
 
 
@@ -59,13 +67,5 @@ WHILE_STARTING = ("import os, signal, sys, time\n"
 
 
 def test_a_stop_while_mpiexec_starts_is_passed_on_and_stopped_hard_after_the_grace_too() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYDRA_STOP_GRACE": "1"}
-    launcher = subprocess.Popen([sys.executable, "-c", WHILE_STARTING], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert launcher.stdout.readline() == "starting\n"
-        launcher.send_signal(signal.SIGTERM)  # the launcher is in Popen, waiting for the exec
-        stdout, stderr = launcher.communicate(timeout=25)  # (the code before waited for the 600 s sleep)
-    finally:
-        stop_group(launcher)
+    stdout, stderr = stopped_once([WHILE_STARTING], "starting\n")  # stopped in Popen, waiting for the exec
     assert stdout == "stopped hard\nstatus 143\n", stderr
