@@ -34,7 +34,7 @@ from pydra import strictmodes
 from pydra.comm.aio import Channel, ChannelClosed, HandshakeTimeout, open_channel, retry_refused, serve_channel
 from pydra.comm.channel import ChannelError, Identity, Refused
 from pydra.errors import PydraError
-from pydra.launcher import authorized, keys
+from pydra.launcher import authorized, keys, proctree
 
 PURPOSE = "admin"
 
@@ -232,8 +232,7 @@ def _still_running(details: dict) -> bool | None:
 def _process_started(pid: int) -> int | None:
     """When process *pid* started (clock ticks since boot, from Linux's /proc): None if it is not there."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+        return int(proctree.stat_fields(pid)[19])  # field 22
     except (OSError, ValueError, IndexError):
         return None
 

@@ -20,6 +20,7 @@ from pydra._core.protocol import Tag
 from pydra._core.runner import UnitRunner
 from pydra.comm import failures, mpi, serial
 from pydra.config import setting
+from pydra.launcher.proctree import stat_fields
 
 # Seconds between two progress reports of one unit, and between two looks for cancellations.
 _PROGRESS_INTERVAL = 0.2
@@ -303,9 +304,7 @@ def _usage(task_pids: Iterable[int] = ()) -> protocol.Usage:
     resident, threads = _memory_and_threads("self")
     for pid in task_pids:
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                # utime, stime, cutime, cstime: the 14th to 17th fields, counted past the name's closing parenthesis
-                ticks = stat.read().rpartition(")")[2].split()[11:15]
+            ticks = stat_fields(pid)[11:15]  # utime, stime, cutime, cstime: fields 14 to 17
             cpu += sum(map(int, ticks)) / _CLOCK_TICKS
         except (OSError, ValueError):
             continue  # it has just ended (and been waited for: its seconds are among ours now), or not Linux

@@ -16,15 +16,24 @@ from typing import NamedTuple
 _POLL = 0.05
 
 
+def stat_fields(pid: int | str) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name: the first is field 3 (the state), field N is [N - 3].
+
+    Raises OSError if there is no such process (or no /proc). (The
+    supervisor, which imports nothing of Pydra, reads the state itself.)
+    """
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        # The command name, in parentheses, may hold spaces and parentheses itself.
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
 def _table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group), for every process now."""
     table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat", "rb") as stat:
-                    # (the command name, in parentheses, may hold spaces and parentheses itself)
-                    fields = stat.read().rsplit(b")", 1)[1].split()
+                fields = stat_fields(entry)
                 table[int(entry)] = (int(fields[1]), int(fields[2]))
             except (OSError, IndexError, ValueError):  # ended while we looked
                 continue
