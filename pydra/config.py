@@ -40,6 +40,13 @@ def _not_negative(text: str) -> float:
     return value
 
 
+def _not_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _listener_defence(kind: str) -> Callable[[str], Any]:
     """Parse a listener's flood defence with :mod:`pydra.comm.admission`'s *kind*, imported only then.
 
@@ -115,6 +122,9 @@ SETTINGS: dict[str, Setting] = {
                           "longest sleep between polls of an idle rank"),
     "SPIN_SECONDS": Setting(0.0005, _not_negative, "0 or more seconds",
                             "how long a rank polls without sleeping after activity"),
+    "SHM_BYTES": Setting(32 << 20, _not_negative_int, "0 or more bytes",
+                         "each rank's shared memory for large buffers to ranks of its host, taken as used"
+                         " (0: none, every buffer goes by MPI; pydra.comm.shm)"),
     "HEARTBEAT": Setting(0.5, _POSITIVE_FLOAT, "a positive number of seconds",
                          "seconds between two heartbeats of a worker rank"),
     "HEARTBEAT_TIMEOUT": Setting(10.0, _POSITIVE_FLOAT, "a positive number of seconds",

@@ -35,6 +35,7 @@ _AFTER_MPI_STARTED = "after MPI's start-up, before the TARGET was shipped"
 #: collective label -> the start-up step a rank is in from when it enters that collective until the next
 STEPS = {
     "start-sealing": _AFTER_MPI_STARTED,
+    "start-sharing": _AFTER_MPI_STARTED,  # pydra.comm.mpi: unsealed jobs only
     "share-cores": _AFTER_MPI_STARTED,  # pydra.cpus
     "bcast-spec": "while the TARGET was shipped to the workers and loaded there",
     "gather-problems": "while the ranks reported whether the TARGET loaded",

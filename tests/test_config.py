@@ -18,6 +18,7 @@ BAD = {  # a value each setting must refuse, and the words of what it expects
     "MAX_BATCH": ("many", "a positive integer"),
     "IDLE_SLEEP": ("inf", "a positive number of seconds"),
     "SPIN_SECONDS": ("-0.1", "0 or more seconds"),
+    "SHM_BYTES": ("-1", "0 or more bytes"),
     "HEARTBEAT": ("0", "a positive number of seconds"),
     "HEARTBEAT_TIMEOUT": ("abc", "a positive number of seconds"),
     "STOP_GRACE": ("-5", "a positive number of seconds"),

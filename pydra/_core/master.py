@@ -36,7 +36,8 @@ from pydra._core.events import Dispatch, StopRequested, Tick
 from pydra._core.scheduler import Scheduler, Settings
 from pydra._core.sources import Call, GangRequest, Source
 from pydra._core.transport import LocalTransport, MpiTransport, Transport
-from pydra.comm import failures, mpi, serial
+from pydra.comm import failures, serial
+from pydra.comm.backoff import Backoff
 from pydra import startup
 from pydra.config import setting
 from pydra.launcher.supervise import DeathNotices
@@ -260,7 +261,7 @@ class Master:
         return sent
 
     async def _pump(self) -> None:
-        backoff = mpi.Backoff()
+        backoff = Backoff()
         scheduler = self.scheduler
         busy_passes = 0
         while True:

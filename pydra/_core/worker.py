@@ -19,6 +19,7 @@ from pydra._core import context, protocol
 from pydra._core.protocol import Tag
 from pydra._core.runner import UnitRunner
 from pydra.comm import failures, mpi, serial
+from pydra.comm.backoff import Backoff
 from pydra.config import setting
 from pydra.launcher.proctree import stat_fields
 
@@ -107,7 +108,7 @@ class WorkerLoop:
 
             self.runner = IsolatedRunner(self.runner, self.forward_log)
         logging.getLogger().addHandler(context.LogForwarder(self.forward_log))
-        self.backoff = mpi.Backoff()
+        self.backoff = Backoff()
         # Holding replies needs a second thread that may call MPI: the heartbeat's condition too.
         self.replies = ReplyBuffer(self._reply, _HOLD_REPLIES_SECONDS if heartbeat else 0.0)
         self.cancelled: set[int] = set()

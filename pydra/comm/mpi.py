@@ -2,7 +2,7 @@
 
 MPI implementations spin inside blocking receives, so an idle rank parked in
 ``recv`` burns a whole core. Pydra instead polls with ``Iprobe`` and sleeps
-between polls with a :class:`Backoff` that resets as soon as a message
+between polls with a :class:`~pydra.comm.backoff.Backoff` that resets as soon as a message
 arrives: busy ranks react within microseconds, idle ranks cost almost
 nothing, and a message after a long wait is seen at most a tenth of that
 wait late.
@@ -12,7 +12,8 @@ and moved here as raw bytes, so that a message that fails to pickle or
 unpickle is reported by whoever owns it rather than deep inside mpi4py. A
 message's large buffers (numpy arrays' data) stay out of its pickle and
 travel as MPI messages of their own, straight from the sender's memory into
-a receive buffer of their own (see "the wire form of a message" below).
+a receive buffer of their own (see "the wire form of a message" below), or
+through shared memory to a rank of the same host (:mod:`pydra.comm.shm`).
 
 When the job has a key (:mod:`pydra.comm.seal`), :func:`start_sealing`
 rebinds :func:`send`, :func:`try_receive` and :meth:`Outbox.post` once to
@@ -28,10 +29,8 @@ Associated data names ranks by their ``COMM_WORLD`` rank
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
-import time
 from array import array
 from collections import deque
 from typing import Any, NamedTuple, Sequence
@@ -39,7 +38,8 @@ from typing import Any, NamedTuple, Sequence
 from mpi4py import MPI
 
 from pydra import startup
-from pydra.comm import seal, serial
+from pydra.comm import seal, serial, shm
+from pydra.comm.backoff import Backoff
 from pydra.comm.failures import RanksFailed, exit_without_finalize, failed_ranks, peer_failed
 from pydra.comm.seal import SealConfigError, SealError
 from pydra.config import setting
@@ -47,45 +47,6 @@ from pydra.config import setting
 #: tag -> what it carries, for log lines about dropped messages (filled by the session from
 #: pydra._core.protocol, which owns the tags: this module moves bytes and knows no message)
 TAG_NAMES: dict[int, str] = {}
-
-
-class Backoff:
-    """Pacing for a polling loop: spin briefly, then sleep a tenth of the quiet time so far, up to ``PYDRA_IDLE_SLEEP``.
-
-    Right after activity the next message is usually microseconds away, and
-    even the shortest sleep costs ~60 us of timer slack, so the first
-    ``PYDRA_SPIN_SECONDS`` are spent polling (yielding the core between
-    polls). After that the rank sleeps between polls, each sleep a tenth
-    (:attr:`LATE`) of how long it has been quiet: a message that comes after
-    a quiet time *T* is seen at most about *T*/10 late (a 64 MiB reply that
-    takes 40 ms, 4 ms late at most), where sleeps that double each time
-    could make it wait up to *T* more, and an idle rank still wakes only
-    every ``PYDRA_IDLE_SLEEP``.
-    """
-
-    FIRST_SLEEP = 5e-5
-    #: the longest a message waits to be seen, as a fraction of the quiet time before it
-    LATE = 0.1
-
-    def __init__(self, longest: float | None = None) -> None:
-        self.longest = setting("IDLE_SLEEP") if longest is None else longest
-        self.spin = setting("SPIN_SECONDS")
-        self.quiet_since: float | None = None
-
-    def reset(self) -> None:
-        """Something happened: poll eagerly again."""
-        self.quiet_since = None
-
-    def sleep(self) -> None:
-        """Pause after one more unsuccessful poll."""
-        now = time.perf_counter()
-        if self.quiet_since is None:
-            self.quiet_since = now
-        quiet = now - self.quiet_since
-        if quiet < self.spin:
-            os.sched_yield()
-            return
-        time.sleep(min(self.longest, max(self.FIRST_SLEEP, quiet * self.LATE)))
 
 
 class Received(NamedTuple):
@@ -136,8 +97,11 @@ def _unframed(first: bytes | bytearray) -> tuple[memoryview, list[tuple[int, int
     return view[end:], table
 
 
-def _wire(payload: bytes, buffers: Sequence) -> list:
-    """The MPI messages of an unsealed message."""
+def _wire(payload: bytes, buffers: Sequence, comm: MPI.Comm, dest: int) -> list:
+    """The MPI messages of an unsealed message to *dest*: through shared memory where it can (:mod:`shm`)."""
+    shared = shm.frame(payload, buffers, world_ranks(comm)[dest]) if shm.active() else None
+    if shared is not None:
+        return shared
     if not buffers:
         return [payload]
     parts = [memoryview(buffer).cast("B") for buffer in buffers]
@@ -255,6 +219,10 @@ def try_receive(
     if taken is None:
         return None
     source, tag, first = taken
+    if first.startswith(shm.MAGIC):
+        payload, entries = shm.unframe(first, world_ranks(comm)[source])
+        by_mpi = iter(_receive_parts(comm, source, tag, [entry for entry in entries if type(entry) is int]))
+        return Received(source, tag, payload, [next(by_mpi) if type(entry) is int else entry for entry in entries])
     if not first.startswith(_PARTS):
         return Received(source, tag, first)
     payload, table = _unframed(first)
@@ -274,7 +242,7 @@ def receive(comm: MPI.Comm, source: int, tag: int, backoff: Backoff) -> Received
 def send(comm: MPI.Comm, payload: bytes, dest: int, tag: int, buffers: Sequence = ()) -> None:
     """Send a pickle and its out-of-band *buffers*, blocking until they may be reused (any thread)."""
     with _lock(_send_locks, tag):
-        _put(comm, _wire(payload, buffers), dest, tag)
+        _put(comm, _wire(payload, buffers, comm, dest), dest, tag)
 
 
 def _put(comm: MPI.Comm, messages: list, dest: int, tag: int) -> None:
@@ -321,8 +289,9 @@ class Outbox:
         Sealed, once :func:`start_sealing` found a key. The buffers must not
         change until the send completes.
         """
-        if buffers:
-            self._post_all(_wire(payload, buffers), dest, tag)
+        messages = _wire(payload, buffers, self.comm, dest)
+        if len(messages) > 1 or messages[0] is not payload:
+            self._post_all(messages, dest, tag)
             return
         spec = _spec(payload)
         request = self.comm.Isend(spec, dest, tag)
@@ -570,8 +539,21 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
         _sealer, _started_sealed = sealer, True
         send, try_receive = _sealed_send, _sealed_try_receive
         Outbox.post = Outbox._post_sealed  # type: ignore[method-assign]
+    else:
+        _start_sharing(comm)
     _started = True
     return sealer
+
+
+def _start_sharing(comm: MPI.Intracomm) -> None:
+    """Collective: map the arenas of the members on this host (:mod:`shm`); if one cannot, none shares."""
+    startup.reached("start-sharing")
+    records = bytearray(shm.RECORD_BYTES * comm.size)
+    wait(comm.Iallgather([shm.offer(setting("SHM_BYTES")), MPI.BYTE], [records, MPI.BYTE]), comm, "start-sharing")
+    votes = array("i", [int(shm.accept(records, world_ranks(comm), comm.rank))])
+    wait(comm.Iallreduce(MPI.IN_PLACE, [votes, MPI.INT], op=MPI.MIN), comm, "start-sharing")
+    if not votes[0]:
+        shm.stop()
 
 
 def _same_key(comm: MPI.Intracomm, sealer: seal.Sealer) -> bool:

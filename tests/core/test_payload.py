@@ -9,9 +9,12 @@ structured, datetime and object dtypes, read-only arrays, a bytearray,
 the worker and comes back with the same type, dtype, shape, memory order,
 writability and bytes, through ``Executor.submit``, ``Executor.map`` and a
 GangTask's arguments and result; and every large contiguous array travels
-out of band (it lands in a receive buffer of its own) unless the serializer
-cannot do that. One array over 2 GiB goes there and back (slow; skipped
-with less than 8 GiB free).
+out of band unless the serializer cannot do that: through a slot of the
+sender's shared memory between ranks of one host (pydra.comm.shm), else
+into a receive buffer of its own. A worker's arena that rank 0's kept
+results fill sends the rest by MPI, and shares again once they are
+dropped. One array over 2 GiB goes there and back (slow; skipped with less
+than 8 GiB free).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def assert_exact(result: dict, unlike: frozenset = frozenset()) -> None:
     assert report["nested"]["same object twice"]
 
 
-def assert_out_of_band(result: dict, expected: bool) -> None:
-    """Each large array that exposes its buffer landed in a receive buffer of its own (*expected* False: none did).
+def assert_out_of_band(result: dict, how: str) -> None:
+    """Each large array that exposes its buffer arrived *how*, both ways: "shared" (a slot of the sender's shared
+    memory: ranks of one host), "buffer" (an MPI receive buffer of its own) or "pickle" (not out of band).
 
     A strided view is copied into the pickle on its way there and arrives
     contiguous, so it comes back out of band; numpy copies datetime arrays
@@ -52,9 +56,8 @@ def assert_out_of_band(result: dict, expected: bool) -> None:
     """
     report, exposes = result["report"], result["exposes buffer"]
     for name, flags in exposes.items():
-        assert report[name]["oob there"] == [flag and expected for flag in flags], name
-        back = [expected and name != "datetime64"] * len(flags)
-        assert report[name]["oob back"] == back, name
+        assert report[name]["there"] == [how if flag else "pickle" for flag in flags], name
+        assert report[name]["back"] == [how if name != "datetime64" else "pickle"] * len(flags), name
     # Not vacuous: these hold large arrays that expose their buffer (a transposed one in Fortran order)...
     assert all(any(exposes[name]) for name in (
         "float64-1MiB", "uint8-64KiB", "fortran-float32", "transposed", "4d-float32", "complex128", "structured",
@@ -67,7 +70,14 @@ def assert_out_of_band(result: dict, expected: bool) -> None:
 def test_arrays_arrive_exact_and_out_of_band(ranks: int) -> None:
     result = run_exact(ranks)
     assert_exact(result)
-    assert_out_of_band(result, True)
+    assert_out_of_band(result, "shared")
+
+
+def test_arrays_go_by_mpi_without_shared_memory() -> None:
+    """PYDRA_SHM_BYTES=0: every buffer is an MPI message of its own, into a receive buffer of its own."""
+    result = run_exact(3, PYDRA_SHM_BYTES="0")
+    assert_exact(result)
+    assert_out_of_band(result, "buffer")
 
 
 def test_arrays_in_one_process() -> None:
@@ -76,24 +86,24 @@ def test_arrays_in_one_process() -> None:
 
 
 def test_sealed_arrays_arrive_exact() -> None:
-    """With a job key every part is sealed and opened into a buffer of its own."""
+    """With a job key every part is sealed and opened into a buffer of its own (never shared memory)."""
     result = run_exact(3, PYDRA_JOB_KEY=secrets.token_hex(32))
     assert_exact(result)
-    assert_out_of_band(result, True)
+    assert_out_of_band(result, "buffer")
 
 
-@pytest.mark.parametrize("serializer, out_of_band, unlike", [
-    ("cloudpickle", True, frozenset()),
+@pytest.mark.parametrize("serializer, how, unlike", [
+    ("cloudpickle", "shared", frozenset()),
     # dill pickles numpy arrays with a reducer of its own, with or without Pydra: into the pickle, and
     # big-endian ones come out native (equal values, another dtype), read-only ones writable.
-    ("dill", False, frozenset({"big-endian", "readonly"})),
-    ("inband_serializer", False, frozenset()),  # tests/core/jobs/inband_serializer.py: no out-of-band arguments
+    ("dill", "pickle", frozenset({"big-endian", "readonly"})),
+    ("inband_serializer", "pickle", frozenset()),  # tests/core/jobs/inband_serializer.py: no out-of-band arguments
 ])
-def test_serializers(serializer: str, out_of_band: bool, unlike: frozenset) -> None:
+def test_serializers(serializer: str, how: str, unlike: frozenset) -> None:
     pytest.importorskip(serializer)
     result = run_exact(2, PYDRA_SERIALIZER=serializer)
     assert_exact(result, unlike)
-    assert_out_of_band(result, out_of_band)
+    assert_out_of_band(result, how)
 
 
 def free_bytes() -> int:
@@ -118,3 +128,18 @@ def test_an_array_over_2_gib_goes_there_and_back() -> None:
     finished = run_script(2, "job_payload.py", ["huge"], timeout=600, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert result_line(finished) == {"bytes": 2**31 + 2**20, "right there": True, "back equal": True}
+
+
+def test_results_kept_past_the_arena_go_by_mpi_and_its_slots_come_back() -> None:
+    """A worker's arena of 4 MiB holds four 1 MiB results that rank 0 keeps; the next eight go by MPI. Once rank 0
+    drops them, the worker hears so with the next command and shares again. Every result is exact."""
+    env = dict(mpi_environment(), PYDRA_SHM_BYTES=str(4 << 20))
+    finished = run_script(2, "job_payload.py", ["arena"], timeout=120, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = result_line(finished)
+    assert result["kept"] == ["shared"] * 4 + ["buffer"] * 8 and result["kept exact"]
+    assert result["worker while kept"] == {"peers": 1, "shared": 4, "by_mpi": 8, "bytes_held": 4 << 20,
+                                           "slots_held": 4}
+    assert result["later"] == ["shared"] * 3 and result["later exact"]
+    assert result["worker after"]["slots_held"] == 3  # the three later results, still held on rank 0
+    assert result["rank 0"] == {"peers": 1, "shared": 15, "by_mpi": 0, "bytes_held": 0, "slots_held": 0}

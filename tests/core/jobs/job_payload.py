@@ -2,19 +2,22 @@
 
     mpiexec -n 3 python tests/core/jobs/job_payload.py exact    # every kind of array, every path
     mpiexec -n 2 python tests/core/jobs/job_payload.py huge     # one array of more than 2 GiB, there and back
+    PYDRA_SHM_BYTES=4194304 mpiexec -n 2 python tests/core/jobs/job_payload.py arena   # results kept past it
 
 ``exact`` sends every value of :func:`values` to a worker through
 ``Executor.submit``, ``Executor.map`` (several arrays in one command) and a
 GangTask (the same arguments to every member), and prints one ``RESULT``
 line of JSON: per value and path, what the worker saw (a fingerprint: type,
 dtype, shape, memory order, writability, SHA-256 of the bytes), what came
-back, and whether each large array arrived out of band (its memory is a
-receive buffer of its own, not a copy out of a pickle). The test compares
+back, and where each large array's memory is on arrival: a receive buffer
+of its own or a slot of the sender's shared memory (both out of band), or a
+copy out of the pickle. The test compares
 them with the fingerprints of the originals, computed here on rank 0.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import pickle
@@ -102,22 +105,30 @@ def exposes_buffer(value: object) -> list[bool]:
     return flags
 
 
-def out_of_band(value: object) -> list[bool]:
-    """For each large array of a received value: whether its memory is a receive buffer, not a pickle's copy."""
-    flags = []
+def arrivals(value: object) -> list[str]:
+    """For each large array of a received value, where its memory is: "buffer" (an MPI receive buffer of its
+    own), "shared" (a slot of the sender's shared memory, pydra.comm.shm) or "pickle" (a copy out of the pickle)."""
+    kinds = []
     for array in large_arrays(value):
         root: object = array
         while isinstance(root, np.ndarray) and root.base is not None:
             root = root.base
         if isinstance(root, memoryview):  # a read-only buffer is handed over as a read-only view of it
             root = root.obj
-        flags.append(isinstance(root, np.ndarray) and root.dtype == np.uint8 and root is not array)
-    return flags
+            while isinstance(root, np.ndarray) and root.base is not None:
+                root = root.base
+        if isinstance(root, ctypes.Array):
+            kinds.append("shared")
+        elif isinstance(root, np.ndarray) and root.dtype == np.uint8 and root is not array:
+            kinds.append("buffer")
+        else:
+            kinds.append("pickle")
+    return kinds
 
 
 def echo(value: object) -> tuple:
-    """On a worker: what arrived, whether it came out of band, and the value itself, sent back."""
-    return fingerprint(value), out_of_band(value), value
+    """On a worker: what arrived, where its large arrays' memory is, and the value itself, sent back."""
+    return fingerprint(value), arrivals(value), value
 
 
 class Members(pydra.GangTask):
@@ -136,7 +147,7 @@ def exact() -> None:
         report: dict[str, dict] = {}
         for name, value in cases.items():
             there, band, back = executor.submit(echo, value).result()
-            report[name] = {"submit": [there, fingerprint(back)], "oob there": band, "oob back": out_of_band(back)}
+            report[name] = {"submit": [there, fingerprint(back)], "there": band, "back": arrivals(back)}
         for name, (there, band, back) in zip(cases, executor.map(echo, cases.values(), chunksize=4)):
             report[name]["map"] = [there, fingerprint(back)]
         seen, back = executor.submit_task(Members(), cases["nested"]).result()
@@ -165,5 +176,34 @@ def huge() -> None:
               flush=True)
 
 
+def negate(array: np.ndarray) -> np.ndarray:
+    return -array
+
+
+def sharing() -> dict:
+    """On a worker: its pydra.comm.shm statistics."""
+    from pydra.comm import shm
+
+    return shm.statistics()
+
+
+def arena() -> None:
+    """Twelve 1 MiB results kept on rank 0 (past a worker's arena of 4 MiB), then dropped, then three more."""
+    from pydra.comm import shm
+
+    with pydra.Executor() as executor:
+        if executor is None:
+            return
+        array = np.arange(1 << 17, dtype=np.float64)
+        kept = [executor.submit(negate, array).result() for _ in range(12)]
+        report = {"kept": arrivals(kept), "kept exact": all(np.array_equal(item, -array) for item in kept),
+                  "worker while kept": executor.submit(sharing).result()}
+        del kept
+        later = [executor.submit(negate, array).result() for _ in range(3)]
+        report.update({"later": arrivals(later), "later exact": all(np.array_equal(item, -array) for item in later),
+                       "worker after": executor.submit(sharing).result(), "rank 0": shm.statistics()})
+        print("RESULT " + json.dumps(report), flush=True)
+
+
 if __name__ == "__main__":
-    {"exact": exact, "huge": huge}[sys.argv[1]]()
+    {"exact": exact, "huge": huge, "arena": arena}[sys.argv[1]]()

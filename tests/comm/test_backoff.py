@@ -1,4 +1,4 @@
-"""pydra.comm.mpi without MPI traffic: the pacing of polling loops (Backoff), on a fake clock."""
+"""pydra.comm.backoff: the pacing of polling loops, on a fake clock."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from pydra.comm import mpi
+from pydra.comm import backoff as pacing
+from pydra.comm.backoff import Backoff
 
 SPIN, LONGEST = 0.0005, 0.005
 
@@ -34,13 +35,13 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(mpi, "time", fake)
-    monkeypatch.setattr(mpi, "os", types.SimpleNamespace(sched_yield=fake.sched_yield))
+    monkeypatch.setattr(pacing, "time", fake)
+    monkeypatch.setattr(pacing, "os", types.SimpleNamespace(sched_yield=fake.sched_yield))
     monkeypatch.setenv("PYDRA_SPIN_SECONDS", str(SPIN))
     return fake
 
 
-def poll_until(backoff: mpi.Backoff, clock: FakeClock, arrival: float) -> float:
+def poll_until(backoff: Backoff, clock: FakeClock, arrival: float) -> float:
     """Poll (one poll = one sleep call) until a message that lands *arrival* seconds in is seen; how late it is."""
     start = clock.now
     while clock.now - start < arrival:
@@ -49,7 +50,7 @@ def poll_until(backoff: mpi.Backoff, clock: FakeClock, arrival: float) -> float:
 
 
 def test_a_rank_spins_right_after_activity_and_sleeps_after(clock: FakeClock) -> None:
-    backoff = mpi.Backoff(LONGEST)
+    backoff = Backoff(LONGEST)
     poll_until(backoff, clock, SPIN / 2)
     assert clock.sleeps == [] and clock.yields > 0
     poll_until(backoff, clock, 0.1)
@@ -62,12 +63,12 @@ def test_a_rank_spins_right_after_activity_and_sleeps_after(clock: FakeClock) ->
 
 @pytest.mark.parametrize("arrival", [0.0007, 0.002, 0.004, 0.016, 0.04, 0.3])
 def test_a_message_is_seen_at_most_a_tenth_of_the_wait_late(clock: FakeClock, arrival: float) -> None:
-    late = poll_until(mpi.Backoff(LONGEST), clock, arrival)
-    assert late <= max(mpi.Backoff.FIRST_SLEEP, mpi.Backoff.LATE * arrival, 1e-5) + 1e-9
+    late = poll_until(Backoff(LONGEST), clock, arrival)
+    assert late <= max(Backoff.FIRST_SLEEP, Backoff.LATE * arrival, 1e-5) + 1e-9
     assert late <= LONGEST
 
 
 def test_an_idle_rank_wakes_rarely(clock: FakeClock) -> None:
     """A second of quiet costs few wake-ups: the sleeps grow with the quiet time to PYDRA_IDLE_SLEEP."""
-    poll_until(mpi.Backoff(LONGEST), clock, 1.0)
+    poll_until(Backoff(LONGEST), clock, 1.0)
     assert len(clock.sleeps) < 1.0 / LONGEST + 60
