@@ -52,17 +52,16 @@ RECORD_BYTES = _RECORD.size
 
 
 def slot_size(nbytes: int) -> int:
-    """The slot that holds *nbytes*: 2**k or 3 * 2**(k-1) bytes, at least 64.
+    """The slot that holds *nbytes*: 64, 128, then 2**k or 3 * 2**(k-2) bytes (multiples of 64).
 
     Few sizes, so few ``ctypes`` array types (they are cached for good),
     at the cost of at most a third of a slot.
     """
-    size = 64
-    while size < nbytes:
-        if size // 2 * 3 >= nbytes and size >= 128:
-            return size // 2 * 3
-        size *= 2
-    return size
+    if nbytes <= 128:
+        return 64 if nbytes <= 64 else 128
+    power = 1 << (nbytes - 1).bit_length()
+    three = power // 4 * 3
+    return three if three >= nbytes else power
 
 
 class Arena:
