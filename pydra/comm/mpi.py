@@ -2,10 +2,10 @@
 
 MPI implementations spin inside blocking receives, so an idle rank parked in
 ``recv`` burns a whole core. Pydra instead polls with ``Iprobe`` and sleeps
-between polls with a :class:`~pydra.comm.backoff.Backoff` that resets as soon as a message
-arrives: busy ranks react within microseconds, idle ranks cost almost
-nothing, and a message after a long wait is seen at most a tenth of that
-wait late.
+between polls with a :class:`~pydra.comm.backoff.Backoff` that resets as
+soon as a message arrives: busy ranks react within microseconds, idle ranks
+cost almost nothing, and a message after a long wait is seen at most a
+tenth of that wait late.
 
 Messages are pickled by their owners (:mod:`pydra.comm.serial`, protocol 5)
 and moved here as raw bytes, so that a message that fails to pickle or
@@ -66,7 +66,9 @@ class Received(NamedTuple):
 # is 0x80, never _PARTS's). A message with buffers is one MPI message holding _PARTS, the number of
 # buffers, each buffer's size and seal counter (0 unsealed), then the pickle; then one MPI message
 # per buffer, straight from the sender's memory into a receive buffer of its own. All carry the
-# message's tag; one sending thread per tag at a time (_send_locks) keeps them together.
+# message's tag; one sending thread per tag at a time (_send_locks) keeps them together. Between
+# ranks of one host that share memory, an unsealed message with buffers (or with slots to give
+# back) starts with shm.MAGIC instead, and only its buffers that found no slot follow (shm.frame).
 #
 # An MPI message over 2 GiB counts its bytes in a C int only from MPI-4 on (MPICH 4); before it (Open
 # MPI 5.0) it goes as one element of a contiguous datatype of its size (_spec), and its receiver
@@ -508,7 +510,8 @@ def start_sealing(comm: MPI.Intracomm) -> seal.AnySealer:
     members agree first: if any cannot start (``PYDRA_SEAL=1`` without a key,
     a malformed key, a key on some ranks only, different keys), every one
     raises :class:`SealConfigError`, which one of them reports. Later calls
-    return at once.
+    return at once. The members of a job that does not seal agree here on
+    sharing memory for large buffers (:mod:`pydra.comm.shm`).
     """
     global _started, _started_sealed, _sealer, send, try_receive
     if _started:
