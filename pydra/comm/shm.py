@@ -69,9 +69,13 @@ class Arena:
 
     def __init__(self, size: int) -> None:
         self.fd = os.memfd_create("pydra-buffers", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        try:
+            os.ftruncate(self.fd, size)
+            self._view = memoryview(mmap.mmap(self.fd, size))
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = size
-        self._view = memoryview(mmap.mmap(self.fd, size))
         self._free: list[tuple[int, int]] = [(0, size)]  # (start, length), by start
         self._taken: dict[int, int] = {}  # start -> length
         self._lock = threading.Lock()
@@ -132,9 +136,13 @@ def offer(size: int) -> bytes:
     """This rank's record for the start-up exchange: its host and its new arena of *size* bytes (none if 0)."""
     global _arena
     key = _host_key()
+    none = _RECORD.pack(b"", 0, 0, 0, 0, 0)
     if size <= 0 or key is None or not hasattr(os, "memfd_create"):
-        return _RECORD.pack(b"", 0, 0, 0, 0, 0)
-    _arena = Arena(size)
+        return none
+    try:
+        _arena = Arena(size)
+    except OSError:  # memfd_create refused (a seccomp filter), no address space left (ulimit -v)...
+        return none
     info = os.fstat(_arena.fd)
     return _RECORD.pack(key, os.getpid(), _arena.fd, info.st_dev, info.st_ino, size)
 

@@ -131,3 +131,13 @@ def test_no_arena_with_size_zero_and_none_shared_with_a_rank_without_one(monkeyp
     assert shm._arena is None
     assert shm.accept(none + none, [0, PEER], 0) and not shm.active()
     assert shm.frame(b"x", [pickle.PickleBuffer(bytearray(1 << 17))], PEER) is None
+
+
+def test_a_process_that_may_not_make_an_arena_offers_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "_arena", None)
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    assert shm.offer(4 << 20) == shm.offer(0) and shm._arena is None
