@@ -19,10 +19,13 @@ than 8 GiB free).
 
 from __future__ import annotations
 
+import json
 import secrets
+import sys
 
 import pytest
-from mpijobs import IN_PROCESS, mpi_environment, rank_params, result_line, run_script
+from mpijobs import IN_PROCESS, JOBS, mpi_environment, rank_params, result_line, run_script
+from testkit import run_process
 
 def run_exact(ranks: int, **env: str):
     finished = run_script(ranks, "job_payload.py", ["exact"], timeout=180, env=dict(mpi_environment(), **env))
@@ -143,3 +146,16 @@ def test_results_kept_past_the_arena_go_by_mpi_and_its_slots_come_back() -> None
     assert result["later"] == ["shared"] * 3 and result["later exact"]
     assert result["worker after"]["slots_held"] == 3  # the three later results, still held on rank 0
     assert result["rank 0"] == {"peers": 1, "shared": 15, "by_mpi": 0, "bytes_held": 0, "slots_held": 0}
+
+
+def test_arrays_a_dead_worker_sent_stay_whole(tmp_path) -> None:
+    """The arrays rank 0 got from a worker live in that worker's shared memory: they outlive it."""
+    output = tmp_path / "result.json"
+    env = dict(mpi_environment(), MARKS=str(tmp_path))
+    items = [str(i) for i in range(24)]
+    finished = run_process([sys.executable, "-m", "pydra", "run", "-n", "3", "--no-journal", "-o", str(output),
+                            f"{JOBS / 'job_payload.py'}:one_worker_dies", *items], timeout=120, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (tmp_path / "died").exists(), "the worker that made item 0 never came to kill itself"
+    assert "lost worker rank" in finished.stderr
+    assert json.loads(output.read_text()) == [[float(i)] * (1 << 17) for i in range(24)]

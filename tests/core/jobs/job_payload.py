@@ -20,7 +20,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import pickle
+import signal
 import sys
 
 import numpy as np
@@ -203,6 +205,25 @@ def arena() -> None:
         report.update({"later": arrivals(later), "later exact": all(np.array_equal(item, -array) for item in later),
                        "worker after": executor.submit(sharing).result(), "rank 0": shm.statistics()})
         print("RESULT " + json.dumps(report), flush=True)
+
+
+def made_by(i: str) -> np.ndarray:
+    """Item *i* of :func:`one_worker_dies`: 1 MiB of float(i); the process that made item 0 later kills itself."""
+    i, marks = int(i), os.environ["MARKS"]
+    if i == 0:
+        with open(f"{marks}/first", "w") as mark:
+            mark.write(str(os.getpid()))
+    elif i >= 8 and not os.path.exists(f"{marks}/died") and os.path.exists(f"{marks}/first"):
+        with open(f"{marks}/first") as mark:
+            if mark.read() == str(os.getpid()):
+                open(f"{marks}/died", "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+    return np.full(1 << 17, float(i))
+
+
+def one_worker_dies() -> pydra.Task:
+    """TARGET for ``pydra run -n 3``: arrays made by a worker that dies later (its arena's slots) stay whole."""
+    return pydra.Parallel(made_by, chunksize=1)
 
 
 if __name__ == "__main__":
