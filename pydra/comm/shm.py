@@ -16,7 +16,7 @@ it lives (the array's base is a ``ctypes`` object over the slot, and a weak
 reference to it notes the offset when it dies); the offsets a rank is done
 with ride on its next message to the arena's owner, who then reuses them.
 Each side of a call still has its own copy: the sender may change its array
-at once, and the receiver owns what it got.
+once the message is framed, and the receiver owns what it got.
 
 A buffer that finds no free slot (the arena full of values the peer still
 holds), any buffer to another host, and every buffer of a sealed job go as
