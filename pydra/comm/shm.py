@@ -27,7 +27,6 @@ and :func:`accept`.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
@@ -46,7 +45,7 @@ BY_MPI = 2**64 - 1
 _HEAD = struct.Struct(">II")  # parts, freed offsets
 _PART = struct.Struct(">QQ")  # size, offset in the sender's arena (or BY_MPI)
 _FREED = struct.Struct(">Q")  # an offset in the receiver's arena that the sender is done with
-_RECORD = struct.Struct(">16sQQQQQ")  # host key, pid, fd, device, inode, size (0: no arena)
+_RECORD = struct.Struct(">24sQQQQQ")  # host key, pid, fd, device, inode, size (0: no arena)
 #: the size of one rank's record in the start-up exchange
 RECORD_BYTES = _RECORD.size
 
@@ -75,7 +74,6 @@ class Arena:
         except OSError:
             os.close(self.fd)
             raise
-        self.size = size
         self._free: list[tuple[int, int]] = [(0, size)]  # (start, length), by start
         self._taken: dict[int, int] = {}  # start -> length
         self._lock = threading.Lock()
@@ -191,12 +189,12 @@ def _map(pid: int, fd: int, device: int, inode: int, size: int) -> mmap.mmap:
 def _host_key() -> bytes | None:
     """What ranks that can map each other's arenas share: the kernel's boot and the pid namespace."""
     try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as boot:
-            boot_id = boot.read()
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = bytes.fromhex(boot.read().strip().replace("-", ""))
         namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
+    except (OSError, ValueError):
         return None
-    return hashlib.sha256(boot_id + str(namespace).encode()).digest()[:16]
+    return boot_id + namespace.to_bytes(8, "big")
 
 
 def active() -> bool:
