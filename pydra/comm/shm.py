@@ -171,6 +171,8 @@ def stop() -> None:
     global _arena
     _mapped.clear()
     _freed.clear()
+    if _arena is not None:
+        os.close(_arena.fd)  # its memory goes with the last reference to it
     _arena = None
 
 

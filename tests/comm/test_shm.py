@@ -29,10 +29,8 @@ def shared(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(shm, name, value)
     mine = shm.offer(4 << 20)
     assert shm.accept(mine + mine, [0, PEER], 0)  # member 1's record is this process's own
-    arena = shm._arena
-    yield arena
+    yield shm._arena
     shm.stop()
-    os.close(arena.fd)
 
 
 def send(value: object) -> list:
