@@ -33,18 +33,14 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def _not_negative(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise ValueError(text)
-    return value
+def _not_negative(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not 0 <= value < float("inf"):  # also refuses nan
+            raise ValueError(text)
+        return value
 
-
-def _not_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+    return parse
 
 
 def _listener_defence(kind: str) -> Callable[[str], Any]:
@@ -120,9 +116,9 @@ SETTINGS: dict[str, Setting] = {
     "MAX_BATCH": Setting(16384, _POSITIVE_INT, "a positive integer", "largest adaptive batch, in items"),
     "IDLE_SLEEP": Setting(0.005, _POSITIVE_FLOAT, "a positive number of seconds",
                           "longest sleep between polls of an idle rank"),
-    "SPIN_SECONDS": Setting(0.0005, _not_negative, "0 or more seconds",
+    "SPIN_SECONDS": Setting(0.0005, _not_negative(float), "0 or more seconds",
                             "how long a rank polls without sleeping after activity"),
-    "SHM_BYTES": Setting(32 << 20, _not_negative_int, "0 or more bytes",
+    "SHM_BYTES": Setting(32 << 20, _not_negative(int), "0 or more bytes",
                          "each rank's shared memory for large buffers to ranks of its host, taken as used"
                          " (0: none, every buffer goes by MPI; pydra.comm.shm)"),
     "HEARTBEAT": Setting(0.5, _POSITIVE_FLOAT, "a positive number of seconds",
