@@ -157,5 +157,6 @@ def test_arrays_a_dead_worker_sent_stay_whole(tmp_path) -> None:
                             f"{JOBS / 'job_payload.py'}:one_worker_dies", *items], timeout=120, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert (tmp_path / "died").exists(), "the worker that made item 0 never came to kill itself"
+    assert len((tmp_path / "first").read_text().split()) == 1  # item 0's array is the one the dead worker made
     assert "lost worker rank" in finished.stderr
     assert json.loads(output.read_text()) == [[float(i)] * (1 << 17) for i in range(24)]

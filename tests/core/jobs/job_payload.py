@@ -211,11 +211,11 @@ def made_by(i: str) -> np.ndarray:
     """Item *i* of :func:`one_worker_dies`: 1 MiB of float(i); the process that made item 0 later kills itself."""
     i, marks = int(i), os.environ["MARKS"]
     if i == 0:
-        with open(f"{marks}/first", "w") as mark:
-            mark.write(str(os.getpid()))
+        with open(f"{marks}/first", "a") as mark:  # a line per run: the test wants one
+            mark.write(f"{os.getpid()}\n")
     elif i >= 8 and not os.path.exists(f"{marks}/died") and os.path.exists(f"{marks}/first"):
         with open(f"{marks}/first") as mark:
-            if mark.read() == str(os.getpid()):
+            if mark.readline().strip() == str(os.getpid()):
                 open(f"{marks}/died", "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
     return np.full(1 << 17, float(i))
